@@ -1,0 +1,154 @@
+"""The `hub` command: a thin shell that builds settings and hands them to the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from hub.errors import HubError
+from hub.logs import configure_logging
+from hub.registry import Registry
+from hub.settings import InfluxApi, LogLevel, Settings, load_settings
+
+app = typer.Typer(
+    help="IoT sensor ingestion hub: devices stream readings over WebSocket into InfluxDB.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+token_app = typer.Typer(help="Issue, list and revoke device tokens.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML config file (also HUB_CONFIG).", show_default=False),
+]
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(help="State directory: registry, dead letters (also HUB_STATE_DIR).", show_default=False),
+]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _settings(config: Path | None, **flags: object) -> Settings:
+    try:
+        return load_settings(config, **flags)
+    except HubError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on [8765].")] = None,
+    influx_url: Annotated[str | None, typer.Option(help="InfluxDB base URL.")] = None,
+    influx_bucket: Annotated[
+        str | None, typer.Option(help="v2 bucket, or v1 database as db or db/rp [sensors].")
+    ] = None,
+    influx_org: Annotated[str | None, typer.Option(help="v2 organisation.")] = None,
+    influx_token: Annotated[
+        str | None,
+        typer.Option(help="v2 token, or v1 user:password. Prefer HUB_INFLUX_TOKEN: flags show in ps."),
+    ] = None,
+    influx_api: Annotated[
+        InfluxApi | None, typer.Option(help="Write API: auto asks /ping [auto].")
+    ] = None,
+    schemas: Annotated[Path | None, typer.Option(help="Measurement schema file (TOML).")] = None,
+    log_level: Annotated[LogLevel | None, typer.Option(help="Log level [INFO].")] = None,
+) -> None:
+    """Accept device connections and write their readings to InfluxDB."""
+    settings = _settings(
+        config,
+        state_dir=state_dir,
+        host=host,
+        port=port,
+        influx_url=influx_url,
+        influx_bucket=influx_bucket,
+        influx_org=influx_org,
+        influx_token=influx_token,
+        influx_api=influx_api,
+        schemas=schemas,
+        log_level=log_level,
+    )
+    configure_logging(settings.log_level)
+    from hub.service import serve as run_service
+
+    try:
+        asyncio.run(run_service(settings))
+    except HubError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+
+
+def _registry(config: Path | None, state_dir: Path | None) -> Registry:
+    settings = _settings(config, state_dir=state_dir)
+    try:
+        return Registry(settings.registry_path)
+    except OSError as exc:
+        _fail(f"cannot open the registry in {settings.state_dir}: {exc.strerror}")
+
+
+@token_app.command("add")
+def token_add(
+    device_id: Annotated[str, typer.Argument(help="The new device's id.")],
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Register a device and print its token, the only line on stdout. Shown once only."""
+    registry = _registry(config, state_dir)
+    try:
+        token = registry.add(device_id)
+    except HubError as exc:
+        _fail(str(exc))
+    finally:
+        registry.close()
+    sys.stdout.write(token + "\n")
+
+
+@token_app.command("list")
+def token_list(config: ConfigOption = None, state_dir: StateDirOption = None) -> None:
+    """List devices and whether their token is active (tokens themselves are never shown)."""
+    registry = _registry(config, state_dir)
+    try:
+        devices = registry.devices()
+    finally:
+        registry.close()
+    if not devices:
+        typer.echo("no devices registered; add one with: hub token add DEVICE_ID", err=True)
+        return
+    typer.echo(f"{'DEVICE':<40} {'STATUS':<8} CREATED")
+    for device in devices:
+        status = "active" if device.active else "revoked"
+        typer.echo(f"{device.device_id:<40} {status:<8} {_when(device.created_at)}")
+
+
+@token_app.command("revoke")
+def token_revoke(
+    device_id: Annotated[str, typer.Argument(help="The device whose token stops working.")],
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Revoke a device's token; the device can no longer connect."""
+    registry = _registry(config, state_dir)
+    try:
+        registry.revoke(device_id)
+    except HubError as exc:
+        _fail(str(exc))
+    finally:
+        registry.close()
+    typer.echo(f"revoked {device_id}", err=True)
+
+
+def _when(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")

@@ -1,0 +1,90 @@
+"""Exceptions of the hub.
+
+HubError
+├── ProtocolError            a device broke the wire contract; carries the close code
+│   ├── InvalidMessage       not msgpack, not a map, no/unknown type, bad envelope (1007)
+│   └── UnsupportedData      a text frame (1003)
+├── ConfigError              a settings or measurement schema file is wrong
+├── RegistryError            the device registry refused an operation
+│   ├── UnknownDevice
+│   └── DeviceExists
+└── WriteError               InfluxDB did not take a batch
+    ├── TransientWriteError  retrying can fix it (connection, 5xx, 429); `retry_after` seconds
+    └── PermanentWriteError  retrying cannot (400, 401, 403, 404, 413, 422); `reason`
+"""
+
+from __future__ import annotations
+
+from schemas.codes import CloseCode, ErrorCode
+
+
+class HubError(Exception):
+    """Base class of every error the hub raises on purpose."""
+
+
+class ProtocolError(HubError):
+    """A device broke the protocol; the connection is closed with `close_code`."""
+
+    close_code: CloseCode = CloseCode.INVALID_PAYLOAD
+    error_code: ErrorCode = ErrorCode.INVALID_MESSAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidMessage(ProtocolError):
+    """The frame is not a valid protocol message."""
+
+
+class UnsupportedData(ProtocolError):
+    """The frame is a text frame."""
+
+    close_code = CloseCode.UNSUPPORTED_DATA
+
+
+class ConfigError(HubError):
+    """A configuration or schema file cannot be used."""
+
+
+class RegistryError(HubError):
+    """The device registry refused an operation."""
+
+
+class UnknownDevice(RegistryError):
+    """No device with that id."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"no device {device_id!r}")
+        self.device_id = device_id
+
+
+class DeviceExists(RegistryError):
+    """A device with that id is already registered."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id!r} already exists")
+        self.device_id = device_id
+
+
+class WriteError(HubError):
+    """InfluxDB did not take a batch."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason if status is None else f"HTTP {status}: {reason}")
+        self.reason = reason
+        self.status = status
+
+
+class TransientWriteError(WriteError):
+    """Retrying later can succeed; `retry_after` is the server's hint in seconds, if any."""
+
+    def __init__(
+        self, reason: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(reason, status)
+        self.retry_after = retry_after
+
+
+class PermanentWriteError(WriteError):
+    """Retrying cannot succeed: the server refused the data itself."""

@@ -1,0 +1,167 @@
+"""Sinks that write line protocol to InfluxDB: v1 `/write` and v2 through influxdb-client.
+
+A sink only moves one batch and says how it failed; batching, retries and dead letters belong
+to the pipeline. Every failure is a `TransientWriteError` (retrying can help) or a
+`PermanentWriteError` (the server refused the data itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Protocol
+
+import aiohttp
+from influxdb_client import WritePrecision
+from influxdb_client.client.exceptions import InfluxDBError
+from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+
+from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
+from hub.settings import Settings
+
+# 408 and 429 are the client-side statuses worth a retry; all 5xx are.
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
+class Sink(Protocol):
+    """Where batches go."""
+
+    name: str
+
+    async def write(self, body: bytes) -> None:
+        """Store one batch of newline-separated points with nanosecond timestamps."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def classify(status: int, reason: str, retry_after: str | None) -> Exception:
+    """The write error for an HTTP answer that was not a success."""
+    if status >= 500 or status in _RETRYABLE_4XX:
+        return TransientWriteError(reason, status, parse_retry_after(retry_after))
+    return PermanentWriteError(reason, status)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header given in seconds (dates are ignored)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value.strip()))
+    except ValueError:
+        return None
+
+
+class V1Sink:
+    """InfluxDB 1.x `/write` (database and optional retention policy)."""
+
+    name = "v1"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.influx_url is not None
+        database, _, retention = settings.influx_bucket.partition("/")
+        self._url = settings.influx_url.rstrip("/") + "/write"
+        self._params = {"db": database, "precision": "ns"}
+        if retention:
+            self._params["rp"] = retention
+        self._auth: aiohttp.BasicAuth | None = None
+        if settings.influx_token is not None:
+            user, sep, password = settings.influx_token.get_secret_value().partition(":")
+            if not sep:
+                raise ConfigError("for the v1 API, --influx-token is 'user:password'")
+            self._auth = aiohttp.BasicAuth(user, password)
+        self._timeout = aiohttp.ClientTimeout(total=settings.influx_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def write(self, body: bytes) -> None:
+        """POST the batch to `/write`."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, auth=self._auth)
+        try:
+            async with self._session.post(self._url, params=self._params, data=body) as response:
+                if response.status == 204:
+                    return
+                text = (await response.text(errors="replace"))[:1000]
+                raise classify(response.status, _error_text(text), response.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransientWriteError(f"{type(exc).__name__}: {exc}"[:500]) from None
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+
+
+class V2Sink:
+    """InfluxDB 2.x/3.x/Cloud/1.8+ `/api/v2/write` through influxdb-client's async client."""
+
+    name = "v2"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.influx_url is not None
+        self._bucket = settings.influx_bucket
+        self._org = settings.influx_org
+        token = settings.influx_token.get_secret_value() if settings.influx_token else ""
+        self._client_args = {
+            "url": settings.influx_url,
+            "token": token,
+            "org": settings.influx_org,
+            "timeout": int(settings.influx_timeout_s * 1000),
+        }
+        self._client: InfluxDBClientAsync | None = None
+
+    async def write(self, body: bytes) -> None:
+        """Write the batch with `WriteApiAsync.write`."""
+        if self._client is None:
+            self._client = InfluxDBClientAsync(**self._client_args)
+        try:
+            await self._client.write_api().write(
+                bucket=self._bucket, org=self._org, record=body, write_precision=WritePrecision.NS
+            )
+        except InfluxDBError as exc:
+            status = getattr(exc, "status", None) or getattr(exc.response, "status", None)
+            if status is None:
+                raise TransientWriteError(str(exc.message)[:500]) from None
+            raise classify(int(status), str(exc.message)[:1000], exc.retry_after) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransientWriteError(f"{type(exc).__name__}: {exc}"[:500]) from None
+
+    async def close(self) -> None:
+        """Close the client."""
+        if self._client is not None:
+            await self._client.close()
+
+
+async def detect_api(url: str, timeout_s: float = 5.0) -> str:
+    """`v1` for InfluxDB before 1.8 (no /api/v2/write), else `v2`, from `/ping`'s version."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.get(url.rstrip("/") + "/ping") as response,
+        ):
+            version = response.headers.get("X-Influxdb-Version", "")
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise TransientWriteError(f"cannot reach {url}/ping: {type(exc).__name__}") from None
+    match = re.match(r"v?1\.(\d+)", version)
+    return "v1" if match and int(match.group(1)) < 8 else "v2"
+
+
+async def open_sink(settings: Settings) -> Sink:
+    """The sink the settings ask for; `auto` asks the server, retrying until it answers."""
+    api = settings.influx_api
+    if settings.influx_url is None:
+        raise ConfigError("no InfluxDB configured: give --influx-url or HUB_INFLUX_URL")
+    delay = settings.retry_initial_s
+    while api == "auto":
+        try:
+            api = await detect_api(settings.influx_url)
+        except TransientWriteError:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.retry_max_s)
+    return V1Sink(settings) if api == "v1" else V2Sink(settings)
+
+
+def _error_text(body: str) -> str:
+    # InfluxDB answers {"error": "..."}; keep the message, not the JSON around it.
+    match = re.search(r'"error"\s*:\s*"((?:[^"\\]|\\.)*)"', body)
+    return match.group(1) if match else body.strip()

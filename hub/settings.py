@@ -1,0 +1,136 @@
+"""The hub's settings, apart from the runtime objects that use them.
+
+Each setting comes from, highest precedence first:
+
+1. a command-line flag (`--influx-url`);
+2. a `HUB_` environment variable named after it (`HUB_INFLUX_URL`);
+3. the TOML config file given by `--config` or `HUB_CONFIG` (`influx_url = "..."`);
+4. the default below.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from hub.errors import ConfigError
+
+InfluxApi = Literal["auto", "v1", "v2"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+_config_file: ContextVar[Path | None] = ContextVar("hub_config_file", default=None)
+
+
+def default_state_dir() -> Path:
+    """systemd's StateDirectory when run as a unit, else the user's XDG state directory."""
+    if systemd_state := os.environ.get("STATE_DIRECTORY"):
+        return Path(systemd_state.split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "sensor-hub"
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Everything `hub serve` and the operator commands can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="HUB_", extra="forbid", frozen=True)
+
+    # Where things live
+    state_dir: Path = Field(default_factory=default_state_dir)
+    schemas: Path | None = None
+
+    # Listening
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8765
+
+    # InfluxDB
+    influx_url: str | None = None
+    influx_api: InfluxApi = "auto"
+    influx_bucket: str = "sensors"
+    influx_org: str = ""
+    influx_token: SecretStr | None = None
+    influx_timeout_s: PositiveFloat = 10.0
+
+    # Batching
+    batch_size: PositiveInt = 5000
+    flush_interval_s: PositiveFloat = 0.05
+    max_inflight_writes: PositiveInt = 4
+    max_pending_readings: PositiveInt = 100_000
+    retry_initial_s: PositiveFloat = 0.2
+    retry_max_s: PositiveFloat = 10.0
+
+    # Limits
+    max_message_bytes: PositiveInt = 2**20
+    max_readings_per_message: PositiveInt = 5000
+    max_connections: PositiveInt = 20_000
+    max_unacked_messages: PositiveInt = 64
+
+    # Timeouts
+    ping_interval_s: PositiveFloat = 20.0
+    ping_timeout_s: PositiveFloat = 20.0
+    handshake_timeout_s: PositiveFloat = 10.0
+
+    # Logging
+    log_level: LogLevel = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if (path := _config_file.get()) is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @property
+    def registry_path(self) -> Path:
+        """The SQLite device registry."""
+        return self.state_dir / "registry.sqlite3"
+
+    @property
+    def dead_letter_path(self) -> Path:
+        """Batches InfluxDB refused for good, one JSON object a line."""
+        return self.state_dir / "dead-letters.jsonl"
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Build settings from flags (None means not given), environment and config file."""
+    config_file = config_file or _env_path("HUB_CONFIG")
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    token = _config_file.set(config_file)
+    try:
+        return Settings(**{key: value for key, value in flags.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+    except ValueError as exc:  # an unreadable TOML file
+        raise ConfigError(f"config file {config_file}: {exc}") from None
+    finally:
+        _config_file.reset(token)
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
