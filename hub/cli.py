@@ -29,7 +29,9 @@ ConfigOption = Annotated[
 ]
 StateDirOption = Annotated[
     Path | None,
-    typer.Option(help="State directory: registry, dead letters (also HUB_STATE_DIR).", show_default=False),
+    typer.Option(
+        help="State directory: registry, dead letters (also HUB_STATE_DIR).", show_default=False
+    ),
 ]
 
 
@@ -58,7 +60,9 @@ def serve(
     influx_org: Annotated[str | None, typer.Option(help="v2 organisation.")] = None,
     influx_token: Annotated[
         str | None,
-        typer.Option(help="v2 token, or v1 user:password. Prefer HUB_INFLUX_TOKEN: flags show in ps."),
+        typer.Option(
+            help="v2 token, or v1 user:password. Prefer HUB_INFLUX_TOKEN: flags show in ps."
+        ),
     ] = None,
     influx_api: Annotated[
         InfluxApi | None, typer.Option(help="Write API: auto asks /ping [auto].")

@@ -12,7 +12,7 @@ import re
 from typing import Protocol
 
 import aiohttp
-from influxdb_client import WritePrecision
+from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.client.exceptions import InfluxDBError
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 
@@ -82,7 +82,9 @@ class V1Sink:
                 if response.status == 204:
                     return
                 text = (await response.text(errors="replace"))[:1000]
-                raise classify(response.status, _error_text(text), response.headers.get("Retry-After"))
+                raise classify(
+                    response.status, _error_text(text), response.headers.get("Retry-After")
+                )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransientWriteError(f"{type(exc).__name__}: {exc}"[:500]) from None
 
@@ -101,22 +103,25 @@ class V2Sink:
         assert settings.influx_url is not None
         self._bucket = settings.influx_bucket
         self._org = settings.influx_org
-        token = settings.influx_token.get_secret_value() if settings.influx_token else ""
-        self._client_args = {
-            "url": settings.influx_url,
-            "token": token,
-            "org": settings.influx_org,
-            "timeout": int(settings.influx_timeout_s * 1000),
-        }
+        self._url = settings.influx_url
+        self._token = settings.influx_token
+        self._timeout_ms = int(settings.influx_timeout_s * 1000)
         self._client: InfluxDBClientAsync | None = None
 
     async def write(self, body: bytes) -> None:
         """Write the batch with `WriteApiAsync.write`."""
         if self._client is None:
-            self._client = InfluxDBClientAsync(**self._client_args)
+            # Created on first use: the async client must be made inside the event loop.
+            token = self._token.get_secret_value() if self._token else ""
+            self._client = InfluxDBClientAsync(
+                url=self._url, token=token, org=self._org, timeout=self._timeout_ms
+            )
         try:
             await self._client.write_api().write(
-                bucket=self._bucket, org=self._org, record=body, write_precision=WritePrecision.NS
+                bucket=self._bucket,
+                org=self._org,
+                record=body,
+                write_precision=WritePrecision.NS,  # type: ignore[arg-type]
             )
         except InfluxDBError as exc:
             status = getattr(exc, "status", None) or getattr(exc.response, "status", None)
@@ -129,7 +134,7 @@ class V2Sink:
     async def close(self) -> None:
         """Close the client."""
         if self._client is not None:
-            await self._client.close()
+            await self._client.close()  # type: ignore[no-untyped-call]
 
 
 async def detect_api(url: str, timeout_s: float = 5.0) -> str:
@@ -148,7 +153,7 @@ async def detect_api(url: str, timeout_s: float = 5.0) -> str:
 
 async def open_sink(settings: Settings) -> Sink:
     """The sink the settings ask for; `auto` asks the server, retrying until it answers."""
-    api = settings.influx_api
+    api: str = settings.influx_api
     if settings.influx_url is None:
         raise ConfigError("no InfluxDB configured: give --influx-url or HUB_INFLUX_URL")
     delay = settings.retry_initial_s

@@ -24,7 +24,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NotRequired, Required, Union, cast
 
 import msgpack
 from pydantic import (
@@ -41,9 +41,10 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    with_config,
 )
 from pydantic_core import PydanticCustomError, core_schema
-from typing_extensions import NotRequired, Required, TypedDict
+from typing_extensions import TypedDict
 
 from hub.errors import ConfigError
 from schemas.codes import QUERY_PRECISIONS
@@ -111,8 +112,9 @@ class _UnionError:
     ) -> core_schema.CoreSchema:
         schema = handler(source)
         if schema["type"] == "union":
-            schema["custom_error_type"] = "wrong_type"
-            schema["custom_error_message"] = self.message
+            union = cast(dict[str, Any], schema)
+            union["custom_error_type"] = "wrong_type"
+            union["custom_error_message"] = self.message
         return schema
 
 
@@ -127,9 +129,10 @@ def _timestamp_in_range(value: msgpack.Timestamp) -> msgpack.Timestamp:
 
 def _time_type(ns_per_unit: int) -> Any:
     lowest, highest = -(-INT64_MIN // ns_per_unit) + 1, INT64_MAX // ns_per_unit
+    integer: Any = Annotated[StrictInt, Field(ge=lowest, le=highest)]
+    timestamp: Any = Annotated[InstanceOf[msgpack.Timestamp], AfterValidator(_timestamp_in_range)]  # type: ignore[misc]
     return Annotated[
-        Annotated[StrictInt, Field(ge=lowest, le=highest)]
-        | Annotated[InstanceOf[msgpack.Timestamp], AfterValidator(_timestamp_in_range)],
+        integer | timestamp,
         _UnionError(
             "must be a msgpack timestamp or an integer in the connection's precision, "
             "within InfluxDB's time range (years 1677-2262)"
@@ -138,9 +141,8 @@ def _time_type(ns_per_unit: int) -> Any:
 
 
 def _field_type(spec: FieldSpec) -> Any:
-    bounds = {"ge": spec.min, "le": spec.max}
     if spec.type == "float":
-        return Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
+        return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=spec.min, le=spec.max)]
     if spec.type == "int":
         low = INT64_MIN if spec.min is None else max(INT64_MIN, spec.min)
         high = INT64_MAX if spec.max is None else min(INT64_MAX, spec.max)
@@ -151,9 +153,8 @@ def _field_type(spec: FieldSpec) -> Any:
 
 
 def _strict_typeddict(name: str, items: dict[str, Any]) -> Any:
-    typed = TypedDict(name, items, total=False)  # type: ignore[operator]
-    typed.__pydantic_config__ = ConfigDict(extra="forbid")
-    return typed
+    typed = TypedDict(name, items, total=False)  # type: ignore[misc]
+    return with_config(ConfigDict(extra="forbid"))(typed)
 
 
 def _reading_type(name: str, fields: Any, tags: Any, time: Any) -> Any:
@@ -221,7 +222,10 @@ class MeasurementSchemas:
         time = _time_type(ns_per_unit)
         any_tags = dict[StrictStr, StrictStr]
         generic = _reading_type(
-            "Reading", Annotated[dict[StrictStr, _GENERIC_VALUE], Field(min_length=1)], any_tags, time
+            "Reading",
+            Annotated[dict[StrictStr, _GENERIC_VALUE], Field(min_length=1)],
+            any_tags,
+            time,
         )
         # Both fallbacks are always present so the union is always tagged and every error's
         # location reads (index, tag, ...).
@@ -245,8 +249,8 @@ class MeasurementSchemas:
                 )
             )
             choices.append(Annotated[_reading_type(name, fields, tags, time), Tag(name)])
-        union = Annotated[Union[tuple(choices)], Discriminator(self._router())]  # noqa: UP007
-        return TypeAdapter(list[union])  # type: ignore[valid-type]
+        union: Any = Annotated[Union[tuple(choices)], Discriminator(self._router())]  # noqa: UP007
+        return TypeAdapter(list[union])
 
     def _router(self) -> Callable[[Any], str]:
         known = frozenset(self.source.measurements)
@@ -261,4 +265,3 @@ class MeasurementSchemas:
             return _GENERIC
 
         return route
-

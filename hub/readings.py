@@ -30,14 +30,17 @@ def prepare_readings(
 ) -> PreparedReadings:
     """Validate readings and format the valid ones as points of `device_id`.
 
-    A reading without `time` is stamped `arrival_ns + its index`: the arrival time, kept
-    distinct so that time-less readings of one series in one message do not overwrite
-    each other in InfluxDB.
+    Readings whose text InfluxDB cannot store exactly are rejected too (see
+    `hub.lineprotocol`). A reading without `time` is stamped `arrival_ns + its index`: the
+    arrival time, kept distinct so that time-less readings of one series in one message do
+    not overwrite each other in InfluxDB.
     """
     valid, reasons = validator.validate(readings)
-    indices = range(len(readings)) if not reasons else [
-        index for index in range(len(readings)) if index not in reasons
-    ]
+    indices = (
+        range(len(readings))
+        if not reasons
+        else [index for index in range(len(readings)) if index not in reasons]
+    )
     lines = []
     for index, reading in zip(indices, valid, strict=True):
         stamp = reading.get("time")
@@ -52,9 +55,14 @@ def prepare_readings(
             tags[DEVICE_TAG] = device_id
         else:
             tags = {DEVICE_TAG: device_id}
-        lines.append(format_point(reading["name"], tags, reading["fields"], time_ns))
+        try:
+            lines.append(format_point(reading["name"], tags, reading["fields"], time_ns))
+        except ValueError as exc:  # text line protocol cannot carry exactly
+            reasons[index] = [str(exc)]
     return PreparedReadings(
         lines="\n".join(lines),
         accepted=len(lines),
-        rejected=[Rejection(index=index, errors=errors) for index, errors in sorted(reasons.items())],
+        rejected=[
+            Rejection(index=index, errors=errors) for index, errors in sorted(reasons.items())
+        ],
     )

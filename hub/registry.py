@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
 
-TOKEN_PREFIX = "hubt_"
+TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 _SCHEMA = """

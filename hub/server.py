@@ -24,12 +24,12 @@ from websockets.http11 import Request, Response
 from hub.errors import HubError, ProtocolError, UnsupportedData
 from hub.measurements import MeasurementSchemas, ReadingsValidator
 from hub.pipeline import Pipeline
-from hub.protocol import ConfigAck, ReadingsFrame, TelegrafFrame, decode_frame, encode
+from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame, encode
 from hub.readings import prepare_readings
 from hub.registry import Registry
 from hub.settings import Settings
 from schemas.codes import DEFAULT_PRECISION, QUERY_PRECISIONS, WEBSOCKET_PATH, CloseCode
-from schemas.messages import Ack, ErrorMessage
+from schemas.messages import Ack, ConfigAck, ErrorMessage
 
 log = logging.getLogger("hub.server")
 
@@ -58,14 +58,18 @@ def read_credentials(path: str, headers: Mapping[str, str]) -> tuple[str, int]:
     """The token and the precision (ns per unit) a handshake asks for; pure, raises refusals."""
     url = urlsplit(path)
     if url.path != WEBSOCKET_PATH:
-        raise HandshakeRefused(HTTPStatus.NOT_FOUND, f"no such path; devices connect to {WEBSOCKET_PATH}")
+        raise HandshakeRefused(
+            HTTPStatus.NOT_FOUND, f"no such path; devices connect to {WEBSOCKET_PATH}"
+        )
     try:
         query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
     except ValueError:
         raise HandshakeRefused(HTTPStatus.BAD_REQUEST, "malformed query string") from None
     for name, values in query.items():
         if len(values) > 1:
-            raise HandshakeRefused(HTTPStatus.BAD_REQUEST, f"query parameter {name!r} given twice"[:120])
+            raise HandshakeRefused(
+                HTTPStatus.BAD_REQUEST, f"query parameter {name!r} given twice"[:120]
+            )
     precision = query.get("precision", [DEFAULT_PRECISION])[0]
     if precision not in QUERY_PRECISIONS:
         raise HandshakeRefused(
@@ -138,6 +142,12 @@ class Hub:
         )
         return self._server
 
+    async def stop(self) -> None:
+        """Stop listening and close every connection with 1001."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
     @property
     def port(self) -> int:
         """The port actually bound (useful with port 0)."""
@@ -182,9 +192,7 @@ class Hub:
             del self._handshakes[connection]
             if self._live.get(device_id) is connection:
                 del self._live[device_id]
-            log.info(
-                "device %s disconnected (code %s)", device_id, connection.close_code
-            )
+            log.info("device %s disconnected (code %s)", device_id, connection.close_code)
 
 
 class DeviceSession:
@@ -218,7 +226,9 @@ class DeviceSession:
         max_readings = self.hub.settings.max_readings_per_message
         async for frame in self.connection:
             if isinstance(frame, str):
-                raise UnsupportedData("text frames are not part of the protocol; send binary msgpack")
+                raise UnsupportedData(
+                    "text frames are not part of the protocol; send binary msgpack"
+                )
             arrival_ns = time.time_ns()
             event = decode_frame(frame, max_readings)
             if isinstance(event, ReadingsFrame):

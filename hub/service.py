@@ -1,4 +1,7 @@
-"""`hub serve` at run time: build the parts from settings, run until a signal, stop cleanly."""
+"""`hub serve` at run time: build the parts from settings, run until a signal, stop cleanly.
+
+`HubService` is also what tests and benchmarks start in-process (`async with HubService(...)`).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+from types import TracebackType
+from typing import Self
 
-from hub.influx import open_sink
+from hub.influx import Sink, open_sink
 from hub.measurements import MeasurementSchemas, load_schema_file
 from hub.pipeline import DeadLetterFile, Pipeline
 from hub.registry import Registry
@@ -19,47 +24,86 @@ log = logging.getLogger("hub")
 SHUTDOWN_GRACE_S = 10.0
 
 
+class HubService:
+    """The running hub: registry, pipeline and WebSocket server, started and stopped together."""
+
+    def __init__(self, settings: Settings, sink: Sink | None = None) -> None:
+        self.settings = settings
+        self._sink = sink
+        self._hub: Hub | None = None
+
+    @property
+    def hub(self) -> Hub:
+        """The WebSocket side, once started."""
+        assert self._hub is not None, "start() first"
+        return self._hub
+
+    @property
+    def url(self) -> str:
+        """The address devices connect to."""
+        return f"ws://{self.settings.host}:{self.hub.port}"
+
+    async def start(self) -> None:
+        """Open the registry and InfluxDB sink, start writing and listening."""
+        settings = self.settings
+        schemas = MeasurementSchemas(load_schema_file(settings.schemas))
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        registry = Registry(settings.registry_path)
+        sink = self._sink or await open_sink(settings)
+        pipeline = Pipeline(sink, DeadLetterFile(settings.dead_letter_path), settings)
+        pipeline.start()
+        self._hub = Hub(settings, registry, schemas, pipeline)
+        await self._hub.start()
+        log.info(
+            "hub listening on %s:%d, writing to %s (%s API, bucket %s)",
+            settings.host,
+            self._hub.port,
+            settings.influx_url,
+            sink.name,
+            settings.influx_bucket,
+        )
+
+    async def stop(self) -> None:
+        """Refuse new devices, flush what was received (bounded), close everyone with 1001."""
+        hub = self.hub
+        log.info("stopping: refusing new connections, flushing what devices sent")
+        hub.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hub.pipeline.drain(), SHUTDOWN_GRACE_S)
+        await hub.stop()
+        await hub.pipeline.close()
+        hub.registry.close()
+        log.info("stopped")
+
+    def reload(self) -> None:
+        """Reload the measurement schemas; a bad file keeps the previous ones."""
+        try:
+            self.hub.schemas = MeasurementSchemas(load_schema_file(self.settings.schemas))
+        except Exception as exc:  # a bad file must not take the hub down
+            log.error("schema reload failed, keeping the previous schemas: %s", exc)
+            return
+        log.info("measurement schemas reloaded from %s", self.settings.schemas)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
 async def serve(settings: Settings) -> None:
     """Run the hub until SIGTERM or SIGINT; SIGHUP reloads the measurement schemas."""
-    schemas = MeasurementSchemas(load_schema_file(settings.schemas))
-    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    registry = Registry(settings.registry_path)
-    sink = await open_sink(settings)
-    pipeline = Pipeline(sink, DeadLetterFile(settings.dead_letter_path), settings)
-    pipeline.start()
-    hub = Hub(settings, registry, schemas, pipeline)
-    server = await hub.start()
-    log.info(
-        "hub listening on %s:%d, writing to %s (%s API, bucket %s)",
-        settings.host,
-        hub.port,
-        settings.influx_url,
-        sink.name,
-        settings.influx_bucket,
-    )
+    service = HubService(settings)
+    await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_schemas(hub))
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
     try:
         await stop.wait()
-        log.info("stopping: refusing new connections, flushing what devices sent")
-        hub.draining = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(pipeline.drain(), SHUTDOWN_GRACE_S)
-        server.close()
-        await server.wait_closed()
     finally:
-        await pipeline.close()
-        registry.close()
-        log.info("stopped")
-
-
-def _reload_schemas(hub: Hub) -> None:
-    try:
-        hub.schemas = MeasurementSchemas(load_schema_file(hub.settings.schemas))
-    except Exception as exc:  # a bad file must not take the hub down
-        log.error("schema reload failed, keeping the previous schemas: %s", exc)
-        return
-    log.info("measurement schemas reloaded from %s", hub.settings.schemas)
+        await service.stop()

@@ -11,7 +11,7 @@ back, with no object built per reading.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, NotRequired, TypeVar
 
 import msgpack
 from pydantic import (
@@ -24,7 +24,7 @@ from pydantic import (
     StrictStr,
     WithJsonSchema,
 )
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 PROTOCOL_VERSION = 1
 UINT64_MAX = 2**64 - 1

@@ -1,0 +1,142 @@
+"""The README's first command: a local InfluxDB, the hub, a few devices, readings arriving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from device_sim.fleet import Credentials, run_fleet
+from device_sim.local_servers import (
+    LocalServer,
+    create_database,
+    ensure_installed,
+    free_port,
+    influxql,
+    start_influxdb,
+)
+
+DATABASE = "sensors"
+
+
+def provision(state_dir: Path, device_ids: list[str]) -> list[Credentials]:
+    """Register devices with `hub token add`, as an operator would."""
+    devices = []
+    for device_id in device_ids:
+        token = subprocess.run(
+            [sys.executable, "-m", "hub", "token", "add", device_id, "--state-dir", str(state_dir)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        devices.append(Credentials(device_id, token))
+    return devices
+
+
+def start_hub(
+    state_dir: Path, influx: LocalServer, port: int, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start `hub serve` as its own process and wait until it accepts connections."""
+    with log_path.open("wb") as log:
+        hub = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hub",
+                "serve",
+                "--state-dir",
+                str(state_dir),
+                "--port",
+                str(port),
+                "--influx-url",
+                influx.url,
+                "--influx-bucket",
+                DATABASE,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if hub.poll() is not None:
+            raise RuntimeError(f"the hub exited:\n{log_path.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return hub
+        except OSError:
+            time.sleep(0.1)
+    hub.kill()
+    raise RuntimeError(f"the hub did not start listening:\n{log_path.read_text()}")
+
+
+def stored_per_device(influx: LocalServer) -> dict[str, int]:
+    """Readings stored in InfluxDB, per device."""
+    rows = influxql(
+        influx.url, DATABASE, 'SELECT count("temperature") FROM "environment" GROUP BY "device"'
+    )
+    return {str(row.get("device")): int(row["count"]) for row in rows}
+
+
+async def show_progress(influx: LocalServer, duration: float) -> None:
+    """Print what InfluxDB holds every two seconds while the devices stream."""
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < duration + 1:
+        await asyncio.sleep(2)
+        counts = await asyncio.to_thread(stored_per_device, influx)
+        per_device = ", ".join(f"{d}={n}" for d, n in sorted(counts.items()))
+        print(f"  {elapsed:5.1f} s  stored in InfluxDB: {sum(counts.values()):7d}  ({per_device})")
+
+
+async def demo(devices: int, duration: float, rate: float, batch: int) -> int:
+    """Run the whole demo; returns the process exit status."""
+    print("checking that InfluxDB (Debian package influxdb) is installed...")
+    ensure_installed()
+    with tempfile.TemporaryDirectory(prefix="hub-demo-") as workdir:
+        work = Path(workdir)
+        with start_influxdb(work / "influxdb") as influx:
+            create_database(influx.url, DATABASE)
+            print(
+                f"InfluxDB 1.6.7 running at {influx.url} (pid {influx.pid}), database {DATABASE!r}"
+            )
+            state_dir = work / "hub-state"
+            creds = provision(state_dir, [f"demo-sensor-{n}" for n in range(1, devices + 1)])
+            print(f"registered {len(creds)} devices with `hub token add`")
+            port = free_port()
+            hub = start_hub(state_dir, influx, port, work / "hub.log")
+            print(f"hub running at ws://127.0.0.1:{port}/v1/ws (pid {hub.pid})")
+            print(
+                f"{devices} devices sending {rate:g} messages/s "
+                f"of {batch} readings for {duration:g} s:"
+            )
+            try:
+                stats, _ = await asyncio.gather(
+                    run_fleet(
+                        f"ws://127.0.0.1:{port}", creds, rate=rate, batch=batch, duration=duration
+                    ),
+                    show_progress(influx, duration),
+                )
+            finally:
+                hub.send_signal(signal.SIGTERM)
+                hub.wait(timeout=20)
+            stored = sum(stored_per_device(influx).values())
+            print(
+                f"\nsent {stats.sent}, acked {stats.acked}, stored in InfluxDB {stored}; "
+                f"hub log: {(work / 'hub.log').read_text().count(chr(10))} lines"
+            )
+            print(
+                "query it yourself next time with:  influx -port PORT -database sensors "
+                "-execute 'SELECT * FROM environment LIMIT 5'"
+            )
+            if stats.acked == 0 or stored < stats.acked:
+                print("FAILED: acked readings are missing from InfluxDB", file=sys.stderr)
+                print((work / "hub.log").read_text(), file=sys.stderr)
+                return 1
+    print("demo finished: every acked reading is in InfluxDB")
+    return 0
