@@ -7,19 +7,20 @@ dir, and is stopped by process id, never by name, so parallel runs do not touch 
 
 VictoriaMetrics (1.79) notes, checked against the real server:
 
-* Freshness: samples written to `/write` or `/api/v2/write` sit in an in-memory buffer for
-  up to ~1-2 s before `/api/v1/export` or `/api/v1/query` see them. `vm_force_flush()`
-  (GET `/internal/force_flush`) makes everything written so far readable at once; tests
-  call it before reading back. `-search.disableCache` stops the query cache from hiding
-  points that arrive later, and `-search.latencyOffset=0s` stops `/api/v1/query*` from
-  ignoring the newest 30 s of points. `/api/v1/export` needs neither, but both are set
-  so that any read API sees fresh data.
+* Freshness: a sample written to `/write` or `/api/v2/write` is buffered in memory; reads
+  see it after about 1 s, or up to ~10 s for a new series. `vm_force_flush()` (GET
+  `/internal/force_flush`) makes everything written so far readable at once, and
+  `vm_export()` calls it first. `/api/v1/export` without `start` can miss series created
+  in the last seconds, so `vm_export()` always passes a `start`/`end` window.
+  `-search.disableCache` keeps the response cache from hiding later writes and
+  `-search.latencyOffset=0s` keeps `/api/v1/query*` from ignoring the newest 30 s.
 * Mapping: each field of a line becomes its own series named `{measurement}_{field}`
-  (`-influxMeasurementFieldSeparator`), with the tags as labels. `/write?db=X` adds the
-  label `db="X"`; `/api/v2/write?bucket=X` does the same with the bucket. Values are
-  float64: `true`/`false` become 1/0, integers above 2**53 lose precision, and string
-  fields are dropped silently. Timestamps are trimmed to milliseconds
-  (`-influxTrimTimestamp`, default 1ms).
+  (`-influxMeasurementFieldSeparator`), with the tags as labels. `db=X` in the query
+  string of `/write` or `/api/v2/write` adds the label `db="X"`; `bucket`/`org` of
+  `/api/v2/write` are ignored, so use `db` to tell test runs apart. Values are float64:
+  `true`/`false` become 1/0, integers above 2**53 are rounded, strings become 0.
+  Timestamps are trimmed to milliseconds (`-influxTrimTimestamp`, default 1ms).
+  Samples older than the retention (1 month by default) are dropped silently.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -240,7 +241,7 @@ def start_victoria_metrics(
 
 def _start(
     name: str,
-    make_argv: Any,
+    make_argv: Callable[[Path, int], list[str]],
     ready_path: str,
     ready_status: int,
     base_dir: Path | None,
@@ -329,7 +330,10 @@ def http_request(
     url: str, data: bytes | None = None, timeout: float = 10.0
 ) -> tuple[int, bytes]:
     """Send a GET (or a POST when `data` is given) and return status and body, even on 4xx/5xx."""
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    method = "POST" if data is not None else "GET"
+    req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
             return int(resp.status), bytes(resp.read())
@@ -396,10 +400,25 @@ def vm_force_flush(url: str) -> None:
     _checked(url + "/internal/force_flush")
 
 
-def vm_export(url: str, match: str = '{__name__=~".+"}') -> list[dict[str, Any]]:
-    """Flush, then return every series matching `match` as dicts of metric/values/timestamps."""
+def vm_export(
+    url: str,
+    match: str = '{__name__=~".+"}',
+    start_s: float | None = None,
+    end_s: float | None = None,
+) -> list[dict[str, Any]]:
+    """Flush, then return the series matching `match` as dicts of metric/values/timestamps.
+
+    The window defaults to the last 32 days up to 2 days ahead: all that VictoriaMetrics
+    accepts with its default retention.
+    """
     vm_force_flush(url)
-    body = _checked(url + "/api/v1/export?" + urllib.parse.urlencode({"match[]": match}))
+    now = time.time()
+    params = {
+        "match[]": match,
+        "start": f"{now - 32 * 86400 if start_s is None else start_s:.3f}",
+        "end": f"{now + 2 * 86400 if end_s is None else end_s:.3f}",
+    }
+    body = _checked(url + "/api/v1/export?" + urllib.parse.urlencode(params))
     return [json.loads(line) for line in body.decode().split("\n") if line.strip()]
 
 

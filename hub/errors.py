@@ -3,7 +3,8 @@
 HubError
 ├── ProtocolError            a device broke the wire contract; carries the close code
 │   ├── InvalidMessage       not msgpack, not a map, no/unknown type, bad envelope (1007)
-│   └── UnsupportedData      a text frame (1003)
+│   ├── UnsupportedData      a text frame (1003)
+│   └── RateLimited          over the device's message or reading rate (1008)
 ├── ConfigError              a settings or measurement schema file is wrong
 ├── RegistryError            the device registry refused an operation
 │   ├── UnknownDevice
@@ -41,6 +42,13 @@ class UnsupportedData(ProtocolError):
     """The frame is a text frame."""
 
     close_code = CloseCode.UNSUPPORTED_DATA
+
+
+class RateLimited(ProtocolError):
+    """The device sends faster than its limit."""
+
+    close_code = CloseCode.POLICY_VIOLATION
+    error_code = ErrorCode.RATE_LIMITED
 
 
 class ConfigError(HubError):

@@ -12,9 +12,9 @@ import re
 from typing import Protocol
 
 import aiohttp
-from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.client.exceptions import InfluxDBError
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+from influxdb_client.domain.write_precision import WritePrecision
 
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.settings import Settings

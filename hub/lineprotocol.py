@@ -196,10 +196,10 @@ def point_problem(
             return f"tag {key!r} value {value!r} {problem}"
     if not fields:
         return "has no fields"
-    for key, value in fields.items():
+    for key, field_value in fields.items():
         if problem := _key_problem(key, "field key"):
             return f"field key {key!r} {problem}"
-        if isinstance(value, str) and (problem := _string_problem(value)):
+        if isinstance(field_value, str) and (problem := _string_problem(field_value)):
             return f"field {key!r} string value {problem}"
     return None
 

@@ -21,10 +21,11 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from hub.errors import HubError, ProtocolError, UnsupportedData
+from hub.errors import HubError, ProtocolError, RateLimited, UnsupportedData
 from hub.measurements import MeasurementSchemas, ReadingsValidator
 from hub.pipeline import Pipeline
-from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame, encode
+from hub.protocol import DeviceEvent, ReadingsFrame, TelegrafFrame, decode_frame, encode
+from hub.ratelimit import TokenBucket
 from hub.readings import prepare_readings
 from hub.registry import Registry
 from hub.settings import Settings
@@ -203,6 +204,14 @@ class DeviceSession:
         self.connection = connection
         self.device_id = handshake.device_id
         self.ns_per_unit = handshake.ns_per_unit
+        settings = hub.settings
+        burst = settings.device_burst_s
+        self._message_rate = TokenBucket(
+            settings.device_messages_per_s, settings.device_messages_per_s * burst
+        )
+        self._reading_rate = TokenBucket(
+            settings.device_readings_per_s, settings.device_readings_per_s * burst
+        )
         self._acks: asyncio.Queue[tuple[Ack, asyncio.Future[None] | None]] = asyncio.Queue(
             hub.settings.max_unacked_messages
         )
@@ -231,6 +240,7 @@ class DeviceSession:
                 )
             arrival_ns = time.time_ns()
             event = decode_frame(frame, max_readings)
+            self._check_rate(event, time.monotonic())
             if isinstance(event, ReadingsFrame):
                 await self._readings(event, arrival_ns)
             elif isinstance(event, TelegrafFrame):
@@ -263,6 +273,18 @@ class DeviceSession:
                 invalid,
                 first[:200],
             )
+
+    def _check_rate(self, event: DeviceEvent, now: float) -> None:
+        if not self._message_rate.take(1, now):
+            raise RateLimited(
+                f"more than {self.hub.settings.device_messages_per_s:g} messages a second"
+            )
+        if isinstance(event, ReadingsFrame | TelegrafFrame):
+            count = len(event.readings if isinstance(event, ReadingsFrame) else event.metrics)
+            if not self._reading_rate.take(count, now):
+                raise RateLimited(
+                    f"more than {self.hub.settings.device_readings_per_s:g} readings a second"
+                )
 
     def _validator(self) -> ReadingsValidator:
         # Looked up per message so that a SIGHUP reload applies to open connections too.

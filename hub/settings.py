@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     max_readings_per_message: PositiveInt = 5000
     max_connections: PositiveInt = 20_000
     max_unacked_messages: PositiveInt = 64
+    device_messages_per_s: PositiveFloat = 100.0
+    device_readings_per_s: PositiveFloat = 50_000.0
+    device_burst_s: PositiveFloat = 2.0
 
     # Timeouts
     ping_interval_s: PositiveFloat = 20.0

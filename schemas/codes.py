@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     """`code` values of the `error` message."""
 
     INVALID_MESSAGE = "invalid_message"
+    RATE_LIMITED = "rate_limited"
 
 
 QUERY_PRECISIONS: dict[str, int] = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}
