@@ -390,9 +390,26 @@ def create_database(url: str, db: str) -> None:
     influxql_series(url, "", f"CREATE DATABASE {quote_ident(db)}")
 
 
+def drop_database(url: str, db: str) -> None:
+    """Drop an InfluxDB 1.x database (no error if it does not exist)."""
+    influxql_series(url, "", f"DROP DATABASE {quote_ident(db)}")
+
+
 def quote_ident(name: str) -> str:
-    """Quote an InfluxQL identifier: double quotes, with `\\` and `"` backslash-escaped."""
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """Quote an InfluxQL identifier: `"..."` with backslash, quote and LF escaped.
+
+    InfluxQL has no escape for CR or NUL: names containing them cannot be quoted.
+    """
+    return '"' + _influxql_escape(name).replace('"', '\\"') + '"'
+
+
+def quote_string(text: str) -> str:
+    """Quote an InfluxQL string literal (tag values in WHERE): `'...'`, escaped like names."""
+    return "'" + _influxql_escape(text).replace("'", "\\'") + "'"
+
+
+def _influxql_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def vm_force_flush(url: str) -> None:

@@ -72,7 +72,13 @@ CACHE_LIMIT = 8192
 _MEASUREMENT_ESCAPES = str.maketrans({",": "\\,", " ": "\\ "})
 _TAG_ESCAPES = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ "})
 _STRING_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
-_BAD_AFTER_BACKSLASH = frozenset('\\ ,="')
+_BAD_AFTER_BACKSLASH = {
+    "\\": "another backslash",
+    " ": "a space",
+    ",": "a comma",
+    "=": "'='",
+    '"': "a double quote",
+}
 
 # Escaped forms of texts already checked: names and tag sets repeat, so the hot path is
 # mostly dict hits.
@@ -143,10 +149,10 @@ def unrepresentable(text: str) -> str | None:
         return "ends with a backslash, which would escape the separator after it"
     start = text.find("\\")
     while start != -1:
-        if text[start + 1] in _BAD_AFTER_BACKSLASH:
+        if (after := _BAD_AFTER_BACKSLASH.get(text[start + 1])) is not None:
             return (
-                f"has a backslash before {text[start + 1]!r}, which InfluxDB 1.6 and "
-                "VictoriaMetrics read back differently"
+                f"has a backslash before {after}, which InfluxDB 1.6 and VictoriaMetrics "
+                "read back differently"
             )
         start = text.find("\\", start + 2)
     return None
