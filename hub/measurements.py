@@ -48,7 +48,14 @@ from typing_extensions import TypedDict
 
 from hub.errors import ConfigError
 from schemas.codes import QUERY_PRECISIONS
-from schemas.messages import INT64_MAX, INT64_MIN, FieldValue, MeasurementName
+from schemas.messages import (
+    INT64_MAX,
+    INT64_MIN,
+    TIME_MAX_NS,
+    TIME_MIN_NS,
+    FieldValue,
+    MeasurementName,
+)
 
 FieldType = Literal["float", "int", "bool", "string"]
 
@@ -122,13 +129,13 @@ _GENERIC_VALUE = Annotated[FieldValue, _UnionError("must be a finite number, a b
 
 
 def _timestamp_in_range(value: msgpack.Timestamp) -> msgpack.Timestamp:
-    if not INT64_MIN < value.to_unix_nano() < INT64_MAX:
+    if not TIME_MIN_NS <= value.to_unix_nano() <= TIME_MAX_NS:
         raise PydanticCustomError("time_range", "timestamp outside InfluxDB's range")
     return value
 
 
 def _time_type(ns_per_unit: int) -> Any:
-    lowest, highest = -(-INT64_MIN // ns_per_unit) + 1, INT64_MAX // ns_per_unit
+    lowest, highest = -(-TIME_MIN_NS // ns_per_unit), TIME_MAX_NS // ns_per_unit
     integer: Any = Annotated[StrictInt, Field(ge=lowest, le=highest)]
     timestamp: Any = Annotated[InstanceOf[msgpack.Timestamp], AfterValidator(_timestamp_in_range)]  # type: ignore[misc]
     return Annotated[

@@ -23,6 +23,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     WithJsonSchema,
+    with_config,
 )
 from typing_extensions import TypedDict
 
@@ -30,6 +31,9 @@ PROTOCOL_VERSION = 1
 UINT64_MAX = 2**64 - 1
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+TIME_MIN_NS = -(2**63) + 2
+TIME_MAX_NS = 2**63 - 2
+"""The timestamps InfluxDB accepts, in nanoseconds (about 1677-09-21 to 2262-04-11)."""
 
 Uint64 = Annotated[StrictInt, Field(ge=0, le=UINT64_MAX)]
 
@@ -62,8 +66,9 @@ FieldValue = Annotated[
 MeasurementName = Annotated[StrictStr, Field(min_length=1)]
 
 
+@with_config(ConfigDict(extra="allow"))
 class Reading(TypedDict):
-    """One reading: the shape of Telegraf's msgpack metric."""
+    """One reading: the shape of Telegraf's msgpack metric. Other keys are ignored."""
 
     name: MeasurementName
     fields: Annotated[dict[StrictStr, FieldValue], Field(min_length=1)]
