@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from hub.cli_common import ConfigOption, StateDirOption, fail, open_registry, settings_from, when
+from hub.cli_fleet import config_app, device_app, devices_command, parse_assignments
 from hub.errors import HubError
 from hub.logs import configure_logging
-from hub.registry import Registry
-from hub.settings import InfluxApi, LogLevel, Settings, load_settings
+from hub.settings import InfluxApi, LogLevel
 
 app = typer.Typer(
     help="IoT sensor ingestion hub: devices stream readings over WebSocket into InfluxDB.",
@@ -22,29 +22,9 @@ app = typer.Typer(
 )
 token_app = typer.Typer(help="Issue, list and revoke device tokens.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", help="TOML config file (also HUB_CONFIG).", show_default=False),
-]
-StateDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        help="State directory: registry, dead letters (also HUB_STATE_DIR).", show_default=False
-    ),
-]
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def _settings(config: Path | None, **flags: object) -> Settings:
-    try:
-        return load_settings(config, **flags)
-    except HubError as exc:
-        _fail(str(exc))
+app.add_typer(config_app, name="config")
+app.add_typer(device_app, name="device")
+app.command("devices")(devices_command)
 
 
 @app.command()
@@ -71,7 +51,7 @@ def serve(
     log_level: Annotated[LogLevel | None, typer.Option(help="Log level [INFO].")] = None,
 ) -> None:
     """Accept device connections and write their readings to InfluxDB."""
-    settings = _settings(
+    settings = settings_from(
         config,
         state_dir=state_dir,
         host=host,
@@ -90,31 +70,27 @@ def serve(
     try:
         asyncio.run(run_service(settings))
     except HubError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
-
-
-def _registry(config: Path | None, state_dir: Path | None) -> Registry:
-    settings = _settings(config, state_dir=state_dir)
-    try:
-        return Registry(settings.registry_path)
-    except OSError as exc:
-        _fail(f"cannot open the registry in {settings.state_dir}: {exc.strerror}")
+        fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
 
 
 @token_app.command("add")
 def token_add(
     device_id: Annotated[str, typer.Argument(help="The new device's id.")],
+    label: Annotated[
+        list[str] | None, typer.Option(help="A label key=value for fleet pushes; repeatable.")
+    ] = None,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
     """Register a device and print its token, the only line on stdout. Shown once only."""
-    registry = _registry(config, state_dir)
+    labels = parse_assignments(label or [], json_values=False)
+    registry = open_registry(config, state_dir)
     try:
-        token = registry.add(device_id)
+        token = registry.add(device_id, labels)
     except HubError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         registry.close()
     sys.stdout.write(token + "\n")
@@ -123,7 +99,7 @@ def token_add(
 @token_app.command("list")
 def token_list(config: ConfigOption = None, state_dir: StateDirOption = None) -> None:
     """List devices and whether their token is active (tokens themselves are never shown)."""
-    registry = _registry(config, state_dir)
+    registry = open_registry(config, state_dir)
     try:
         devices = registry.devices()
     finally:
@@ -134,7 +110,7 @@ def token_list(config: ConfigOption = None, state_dir: StateDirOption = None) ->
     typer.echo(f"{'DEVICE':<40} {'STATUS':<8} CREATED")
     for device in devices:
         status = "active" if device.active else "revoked"
-        typer.echo(f"{device.device_id:<40} {status:<8} {_when(device.created_at)}")
+        typer.echo(f"{device.device_id:<40} {status:<8} {when(device.created_at)}")
 
 
 @token_app.command("revoke")
@@ -144,15 +120,11 @@ def token_revoke(
     state_dir: StateDirOption = None,
 ) -> None:
     """Revoke a device's token; the device can no longer connect."""
-    registry = _registry(config, state_dir)
+    registry = open_registry(config, state_dir)
     try:
         registry.revoke(device_id)
     except HubError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         registry.close()
     typer.echo(f"revoked {device_id}", err=True)
-
-
-def _when(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")

@@ -8,6 +8,7 @@ to the pipeline. Every failure is a `TransientWriteError` (retrying can help) or
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from typing import Protocol
 
@@ -169,4 +170,9 @@ async def open_sink(settings: Settings) -> Sink:
 def _error_text(body: str) -> str:
     # InfluxDB answers {"error": "..."}; keep the message, not the JSON around it.
     match = re.search(r'"error"\s*:\s*"((?:[^"\\]|\\.)*)"', body)
-    return match.group(1) if match else body.strip()
+    if match is None:
+        return body.strip()
+    try:  # undo the JSON string escapes (\" and the like)
+        return str(json.loads(f'"{match.group(1)}"'))
+    except ValueError:
+        return match.group(1)

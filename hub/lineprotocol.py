@@ -1,63 +1,61 @@
 r"""InfluxDB line protocol formatting for the hub's hot path, and what it must refuse.
 
-Every rule below was checked by writing to a real InfluxDB 1.6.7 (`/write?precision=ns`,
-read back with InfluxQL, both `SELECT * FROM /.*/` and by quoted name) and a real
-VictoriaMetrics 1.79 (`/write` and `/api/v2/write`, read back with `/api/v1/export`); see
-tests/test_lineprotocol_roundtrip.py. "Refused" means `format_point` raises ValueError and
-`unrepresentable` or `point_problem` returns the reason, so the hub rejects the reading
-instead of storing something else. The rules are the union of both servers', so a
-reading that is accepted reads back exactly from InfluxDB and never adds a point on
-either server.
+Findings from writing every character class in every position to a real InfluxDB 1.6.7
+(`POST /write?precision=ns`, read back with InfluxQL both as `SELECT * FROM /.*/` and by
+quoted name) and a real VictoriaMetrics 1.79 (`/write` and `/api/v2/write`, read back with
+`/api/v1/export`); tests/test_lineprotocol_roundtrip.py repeats all of it. The rules are
+the union of both servers': an accepted point reads back exactly from InfluxDB, gives
+exactly the expected series in VictoriaMetrics, and never adds a point on either.
+`format_point` raises ValueError for a refused point; `point_problem` and (for the rules
+shared by all names) `unrepresentable` return the reason.
 
-===================  =========================  =========================================
-text                 where                      written as / refused because
-===================  =========================  =========================================
-space                measurement, tags, fkey    `\ ` (unescaped: ends the section)
-comma                measurement, tags, fkey    `\,` (unescaped: starts a tag / field)
-`=`                  tag key/value, field key   `\=`; as is in a measurement (an escape
-                                                there would be kept by VictoriaMetrics)
-`"`                  measurement, tags          as is (no quoting outside field values)
-`"`                  field key                  refused: VictoriaMetrics reads it as a
-                                                quote and loses the point's other fields,
-                                                and keeps the backslash of `\"`
-LF (\n)              measurement, tags, fkey    refused: both servers end the line there,
-                                                the rest becomes another point; no escape
-                                                exists (`\n` is read as backslash + n)
-CR (\r), NUL         measurement, tags, fkey    refused: stored exactly, but InfluxQL
-                                                cannot quote them (its scanner turns CR
-                                                into a line end, NUL into end of input),
-                                                so no query could name them; a leading
-                                                NUL is also stripped
-backslash + other    measurement, tags, fkey    as is: both read a lone `\` literally
-trailing backslash   measurement, tags, fkey    refused: it escapes the separator after
-                                                it, on both servers
-`\` before `\`,      measurement, tags, fkey    refused: VictoriaMetrics reads `\\` as
-space `,` `=` `"`                               one backslash, InfluxDB as two; InfluxDB
-                                                drops the backslash of `\"`, `\=` in
-                                                measurements and field keys; any escape
-                                                added reads back differently on one side
-leading tab          measurement, field key     refused: InfluxDB strips it as whitespace
-leading `#`          measurement                refused: the line becomes a comment and
-                                                is dropped without an error
-"" (empty)           measurement, keys          refused: a parse error
-"" (empty)           tag value                  tag omitted: InfluxDB refuses `t=`, and a
-                                                missing tag already reads as "" (`t = ''`)
-`time`               tag key, field key         refused: InfluxDB refuses the point (tag)
-                                                or silently drops the field
-tab, non-ASCII,      anywhere else              as is: "Küche 温度", emoji, other control
-`'`, `#`                                        characters, U+2028 all read back exactly
-string field value   field value                `"…"` with `\` -> `\\` and `"` -> `\"`:
-                                                exact on InfluxDB, including a trailing
-                                                backslash, tabs, CR and non-ASCII
-LF in a string       field value                refused: exact on InfluxDB, but
-value                                           VictoriaMetrics splits lines at every LF,
-                                                even inside quotes, so the text after it
-                                                would be written as its own point
-===================  =========================  =========================================
+`\x` = written with a backslash, `-` = written as is, Rn = refused, reason below.
 
-Other server behaviour worth knowing (not escaping): VictoriaMetrics stores every value as a
-float64 (strings as 0, bools as 1/0, ints above 2**53 rounded) and trims timestamps to
-milliseconds; InfluxDB's JSON shows -0.0 as 0 and integral floats without a fraction.
+  text in the reading      measurement  tag key  tag value  field key  string value
+  space, comma             \x           \x       \x         \x         -
+  =                        -            \x       \x         \x         -
+  "                        -            -        -          R1         \x
+  \ before anything else   -            -        -          -          \x
+  \ at the end             R2           R2       R2         R2         \x
+  \ before \ , or space    R3           R3       R3         R3         \x
+  \ before =               R4           R3       -          R4         \x
+  \ before "               R4           -        -          R1         \x
+  LF (\n)                  R5           R5       R5         R5         R6
+  CR (\r), NUL             R7           R7       R7         R7         -
+  leading tab              R8           -        -          R8         -
+  leading #                R9           -        -          -          -
+  tab elsewhere, `'`, non-ASCII ("Küche 温度", emoji), other control chars, U+2028: -
+  "" (empty)               R10          R10      omitted    R10        -
+  "time"                   -            R11      -          R11        -
+
+R1  VictoriaMetrics scans field keys for quotes: a `"` swallows the point's other fields,
+    and `\"` keeps its backslash. (InfluxDB stores both; balanced quotes such as `"a"`
+    happen to work on VictoriaMetrics but are refused too, to keep the rule simple.)
+R2  A trailing backslash escapes the separator after it, on both servers.
+R3  The servers disagree on backslashes: InfluxDB 1.6.7 keeps a backslash unless the
+    next character is one it escapes, VictoriaMetrics always reads `\\` as one
+    backslash. So `a\\b` comes back as `a\b` from VictoriaMetrics, and `\,` `\ ` `\=`
+    written as `\\,` ... split the name there; no spelling works on both.
+R4  InfluxDB drops the backslash of `\=` and `\"` in a measurement, and cannot parse
+    `\\=` in a field key.
+R5  Both servers end the line at LF; the rest becomes another point (`x\nother,x=1 y=2`
+    in a tag value creates measurement `other`). Line protocol has no escape for it:
+    `\n` reads back as backslash + n.
+R6  InfluxDB keeps an LF inside a quoted string exactly, but VictoriaMetrics splits the
+    body at every LF, even inside quotes, and writes the rest as a point of its own.
+R7  Both servers store them exactly, but InfluxQL cannot quote them (a quoted name or
+    string containing CR or NUL is a parse error), so no query could name the series.
+R8  InfluxDB skips tabs (and NULs) at the start of the line and of the field section,
+    so the first field key would lose it; every field key is checked alike.
+R9  A line starting with `#` is a comment: InfluxDB answers 204 and stores nothing.
+R10 Empty names are a parse error on InfluxDB. An empty tag value is left out instead:
+    InfluxDB refuses `t=`, and a missing tag already matches `WHERE t = ''`.
+R11 InfluxDB refuses a point with tag key `time` (400) and silently drops a field `time`.
+
+String field values are `"`-quoted with `\` and `"` escaped, so CR, tabs, NUL and a
+trailing backslash all read back exactly from InfluxDB. Not escaping but worth knowing:
+VictoriaMetrics keeps every value as a float64 of about 12 significant digits (strings
+become 0, bools 1/0) and trims timestamps to milliseconds; InfluxDB's JSON shows -0.0 as 0.
 """
 
 from __future__ import annotations
@@ -72,13 +70,7 @@ CACHE_LIMIT = 8192
 _MEASUREMENT_ESCAPES = str.maketrans({",": "\\,", " ": "\\ "})
 _TAG_ESCAPES = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ "})
 _STRING_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
-_BAD_AFTER_BACKSLASH = {
-    "\\": "another backslash",
-    " ": "a space",
-    ",": "a comma",
-    "=": "'='",
-    '"': "a double quote",
-}
+_BAD_AFTER_BACKSLASH = {"\\": "another backslash", " ": "a space", ",": "a comma"}
 
 # Escaped forms of texts already checked: names and tag sets repeat, so the hot path is
 # mostly dict hits.
@@ -125,10 +117,11 @@ def _format_field_value_subclass(value: FieldValue) -> str:
 
 
 def unrepresentable(text: str) -> str | None:
-    """Why `text` cannot be written as a measurement, tag or field key exactly, or None.
+    """Why `text` cannot be written exactly in any identifier position, or None.
 
-    Covers the rules that hold in every identifier position; `point_problem` adds the
-    ones that depend on the position (empty, leading `#` or tab, `"` in field keys, `time`).
+    These rules hold for measurements, tag keys, tag values and field keys alike;
+    `point_problem` and `format_point` add the rules of each position (empty, leading `#`
+    or tab, `time`, `\\=`, `"`, see the module docstring).
     """
     if text.isascii() and text.isprintable():
         # Fast path: only the backslash rules can apply.
@@ -165,7 +158,11 @@ def _measurement_problem(name: str) -> str | None:
         return "starts with '#', which makes the line a comment that is silently dropped"
     if name[0] == "\t":
         return "starts with a tab, which InfluxDB strips"
-    return unrepresentable(name)
+    if problem := unrepresentable(name):
+        return problem
+    if "\\=" in name or '\\"' in name:
+        return "has a backslash before '=' or '\"', which InfluxDB drops in a measurement"
+    return None
 
 
 def _key_problem(key: str, what: str) -> str | None:
@@ -178,7 +175,11 @@ def _key_problem(key: str, what: str) -> str | None:
             return "starts with a tab, which InfluxDB strips"
         if '"' in key:
             return "contains '\"', which VictoriaMetrics misreads in a field key"
-    return unrepresentable(key)
+    if problem := unrepresentable(key):
+        return problem
+    if "\\=" in key:
+        return f"has a backslash before '=', which does not read back exactly in a {what}"
+    return None
 
 
 def _string_problem(value: str) -> str | None:

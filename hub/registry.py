@@ -1,4 +1,8 @@
-"""The device registry: devices and their tokens, in SQLite in the hub's state directory.
+"""The device registry: devices, tokens, labels, desired configs and presence, in SQLite.
+
+The hub and the operator's CLI share this one file on one host. Operator changes (a new
+config, a revocation) bump a change sequence; the hub notices a commit from another process
+through `PRAGMA data_version` and reads only the devices changed since it last looked.
 
 Tokens are 256 random bits, shown once when issued and stored only as their SHA-256. A slow
 password hash buys nothing for secrets this long; a fast one keeps a connect storm cheap.
@@ -10,28 +14,54 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
 
 TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_CONFIG_BYTES = 64 * 1024
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id   TEXT PRIMARY KEY,
-    token_hash  TEXT NOT NULL UNIQUE,
-    created_at  REAL NOT NULL,
-    revoked_at  REAL
-);
-"""
+# Each entry upgrades the database by one version (PRAGMA user_version).
+_MIGRATIONS = [
+    """
+    CREATE TABLE devices (
+        device_id       TEXT PRIMARY KEY,
+        token_hash      TEXT NOT NULL UNIQUE,
+        created_at      REAL NOT NULL,
+        revoked_at      REAL,
+        labels          TEXT NOT NULL DEFAULT '{}',
+        config          TEXT NOT NULL DEFAULT '{}',
+        config_version  INTEGER NOT NULL DEFAULT 0,
+        acked_version   INTEGER,
+        ack_ok          INTEGER,
+        ack_error       TEXT,
+        acked_at        REAL,
+        changed_seq     INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX devices_changed ON devices (changed_seq);
+    CREATE TABLE presence (
+        device_id       TEXT PRIMARY KEY REFERENCES devices (device_id),
+        online          INTEGER NOT NULL,
+        remote_address  TEXT,
+        connected_since REAL,
+        last_seen       REAL,
+        readings_stored INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE change_seq (value INTEGER NOT NULL);
+    INSERT INTO change_seq VALUES (0);
+    """,
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +71,51 @@ class Device:
     device_id: str
     created_at: float
     revoked_at: float | None
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
         """Whether its token is accepted."""
         return self.revoked_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigState:
+    """A device's desired configuration and what it last acknowledged."""
+
+    device_id: str
+    config: dict[str, Any]
+    version: int
+    acked_version: int | None
+    ack_ok: bool | None
+    ack_error: str | None
+    acked_at: float | None
+
+    @property
+    def pending(self) -> bool:
+        """Whether the latest version still waits for the device's answer."""
+        return self.version > 0 and (self.acked_version or 0) < self.version
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChange:
+    """What the hub must act on for a device an operator changed."""
+
+    device_id: str
+    config_version: int
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """A device's connection state as the hub last recorded it."""
+
+    device_id: str
+    online: bool
+    remote_address: str | None
+    connected_since: float | None
+    last_seen: float | None
+    readings_stored: int
 
 
 def hash_token(token: str) -> str:
@@ -68,19 +138,40 @@ def check_device_id(device_id: str) -> str:
     return device_id
 
 
+def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Return `labels` if every key is a valid label name and every value short, else raise."""
+    for key, value in labels.items():
+        if not LABEL_PATTERN.fullmatch(key):
+            raise RegistryError(
+                f"invalid label name {key[:80]!r}: 1-64 letters, digits and ._- characters"
+            )
+        if len(value) > 256 or "\n" in value:
+            raise RegistryError(f"label {key!r}: values are one line of at most 256 characters")
+    return dict(labels)
+
+
 class Registry:
     """Devices and token hashes in one SQLite file, shared by the hub and the CLI."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
-        # autocommit off; every change goes through _transaction. WAL lets the CLI write
+        # Autocommit mode: every change goes through _transaction. WAL lets the CLI write
         # while the hub reads.
         self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
         path.chmod(0o600)
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
 
     def close(self) -> None:
         """Close the database."""
@@ -96,12 +187,19 @@ class Registry:
             raise
         self._db.execute("COMMIT")
 
-    def add(self, device_id: str) -> str:
-        """Register a device and return its new token (the only time it is visible)."""
-        return self.add_many([check_device_id(device_id)])[0]
+    def _next_change(self, db: sqlite3.Connection) -> int:
+        (seq,) = db.execute("UPDATE change_seq SET value = value + 1 RETURNING value").fetchone()
+        return int(seq)
 
-    def add_many(self, device_ids: list[str]) -> list[str]:
+    # Devices and tokens
+
+    def add(self, device_id: str, labels: Mapping[str, str] | None = None) -> str:
+        """Register a device and return its new token (the only time it is visible)."""
+        return self.add_many([check_device_id(device_id)], labels)[0]
+
+    def add_many(self, device_ids: list[str], labels: Mapping[str, str] | None = None) -> list[str]:
         """Register several devices in one transaction; returns their tokens in order."""
+        labels_json = json.dumps(check_labels(labels or {}), sort_keys=True)
         tokens = [new_token() for _ in device_ids]
         now = time.time()
         with self._transaction() as db:
@@ -109,37 +207,42 @@ class Registry:
                 check_device_id(device_id)
                 try:
                     db.execute(
-                        "INSERT INTO devices (device_id, token_hash, created_at) VALUES (?, ?, ?)",
-                        (device_id, hash_token(token), now),
+                        "INSERT INTO devices (device_id, token_hash, created_at, labels)"
+                        " VALUES (?, ?, ?, ?)",
+                        (device_id, hash_token(token), now, labels_json),
                     )
                 except sqlite3.IntegrityError:
                     raise DeviceExists(device_id) from None
         return tokens
 
     def revoke(self, device_id: str) -> None:
-        """Stop accepting the device's token; the device stays listed as revoked."""
+        """Stop accepting the device's token; a connected hub closes it with 4001."""
         with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE devices SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL",
-                (time.time(), device_id),
+            self._require(db, device_id)
+            db.execute(
+                "UPDATE devices SET revoked_at = ?, changed_seq = ?"
+                " WHERE device_id = ? AND revoked_at IS NULL",
+                (time.time(), self._next_change(db), device_id),
             )
-            if cursor.rowcount == 0 and self.get(device_id) is None:
-                raise UnknownDevice(device_id)
+
+    def _require(self, db: sqlite3.Connection, device_id: str) -> None:
+        if db.execute("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)).fetchone() is None:
+            raise UnknownDevice(device_id)
 
     def get(self, device_id: str) -> Device | None:
         """The device with that id, if registered."""
         row = self._db.execute(
-            "SELECT device_id, created_at, revoked_at FROM devices WHERE device_id = ?",
+            "SELECT device_id, created_at, revoked_at, labels FROM devices WHERE device_id = ?",
             (device_id,),
         ).fetchone()
-        return Device(*row) if row else None
+        return _device(row) if row else None
 
     def devices(self) -> list[Device]:
         """Every registered device, by id."""
         rows = self._db.execute(
-            "SELECT device_id, created_at, revoked_at FROM devices ORDER BY device_id"
+            "SELECT device_id, created_at, revoked_at, labels FROM devices ORDER BY device_id"
         ).fetchall()
-        return [Device(*row) for row in rows]
+        return [_device(row) for row in rows]
 
     def authenticate(self, token: str) -> str | None:
         """The id of the active device owning `token`, or None."""
@@ -151,3 +254,199 @@ class Registry:
         if row is None or not hmac.compare_digest(row[1], wanted):
             return None
         return str(row[0])
+
+    # Labels and selection
+
+    def set_labels(
+        self, device_id: str, labels: Mapping[str, str], remove: Iterable[str] = ()
+    ) -> dict[str, str]:
+        """Set and remove labels of a device; returns its labels afterwards."""
+        check_labels(labels)
+        with self._transaction() as db:
+            self._require(db, device_id)
+            (current,) = db.execute(
+                "SELECT labels FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            updated = {**json.loads(current), **labels}
+            for key in remove:
+                updated.pop(key, None)
+            db.execute(
+                "UPDATE devices SET labels = ? WHERE device_id = ?",
+                (json.dumps(updated, sort_keys=True), device_id),
+            )
+        return updated
+
+    def select(
+        self,
+        device_ids: Iterable[str] = (),
+        *,
+        everyone: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """Active devices named, or all of them, or those carrying every one of `labels`."""
+        active = [d for d in self.devices() if d.active]
+        if everyone:
+            return [d.device_id for d in active]
+        if labels:
+            return [
+                d.device_id for d in active if all(d.labels.get(k) == v for k, v in labels.items())
+            ]
+        by_id = {d.device_id: d for d in self.devices()}
+        chosen = list(dict.fromkeys(device_ids))
+        for device_id in chosen:
+            device = by_id.get(device_id)
+            if device is None:
+                raise UnknownDevice(device_id)
+            if not device.active:
+                raise RegistryError(f"device {device_id!r} is revoked")
+        return chosen
+
+    # Desired configuration
+
+    def set_config(
+        self,
+        device_ids: list[str],
+        *,
+        updates: Mapping[str, Any] | None = None,
+        replace: Mapping[str, Any] | None = None,
+    ) -> dict[str, int]:
+        """Give devices a new desired config version: `updates` merged in, or `replace`d whole.
+
+        Returns each device's new version. Versions only grow, across restarts too.
+        """
+        with self._transaction() as db:
+            seq = self._next_change(db)
+            versions = {}
+            for device_id in device_ids:
+                row = db.execute(
+                    "SELECT config, config_version FROM devices WHERE device_id = ?", (device_id,)
+                ).fetchone()
+                if row is None:
+                    raise UnknownDevice(device_id)
+                config = dict(replace) if replace is not None else json.loads(row[0])
+                config.update(updates or {})
+                text = json.dumps(config, sort_keys=True, allow_nan=False)
+                if len(text) > MAX_CONFIG_BYTES:
+                    raise RegistryError(f"config of {device_id!r} is over {MAX_CONFIG_BYTES} bytes")
+                versions[device_id] = row[1] + 1
+                db.execute(
+                    "UPDATE devices SET config = ?, config_version = ?, changed_seq = ?"
+                    " WHERE device_id = ?",
+                    (text, versions[device_id], seq, device_id),
+                )
+        return versions
+
+    def config_state(self, device_id: str) -> ConfigState:
+        """The device's desired config, its version, and its last answer."""
+        states = self.config_states([device_id])
+        if not states:
+            raise UnknownDevice(device_id)
+        return states[0]
+
+    def config_states(self, device_ids: Iterable[str]) -> list[ConfigState]:
+        """`config_state` of several devices (unknown ids are left out)."""
+        wanted = set(device_ids)
+        rows = [
+            row
+            for row in self._db.execute(
+                "SELECT device_id, config, config_version, acked_version, ack_ok, ack_error,"
+                " acked_at FROM devices ORDER BY device_id"
+            )
+            if row[0] in wanted
+        ]
+        return [
+            ConfigState(
+                device_id=row[0],
+                config=json.loads(row[1]),
+                version=row[2],
+                acked_version=row[3],
+                ack_ok=None if row[4] is None else bool(row[4]),
+                ack_error=row[5],
+                acked_at=row[6],
+            )
+            for row in rows
+        ]
+
+    def record_config_ack(self, device_id: str, version: int, ok: bool, error: str | None) -> bool:
+        """Store a device's answer to its latest version; a stale or repeated one is ignored."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE devices SET acked_version = ?, ack_ok = ?, ack_error = ?, acked_at = ?"
+                " WHERE device_id = ? AND config_version = ?"
+                " AND (acked_version IS NULL OR acked_version < ?)",
+                (
+                    version,
+                    ok,
+                    None if ok else (error or ""),
+                    time.time(),
+                    device_id,
+                    version,
+                    version,
+                ),
+            )
+        return cursor.rowcount == 1
+
+    # What the hub watches
+
+    def data_version(self) -> int:
+        """Changes when another connection commits (SQLite's PRAGMA data_version)."""
+        (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        return int(version)
+
+    def change_seq(self) -> int:
+        """The latest operator change's sequence number."""
+        (seq,) = self._db.execute("SELECT value FROM change_seq").fetchone()
+        return int(seq)
+
+    def changes_since(self, seq: int) -> tuple[int, list[DeviceChange]]:
+        """Devices an operator changed after `seq`, and the sequence to ask from next time."""
+        latest = self.change_seq()
+        rows = self._db.execute(
+            "SELECT device_id, config_version, revoked_at IS NOT NULL FROM devices"
+            " WHERE changed_seq > ?",
+            (seq,),
+        ).fetchall()
+        return latest, [DeviceChange(row[0], row[1], bool(row[2])) for row in rows]
+
+    # Presence, written by the hub
+
+    def record_presence(self, states: Iterable[Presence]) -> None:
+        """Store the hub's view of device connections, in one transaction."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO presence (device_id, online, remote_address, connected_since,"
+                " last_seen, readings_stored) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,"
+                " remote_address = excluded.remote_address,"
+                " connected_since = excluded.connected_since,"
+                " last_seen = excluded.last_seen,"
+                " readings_stored = excluded.readings_stored",
+                [
+                    (
+                        p.device_id,
+                        p.online,
+                        p.remote_address,
+                        p.connected_since,
+                        p.last_seen,
+                        p.readings_stored,
+                    )
+                    for p in states
+                ],
+            )
+
+    def mark_all_offline(self) -> None:
+        """Forget connections of a previous hub run (it may have died without saying)."""
+        with self._transaction() as db:
+            db.execute("UPDATE presence SET online = 0 WHERE online = 1")
+
+    def presence(self) -> dict[str, Presence]:
+        """What the hub last recorded, per device."""
+        rows = self._db.execute(
+            "SELECT device_id, online, remote_address, connected_since, last_seen,"
+            " readings_stored FROM presence"
+        ).fetchall()
+        return {row[0]: Presence(row[0], bool(row[1]), *row[2:]) for row in rows}
+
+
+def _device(row: tuple[Any, ...]) -> Device:
+    return Device(row[0], row[1], row[2], json.loads(row[3]))

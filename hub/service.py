@@ -68,9 +68,14 @@ class HubService:
         hub = self.hub
         log.info("stopping: refusing new connections, flushing what devices sent")
         hub.draining = True
+        deadline = asyncio.get_running_loop().time() + SHUTDOWN_GRACE_S
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(hub.pipeline.drain(), SHUTDOWN_GRACE_S)
         await hub.stop()
+        # Whatever arrived meanwhile, and the disconnect events, get the time that is left.
+        with contextlib.suppress(TimeoutError):
+            left = max(0.1, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait_for(hub.pipeline.drain(), left)
         await hub.pipeline.close()
         hub.registry.close()
         log.info("stopped")

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     ping_timeout_s: PositiveFloat = 20.0
     handshake_timeout_s: PositiveFloat = 10.0
 
+    # Fleet
+    registry_poll_s: PositiveFloat = 0.2
+    presence_flush_s: PositiveFloat = 0.5
+
     # Logging
     log_level: LogLevel = "INFO"
 

@@ -1,0 +1,54 @@
+"""What every `hub` subcommand shares: the options that find settings, and error exits."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from hub.errors import HubError
+from hub.registry import Registry
+from hub.settings import Settings, load_settings
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML config file (also HUB_CONFIG).", show_default=False),
+]
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="State directory: registry, dead letters (also HUB_STATE_DIR).", show_default=False
+    ),
+]
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` on stderr and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def settings_from(config: Path | None, **flags: object) -> Settings:
+    """Settings from flags, environment and config file, or a clean exit saying why not."""
+    try:
+        return load_settings(config, **flags)
+    except HubError as exc:
+        fail(str(exc))
+
+
+def open_registry(config: Path | None, state_dir: Path | None) -> Registry:
+    """The registry in the state directory the settings name."""
+    settings = settings_from(config, state_dir=state_dir)
+    try:
+        return Registry(settings.registry_path)
+    except OSError as exc:
+        fail(f"cannot open the registry in {settings.state_dir}: {exc.strerror}")
+
+
+def when(timestamp: float | None) -> str | None:
+    """A UTC time for people, or None."""
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")

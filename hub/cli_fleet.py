@@ -1,0 +1,236 @@
+"""Operator commands for the fleet: desired configs, labels, and who is connected."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hub.cli_common import ConfigOption, StateDirOption, open_registry, when
+from hub.errors import HubError
+from hub.registry import ConfigState, Registry
+
+config_app = typer.Typer(help="Push configuration to devices.", no_args_is_help=True)
+device_app = typer.Typer(help="Device labels.", no_args_is_help=True)
+
+WAIT_POLL_S = 0.1
+
+
+def parse_assignments(pairs: list[str], *, json_values: bool) -> dict[str, Any]:
+    """`key=value` arguments as a dict; values parsed as JSON when they parse, else strings."""
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {pair!r}")
+        if json_values:
+            try:
+                result[key] = json.loads(value)
+            except ValueError:
+                result[key] = value
+        else:
+            result[key] = value
+    return result
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+@config_app.command("set")
+def config_set(
+    device_id: Annotated[
+        str | None, typer.Argument(help="The device (or use --all/--label).")
+    ] = None,
+    assignments: Annotated[
+        list[str] | None, typer.Argument(help="key=value ...; JSON values when they parse.")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="A JSON object that replaces the whole config.")
+    ] = None,
+    everyone: Annotated[bool, typer.Option("--all", help="Every active device.")] = False,
+    label: Annotated[
+        list[str] | None, typer.Option(help="Devices with this label (key=value); repeatable.")
+    ] = None,
+    wait: Annotated[
+        float | None, typer.Option(help="Wait this many seconds for every device's answer.")
+    ] = None,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Set desired configuration; connected devices receive it within a second.
+
+    key=value pairs update those keys and keep the others; --file replaces the whole config.
+    """
+    pairs = list(assignments or [])
+    if (everyone or label) and device_id is not None:
+        pairs.insert(0, device_id)  # with --all/--label the first word is an assignment too
+        device_id = None
+    updates = parse_assignments(pairs, json_values=True)
+    replace = _read_config_file(file) if file is not None else None
+    if replace is None and not updates:
+        raise _fail("nothing to set: give key=value pairs or --file")
+    labels = parse_assignments(label or [], json_values=False)
+    if sum((device_id is not None, everyone, bool(labels))) != 1:
+        raise _fail("name one device, or use --all, or --label key=value")
+    registry = open_registry(config, state_dir)
+    try:
+        targets = registry.select(
+            [device_id] if device_id else [], everyone=everyone, labels=labels
+        )
+        if not targets:
+            raise _fail("no active device matches")
+        versions = registry.set_config(targets, updates=updates, replace=replace)
+        typer.echo(f"config set for {len(versions)} device(s)", err=True)
+        for target, version in sorted(versions.items()):
+            typer.echo(f"{target}\tversion {version}")
+        if wait is not None:
+            _wait_for_answers(registry, versions, wait)
+    except HubError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        registry.close()
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise _fail(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _fail(f"{path} must hold a JSON object")
+    return data
+
+
+def _wait_for_answers(registry: Registry, versions: dict[str, int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    answered: dict[str, ConfigState] = {}
+    shown = -1
+    while True:
+        waiting = [d for d in versions if d not in answered]
+        for state in registry.config_states(waiting):
+            if (state.acked_version or 0) >= versions[state.device_id]:
+                answered[state.device_id] = state
+        if len(answered) != shown:
+            shown = len(answered)
+            typer.echo(f"answered {shown}/{len(versions)}", err=True)
+        if len(answered) == len(versions) or time.monotonic() >= deadline:
+            break
+        time.sleep(WAIT_POLL_S)
+    refused = {d: s.ack_error for d, s in answered.items() if not s.ack_ok}
+    silent = sorted(set(versions) - set(answered))
+    for device, error in sorted(refused.items()):
+        typer.echo(f"refused by {device}: {error}", err=True)
+    if silent:
+        typer.echo(f"no answer within {timeout:g} s from: {', '.join(silent)}", err=True)
+    if refused or silent:
+        raise typer.Exit(1)
+    typer.echo(f"applied by all {len(versions)} device(s)", err=True)
+
+
+@config_app.command("get")
+def config_get(
+    device_id: Annotated[str, typer.Argument(help="The device.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Show a device's desired config, what it acknowledged, and its last error."""
+    registry = open_registry(config, state_dir)
+    try:
+        state = registry.config_state(device_id)
+    except HubError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        registry.close()
+    report = {
+        "device": state.device_id,
+        "desired": state.config,
+        "desired_version": state.version,
+        "acknowledged_version": state.acked_version,
+        "pending": state.pending,
+        "last_answer": None if state.ack_ok is None else ("ok" if state.ack_ok else "refused"),
+        "last_error": state.ack_error,
+        "answered_at": when(state.acked_at),
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        shown = json.dumps(value) if key == "desired" else ("-" if value is None else value)
+        typer.echo(f"{key + ':':<22}{shown}")
+
+
+@device_app.command("label")
+def device_label(
+    device_id: Annotated[str, typer.Argument(help="The device.")],
+    assignments: Annotated[
+        list[str] | None, typer.Argument(help="key=value labels to set.")
+    ] = None,
+    remove: Annotated[list[str] | None, typer.Option(help="Label to remove; repeatable.")] = None,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Set or remove labels of a device; prints its labels afterwards."""
+    registry = open_registry(config, state_dir)
+    try:
+        labels = registry.set_labels(
+            device_id, parse_assignments(assignments or [], json_values=False), remove or []
+        )
+    except HubError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        registry.close()
+    typer.echo(" ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(no labels)")
+
+
+def devices_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Every device: online, address, since, last seen, readings stored, config versions."""
+    registry = open_registry(config, state_dir)
+    try:
+        devices = registry.devices()
+        presence = registry.presence()
+        configs = {c.device_id: c for c in registry.config_states(d.device_id for d in devices)}
+    finally:
+        registry.close()
+    rows = []
+    for device in devices:
+        seen = presence.get(device.device_id)
+        wanted = configs[device.device_id]
+        rows.append(
+            {
+                "device": device.device_id,
+                "status": "active" if device.active else "revoked",
+                "online": bool(seen and seen.online),
+                "remote_address": seen.remote_address if seen and seen.online else None,
+                "connected_since": when(seen.connected_since) if seen and seen.online else None,
+                "last_seen": when(seen.last_seen) if seen else None,
+                "readings_stored": seen.readings_stored if seen else 0,
+                "config_desired": wanted.version,
+                "config_acknowledged": wanted.acked_version,
+                "labels": device.labels,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    header = f"{'DEVICE':<28} {'ONLINE':<7} {'REMOTE':<22} {'SINCE':<21} {'LAST SEEN':<21} "
+    typer.echo(header + f"{'STORED':>10} {'CONFIG':>9}")
+    for row in rows:
+        online = "yes" if row["online"] else ("revoked" if row["status"] == "revoked" else "no")
+        versions = f"{row['config_acknowledged'] or 0}/{row['config_desired']}"
+        typer.echo(
+            f"{row['device']:<28} {online:<7} {row['remote_address'] or '-':<22} "
+            f"{row['connected_since'] or '-':<21} {row['last_seen'] or '-':<21} "
+            f"{row['readings_stored']:>10} {versions:>9}"
+        )

@@ -1,0 +1,102 @@
+"""Who is connected: kept in memory, flushed to the registry, and charted in InfluxDB.
+
+The registry copy is what `hub devices` shows; it is written in one transaction every
+`presence_flush_s`, so a connect storm costs a handful of commits, not one per device.
+Connect and disconnect events also become points of the measurement
+`hub_device_connection`, so uptime can be charted beside the readings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from hub.lineprotocol import format_point
+from hub.registry import Presence, Registry
+
+log = logging.getLogger("hub.presence")
+
+CONNECTION_MEASUREMENT = "hub_device_connection"
+
+
+@dataclass
+class _Live:
+    remote_address: str
+    connected_since: float
+    last_seen: float
+    readings_stored: int
+
+
+class PresenceTracker:
+    """Live connections per device, and the events to write about them."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._live: dict[str, _Live] = {}
+        self._stored: dict[str, int] = {}
+        self._dirty: dict[str, Presence] = {}
+        self._events: list[str] = []
+        registry.mark_all_offline()
+        self._stored = {p.device_id: p.readings_stored for p in registry.presence().values()}
+
+    def connected(self, device_id: str, remote_address: str) -> None:
+        """A device's connection opened."""
+        now = time.time()
+        live = _Live(remote_address, now, now, self._stored.get(device_id, 0))
+        self._live[device_id] = live
+        self._mark(device_id, live, online=True)
+        self._event(device_id, now, event="connected", remote=remote_address, online=True)
+
+    def stored(self, device_id: str, readings: int) -> None:
+        """Readings of a device were acknowledged as stored."""
+        live = self._live.get(device_id)
+        if live is not None:
+            live.last_seen = time.time()
+            live.readings_stored += readings
+            self._mark(device_id, live, online=True)
+
+    def disconnected(self, device_id: str, reason: str) -> None:
+        """A device's connection ended, for `reason`."""
+        live = self._live.pop(device_id, None)
+        if live is None:
+            return
+        now = time.time()
+        live.last_seen = now
+        self._stored[device_id] = live.readings_stored
+        self._mark(device_id, live, online=False)
+        self._event(
+            device_id,
+            now,
+            event="disconnected",
+            remote=live.remote_address,
+            online=False,
+            reason=reason,
+            connected_s=round(now - live.connected_since, 3),
+        )
+
+    def take_events(self) -> list[str]:
+        """Line protocol of the connection events since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def flush(self) -> None:
+        """Write changed presence to the registry."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        self.registry.record_presence(dirty.values())
+
+    def _mark(self, device_id: str, live: _Live, *, online: bool) -> None:
+        self._dirty[device_id] = Presence(
+            device_id,
+            online,
+            live.remote_address,
+            live.connected_since,
+            live.last_seen,
+            live.readings_stored,
+        )
+
+    def _event(self, device_id: str, now: float, **fields: str | bool | float) -> None:
+        line = format_point(CONNECTION_MEASUREMENT, {"device": device_id}, fields, int(now * 1e9))
+        self._events.append(line)
