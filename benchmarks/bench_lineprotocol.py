@@ -6,6 +6,7 @@ Run: python benchmarks/bench_lineprotocol.py [--seconds S]
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections.abc import Callable
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.5, help="time per case")
     args = parser.parse_args()
 
+    # More distinct tag sets than the cache holds: every call escapes and checks anew.
+    uncached = itertools.cycle([{"room": "kitchen", "device": f"dev-{i}"} for i in range(50_000)])
     cases: dict[str, Callable[[], object]] = {
         "format_point 4 fields 2 tags": lambda: format_point("climate", TAGS, FIELDS, TIME_NS),
         "format_point + escapes (space, comma, non-ASCII)": lambda: format_point(
@@ -73,6 +76,9 @@ def main() -> None:
         ),
         "format_point 1 float field, no tags": lambda: format_point(
             "climate", {}, {"t": 21.5}, TIME_NS
+        ),
+        "format_point 4 fields 2 tags, tag set never cached": lambda: format_point(
+            "climate", next(uncached), FIELDS, TIME_NS
         ),
         "format_point 4 fields 2 tags, string field": lambda: format_point(
             "climate", TAGS, {**FIELDS, "door_open": 'state "open"'}, TIME_NS

@@ -48,6 +48,8 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 30
 _APT_PACKAGES = ("influxdb", "victoria-metrics")
+# The servers are on loopback: an http_proxy in the environment must not get these requests.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ServerError(RuntimeError):
@@ -59,11 +61,14 @@ def ensure_installed() -> None:
     if INFLUXD.exists() and VICTORIA_METRICS.exists():
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *_APT_PACKAGES]
+    # Not root: try sudo without a password prompt, which fails fast if it would ask.
+    sudo = ["sudo", "-n", "-E"] if os.geteuid() != 0 and shutil.which("sudo") else []
+    install = [*sudo, "apt-get", "install", "-y", "--no-install-recommends", *_APT_PACKAGES]
     result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         # Only refresh the package lists when needed: `apt-get update` is slow and networked.
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, check=False)
+        update = [*sudo, "apt-get", "update"]
+        subprocess.run(update, capture_output=True, env=env, check=False)
         result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
     missing = [str(p) for p in (INFLUXD, VICTORIA_METRICS) if not p.exists()]
     if result.returncode != 0 or missing:
@@ -106,6 +111,11 @@ class LocalServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def port(self) -> int:
+        """The HTTP port the server listens on (127.0.0.1)."""
+        return int(self.url.rsplit(":", 1)[1])
 
     @property
     def running(self) -> bool:
@@ -196,7 +206,7 @@ class LocalServer:
                     f"while starting; log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:  # noqa: S310
+                with _OPENER.open(url, timeout=1.0) as resp:
                     if resp.status == self.ready_status:
                         return
             except (urllib.error.URLError, OSError):
@@ -211,6 +221,7 @@ class LocalServer:
 
 def start_influxdb(base_dir: Path | None = None, timeout: float = START_TIMEOUT_S) -> LocalServer:
     """Start InfluxDB 1.6.7 on free loopback ports, its files in a new dir under `base_dir`."""
+
     def argv(data_dir: Path, port: int) -> list[str]:
         config = data_dir / "influxdb.conf"
         config.write_text(_influxdb_config(data_dir, port, free_port()))
@@ -225,6 +236,7 @@ def start_victoria_metrics(
     extra_args: Sequence[str] = (),
 ) -> LocalServer:
     """Start VictoriaMetrics on a free loopback port, set up so writes are readable at once."""
+
     def argv(data_dir: Path, port: int) -> list[str]:
         return [
             str(VICTORIA_METRICS),
@@ -284,12 +296,12 @@ reporting-enabled = false
 bind-address = "127.0.0.1:{rpc_port}"
 
 [meta]
-  dir = "{data_dir / 'meta'}"
+  dir = "{data_dir / "meta"}"
   logging-enabled = false
 
 [data]
-  dir = "{data_dir / 'data'}"
-  wal-dir = "{data_dir / 'wal'}"
+  dir = "{data_dir / "data"}"
+  wal-dir = "{data_dir / "wal"}"
   query-log-enabled = false
 
 [monitor]
@@ -326,16 +338,14 @@ def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
 # --- HTTP helpers for tests ----------------------------------------------------------------
 
 
-def http_request(
-    url: str, data: bytes | None = None, timeout: float = 10.0
-) -> tuple[int, bytes]:
+def http_request(url: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
     """Send a GET (or a POST when `data` is given) and return status and body, even on 4xx/5xx."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"not an http(s) URL: {url!r}")
     method = "POST" if data is not None else "GET"
     req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+        with _OPENER.open(req, timeout=timeout) as resp:
             return int(resp.status), bytes(resp.read())
     except urllib.error.HTTPError as exc:
         return int(exc.code), bytes(exc.read())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Protocol
 
@@ -20,6 +21,8 @@ from influxdb_client.domain.write_precision import WritePrecision
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.settings import Settings
 
+log = logging.getLogger("hub.influx")
+
 # 408 and 429 are the client-side statuses worth a retry; all 5xx are.
 _RETRYABLE_4XX = frozenset({408, 429})
 
@@ -28,6 +31,9 @@ class Sink(Protocol):
     """Where batches go."""
 
     name: str
+    multiline_strings: bool
+    """Whether the server reads a line feed inside a string field value as text (InfluxDB
+    does; some servers speaking its protocol end the line there)."""
 
     async def write(self, body: bytes) -> None:
         """Store one batch of newline-separated points with nanosecond timestamps."""
@@ -57,6 +63,7 @@ class V1Sink:
     """InfluxDB 1.x `/write` (database and optional retention policy)."""
 
     name = "v1"
+    multiline_strings = True  # only InfluxDB 1.x serves this API
 
     def __init__(self, settings: Settings) -> None:
         assert settings.influx_url is not None
@@ -100,7 +107,8 @@ class V2Sink:
 
     name = "v2"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, server_is_influxdb: bool = False) -> None:
+        self.multiline_strings = server_is_influxdb
         assert settings.influx_url is not None
         self._bucket = settings.influx_bucket
         self._org = settings.influx_org
@@ -138,8 +146,9 @@ class V2Sink:
             await self._client.close()  # type: ignore[no-untyped-call]
 
 
-async def detect_api(url: str, timeout_s: float = 5.0) -> str:
-    """`v1` for InfluxDB before 1.8 (no /api/v2/write), else `v2`, from `/ping`'s version."""
+async def detect_api(url: str, timeout_s: float = 5.0) -> tuple[str, bool]:
+    """From `/ping`: `v1` for InfluxDB before 1.8 (no /api/v2/write), else `v2`; and
+    whether the server is InfluxDB itself (it names its version)."""
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
@@ -149,22 +158,32 @@ async def detect_api(url: str, timeout_s: float = 5.0) -> str:
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise TransientWriteError(f"cannot reach {url}/ping: {type(exc).__name__}") from None
     match = re.match(r"v?1\.(\d+)", version)
-    return "v1" if match and int(match.group(1)) < 8 else "v2"
+    return ("v1" if match and int(match.group(1)) < 8 else "v2"), bool(version)
 
 
 async def open_sink(settings: Settings) -> Sink:
     """The sink the settings ask for; `auto` asks the server, retrying until it answers."""
-    api: str = settings.influx_api
     if settings.influx_url is None:
         raise ConfigError("no InfluxDB configured: give --influx-url or HUB_INFLUX_URL")
-    delay = settings.retry_initial_s
-    while api == "auto":
+    if settings.influx_api == "v1":
+        return V1Sink(settings)
+    if settings.influx_api == "v2":
+        # Only to learn whether the server is InfluxDB; not knowing is the cautious answer.
         try:
-            api = await detect_api(settings.influx_url)
+            _, is_influxdb = await detect_api(settings.influx_url)
         except TransientWriteError:
+            is_influxdb = False
+        return V2Sink(settings, is_influxdb)
+    delay = settings.retry_initial_s
+    while True:
+        try:
+            api, is_influxdb = await detect_api(settings.influx_url)
+        except TransientWriteError as exc:
+            log.warning("waiting for InfluxDB to learn its API version: %s", exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.retry_max_s)
-    return V1Sink(settings) if api == "v1" else V2Sink(settings)
+            continue
+        return V1Sink(settings) if api == "v1" else V2Sink(settings, is_influxdb)
 
 
 def _error_text(body: str) -> str:

@@ -27,6 +27,7 @@ def prepare_readings(
     device_id: str,
     ns_per_unit: int,
     arrival_ns: int,
+    multiline_strings: bool = False,
 ) -> PreparedReadings:
     """Validate readings and format the valid ones as points of `device_id`.
 
@@ -56,7 +57,9 @@ def prepare_readings(
         else:
             tags = {DEVICE_TAG: device_id}
         try:
-            lines.append(format_point(reading["name"], tags, reading["fields"], time_ns))
+            lines.append(
+                format_point(reading["name"], tags, reading["fields"], time_ns, multiline_strings)
+            )
         except ValueError as exc:  # text line protocol cannot carry exactly
             reasons[index] = [str(exc)]
     return PreparedReadings(

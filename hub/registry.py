@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
 
 TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
@@ -325,7 +327,7 @@ class Registry:
                     raise UnknownDevice(device_id)
                 config = dict(replace) if replace is not None else json.loads(row[0])
                 config.update(updates or {})
-                text = json.dumps(config, sort_keys=True, allow_nan=False)
+                text = _config_text(device_id, config)
                 if len(text) > MAX_CONFIG_BYTES:
                     raise RegistryError(f"config of {device_id!r} is over {MAX_CONFIG_BYTES} bytes")
                 versions[device_id] = row[1] + 1
@@ -446,6 +448,20 @@ class Registry:
             " readings_stored FROM presence"
         ).fetchall()
         return {row[0]: Presence(row[0], bool(row[1]), *row[2:]) for row in rows}
+
+
+def _config_text(device_id: str, config: dict[str, Any]) -> str:
+    """The config as stored (JSON), refused if JSON or msgpack cannot carry it to the device.
+
+    NaN and infinities are not JSON; integers outside -2**63 .. 2**64-1 are not msgpack, and
+    the hub could never send them (each connection of the device would end in an error).
+    """
+    try:
+        text = json.dumps(config, sort_keys=True, allow_nan=False)
+        msgpack.packb(config, use_bin_type=True)
+    except (ValueError, OverflowError, TypeError) as exc:
+        raise RegistryError(f"config of {device_id!r} cannot be sent to a device: {exc}") from None
+    return text
 
 
 def _device(row: tuple[Any, ...]) -> Device:

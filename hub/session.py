@@ -11,17 +11,16 @@ import contextlib
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from hub.errors import HubError, ProtocolError, RateLimited, UnsupportedData
 from hub.handshake import Handshake
-from hub.measurements import ReadingsValidator
 from hub.protocol import DeviceEvent, ReadingsFrame, TelegrafFrame, decode_frame, encode
 from hub.ratelimit import TokenBucket
-from hub.readings import prepare_readings
+from hub.readings import PreparedReadings, prepare_readings
 from schemas.codes import CloseCode
 from schemas.messages import Ack, Config, ConfigAck, ErrorMessage
 
@@ -105,9 +104,7 @@ class DeviceSession:
                 self._config_answered(event)
 
     async def _readings(self, event: ReadingsFrame, arrival_ns: int) -> None:
-        prepared = prepare_readings(
-            event.readings, self._validator(), self.device_id, self.ns_per_unit, arrival_ns
-        )
+        prepared = self._prepare(event.readings, arrival_ns)
         durable = None
         if prepared.accepted:
             durable = await self.hub.pipeline.submit(prepared.lines, prepared.accepted)
@@ -115,9 +112,7 @@ class DeviceSession:
         await self._acks.put((ack, durable))
 
     async def _telegraf(self, event: TelegrafFrame, arrival_ns: int) -> None:
-        prepared = prepare_readings(
-            event.metrics, self._validator(), self.device_id, self.ns_per_unit, arrival_ns
-        )
+        prepared = self._prepare(event.metrics, arrival_ns)
         if prepared.accepted:
             stored = await self.hub.pipeline.submit(prepared.lines, prepared.accepted)
             stored.add_done_callback(functools.partial(self._count_stored, prepared.accepted))
@@ -167,9 +162,16 @@ class DeviceSession:
                     f"more than {self.hub.settings.device_readings_per_s:g} readings a second"
                 )
 
-    def _validator(self) -> ReadingsValidator:
-        # Looked up per message so that a SIGHUP reload applies to open connections too.
-        return self.hub.schemas.validator(self.ns_per_unit)
+    def _prepare(self, readings: list[Any], arrival_ns: int) -> PreparedReadings:
+        return prepare_readings(
+            readings,
+            # Looked up per message so that a SIGHUP reload applies to open connections too.
+            self.hub.schemas.validator(self.ns_per_unit),
+            self.device_id,
+            self.ns_per_unit,
+            arrival_ns,
+            self.hub.pipeline.sink.multiline_strings,
+        )
 
     async def _send_acks(self) -> None:
         while True:

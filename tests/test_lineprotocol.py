@@ -58,7 +58,12 @@ def test_bool_is_true_or_false(value: bool, text: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(0, "0i"), (-5, "-5i"), (2**63 - 1, "9223372036854775807i"), (-(2**63), "-9223372036854775808i")],
+    [
+        (0, "0i"),
+        (-5, "-5i"),
+        (2**63 - 1, "9223372036854775807i"),
+        (-(2**63), "-9223372036854775808i"),
+    ],
 )
 def test_int_gets_i_suffix(value: int, text: str) -> None:
     """Integers, up to the int64 limits, end in `i`."""
@@ -122,6 +127,17 @@ def test_tags_are_sorted_by_key() -> None:
     """Tags come out sorted by key whatever order they were given in."""
     line = format_point("m", {"b": "2", "a": "1", "c": "3"}, {"f": 1.0}, T)
     assert line == f"m,a=1,b=2,c=3 f=1.0 {T}"
+
+
+def test_tags_are_sorted_by_escaped_key() -> None:
+    """Tag order follows the escaped keys' bytes, as InfluxDB stores them."""
+    line = format_point("m", {"a b": "1", "a!": "2"}, {"f": 1.0}, T)
+    assert line == f"m,a!=2,a\\ b=1 f=1.0 {T}"
+
+
+def test_non_ascii_string_value_is_written_as_is() -> None:
+    """Non-ASCII string values take the checked path and come out unchanged."""
+    assert format_point("m", {}, {"s": 'Küche "温度"'}, T) == f'm s="Küche \\"温度\\"" {T}'
 
 
 def test_fields_keep_their_order() -> None:
@@ -196,8 +212,10 @@ REFUSED: list[tuple[str, str, dict[str, str], dict[str, FieldValue]]] = [
     ("double backslash in tag value", "m", {"t": "a\\\\b"}, {"f": 1}),
     ("backslash before comma", "m", {"t": "a\\,b"}, {"f": 1}),
     ("backslash before space", "a\\ b", {}, {"f": 1}),
-    ("backslash before equals", "m", {}, {"a\\=b": 1}),
-    ("backslash before quote", 'a\\"b', {}, {"f": 1}),
+    ("backslash before equals in measurement", "a\\=b", {}, {"f": 1}),
+    ("backslash before equals in tag key", "m", {"a\\=b": "v"}, {"f": 1}),
+    ("backslash before equals in field key", "m", {}, {"a\\=b": 1}),
+    ("backslash before quote in measurement", 'a\\"b', {}, {"f": 1}),
     ("leading # in measurement", "#m", {}, {"f": 1}),
     ("leading tab in measurement", "\tm", {}, {"f": 1}),
     ("leading tab in field key", "m", {}, {"\tf": 1}),
@@ -208,6 +226,7 @@ REFUSED: list[tuple[str, str, dict[str, str], dict[str, FieldValue]]] = [
     ("tag key time", "m", {"time": "v"}, {"f": 1}),
     ("field key time", "m", {}, {"time": 1}),
     ("lone surrogate", "m", {"t": "\ud800"}, {"f": 1}),
+    ("lone surrogate in string value", "m", {}, {"s": "a\udfff"}),
 ]
 
 
@@ -218,7 +237,7 @@ def test_format_point_refuses(
     measurement: str, tags: dict[str, str], fields: dict[str, FieldValue]
 ) -> None:
     """Text that would not read back exactly raises ValueError instead of being written."""
-    with pytest.raises(ValueError):  # noqa: PT011 -- the reason's wording is tested below
+    with pytest.raises(ValueError):  # the wording of reasons is tested below
         format_point(measurement, tags, fields, T)
 
 
@@ -243,6 +262,14 @@ def test_refusal_names_position_and_text() -> None:
         format_point("m", {"t": "a\\"}, {"f": 1}, T)
 
 
+def test_multiline_strings_allow_line_feeds_in_string_values_only() -> None:
+    """For InfluxDB itself a string value may hold a line feed; names and tags still may not."""
+    line = format_point("m", {}, {"s": "a\nb"}, T, multiline_strings=True)
+    assert line == 'm s="a\nb" ' + str(T)
+    with pytest.raises(ValueError, match="line feed"):
+        format_point("m", {"t": "a\nb"}, {"f": 1}, T, multiline_strings=True)
+
+
 def test_refused_text_is_refused_again() -> None:
     """A refusal is not cached as if it were escaped text."""
     for _ in range(2):
@@ -252,7 +279,7 @@ def test_refused_text_is_refused_again() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["plain", "Küche 温度", "a b,c=d", 'say "hi"', "a\\b", "\\a", "a\\nb", "\ta", "a\tb", "#1", "x😀"],
+    ["plain", "Küche 温度", "a b,c=d", 'say "hi"', "a\\b", "\\a", "a\\nb", "a\tb", "#1", "x😀"],
 )
 def test_unrepresentable_accepts(text: str) -> None:
     """Text that reads back exactly in every identifier position has no reason."""
@@ -270,8 +297,6 @@ def test_unrepresentable_accepts(text: str) -> None:
         ("a\\\\b", "backslash before another backslash"),
         ("a\\,b", "backslash before a comma"),
         ("a\\ b", "backslash before a space"),
-        ("a\\=b", "backslash before '='"),
-        ('a\\"b', "backslash before a double quote"),
         ("\udc80", "surrogate"),
     ],
 )
@@ -282,9 +307,11 @@ def test_unrepresentable_gives_reason(text: str, reason: str) -> None:
     assert reason in problem
 
 
-def test_unrepresentable_leaves_position_rules_to_point_problem() -> None:
-    """Empty, `#…` and `time` are fine as tag values, so unrepresentable accepts them."""
-    assert [unrepresentable(t) for t in ("", "#m", "time")] == [None, None, None]
+@pytest.mark.parametrize("text", ["", "#m", "time", "a\\=b", 'a\\"b', '"', "\ta"])
+def test_unrepresentable_leaves_position_rules_to_point_problem(text: str) -> None:
+    """Text that is fine as a tag value passes unrepresentable, whatever other positions say."""
+    assert unrepresentable(text) is None
+    assert point_problem("m", {"t": text}, {"f": 1}) is None
 
 
 # --- caches ---------------------------------------------------------------------------------
