@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from hub.cli_common import ConfigOption, StateDirOption, fail, open_registry, settings_from, when
-from hub.cli_fleet import config_app, device_app, devices_command, parse_assignments
+from hub.cli_fleet import config_app, device_app, devices_command, parse_assignments, spool_app
 from hub.errors import HubError
 from hub.logs import configure_logging
 from hub.settings import InfluxApi, LogLevel
@@ -24,6 +24,7 @@ token_app = typer.Typer(help="Issue, list and revoke device tokens.", no_args_is
 app.add_typer(token_app, name="token")
 app.add_typer(config_app, name="config")
 app.add_typer(device_app, name="device")
+app.add_typer(spool_app, name="spool")
 app.command("devices")(devices_command)
 
 

@@ -7,7 +7,6 @@ to the pipeline. Every failure is a `TransientWriteError` (retrying can help) or
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -30,10 +29,14 @@ _RETRYABLE_4XX = frozenset({408, 429})
 class Sink(Protocol):
     """Where batches go."""
 
-    name: str
-    multiline_strings: bool
-    """Whether the server reads a line feed inside a string field value as text (InfluxDB
-    does; some servers speaking its protocol end the line there)."""
+    @property
+    def name(self) -> str:
+        """Which API it writes with."""
+
+    @property
+    def multiline_strings(self) -> bool:
+        """Whether the server reads a line feed inside a string field value as text (InfluxDB
+        does; some servers speaking its protocol end the line there)."""
 
     async def write(self, body: bytes) -> None:
         """Store one batch of newline-separated points with nanosecond timestamps."""
@@ -161,8 +164,49 @@ async def detect_api(url: str, timeout_s: float = 5.0) -> tuple[str, bool]:
     return ("v1" if match and int(match.group(1)) < 8 else "v2"), bool(version)
 
 
+class AutoSink:
+    """Asks the server which API it speaks (on the first write, until it answers), then
+    writes through the matching sink. The hub can start while InfluxDB is down."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.influx_url is not None
+        self._settings = settings
+        self._url = settings.influx_url
+        self._inner: Sink | None = None
+
+    @property
+    def name(self) -> str:
+        """`v1` or `v2` once known, else `auto`."""
+        return self._inner.name if self._inner else "auto"
+
+    @property
+    def multiline_strings(self) -> bool:
+        """As the detected sink says; False until the server has answered."""
+        return self._inner is not None and self._inner.multiline_strings
+
+    async def detect(self) -> None:
+        """Ask `/ping` now; raises TransientWriteError while the server cannot be reached."""
+        if self._inner is None:
+            api, is_influxdb = await detect_api(self._url)
+            self._inner = (
+                V1Sink(self._settings) if api == "v1" else V2Sink(self._settings, is_influxdb)
+            )
+            log.info("InfluxDB at %s speaks the %s write API", self._url, api)
+
+    async def write(self, body: bytes) -> None:
+        """Detect if not done yet, then write."""
+        await self.detect()
+        assert self._inner is not None
+        await self._inner.write(body)
+
+    async def close(self) -> None:
+        """Close the inner sink."""
+        if self._inner is not None:
+            await self._inner.close()
+
+
 async def open_sink(settings: Settings) -> Sink:
-    """The sink the settings ask for; `auto` asks the server, retrying until it answers."""
+    """The sink the settings ask for; `auto` asks the server once now, or later if it is away."""
     if settings.influx_url is None:
         raise ConfigError("no InfluxDB configured: give --influx-url or HUB_INFLUX_URL")
     if settings.influx_api == "v1":
@@ -174,16 +218,12 @@ async def open_sink(settings: Settings) -> Sink:
         except TransientWriteError:
             is_influxdb = False
         return V2Sink(settings, is_influxdb)
-    delay = settings.retry_initial_s
-    while True:
-        try:
-            api, is_influxdb = await detect_api(settings.influx_url)
-        except TransientWriteError as exc:
-            log.warning("waiting for InfluxDB to learn its API version: %s", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, settings.retry_max_s)
-            continue
-        return V1Sink(settings) if api == "v1" else V2Sink(settings, is_influxdb)
+    sink = AutoSink(settings)
+    try:
+        await sink.detect()
+    except TransientWriteError as exc:
+        log.warning("InfluxDB not reachable yet (%s); will keep asking", exc)
+    return sink
 
 
 def _error_text(body: str) -> str:

@@ -1,11 +1,20 @@
-"""The write pipeline: batches points from every connection and writes them to a sink.
+"""The write pipeline: batches points from every connection and makes them durable.
 
 Connections `submit` the lines of one message and get a future that completes once those
-lines are durable. Batches are sealed by size or age and written by a few workers at once;
-transient failures are retried with capped exponential backoff and full jitter (or the
-server's `Retry-After`), permanent ones go to the dead-letter file. `submit` waits while the
-pipeline holds `max_pending_readings`, which stops connections from reading: memory stays
-bounded while InfluxDB is away, and devices feel TCP backpressure instead.
+lines are durable: written to InfluxDB, or appended and fsynced to the disk spool. Batches
+are sealed by size or age and written by a few workers at once.
+
+When InfluxDB fails a write (unreachable, 5xx, 429, or slower than `write_deadline_s`), the
+batch goes to the spool and InfluxDB is marked unhealthy: later batches go straight to the
+spool instead of waiting on it. A replayer writes the spool back in order, with backoff
+(or the server's `Retry-After`), and its first success marks InfluxDB healthy again; it runs
+beside the live writers, so neither a backlog nor live traffic starves the other. Batches
+InfluxDB refuses for good (400, 422, ...) go to the dead-letter file.
+
+Without a spool (or while it is full) a failed batch is retried with capped exponential
+backoff and jitter and stays unacknowledged. `submit` waits while the pipeline holds
+`max_pending_readings`, which stops connections from reading: memory stays bounded, and
+devices feel TCP backpressure instead.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from pathlib import Path
 from hub.errors import PermanentWriteError, TransientWriteError
 from hub.influx import Sink
 from hub.settings import Settings
+from hub.spool import Spool
 
 log = logging.getLogger("hub.pipeline")
 
@@ -32,6 +42,8 @@ class PipelineCounters:
 
     points_written: int = 0
     batches_written: int = 0
+    points_spooled: int = 0
+    points_replayed: int = 0
     retries: int = 0
     dead_lettered_points: int = 0
 
@@ -66,10 +78,17 @@ class DeadLetterFile:
 
 
 class Pipeline:
-    """Batching, concurrent writes, retries and backpressure in front of one sink."""
+    """Batching, concurrent writes, spooling, retries and backpressure in front of a sink."""
 
-    def __init__(self, sink: Sink, dead_letters: DeadLetterFile, settings: Settings) -> None:
+    def __init__(
+        self,
+        sink: Sink | None,
+        dead_letters: DeadLetterFile,
+        settings: Settings,
+        spool: Spool | None = None,
+    ) -> None:
         self.sink = sink
+        self.spool = spool
         self.settings = settings
         self.counters = PipelineCounters()
         self._dead_letters = dead_letters
@@ -77,20 +96,34 @@ class Pipeline:
         self._sealed: asyncio.Queue[_Batch] = asyncio.Queue()
         self._pending = 0
         self._room = asyncio.Condition()
-        self._workers: list[asyncio.Task[None]] = []
-        self._failing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._healthy = sink is not None
+        self._spool_lock = asyncio.Lock()
+        self._spooled = asyncio.Event()
 
     @property
     def pending(self) -> int:
         """Readings submitted and not yet durable."""
         return self._pending
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the last write to InfluxDB succeeded."""
+        return self._healthy
+
+    @property
+    def multiline_strings(self) -> bool:
+        """Whether string field values may hold line feeds (only when the server is InfluxDB)."""
+        return self.sink is not None and self.sink.multiline_strings
+
     def start(self) -> None:
-        """Start the write workers."""
-        self._workers = [
+        """Start the write workers, and the replayer when there is a spool and a sink."""
+        self._tasks = [
             asyncio.create_task(self._work(), name=f"writer-{n}")
             for n in range(self.settings.max_inflight_writes)
         ]
+        if self.spool is not None and self.sink is not None:
+            self._tasks.append(asyncio.create_task(self._replay(), name="replayer"))
 
     async def submit(self, lines: str, count: int) -> asyncio.Future[None]:
         """Queue `count` points (newline-separated `lines`); the future completes when durable.
@@ -128,11 +161,15 @@ class Pipeline:
             await self._room.wait_for(lambda: self._pending == 0)
 
     async def close(self) -> None:
-        """Stop the workers (unwritten batches stay unacknowledged) and close the sink."""
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        await self.sink.close()
+        """Stop writing (unwritten batches stay unacknowledged), close the sink and spool."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sink is not None:
+            await self.sink.close()
+        if self.spool is not None:
+            async with self._spool_lock:
+                self.spool.close()
 
     def _seal_if_current(self, batch: _Batch) -> None:
         if self._current is batch:
@@ -143,7 +180,7 @@ class Pipeline:
         while True:
             batch = await self._sealed.get()
             try:
-                await self._write(batch)
+                await self._make_durable(batch)
             except BaseException as exc:
                 for waiter in batch.waiters:
                     if not waiter.done():
@@ -160,39 +197,88 @@ class Pipeline:
             self._pending -= count
             self._room.notify_all()
 
-    async def _write(self, batch: _Batch) -> None:
+    async def _make_durable(self, batch: _Batch) -> None:
         body = "\n".join(batch.chunks).encode("utf-8")
         attempt = 0
         while True:
-            started = time.monotonic()
+            retry_after = None
+            # With a spool, an unhealthy InfluxDB is left to the replayer to probe.
+            if self.sink is not None and (self._healthy or self.spool is None):
+                try:
+                    await self._write(body, batch.count)
+                    return
+                except TransientWriteError as exc:
+                    retry_after = exc.retry_after
+                    self._unhealthy(exc)
+                except PermanentWriteError as exc:
+                    self._dead_letter(body, batch.count, exc)
+                    return
+            if self.spool is not None and await self._to_spool(body, batch.count):
+                return
+            self.counters.retries += 1
+            await asyncio.sleep(self._backoff(attempt, retry_after))
+            attempt += 1
+
+    async def _write(self, body: bytes, count: int) -> None:
+        """Write to InfluxDB within the deadline; a late answer counts as a transient failure."""
+        assert self.sink is not None
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.sink.write(body), self.settings.write_deadline_s)
+        except TimeoutError:
+            raise TransientWriteError(
+                f"no answer within {self.settings.write_deadline_s:g} s"
+            ) from None
+        self.counters.points_written += count
+        self.counters.batches_written += 1
+        self._healthy_again()
+        log.debug("wrote %d points in %.1f ms", count, (time.monotonic() - started) * 1000)
+
+    async def _to_spool(self, body: bytes, count: int) -> bool:
+        assert self.spool is not None
+        async with self._spool_lock:
+            stored = await asyncio.to_thread(self.spool.append, body, count)
+        if stored:
+            self.counters.points_spooled += count
+            self._spooled.set()
+        elif self.counters.retries % 100 == 0:
+            log.warning("the spool is full (%d bytes): acks wait", self.spool.max_bytes)
+        return stored
+
+    async def _replay(self) -> None:
+        assert self.spool is not None
+        attempt = 0
+        while True:
+            self._spooled.clear()
+            async with self._spool_lock:
+                batch = await asyncio.to_thread(self.spool.oldest)
+            if batch is None:
+                await self._spooled.wait()
+                continue
             try:
-                await self.sink.write(body)
+                await self._write(batch.body, batch.points)
             except TransientWriteError as exc:
-                delay = self._backoff(attempt, exc.retry_after)
-                self._note_failure(exc, delay)
-                self.counters.retries += 1
+                self._unhealthy(exc)
+                await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 attempt += 1
-                await asyncio.sleep(delay)
                 continue
             except PermanentWriteError as exc:
-                self._dead_letters.append(body, exc)
-                self.counters.dead_lettered_points += batch.count
-                log.error(
-                    "InfluxDB refused a batch of %d points for good (%s); kept in %s",
-                    batch.count,
-                    exc,
-                    self._dead_letters.path,
-                )
-                return
-            if self._failing:
-                self._failing = False
-                log.info("InfluxDB writes succeed again")
-            self.counters.points_written += batch.count
-            self.counters.batches_written += 1
-            log.debug(
-                "wrote %d points in %.1f ms", batch.count, (time.monotonic() - started) * 1000
-            )
-            return
+                self._dead_letter(batch.body, batch.points, exc)
+            else:
+                self.counters.points_replayed += batch.points
+            attempt = 0
+            async with self._spool_lock:
+                await asyncio.to_thread(self.spool.written, batch)
+
+    def _dead_letter(self, body: bytes, count: int, exc: PermanentWriteError) -> None:
+        self._dead_letters.append(body, exc)
+        self.counters.dead_lettered_points += count
+        log.error(
+            "InfluxDB refused a batch of %d points for good (%s); kept in %s",
+            count,
+            exc,
+            self._dead_letters.path,
+        )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -200,9 +286,17 @@ class Pipeline:
         cap = min(self.settings.retry_max_s, self.settings.retry_initial_s * 2**attempt)
         return random.uniform(self.settings.retry_initial_s / 2, cap)  # noqa: S311
 
-    def _note_failure(self, exc: TransientWriteError, delay: float) -> None:
-        if not self._failing:
-            self._failing = True
-            log.warning("InfluxDB write failed (%s); retrying, acks wait meanwhile", exc)
+    def _unhealthy(self, exc: TransientWriteError) -> None:
+        if self._healthy:
+            self._healthy = False
+            where = "the spool" if self.spool is not None else "memory; acks wait"
+            log.warning(
+                "InfluxDB write failed (%s); batches go to %s until it recovers", exc, where
+            )
         else:
-            log.debug("InfluxDB write failed again (%s); next try in %.1f s", exc, delay)
+            log.debug("InfluxDB write failed again (%s)", exc)
+
+    def _healthy_again(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            log.info("InfluxDB writes succeed again")

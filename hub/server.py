@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from hub.handshake import Handshake, HandshakeRefused, read_credentials
+from hub.logs import RedactingFilter
 from hub.measurements import MeasurementSchemas
 from hub.pipeline import Pipeline
 from hub.presence import PresenceTracker
@@ -71,6 +72,7 @@ class Hub:
             compression=None,
             # HTTP
             process_request=self._process_request,
+            process_response=self._process_response,
             server_header=None,
             # Timeouts
             open_timeout=s.handshake_timeout_s,
@@ -81,7 +83,7 @@ class Hub:
             max_size=s.max_message_bytes,
             max_queue=4,
             # Logging
-            logger=logging.getLogger("websockets.server"),
+            logger=_redacting_logger("websockets.server"),
         )
         self._loops = [
             asyncio.create_task(self._watch_registry(), name="registry-watch"),
@@ -123,6 +125,15 @@ class Hub:
             return response
         self._handshakes[connection] = Handshake(device_id, ns_per_unit)
         return None
+
+    def _process_response(
+        self, connection: ServerConnection, request: Request, response: Response
+    ) -> None:
+        # The upgrade can still fail after `_process_request` admitted the device (a plain
+        # GET without Upgrade, a bad Sec-WebSocket-Key...). No session will run then, so
+        # free its connection slot here.
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+            self._handshakes.pop(connection, None)
 
     async def _session(self, connection: ServerConnection) -> None:
         handshake = self._handshakes[connection]
@@ -191,6 +202,18 @@ class Hub:
 async def _quietly(work: Coroutine[Any, Any, None]) -> None:
     with contextlib.suppress(ConnectionClosed):
         await work
+
+
+def _redacting_logger(name: str) -> logging.Logger:
+    """The logger `name`, masking tokens in its records whatever handlers are installed.
+
+    websockets logs request lines and headers (query token, Authorization) at DEBUG; the
+    handler filter of `configure_logging` is not there when the hub runs embedded.
+    """
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+        logger.addFilter(RedactingFilter())
+    return logger
 
 
 def _address(connection: ServerConnection) -> str:

@@ -18,6 +18,7 @@ from hub.pipeline import DeadLetterFile, Pipeline
 from hub.registry import Registry
 from hub.server import Hub
 from hub.settings import Settings
+from hub.spool import Spool
 
 log = logging.getLogger("hub")
 
@@ -49,8 +50,17 @@ class HubService:
         schemas = MeasurementSchemas(load_schema_file(settings.schemas))
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         registry = Registry(settings.registry_path)
-        sink = self._sink or await open_sink(settings)
-        pipeline = Pipeline(sink, DeadLetterFile(settings.dead_letter_path), settings)
+        spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+        sink = self._sink
+        if sink is None and settings.influx_url is not None:
+            sink = await open_sink(settings)
+        elif sink is None:
+            log.warning(
+                "no InfluxDB configured (--influx-url): readings are kept in the spool at %s "
+                "and written to InfluxDB once one is configured",
+                settings.spool_dir,
+            )
+        pipeline = Pipeline(sink, DeadLetterFile(settings.dead_letter_path), settings, spool)
         pipeline.start()
         self._hub = Hub(settings, registry, schemas, pipeline)
         await self._hub.start()
@@ -58,8 +68,8 @@ class HubService:
             "hub listening on %s:%d, writing to %s (%s API, bucket %s)",
             settings.host,
             self._hub.port,
-            settings.influx_url,
-            sink.name,
+            settings.influx_url or "nowhere yet (spool only)",
+            sink.name if sink else "no",
             settings.influx_bucket,
         )
 

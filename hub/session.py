@@ -170,7 +170,7 @@ class DeviceSession:
             self.device_id,
             self.ns_per_unit,
             arrival_ns,
-            self.hub.pipeline.sink.multiline_strings,
+            self.hub.pipeline.multiline_strings,
         )
 
     async def _send_acks(self) -> None:

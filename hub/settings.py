@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     max_pending_readings: PositiveInt = 100_000
     retry_initial_s: PositiveFloat = 0.2
     retry_max_s: PositiveFloat = 10.0
+    write_deadline_s: PositiveFloat = 3.0
+
+    # Spool
+    spool_max_bytes: PositiveInt = 512 * 2**20
 
     # Limits
     max_message_bytes: PositiveInt = 2**20
@@ -111,6 +115,11 @@ class Settings(BaseSettings):
     def registry_path(self) -> Path:
         """The SQLite device registry."""
         return self.state_dir / "registry.sqlite3"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Batches waiting for InfluxDB, durable on disk."""
+        return self.state_dir / "spool"
 
     @property
     def dead_letter_path(self) -> Path:

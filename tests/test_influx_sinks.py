@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -179,13 +180,13 @@ async def test_v2_sink_reports_an_unreachable_server_as_transient(tmp_path: Path
 
 
 async def test_detect_api_says_v1_for_influxdb_1_6(influxdb: LocalServer) -> None:
-    """InfluxDB 1.6.7 (X-Influxdb-Version 1.6.7~rc0) has no v2 API."""
-    assert await detect_api(influxdb.url) == "v1"
+    """InfluxDB 1.6.7 (X-Influxdb-Version 1.6.7~rc0) is InfluxDB itself, without the v2 API."""
+    assert await detect_api(influxdb.url) == ("v1", True)
 
 
 async def test_detect_api_says_v2_for_victoria_metrics(victoria_metrics: LocalServer) -> None:
-    """VictoriaMetrics sends no X-Influxdb-Version, so it is taken to speak v2."""
-    assert await detect_api(victoria_metrics.url) == "v2"
+    """VictoriaMetrics names no InfluxDB version: taken to speak v2, and not to be InfluxDB."""
+    assert await detect_api(victoria_metrics.url) == ("v2", False)
 
 
 async def test_detect_api_of_an_unreachable_server_is_transient() -> None:
@@ -197,10 +198,10 @@ async def test_detect_api_of_an_unreachable_server_is_transient() -> None:
 async def test_open_sink_auto_picks_v1_for_influxdb_1_6(
     influxdb: LocalServer, tmp_path: Path
 ) -> None:
-    """With influx_api=auto, open_sink returns a V1Sink for InfluxDB 1.6.7."""
+    """With influx_api=auto, the sink writes with the v1 API to InfluxDB 1.6.7."""
     sink = await open_sink(sink_settings(tmp_path, influxdb.url, influx_api="auto"))
     try:
-        assert isinstance(sink, V1Sink)
+        assert (sink.name, sink.multiline_strings) == ("v1", True)
     finally:
         await sink.close()
 
@@ -208,10 +209,21 @@ async def test_open_sink_auto_picks_v1_for_influxdb_1_6(
 async def test_open_sink_auto_picks_v2_for_victoria_metrics(
     victoria_metrics: LocalServer, tmp_path: Path
 ) -> None:
-    """With influx_api=auto, open_sink returns a V2Sink for VictoriaMetrics."""
+    """With influx_api=auto, the sink writes with v2 to VictoriaMetrics, not as to InfluxDB."""
     sink = await open_sink(sink_settings(tmp_path, victoria_metrics.url, influx_api="auto"))
     try:
-        assert isinstance(sink, V2Sink)
+        assert sink.name == "v2"
+        assert not sink.multiline_strings
+    finally:
+        await sink.close()
+
+
+async def test_open_sink_v1_asks_nothing(tmp_path: Path) -> None:
+    """With influx_api=v1, open_sink returns a V1Sink without contacting the server."""
+    url = f"http://127.0.0.1:{free_port()}"
+    sink = await asyncio.wait_for(open_sink(sink_settings(tmp_path, url, influx_api="v1")), 5)
+    try:
+        assert isinstance(sink, V1Sink)
     finally:
         await sink.close()
 
@@ -258,3 +270,19 @@ def test_classify_permanent_statuses(status: int) -> None:
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
     """Retry-After in seconds is read (negatives clamp to 0); dates and junk are ignored."""
     assert parse_retry_after(header) == seconds
+
+
+async def test_auto_sink_starts_while_the_server_is_away(
+    influxdb: LocalServer, tmp_path: Path
+) -> None:
+    """With auto and nothing listening, open_sink returns at once and learns the API later."""
+    port = free_port()
+    sink = await asyncio.wait_for(
+        open_sink(sink_settings(tmp_path, f"http://127.0.0.1:{port}", influx_api="auto")), 10
+    )
+    try:
+        assert sink.name == "auto" and not sink.multiline_strings
+        with pytest.raises(TransientWriteError):
+            await sink.write(b"m f=1 1")
+    finally:
+        await sink.close()
