@@ -91,6 +91,10 @@ class Hub:
         ]
         return self._server
 
+    async def acks_sent(self) -> None:
+        """Wait until every session has answered every message it received."""
+        await asyncio.gather(*(session.acks_sent() for session in list(self._sessions.values())))
+
     async def stop(self) -> None:
         """Stop listening, close every connection with 1001, record everyone offline."""
         if self._server is not None:

@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import Self
 
@@ -21,8 +21,6 @@ from hub.settings import Settings
 from hub.spool import Spool
 
 log = logging.getLogger("hub")
-
-SHUTDOWN_GRACE_S = 10.0
 
 
 class HubService:
@@ -74,18 +72,24 @@ class HubService:
         )
 
     async def stop(self) -> None:
-        """Refuse new devices, flush what was received (bounded), close everyone with 1001."""
+        """Drain within `shutdown_timeout_s`: refuse new devices (503), make everything received
+        durable (InfluxDB or spool), send its acks, close devices with 1001, stop writing."""
         hub = self.hub
         log.info("stopping: refusing new connections, flushing what devices sent")
         hub.draining = True
-        deadline = asyncio.get_running_loop().time() + SHUTDOWN_GRACE_S
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(hub.pipeline.drain(), SHUTDOWN_GRACE_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout_s
+
+        async def within_deadline(step: Awaitable[None]) -> None:
+            try:
+                await asyncio.wait_for(step, max(0.1, deadline - loop.time()))
+            except TimeoutError:
+                log.warning("shutdown: giving up waiting; unacked readings will be resent")
+
+        await within_deadline(hub.pipeline.drain())
+        await within_deadline(hub.acks_sent())
         await hub.stop()
-        # Whatever arrived meanwhile, and the disconnect events, get the time that is left.
-        with contextlib.suppress(TimeoutError):
-            left = max(0.1, deadline - asyncio.get_running_loop().time())
-            await asyncio.wait_for(hub.pipeline.drain(), left)
+        await within_deadline(hub.pipeline.drain())  # the disconnect events
         await hub.pipeline.close()
         hub.registry.close()
         log.info("stopped")

@@ -61,6 +61,9 @@ class DeviceSession:
         try:
             await self.push_config()
             await self._receive()
+            # The hub is draining: ack what was received, then say goodbye with 1001.
+            await self.acks_sent()
+            await self.connection.close(CloseCode.GOING_AWAY, "hub shutting down")
         except ProtocolError as exc:
             # Messages before the bad frame were fine: ack them before saying goodbye.
             with contextlib.suppress(TimeoutError):
@@ -81,6 +84,10 @@ class DeviceSession:
             await self.connection.send(encode(Config(version=state.version, config=state.config)))
             log.info("device %s: sent config version %d", self.device_id, state.version)
 
+    async def acks_sent(self) -> None:
+        """Wait until every message received so far has been answered."""
+        await self._acks.join()
+
     async def revoke(self) -> None:
         """Close the connection because the device's token was revoked."""
         log.warning("device %s: token revoked, closing the connection", self.device_id)
@@ -89,6 +96,8 @@ class DeviceSession:
     async def _receive(self) -> None:
         max_readings = self.hub.settings.max_readings_per_message
         async for frame in self.connection:
+            if self.hub.draining:
+                return  # not processed, so not acked: the device sends it again later
             if isinstance(frame, str):
                 raise UnsupportedData(
                     "text frames are not part of the protocol; send binary msgpack"

@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     ping_interval_s: PositiveFloat = 20.0
     ping_timeout_s: PositiveFloat = 20.0
     handshake_timeout_s: PositiveFloat = 10.0
+    shutdown_timeout_s: PositiveFloat = 10.0
 
     # Fleet
     registry_poll_s: PositiveFloat = 0.2
