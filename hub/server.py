@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import logging
 from collections.abc import Coroutine
 from http import HTTPStatus
@@ -150,11 +151,17 @@ class Hub:
             self._spawn(
                 previous.connection.close(CloseCode.REPLACED, "replaced by a newer connection")
             )
+            self.presence.disconnected(device_id, f"{CloseCode.REPLACED} replaced")
         remote = _address(connection)
         self.presence.connected(device_id, remote)
         log.info("device %s connected from %s", device_id, remote)
         try:
-            await session.run()
+            device = self.registry.get(device_id)
+            if device is None or not device.active:
+                # Revoked between the handshake and now: the watcher could not see us yet.
+                await session.revoke()
+            else:
+                await session.run()
         finally:
             del self._handshakes[connection]
             if self._sessions.get(device_id) is session:
@@ -169,11 +176,15 @@ class Hub:
         seen_change = self.registry.change_seq()
         while True:
             await asyncio.sleep(self.settings.registry_poll_s)
-            version = self.registry.data_version()
-            if version == seen_version:
+            try:
+                version = self.registry.data_version()
+                if version == seen_version:
+                    continue
+                seen_version = version
+                seen_change, changes = self.registry.changes_since(seen_change)
+            except sqlite3.Error:  # e.g. locked for longer than the timeout: try next poll
+                log.exception("reading operator changes from the registry failed")
                 continue
-            seen_version = version
-            seen_change, changes = self.registry.changes_since(seen_change)
             for change in changes:
                 session = self._sessions.get(change.device_id)
                 if session is None:
