@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import logging
+import sqlite3
 from collections.abc import Coroutine
 from http import HTTPStatus
 from typing import Any
