@@ -233,9 +233,9 @@ async def test_failed_upgrade_does_not_hold_a_connection_slot(
     async with running_hub(settings) as service:
         async with asyncio.timeout(WAIT_S):
             reader, writer = await asyncio.open_connection("127.0.0.1", service.hub.port)
-            writer.write(
-                f"GET /v1/ws HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-            )
+            # A plain GET: authenticated, but no Upgrade, Connection or Sec-WebSocket-* headers.
+            request = f"GET /v1/ws HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {token}\r\n\r\n"
+            writer.write(request.encode())
             status_line = await reader.readline()
             writer.close()
             await writer.wait_closed()
@@ -263,7 +263,9 @@ async def test_valid_token_is_accepted(
 async def test_same_token_in_query_and_header_is_accepted(service: HubService, token: str) -> None:
     """The token in both the query and the header, identical, is not a conflict."""
     async with asyncio.timeout(WAIT_S):
-        connection = await connect(ws_url(service, f"token={token}"), additional_headers=bearer(token))
+        connection = await connect(
+            ws_url(service, f"token={token}"), additional_headers=bearer(token)
+        )
         await connection.close()
     assert connection.close_code == 1000
 

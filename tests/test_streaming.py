@@ -2,7 +2,8 @@
 
 Covers acks (order, pipelining, durability), how readings become points (measurement, tags,
 field types, timestamps), per-reading rejections, the Telegraf form, one connection per
-device, keepalive, graceful stop and acks withheld while InfluxDB is unreachable.
+device, keepalive, graceful stop, and acks only once readings are durable while InfluxDB is
+slow or unreachable (written to InfluxDB, or synced to the hub's disk spool).
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ async def test_pipelined_acks_come_in_the_order_messages_were_sent(
                 {"name": "order", "time": T0_MS + 100 * n + k, "fields": {"v": float(k)}}
                 for k in range(1 + n % 5)
             ]
-            await connection.send(msgpack.packb({"type": "readings", "seq": seq, "readings": readings}))
+            await connection.send(
+                msgpack.packb({"type": "readings", "seq": seq, "readings": readings})
+            )
         acks = [unpack(await bounded(connection.recv())) for _ in seqs]
     assert [ack["type"] for ack in acks] == ["ack"] * len(seqs)
     assert [ack["seq"] for ack in acks] == seqs
@@ -153,9 +156,7 @@ async def test_readings_are_in_influxdb_when_their_ack_arrives(
     for n, future in enumerate(acked):
         ack = await bounded(future)
         assert ack.accepted == 3
-        rows = influxql(
-            influxdb.url, influx_db_name, f"SELECT * FROM durable WHERE msg = '{n}'"
-        )
+        rows = influxql(influxdb.url, influx_db_name, f"SELECT * FROM durable WHERE msg = '{n}'")
         assert len(rows) == 3, f"message {n} acked but {len(rows)} of 3 readings stored"
 
 
@@ -190,7 +191,9 @@ async def test_plain_numbers_are_stored_as_floats(
 ) -> None:
     """Without a schema, 21 is written as a float, so a later 21.5 in that field is accepted."""
     first = await bounded(device.store([{"name": "num", "time": T0_MS, "fields": {"n": 21}}]))
-    second = await bounded(device.store([{"name": "num", "time": T0_MS + 1, "fields": {"n": 21.5}}]))
+    second = await bounded(
+        device.store([{"name": "num", "time": T0_MS + 1, "fields": {"n": 21.5}}])
+    )
     assert (first.accepted, first.rejected, second.accepted, second.rejected) == (1, [], 1, [])
     assert field_types(influxdb, influx_db_name, "num") == {"n": "float"}
     assert [row["n"] for row in points(influxdb, influx_db_name, "num")] == [21, 21.5]
@@ -216,10 +219,13 @@ async def test_schema_int_field_is_stored_as_integer(
         reading = {"name": "counter", "time": T0_MS, "fields": {"count": 21, "ratio": 2}}
         ack = await bounded(device.store([reading]))
     assert (ack.accepted, ack.rejected) == (1, [])
-    assert field_types(influxdb, influx_db_name, "counter") == {"count": "integer", "ratio": "float"}
-    assert [(row["count"], row["ratio"]) for row in points(influxdb, influx_db_name, "counter")] == [
-        (21, 2)
-    ]
+    assert field_types(influxdb, influx_db_name, "counter") == {
+        "count": "integer",
+        "ratio": "float",
+    }
+    assert [
+        (row["count"], row["ratio"]) for row in points(influxdb, influx_db_name, "counter")
+    ] == [(21, 2)]
 
 
 async def test_bool_and_string_fields_keep_their_types(
@@ -258,7 +264,9 @@ async def test_integer_time_is_read_in_the_connection_precision(
     async with DeviceClient(service.url, token, precision=precision) as device:
         ack = await bounded(device.store([{"name": "prec", "time": value, "fields": {"v": 1.0}}]))
     assert ack.accepted == 1
-    assert [row["time"] for row in points(influxdb, influx_db_name, "prec")] == [value * ns_per_unit]
+    assert [row["time"] for row in points(influxdb, influx_db_name, "prec")] == [
+        value * ns_per_unit
+    ]
 
 
 async def test_default_precision_is_milliseconds(
@@ -294,19 +302,16 @@ TIMESTAMPS = {
 }
 
 
+def packed(*objects: object) -> bytes:
+    """The msgpack encodings of `objects`, concatenated."""
+    return b"".join(bytes(msgpack.packb(obj)) for obj in objects)
+
+
 def readings_frame_with_raw_time(seq: int, name: str, raw_time: bytes) -> bytes:
     """A readings message of one reading whose `time` is the given msgpack bytes, verbatim."""
-    reading = (
-        b"\x83"
-        + msgpack.packb("name")
-        + msgpack.packb(name)
-        + msgpack.packb("fields")
-        + msgpack.packb({"v": 1.0})
-        + msgpack.packb("time")
-        + raw_time
-    )
-    head = msgpack.packb("type") + msgpack.packb("readings") + msgpack.packb("seq")
-    return b"\x83" + head + msgpack.packb(seq) + msgpack.packb("readings") + b"\x91" + reading
+    reading = b"\x83" + packed("name", name, "fields", {"v": 1.0}, "time") + raw_time
+    envelope = packed("type", "readings", "seq", seq, "readings")
+    return b"\x83" + envelope + b"\x91" + reading
 
 
 @pytest.mark.parametrize("encoding", list(TIMESTAMPS))
@@ -340,7 +345,7 @@ async def test_readings_without_time_are_stamped_at_arrival_and_kept_apart(
 
 # --- Rejected readings ---------------------------------------------------------------------
 
-MIXED = [
+MIXED: list[dict[str, Any]] = [
     {"name": "mixed", "time": T0_MS, "fields": {"v": 1.0}},
     {"name": "mixed", "time": T0_MS + 1, "fields": {}},
     {"name": "mixed", "time": T0_MS + 2, "fields": {"v": 2.0}},
@@ -443,7 +448,9 @@ async def test_invalid_telegraf_metric_is_logged(
 
     def logged() -> bool:
         return any(
-            r.levelno >= logging.WARNING and r.name.startswith("hub") and "Telegraf" in r.getMessage()
+            r.levelno >= logging.WARNING
+            and r.name.startswith("hub")
+            and "Telegraf" in r.getMessage()
             for r in caplog.records
         )
 
@@ -460,7 +467,9 @@ async def test_newer_connection_replaces_older_with_4000(
     async with DeviceClient(service.url, token) as older, DeviceClient(service.url, token) as newer:
         code, _reason = await bounded(older.wait_closed())
         assert code == 4000
-        ack = await bounded(newer.store([{"name": "takeover", "time": T0_MS, "fields": {"v": 1.0}}]))
+        ack = await bounded(
+            newer.store([{"name": "takeover", "time": T0_MS, "fields": {"v": 1.0}}])
+        )
         assert ack.accepted == 1
         assert service.hub.live_devices == {DEVICE}
     assert len(points(influxdb, influx_db_name, "takeover")) == 1
@@ -594,6 +603,8 @@ async def test_readings_acked_before_stop_are_all_in_influxdb(
     settings: Settings, token: str, influxdb: LocalServer, influx_db_name: str
 ) -> None:
     """A device streaming while the hub stops: every reading acked before the close is stored."""
+    # The device streams far above the default message rate; that limit is not tested here.
+    settings = settings.model_copy(update={"device_messages_per_s": 100_000.0})
     async with started(settings) as service, DeviceClient(service.url, token) as device:
         acked: list[asyncio.Future[Ack]] = []
 
@@ -616,14 +627,17 @@ async def test_readings_acked_before_stop_are_all_in_influxdb(
     assert set(acked_n) <= stored_n
 
 
-# --- InfluxDB unreachable ------------------------------------------------------------------
+# --- InfluxDB slow or unreachable ----------------------------------------------------------
+# An ack means durable: written to InfluxDB, or synced to the hub's disk spool.
 
 
 class GatedInflux:
-    """A loopback port in front of InfluxDB that refuses connections until `open()`.
+    """A loopback port in front of InfluxDB: refusing, then holding, then forwarding.
 
-    The socket is bound at once (so nobody else takes the port) but not listening, which
-    makes connection attempts fail with "connection refused" like a stopped server.
+    Its socket is bound at once (so nobody else takes the port) but not listening, so
+    connection attempts are refused as by a stopped server. `listen()` accepts connections
+    but holds requests unanswered (a server that has not confirmed the write yet);
+    `release()` forwards everything to InfluxDB from then on.
     """
 
     def __init__(self, target: LocalServer) -> None:
@@ -631,12 +645,23 @@ class GatedInflux:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._released = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
 
-    async def open(self) -> None:
-        """Start accepting and forwarding connections to InfluxDB."""
+    async def listen(self) -> None:
+        """Accept connections, holding their requests until `release()`."""
         self._server = await asyncio.start_server(self._forward, sock=self._sock)
+
+    def release(self) -> None:
+        """Forward held and new connections to InfluxDB."""
+        self._released.set()
+
+    async def open(self) -> None:
+        """Accept and forward from now on."""
+        self.release()
+        if self._server is None:
+            await self.listen()
 
     async def close(self) -> None:
         """Stop forwarding and drop every forwarded connection."""
@@ -653,6 +678,7 @@ class GatedInflux:
         assert task is not None
         self._pipes.add(task)
         try:
+            await self._released.wait()
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
             try:
                 await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
@@ -675,7 +701,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 @pytest.fixture
 async def gate(influxdb: LocalServer) -> AsyncIterator[GatedInflux]:
-    """InfluxDB behind a gate that starts closed."""
+    """InfluxDB behind a gate that starts refusing connections."""
     gated = GatedInflux(influxdb)
     try:
         yield gated
@@ -685,38 +711,127 @@ async def gate(influxdb: LocalServer) -> AsyncIterator[GatedInflux]:
 
 @pytest.fixture
 def gated_settings(tmp_path: Path, gate: GatedInflux, influx_db_name: str) -> Settings:
-    """Hub settings pointing at the gated InfluxDB."""
-    return hub_settings(tmp_path, gate.url, influx_bucket=influx_db_name, influx_api="v1")
+    """Hub settings writing through the gate; a held write is never given up on meanwhile."""
+    return hub_settings(
+        tmp_path, gate.url, influx_bucket=influx_db_name, influx_api="v1", write_deadline_s=60.0
+    )
 
 
-OUTAGE_READINGS = [{"name": "outage", "time": T0_MS + n, "fields": {"v": float(n)}} for n in range(3)]
+def outage_readings(name: str, count: int = 3, text: str = "") -> list[dict[str, Any]]:
+    """`count` readings of measurement `name`, with a string field `text` when given."""
+    fields: dict[str, Any] = {"text": text} if text else {}
+    return [
+        {"name": name, "time": T0_MS + n, "fields": {"v": float(n), **fields}} for n in range(count)
+    ]
 
 
-async def test_no_ack_while_influxdb_is_unreachable(
+def spool_bytes(settings: Settings) -> int:
+    """Bytes in the hub's spool directory."""
+    return sum(path.stat().st_size for path in settings.spool_dir.rglob("*") if path.is_file())
+
+
+async def not_acked_within(ack: asyncio.Future[Ack], seconds: float) -> bool:
+    """True when `ack` is still pending after `seconds` (the only way to see an absence)."""
+    done, _ = await asyncio.wait({ack}, timeout=seconds)
+    return not done
+
+
+async def test_no_ack_before_influxdb_confirms_the_write(
     gated_settings: Settings, gate: GatedInflux
 ) -> None:
-    """While nothing answers at InfluxDB's address the hub keeps retrying and acks nothing."""
+    """While InfluxDB holds the write unanswered, the readings are not acked."""
     token = add_device(gated_settings, DEVICE)
+    await gate.listen()
     async with running_hub(gated_settings) as service:
         async with DeviceClient(service.url, token) as device:
-            ack = await device.send_readings(OUTAGE_READINGS)
-            done, _ = await asyncio.wait({ack}, timeout=1.0)
-            assert not done, f"acked while InfluxDB was unreachable: {ack.result()}"
-        await gate.open()  # so that stopping the hub does not wait for its flush deadline
+            ack = await device.send_readings(outage_readings("held"))
+            assert await not_acked_within(ack, 1.0), f"acked before InfluxDB answered: {ack}"
+        with contextlib.suppress(ConnectionError):  # failed by the client's own close
+            await ack
+        gate.release()  # so that stopping the hub need not wait for its flush deadline
 
 
-async def test_withheld_ack_is_sent_once_the_readings_are_stored(
+async def test_ack_follows_influxdb_confirmation_and_readings_are_stored(
     gated_settings: Settings, gate: GatedInflux, influxdb: LocalServer, influx_db_name: str
 ) -> None:
-    """When InfluxDB comes back the withheld ack arrives, and its readings are stored by then."""
+    """Once InfluxDB answers the held write the ack arrives, and the readings are stored."""
+    token = add_device(gated_settings, DEVICE)
+    await gate.listen()
+    async with running_hub(gated_settings) as service, DeviceClient(service.url, token) as device:
+        ack = await device.send_readings(outage_readings("held"))
+        assert await not_acked_within(ack, 0.3)
+        gate.release()
+        result = await bounded(ack)
+        stored = [row["v"] for row in points(influxdb, influx_db_name, "held")]
+    assert result.accepted == 3
+    assert stored == [0.0, 1.0, 2.0]
+
+
+async def test_unreachable_influxdb_readings_are_acked_once_in_the_spool(
+    gated_settings: Settings, gate: GatedInflux, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """With nothing listening at InfluxDB's address, the ack comes once the readings are spooled."""
     token = add_device(gated_settings, DEVICE)
     async with running_hub(gated_settings) as service, DeviceClient(service.url, token) as device:
-        ack = await device.send_readings(OUTAGE_READINGS)
-        done, _ = await asyncio.wait({ack}, timeout=0.5)
-        assert not done
+        assert spool_bytes(gated_settings) == 0
+        ack = await bounded(device.store(outage_readings("spooled")))
+        assert ack.accepted == 3
+        assert spool_bytes(gated_settings) > 0
+        assert points(influxdb, influx_db_name, "spooled") == []
+
+
+async def test_spooled_readings_reach_influxdb_when_it_is_back(
+    gated_settings: Settings, gate: GatedInflux, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """Readings acked from the spool during an outage are written once InfluxDB is reachable."""
+    token = add_device(gated_settings, DEVICE)
+    async with running_hub(gated_settings) as service, DeviceClient(service.url, token) as device:
+        ack = await bounded(device.store(outage_readings("spooled")))
+        assert ack.accepted == 3
+        await gate.open()
+        await eventually(
+            lambda: len(points(influxdb, influx_db_name, "spooled")) == 3, "spooled readings stored"
+        )
+    assert [row["v"] for row in points(influxdb, influx_db_name, "spooled")] == [0.0, 1.0, 2.0]
+
+
+@pytest.fixture
+def small_spool_settings(gated_settings: Settings) -> Settings:
+    """A spool with room for one small batch only; no presence points competing for it."""
+    return gated_settings.model_copy(update={"spool_max_bytes": 400, "presence_flush_s": 3600.0})
+
+
+async def test_no_ack_while_influxdb_is_unreachable_and_the_spool_is_full(
+    small_spool_settings: Settings, gate: GatedInflux
+) -> None:
+    """When neither InfluxDB nor the spool can take a batch, its readings are not acked."""
+    token = add_device(small_spool_settings, DEVICE)
+    async with running_hub(small_spool_settings) as service:
+        async with DeviceClient(service.url, token) as device:
+            first = await bounded(device.store(outage_readings("small", count=1)))
+            assert first.accepted == 1  # spooled; the spool is now too full for the next
+            ack = await device.send_readings(outage_readings("big", text="x" * 400))
+            assert await not_acked_within(ack, 1.0), f"acked, yet stored nowhere: {ack}"
+        with contextlib.suppress(ConnectionError):  # failed by the client's own close
+            await ack
+        await gate.open()  # so that stopping the hub need not wait for its flush deadline
+
+
+async def test_withheld_ack_comes_once_influxdb_is_back_and_readings_are_stored(
+    small_spool_settings: Settings, gate: GatedInflux, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """An ack withheld (InfluxDB down, spool full) arrives when InfluxDB is back, data stored."""
+    token = add_device(small_spool_settings, DEVICE)
+    async with (
+        running_hub(small_spool_settings) as service,
+        DeviceClient(service.url, token) as device,
+    ):
+        await bounded(device.store(outage_readings("small", count=1)))
+        ack = await device.send_readings(outage_readings("big", text="x" * 400))
+        assert await not_acked_within(ack, 0.3)
         await gate.open()
         result = await bounded(ack)
-        stored = [row["v"] for row in points(influxdb, influx_db_name, "outage")]
+        stored = [row["v"] for row in points(influxdb, influx_db_name, "big")]
     assert result.accepted == 3
     assert stored == [0.0, 1.0, 2.0]
 
@@ -726,19 +841,24 @@ async def test_stop_acks_in_flight_readings_before_closing_with_1001(
 ) -> None:
     """Readings the hub holds when asked to stop are stored and acked before the 1001 close."""
     token = add_device(gated_settings, DEVICE)
+    await gate.listen()
     async with started(gated_settings) as service, DeviceClient(service.url, token) as device:
         acks = [
-            await device.send_readings([{"name": "inflight", "time": T0_MS + n, "fields": {"v": 1.0}}])
+            await device.send_readings(
+                [{"name": "inflight", "time": T0_MS + n, "fields": {"v": 1.0}}]
+            )
             for n in range(10)
         ]
-        # All ten are in the hub's hands (submitted, waiting for InfluxDB) before it stops.
+        # All ten are in the hub's hands (submitted, their write held) before it stops.
         await eventually(lambda: service.hub.pipeline.pending >= 10, "the hub holds 10 readings")
         stopping = asyncio.create_task(service.stop())
         await asyncio.sleep(0.1)
-        await gate.open()
+        gate.release()
         await bounded(stopping)
         code, _reason = await bounded(device.wait_closed())
-        results = [ack.result().accepted if ack.done() and not ack.exception() else None for ack in acks]
+        results = [
+            ack.result().accepted if ack.done() and not ack.exception() else None for ack in acks
+        ]
     assert results == [1] * 10
     assert code == 1001
     assert len(points(influxdb, influx_db_name, "inflight")) == 10
