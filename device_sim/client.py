@@ -83,6 +83,16 @@ class DeviceClient:
         assert self._connection is not None, "connect() first"
         return self._connection
 
+    @property
+    def close_code(self) -> int | None:
+        """The hub's close code once closed (1006 when the connection just broke)."""
+        return self._connection.close_code if self._connection is not None else None
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the connection is closed and every waiting ack has failed."""
+        assert self._reader is not None, "connect() first"
+        self._reader.add_done_callback(lambda _: callback())
+
     async def close(self) -> None:
         """Close the connection and stop reading."""
         if self._connection is not None:

@@ -1,26 +1,49 @@
-"""Simulated devices: realistic readings sent at a steady rate, counted as they are acked."""
+"""Many simulated devices at once, in one event loop, and what they did.
+
+Runs by itself for a bounded time; tests and benchmarks drive it in-process::
+
+    import asyncio
+    from device_sim.fleet import read_tokens, run_fleet
+
+    async def main() -> None:
+        stop = asyncio.Event()  # set it to end early; devices then drain like at the deadline
+        report = await run_fleet(
+            "ws://127.0.0.1:8765", read_tokens(Path("tokens.csv")),
+            rate=2, batch=50, duration=30, stop=stop, final_wait_s=10,
+        )
+        for device_id, device in report.devices.items():
+            # Exactly the readings the hub acknowledged, as InfluxDB timestamps (ns):
+            print(device_id, device.acked, device.resent, device.reconnects,
+                  device.acked_times_ns()[:3])
+        print(report.summary())
+
+A hub that restarts on the same port is fine: devices reconnect with backoff until the
+deadline and resend what was not acked. After the deadline they send nothing new and wait
+at most `final_wait_s` (still reconnecting and resending) for outstanding acks, then report
+what was acked. `run_fleet` returns within about `duration + final_wait_s` plus the time
+to close connections (websockets' close timeout bounds that).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import csv
-import functools
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from device_sim.client import DeviceClient
-from schemas.messages import Ack
+from device_sim.device import Credentials, DeviceOptions, DeviceReport, SimulatedDevice
+from device_sim.stats import FleetStats, LatencyHistogram, summary
 
-
-@dataclass(frozen=True)
-class Credentials:
-    """A device id and its token."""
-
-    device_id: str
-    token: str
+__all__ = [
+    "Credentials",
+    "DeviceOptions",
+    "DeviceReport",
+    "FleetReport",
+    "read_tokens",
+    "run_fleet",
+]
 
 
 def read_tokens(path: Path) -> list[Credentials]:
@@ -30,105 +53,107 @@ def read_tokens(path: Path) -> list[Credentials]:
     return [Credentials(row[0], row[1]) for row in rows]
 
 
-class SensorProfile:
-    """A smooth random walk per quantity, with a little noise, like a real room sensor."""
+@dataclass
+class FleetReport:
+    """Every device's report, the fleet's counters and its ack latencies."""
 
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.temperature = rng.uniform(18, 24)
-        self.humidity = rng.uniform(35, 55)
-        self.pressure = rng.uniform(990, 1030)
-        self.battery = rng.uniform(3.6, 4.2)
+    devices: dict[str, DeviceReport]
+    started_at: float
+    """Wall-clock start (time.time())."""
+    elapsed_s: float
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
-    def reading(self, time_ms: int, room: str) -> dict[str, Any]:
-        """The next reading."""
-        walk, noise = self.rng.gauss, self.rng.uniform
-        self.temperature = min(40.0, max(-10.0, self.temperature + walk(0, 0.05)))
-        self.humidity = min(100.0, max(0.0, self.humidity + walk(0, 0.1)))
-        self.pressure += walk(0, 0.02)
-        self.battery = max(3.0, self.battery - 1e-6)
+    def total(self, counter: str) -> int:
+        """A counter (`sent`, `acked`, `rejected`, `resent`, `reconnects`, ...) over all devices."""
+        return sum(int(getattr(device, counter)) for device in self.devices.values())
+
+    @property
+    def sent(self) -> int:
+        """Readings sent for the first time."""
+        return self.total("sent")
+
+    @property
+    def acked(self) -> int:
+        """Readings the hub acked as stored."""
+        return self.total("acked")
+
+    def acked_times(self, device_id: str) -> list[int]:
+        """The sorted timestamps (in the connection precision) of a device's acked readings."""
+        return self.devices[device_id].acked_times
+
+    def states(self) -> dict[str, int]:
+        """How many devices ended in each state."""
+        counts: dict[str, int] = {}
+        for device in self.devices.values():
+            counts[str(device.state)] = counts.get(str(device.state), 0) + 1
+        return counts
+
+    def summary(self) -> dict[str, Any]:
+        """Totals, states and ack latency percentiles, JSON-friendly."""
+        counters = {
+            name: self.total(name)
+            for name in (
+                "sent",
+                "acked",
+                "rejected",
+                "resent",
+                "unacked",
+                "dropped",
+                "reconnects",
+                "failed_connects",
+            )
+        }
+        counters["configs_applied"] = sum(len(d.configs_applied) for d in self.devices.values())
         return {
-            "name": "environment",
-            "time": time_ms,
-            "tags": {"room": room},
-            "fields": {
-                "temperature": round(self.temperature + noise(-0.02, 0.02), 3),
-                "humidity": round(self.humidity, 2),
-                "pressure": round(self.pressure, 2),
-                "battery": round(self.battery, 3),
-            },
+            "devices": len(self.devices),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "acked_per_s": round(self.acked / self.elapsed_s, 1) if self.elapsed_s else None,
+            "states": self.states(),
+            **summary(counters, self.latency),
         }
 
 
-@dataclass
-class FleetStats:
-    """What the fleet did."""
-
-    sent: int = 0
-    acked: int = 0
-    rejected: int = 0
-    failed_connections: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-
-
-async def run_device(
+async def run_fleet(
     url: str,
-    device: Credentials,
-    stats: FleetStats,
+    credentials: list[Credentials],
     *,
     rate: float,
     batch: int,
     duration: float,
-    max_in_flight: int = 16,
-) -> None:
-    """One device sending `rate` messages of `batch` readings a second for `duration` s."""
-    rng = random.Random(device.device_id)
-    sensor = SensorProfile(rng)
-    room = f"room-{rng.randrange(1, 20)}"
-    client = DeviceClient(url, device.token)
+    stop: asyncio.Event | None = None,
+    stats: FleetStats | None = None,
+    options: DeviceOptions | None = None,
+    **option_overrides: Any,
+) -> FleetReport:
+    """Run every device concurrently for `duration` s (or until `stop`), then report.
+
+    `rate` is messages a second per device, `batch` readings a message; anything else of
+    `DeviceOptions` can be given as a keyword (`final_wait_s=5`, `invalid_ratio=0.01`...).
+    Pass your own `stats` to watch the counters while it runs.
+    """
+    options = replace(options or DeviceOptions(), rate=rate, batch=batch, **option_overrides)
+    stats = stats if stats is not None else FleetStats()
+    loop = asyncio.get_running_loop()
+    started_at, started = time.time(), loop.time()
+    devices = [SimulatedDevice(url, creds, options, stats) for creds in credentials]
+    runs = [asyncio.create_task(d.run(started + duration)) for d in devices]
+    watcher = asyncio.create_task(_stop_all_when(stop, devices)) if stop is not None else None
     try:
-        await client.connect()
-    except (TimeoutError, OSError, Exception):
-        stats.failed_connections += 1
-        return
-    in_flight: set[asyncio.Future[Ack]] = set()
-    deadline = time.monotonic() + duration
-    next_send = time.monotonic() + rng.uniform(0, 1 / rate)
-    try:
-        while (now := time.monotonic()) < deadline:
-            await asyncio.sleep(max(0.0, next_send - now))
-            next_send += 1 / rate
-            while len(in_flight) >= max_in_flight:
-                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            now_ms = time.time_ns() // 1_000_000
-            readings = [sensor.reading(now_ms - (batch - i), room) for i in range(batch)]
-            sent_at = time.perf_counter()
-            future = await client.send_readings(readings)
-            stats.sent += batch
-            in_flight.add(future)
-            future.add_done_callback(in_flight.discard)
-            future.add_done_callback(functools.partial(_count, stats, sent_at=sent_at))
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=30)
+        reports = await asyncio.gather(*runs)
     finally:
-        await client.close()
-
-
-def _count(stats: FleetStats, future: asyncio.Future[Ack], *, sent_at: float) -> None:
-    if future.cancelled() or future.exception() is not None:
-        return
-    ack = future.result()
-    stats.acked += ack.accepted
-    stats.rejected += len(ack.rejected)
-    stats.latencies_ms.append((time.perf_counter() - sent_at) * 1000)
-
-
-async def run_fleet(
-    url: str, devices: list[Credentials], *, rate: float, batch: int, duration: float
-) -> FleetStats:
-    """Run every device concurrently and return the combined counts."""
-    stats = FleetStats()
-    await asyncio.gather(
-        *(run_device(url, d, stats, rate=rate, batch=batch, duration=duration) for d in devices)
+        for run in runs:
+            run.cancel()
+        if watcher is not None:
+            watcher.cancel()
+    return FleetReport(
+        devices={r.device_id: r for r in reports},
+        started_at=started_at,
+        elapsed_s=loop.time() - started,
+        latency=stats.latency,
     )
-    return stats
+
+
+async def _stop_all_when(stop: asyncio.Event, devices: list[SimulatedDevice]) -> None:
+    await stop.wait()
+    for device in devices:
+        device.stop()

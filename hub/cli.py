@@ -3,29 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import csv
+import functools
+import os
 import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
-from hub.cli_common import ConfigOption, StateDirOption, fail, open_registry, settings_from, when
+from hub.cli_check import check_config
+from hub.cli_common import (
+    ConfigOption,
+    StateDirOption,
+    fail,
+    open_registry,
+    parse_duration,
+    settings_from,
+    when,
+)
 from hub.cli_fleet import config_app, device_app, devices_command, parse_assignments, spool_app
 from hub.errors import HubError
 from hub.logs import configure_logging
-from hub.settings import InfluxApi, LogLevel
+from hub.settings import InfluxApi, LogFormat, LogLevel, load_settings
 
 app = typer.Typer(
     help="IoT sensor ingestion hub: devices stream readings over WebSocket into InfluxDB.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-token_app = typer.Typer(help="Issue, list and revoke device tokens.", no_args_is_help=True)
+token_app = typer.Typer(help="Issue, list, rotate and revoke device tokens.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(config_app, name="config")
 app.add_typer(device_app, name="device")
 app.add_typer(spool_app, name="spool")
 app.command("devices")(devices_command)
+app.command("check-config")(check_config)
 
 
 @app.command()
@@ -50,26 +65,46 @@ def serve(
     ] = None,
     schemas: Annotated[Path | None, typer.Option(help="Measurement schema file (TOML).")] = None,
     log_level: Annotated[LogLevel | None, typer.Option(help="Log level [INFO].")] = None,
+    log_format: Annotated[
+        LogFormat | None, typer.Option(help="Log lines as text or JSON [text].")
+    ] = None,
+    health_host: Annotated[
+        str | None, typer.Option(help="Address of /healthz and /metrics [127.0.0.1].")
+    ] = None,
+    health_port: Annotated[
+        int | None, typer.Option(help="Port of /healthz and /metrics, 0 for any [9765].")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate (chain): serve wss:// directly.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
 ) -> None:
     """Accept device connections and write their readings to InfluxDB."""
-    settings = settings_from(
-        config,
-        state_dir=state_dir,
-        host=host,
-        port=port,
-        influx_url=influx_url,
-        influx_bucket=influx_bucket,
-        influx_org=influx_org,
-        influx_token=influx_token,
-        influx_api=influx_api,
-        schemas=schemas,
-        log_level=log_level,
-    )
-    configure_logging(settings.log_level)
+    flags: dict[str, object] = {
+        "state_dir": state_dir,
+        "host": host,
+        "port": port,
+        "influx_url": influx_url,
+        "influx_bucket": influx_bucket,
+        "influx_org": influx_org,
+        "influx_token": influx_token,
+        "influx_api": influx_api,
+        "schemas": schemas,
+        "log_level": log_level,
+        "log_format": log_format,
+        "health_host": health_host,
+        "health_port": health_port,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+    }
+    settings = settings_from(config, **flags)
+    configure_logging(settings.log_level, settings.log_format)
     from hub.service import serve as run_service
 
+    # A SIGHUP reads the same sources again: the flags stay, the files may have changed.
+    reload = functools.partial(load_settings, config, **flags)
     try:
-        asyncio.run(run_service(settings))
+        asyncio.run(run_service(settings, reload))
     except HubError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -78,23 +113,81 @@ def serve(
 
 @token_app.command("add")
 def token_add(
-    device_id: Annotated[str, typer.Argument(help="The new device's id.")],
+    device_id: Annotated[
+        str | None, typer.Argument(help="The new device's id (or use --count).")
+    ] = None,
     label: Annotated[
         list[str] | None, typer.Option(help="A label key=value for fleet pushes; repeatable.")
+    ] = None,
+    count: Annotated[
+        int | None,
+        typer.Option(min=1, help="Register this many devices, PREFIX00001 and on, at once."),
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="Id prefix of the devices --count adds.")] = "sim-",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="With --count: write device_id,token CSV here (mode 0600), not stdout."),
     ] = None,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Register a device and print its token, the only line on stdout. Shown once only."""
+    """Register a device and print its token, the only line on stdout. Shown once only.
+
+    With --count, register many devices in one transaction: their `device_id,token` CSV goes
+    to --out (created with mode 0600; an existing file is never overwritten) or, without
+    --out, to stdout. Progress and the summary go to stderr.
+    """
     labels = parse_assignments(label or [], json_values=False)
+    if count is None:
+        if device_id is None or out is not None:
+            fail("give one DEVICE_ID, or --count N (with --prefix and --out) for many")
+        token = _register(config, state_dir, [device_id], labels)[0]
+        sys.stdout.write(token + "\n")
+        return
+    if device_id is not None:
+        fail("give either DEVICE_ID or --count, not both")
+    width = max(5, len(str(count)))
+    device_ids = [f"{prefix}{number:0{width}d}" for number in range(1, count + 1)]
+    try:
+        handle = _create_private(out) if out is not None else sys.stdout
+    except OSError as exc:
+        fail(f"cannot create {out}: {exc.strerror}")
+    started = time.monotonic()
+    typer.echo(f"registering {count} devices {device_ids[0]} .. {device_ids[-1]}", err=True)
+    with handle if out is not None else contextlib.nullcontext(handle):
+        tokens = _register(config, state_dir, device_ids, labels, cleanup=out)
+        rows = csv.writer(handle, lineterminator="\n")
+        rows.writerow(["device_id", "token"])
+        rows.writerows(zip(device_ids, tokens, strict=True))
+    where = f"tokens in {out} (mode 0600)" if out is not None else "tokens on stdout"
+    typer.echo(
+        f"registered {count} devices in {time.monotonic() - started:.2f} s; {where}", err=True
+    )
+
+
+def _create_private(path: Path) -> TextIO:
+    """A new file only its owner can read; never an existing one (its tokens would be lost)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+
+def _register(
+    config: Path | None,
+    state_dir: Path | None,
+    device_ids: list[str],
+    labels: dict[str, str],
+    cleanup: Path | None = None,
+) -> list[str]:
+    """Register devices in one transaction and return their tokens, or fail cleanly."""
     registry = open_registry(config, state_dir)
     try:
-        token = registry.add(device_id, labels)
+        return registry.add_many(device_ids, labels)
     except HubError as exc:
+        if cleanup is not None:
+            cleanup.unlink(missing_ok=True)  # empty: nothing was registered
         fail(str(exc))
     finally:
         registry.close()
-    sys.stdout.write(token + "\n")
 
 
 @token_app.command("list")
@@ -129,3 +222,30 @@ def token_revoke(
     finally:
         registry.close()
     typer.echo(f"revoked {device_id}", err=True)
+
+
+@token_app.command("rotate")
+def token_rotate(
+    device_id: Annotated[str, typer.Argument(help="The device that gets a new token.")],
+    grace: Annotated[
+        str,
+        typer.Option(
+            help="How long the old token keeps working: 0 (not at all), 90s, 30m, 1h, 7d.",
+            show_default=False,
+        ),
+    ],
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Issue a new token, printed as the only line on stdout; the old one works for --grace."""
+    grace_s = parse_duration(grace)
+    registry = open_registry(config, state_dir)
+    try:
+        token = registry.rotate(device_id, grace_s)
+    except HubError as exc:
+        fail(str(exc))
+    finally:
+        registry.close()
+    sys.stdout.write(token + "\n")
+    until = f"until {when(time.time() + grace_s)}" if grace_s else "no longer"
+    typer.echo(f"rotated {device_id}; the old token works {until}", err=True)

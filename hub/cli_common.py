@@ -47,6 +47,21 @@ def open_registry(config: Path | None, state_dir: Path | None) -> Registry:
         fail(f"cannot open the registry in {settings.state_dir}: {exc.strerror}")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `0`, `90s`, `30m`, `1h` or `7d`; a clean exit if it is none of those."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        fail(f"not a duration: {text!r}; write it as 0, 90s, 30m, 1h or 7d")
+    if not 0 <= seconds < float("inf"):
+        fail(f"not a duration: {text!r}; it must be 0 or more")
+    return seconds
+
+
 def when(timestamp: float | None) -> str | None:
     """A UTC time for people, or None."""
     if timestamp is None:

@@ -5,6 +5,7 @@ HubError
 │   ├── InvalidMessage       not msgpack, not a map, no/unknown type, bad envelope (1007)
 │   ├── UnsupportedData      a text frame (1003)
 │   └── RateLimited          over the device's message or reading rate (1008)
+│       └── Overloaded       more than the hub can take: its write pipeline stays full (1013)
 ├── ConfigError              a settings or measurement schema file is wrong
 ├── RegistryError            the device registry refused an operation
 │   ├── UnknownDevice
@@ -28,6 +29,8 @@ class ProtocolError(HubError):
 
     close_code: CloseCode = CloseCode.INVALID_PAYLOAD
     error_code: ErrorCode = ErrorCode.INVALID_MESSAGE
+    acks_first: bool = True
+    """Whether acks of earlier messages are awaited (bounded) before the close."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -49,6 +52,14 @@ class RateLimited(ProtocolError):
 
     close_code = CloseCode.POLICY_VIOLATION
     error_code = ErrorCode.RATE_LIMITED
+
+
+class Overloaded(RateLimited):
+    """The device keeps sending while the hub cannot take more; not the device's fault."""
+
+    close_code = CloseCode.TRY_AGAIN_LATER
+    error_code = ErrorCode.OVERLOADED
+    acks_first = False  # they wait on the same full pipeline
 
 
 class ConfigError(HubError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -17,24 +17,40 @@ class Handshake:
 
     device_id: str
     ns_per_unit: int
+    token_hash: str = ""
+    expires_at: float | None = None
+    """When the token stops working: set for a rotated-out token in its grace period."""
 
 
 class HandshakeRefused(HubError):
-    """The handshake is answered with `status` instead of an upgrade."""
+    """The handshake is answered with `status` (and `Retry-After`, if set) instead of an upgrade.
 
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    `message` goes back to the client, so it never holds the token.
+    """
+
+    def __init__(self, status: HTTPStatus, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
-def read_credentials(path: str, headers: Mapping[str, str]) -> tuple[str, int]:
-    """The token and the precision (ns per unit) a handshake asks for; pure, raises refusals."""
+def read_credentials(
+    path: str, headers: Mapping[str, str], allowed_origins: Collection[str] = ()
+) -> tuple[str, int]:
+    """The token and the precision (ns per unit) a handshake asks for; pure, raises refusals.
+
+    A request with an `Origin` header comes from a browser page: it must be one of
+    `allowed_origins` ("*" allows any). Devices send no Origin and are not affected.
+    """
     url = urlsplit(path)
     if url.path != WEBSOCKET_PATH:
         raise HandshakeRefused(
             HTTPStatus.NOT_FOUND, f"no such path; devices connect to {WEBSOCKET_PATH}"
         )
+    origin = _single(headers, "Origin")
+    if origin is not None and origin not in allowed_origins and "*" not in allowed_origins:
+        raise HandshakeRefused(HTTPStatus.FORBIDDEN, "this Origin is not allowed")
     try:
         query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
     except ValueError:
@@ -51,7 +67,7 @@ def read_credentials(path: str, headers: Mapping[str, str]) -> tuple[str, int]:
         )
     query_token = query.get("token", [None])[0]
     header_token = None
-    if (authorization := headers.get("Authorization")) is not None:
+    if (authorization := _single(headers, "Authorization")) is not None:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
@@ -64,3 +80,11 @@ def read_credentials(path: str, headers: Mapping[str, str]) -> tuple[str, int]:
     if not token:
         raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
     return token, QUERY_PRECISIONS[precision]
+
+
+def _single(headers: Mapping[str, str], name: str) -> str | None:
+    """The header's value; 400 if it is given twice (websockets raises a LookupError then)."""
+    try:
+        return headers.get(name)
+    except LookupError:
+        raise HandshakeRefused(HTTPStatus.BAD_REQUEST, f"header {name} given twice") from None

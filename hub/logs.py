@@ -1,5 +1,11 @@
 """Logging: one line per event on stdout for the journal, with secrets kept out.
 
+Lines are text (`log_format = "text"`) or one JSON object each (`"json"`). When stdout is
+the journal (systemd's `JOURNAL_STREAM` names it), each line starts with its syslog
+priority (`<4>`), so `journalctl -p warning` works, and the journal's own timestamp replaces
+ours. A log call about one device passes `extra=device_extra(device_id)`: the device is then
+a field of JSON lines, and `DeviceLineLimit` keeps a broken device from flooding the journal.
+
 Tokens must never reach a log line. The hub never logs one on purpose, and the redacting
 filter below is the second line of defence: it masks anything shaped like a token, a
 `token=` query parameter or a bearer header in every record, including those of libraries
@@ -8,9 +14,16 @@ filter below is the second line of defence: it masks anything shaped like a toke
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
+import os
 import re
 import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TextIO
 
 from hub.registry import TOKEN_PREFIX
 
@@ -41,12 +54,162 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str) -> None:
-    """Send log lines to stdout at `level`; websockets' own chatter only from WARNING up."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+DEVICE_LINE_LIMIT = 20
+DEVICE_LINE_WINDOW_S = 60.0
+
+
+def device_extra(device_id: str) -> dict[str, str]:
+    """The `extra=` of a log call about one device."""
+    return {"device": device_id}
+
+
+@dataclass
+class _Window:
+    start: float
+    lines: int = 1
+    suppressed: int = 0
+
+
+class DeviceLineLimit(logging.Filter):
+    """At most `limit` lines about one device per `window_s`; the last one says that more are
+    suppressed, and the first line after the window says how many were."""
+
+    def __init__(
+        self,
+        limit: int = DEVICE_LINE_LIMIT,
+        window_s: float = DEVICE_LINE_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+        self._pruned = clock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        device = getattr(record, "device", None)
+        if not isinstance(device, str):
+            return True
+        now = self._clock()
+        window = self._windows.get(device)
+        if window is None or now - window.start >= self.window_s:
+            self._windows[device] = _Window(now)
+            self._prune(now)
+            if window is not None and window.suppressed:
+                _rewrite(
+                    record,
+                    f"{record.getMessage()} ({window.suppressed} earlier lines about device "
+                    f"{device} suppressed)",
+                )
+            return True
+        window.lines += 1
+        if window.lines < self.limit:
+            return True
+        if window.lines == self.limit:
+            _rewrite(
+                record,
+                f"{record.getMessage()} (more lines about device {device} suppressed for up to "
+                f"{self.window_s:g} s)",
+            )
+            return True
+        window.suppressed += 1
+        return False
+
+    def _prune(self, now: float) -> None:
+        # Windows with a suppressed count are kept (a while) to report it on the next line.
+        if now - self._pruned < self.window_s:
+            return
+        self._pruned = now
+        self._windows = {
+            device: window
+            for device, window in self._windows.items()
+            if now - window.start < self.window_s
+            or (window.suppressed and now - window.start < 10 * self.window_s)
+        }
+
+
+def _rewrite(record: logging.LogRecord, message: str) -> None:
+    record.msg, record.args = message, None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, device, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if (device := getattr(record, "device", None)) is not None:
+            entry["device"] = device
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class _JournalPriority(logging.Formatter):
+    """Prefixes each line with its syslog priority, which the journal reads and strips."""
+
+    _PRIORITIES = (
+        (logging.CRITICAL, 2),
+        (logging.ERROR, 3),
+        (logging.WARNING, 4),
+        (logging.INFO, 6),
+    )
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in self._PRIORITIES if record.levelno >= level), 7)
+        return f"<{priority}>{self._inner.format(record)}"
+
+
+def stdout_is_journal(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether stdout is connected to the journal (systemd sets `JOURNAL_STREAM=dev:inode`)."""
+    stream = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        stat = os.fstat(sys.stdout.fileno())
+    except (ValueError, OSError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
+def make_formatter(log_format: str, journal: bool) -> logging.Formatter:
+    """The formatter for `log_format` (`text` or `json`), with priorities for the journal."""
+    if log_format == "json":
+        formatter: logging.Formatter = JsonFormatter()
+    elif journal:
+        formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _JournalPriority(formatter) if journal else formatter
+
+
+def configure_logging(level: str, log_format: str = "text", stream: TextIO | None = None) -> None:
+    """Send log lines to stdout (or `stream`) at `level`; websockets' own chatter only from
+    WARNING up."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(make_formatter(log_format, stream is None and stdout_is_journal()))
+    handler.addFilter(DeviceLineLimit())
     handler.addFilter(RedactingFilter())
+    logging.getLogger().handlers[:] = [handler]
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Log at `level` from now on (a SIGHUP reload calls this)."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))

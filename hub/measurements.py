@@ -16,6 +16,12 @@ schema declares the field `int`, so `21` then `21.5` never conflicts in InfluxDB
 
 All of a message's readings are validated in a single pydantic call: a callable discriminator
 routes each reading to its measurement's type, and errors carry the reading's index.
+
+The limits (`ReadingLimits`: fields and tags per reading, characters per name and string) are
+part of the same types, so they are checked in pydantic's Rust core. So that a hostile message
+costs no more than a valid one, every reading yields a bounded number of errors: maps stop at
+their first bad entry (`fail_fast`), and a listed measurement's fields and tags are first
+checked against its key list, stopping at the first key not listed.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, NotRequired, Required, Union, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Required, Union, cast
 
 import msgpack
 from pydantic import (
@@ -54,10 +60,45 @@ from schemas.messages import (
     TIME_MAX_NS,
     TIME_MIN_NS,
     FieldValue,
-    MeasurementName,
 )
 
+if TYPE_CHECKING:
+    from hub.settings import Settings
+
 FieldType = Literal["float", "int", "bool", "string"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingLimits:
+    """How big one reading may be; the settings of the same names (`max_..._per_reading`)."""
+
+    max_fields: int
+    max_tags: int
+    max_name_chars: int
+    max_string_chars: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> ReadingLimits:
+        """The limits `settings` set."""
+        return cls(
+            settings.max_fields_per_reading,
+            settings.max_tags_per_reading,
+            settings.max_name_chars,
+            settings.max_string_chars,
+        )
+
+    @classmethod
+    def defaults(cls) -> ReadingLimits:
+        """The limits of default settings."""
+        from hub.settings import Settings
+
+        fields = Settings.model_fields
+        return cls(
+            fields["max_fields_per_reading"].default,
+            fields["max_tags_per_reading"].default,
+            fields["max_name_chars"].default,
+            fields["max_string_chars"].default,
+        )
 
 
 class FieldSpec(BaseModel):
@@ -125,7 +166,49 @@ class _UnionError:
         return schema
 
 
-_GENERIC_VALUE = Annotated[FieldValue, _UnionError("must be a finite number, a bool or a string")]
+class _StringLimit:
+    """Cap the length of strings in a union of scalars, with an error saying just that.
+
+    `_UnionError` would hide a too-long string behind its generic message, so the cap is a
+    second step in Rust: the same scalars again, the string one with `max_length`.
+    """
+
+    def __init__(self, max_chars: int) -> None:
+        self.max_chars = max_chars
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        capped = core_schema.union_schema(
+            [
+                core_schema.bool_schema(strict=True),
+                core_schema.float_schema(strict=True),
+                core_schema.str_schema(strict=True, max_length=self.max_chars),
+            ],
+            custom_error_type="string_too_long_in_field",
+            custom_error_message=f"strings are limited to {self.max_chars} characters",
+        )
+        return core_schema.chain_schema([handler(source), capped])
+
+
+class _KeysIn:
+    """Refuse, at the first one, keys not in `keys`: one error however many extra keys.
+
+    A TypedDict with `extra="forbid"` reports every extra key, which lets one message of
+    tiny readings make hundreds of thousands of errors.
+    """
+
+    def __init__(self, keys: frozenset[str]) -> None:
+        self.keys = sorted(keys)
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        known = core_schema.custom_error_schema(
+            core_schema.literal_schema(self.keys), custom_error_type="extra_forbidden"
+        )
+        listed = core_schema.dict_schema(known, core_schema.any_schema(), fail_fast=True)
+        return core_schema.chain_schema([listed, handler(source)])
 
 
 def _timestamp_in_range(value: msgpack.Timestamp) -> msgpack.Timestamp:
@@ -147,7 +230,7 @@ def _time_type(ns_per_unit: int) -> Any:
     ]
 
 
-def _field_type(spec: FieldSpec) -> Any:
+def _field_type(spec: FieldSpec, limits: ReadingLimits) -> Any:
     if spec.type == "float":
         return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=spec.min, le=spec.max)]
     if spec.type == "int":
@@ -156,7 +239,7 @@ def _field_type(spec: FieldSpec) -> Any:
         return Annotated[StrictInt, Field(ge=low, le=high)]
     if spec.type == "bool":
         return StrictBool
-    return StrictStr
+    return Annotated[StrictStr, Field(max_length=limits.max_string_chars)]
 
 
 def _strict_typeddict(name: str, items: dict[str, Any]) -> Any:
@@ -164,11 +247,11 @@ def _strict_typeddict(name: str, items: dict[str, Any]) -> Any:
     return with_config(ConfigDict(extra="forbid"))(typed)
 
 
-def _reading_type(name: str, fields: Any, tags: Any, time: Any) -> Any:
+def _reading_type(name: str, fields: Any, tags: Any, time: Any, limits: ReadingLimits) -> Any:
     return TypedDict(  # type: ignore[operator]
         name,
         {
-            "name": MeasurementName,
+            "name": Annotated[StrictStr, Field(min_length=1, max_length=limits.max_name_chars)],
             "fields": fields,
             "tags": NotRequired[tags],
             "time": NotRequired[time],
@@ -198,9 +281,10 @@ class ReadingsValidator:
             return self.adapter.validate_python(readings), {}
         except ValidationError as exc:
             reasons: dict[int, list[str]] = {}
-            for error in exc.errors(include_url=False):
+            for error in exc.errors(include_url=False, include_context=False, include_input=False):
                 index, _tag, *path = error["loc"]
-                where = ".".join(str(part) for part in path)
+                # A key's own error ends its path with "[key]": the key is named already.
+                where = ".".join(str(part) for part in path if part != "[key]")
                 reasons.setdefault(int(index), []).append(
                     f"{where}: {error['msg']}" if where else error["msg"]
                 )
@@ -214,25 +298,40 @@ class MeasurementSchemas:
     """The compiled schema file: one validator per connection precision, built on demand."""
 
     source: SchemaFile = field(default_factory=SchemaFile)
-    _validators: dict[int, ReadingsValidator] = field(default_factory=dict, repr=False)
+    _validators: dict[tuple[int, ReadingLimits], ReadingsValidator] = field(
+        default_factory=dict, repr=False
+    )
 
-    def validator(self, ns_per_unit: int) -> ReadingsValidator:
+    def validator(self, ns_per_unit: int, limits: ReadingLimits | None = None) -> ReadingsValidator:
         """The validator for integer times in units of `ns_per_unit` nanoseconds."""
         if ns_per_unit not in QUERY_PRECISIONS.values():
             raise ValueError(f"unsupported precision: {ns_per_unit} ns")
-        found = self._validators.get(ns_per_unit)
+        key = (ns_per_unit, limits or _DEFAULT_LIMITS)
+        found = self._validators.get(key)
         if found is None:
-            found = self._validators[ns_per_unit] = ReadingsValidator(self._compile(ns_per_unit))
+            found = self._validators[key] = ReadingsValidator(self._compile(*key))
         return found
 
-    def _compile(self, ns_per_unit: int) -> TypeAdapter[list[dict[str, Any]]]:
+    def _compile(
+        self, ns_per_unit: int, limits: ReadingLimits
+    ) -> TypeAdapter[list[dict[str, Any]]]:
         time = _time_type(ns_per_unit)
-        any_tags = dict[StrictStr, StrictStr]
+        name = Annotated[StrictStr, Field(max_length=limits.max_name_chars)]
+        value = Annotated[
+            FieldValue,
+            _UnionError("must be a finite number, a bool or a string"),
+            _StringLimit(limits.max_string_chars),
+        ]
+        any_tags = Annotated[dict[name, name], Field(max_length=limits.max_tags, fail_fast=True)]
         generic = _reading_type(
             "Reading",
-            Annotated[dict[StrictStr, _GENERIC_VALUE], Field(min_length=1)],
+            Annotated[
+                dict[name, value],
+                Field(min_length=1, max_length=limits.max_fields, fail_fast=True),
+            ],
             any_tags,
             time,
+            limits,
         )
         # Both fallbacks are always present so the union is always tagged and every error's
         # location reads (index, tag, ...).
@@ -240,22 +339,31 @@ class MeasurementSchemas:
             Annotated[generic, Tag(_GENERIC)],
             Annotated[generic, AfterValidator(_reject_unknown), Tag(_UNKNOWN)],
         ]
-        for name, spec in self.source.measurements.items():
-            fields = _strict_typeddict(
-                f"{name}_fields",
-                {
-                    key: Required[_field_type(f)] if f.required else _field_type(f)
-                    for key, f in spec.fields.items()
-                },
-            )
-            tags = (
+        for measurement, spec in self.source.measurements.items():
+            fields: Any = Annotated[
+                _strict_typeddict(
+                    f"{measurement}_fields",
+                    {
+                        key: Required[_field_type(f, limits)]
+                        if f.required
+                        else _field_type(f, limits)
+                        for key, f in spec.fields.items()
+                    },
+                ),
+                _KeysIn(frozenset(spec.fields)),
+            ]
+            tag_keys = frozenset({*spec.tags, "device"}) if spec.tags is not None else None
+            tags: Any = (
                 any_tags
-                if spec.tags is None
-                else _strict_typeddict(
-                    f"{name}_tags", {key: StrictStr for key in {*spec.tags, "device"}}
-                )
+                if tag_keys is None
+                else Annotated[
+                    _strict_typeddict(f"{measurement}_tags", dict.fromkeys(tag_keys, name)),
+                    _KeysIn(tag_keys),
+                ]
             )
-            choices.append(Annotated[_reading_type(name, fields, tags, time), Tag(name)])
+            choices.append(
+                Annotated[_reading_type(measurement, fields, tags, time, limits), Tag(measurement)]
+            )
         union: Any = Annotated[Union[tuple(choices)], Discriminator(self._router())]  # noqa: UP007
         return TypeAdapter(list[union])
 
@@ -272,3 +380,6 @@ class MeasurementSchemas:
             return _GENERIC
 
         return route
+
+
+_DEFAULT_LIMITS = ReadingLimits.defaults()

@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.errors import PermanentWriteError, TransientWriteError
+from hub.errors import PermanentWriteError, TransientWriteError, WriteError
 from hub.influx import Sink
+from hub.metrics import HubMetrics
 from hub.settings import Settings
 from hub.spool import Spool
 
@@ -86,11 +87,15 @@ class Pipeline:
         dead_letters: DeadLetterFile,
         settings: Settings,
         spool: Spool | None = None,
+        metrics: HubMetrics | None = None,
     ) -> None:
         self.sink = sink
         self.spool = spool
         self.settings = settings
         self.counters = PipelineCounters()
+        self.metrics = metrics or HubMetrics()
+        self.spool_full = False
+        """Whether the spool refused the last batch offered to it since InfluxDB failed."""
         self._dead_letters = dead_letters
         self._current: _Batch | None = None
         self._sealed: asyncio.Queue[_Batch] = asyncio.Queue()
@@ -200,10 +205,12 @@ class Pipeline:
     async def _make_durable(self, batch: _Batch) -> None:
         body = "\n".join(batch.chunks).encode("utf-8")
         attempt = 0
+        spool_refused = False
         while True:
             retry_after = None
-            # With a spool, an unhealthy InfluxDB is left to the replayer to probe.
-            if self.sink is not None and (self._healthy or self.spool is None):
+            # With a spool, an unhealthy InfluxDB is left to the replayer to probe, unless the
+            # spool cannot take this batch either: then nobody else would try InfluxDB.
+            if self.sink is not None and (self._healthy or self.spool is None or spool_refused):
                 try:
                     await self._write(body, batch.count)
                     return
@@ -213,8 +220,10 @@ class Pipeline:
                 except PermanentWriteError as exc:
                     self._dead_letter(body, batch.count, exc)
                     return
-            if self.spool is not None and await self._to_spool(body, batch.count):
-                return
+            if self.spool is not None:
+                if await self._to_spool(body, batch.count):
+                    return
+                spool_refused = True
             self.counters.retries += 1
             await asyncio.sleep(self._backoff(attempt, retry_after))
             attempt += 1
@@ -226,9 +235,16 @@ class Pipeline:
         try:
             await asyncio.wait_for(self.sink.write(body), self.settings.write_deadline_s)
         except TimeoutError:
+            self.metrics.influx_error("timeout")
             raise TransientWriteError(
                 f"no answer within {self.settings.write_deadline_s:g} s"
             ) from None
+        except WriteError as exc:
+            self.metrics.influx_error(exc.status)
+            raise
+        finally:
+            self.metrics.write_seconds.observe(time.monotonic() - started)
+        self.metrics.batch_points.observe(count)
         self.counters.points_written += count
         self.counters.batches_written += 1
         self._healthy_again()
@@ -236,8 +252,13 @@ class Pipeline:
 
     async def _to_spool(self, body: bytes, count: int) -> bool:
         assert self.spool is not None
-        async with self._spool_lock:
-            stored = await asyncio.to_thread(self.spool.append, body, count)
+        try:
+            async with self._spool_lock:
+                stored = await asyncio.to_thread(self.spool.append, body, count)
+        except OSError as exc:  # a full or failing disk: keep the batch, acks wait
+            log.error("cannot write to the spool at %s: %s", self.spool.directory, exc)
+            stored = False
+        self.spool_full = not stored
         if stored:
             self.counters.points_spooled += count
             self._spooled.set()
@@ -250,8 +271,14 @@ class Pipeline:
         attempt = 0
         while True:
             self._spooled.clear()
-            async with self._spool_lock:
-                batch = await asyncio.to_thread(self.spool.oldest)
+            try:
+                async with self._spool_lock:
+                    batch = await asyncio.to_thread(self.spool.oldest)
+            except OSError as exc:
+                log.error("cannot read the spool at %s: %s", self.spool.directory, exc)
+                await asyncio.sleep(self._backoff(attempt, None))
+                attempt += 1
+                continue
             if batch is None:
                 await self._spooled.wait()
                 continue
@@ -267,8 +294,11 @@ class Pipeline:
             else:
                 self.counters.points_replayed += batch.points
             attempt = 0
-            async with self._spool_lock:
-                await asyncio.to_thread(self.spool.written, batch)
+            try:
+                async with self._spool_lock:
+                    await asyncio.to_thread(self.spool.written, batch)
+            except OSError as exc:  # the batch is in InfluxDB; only its file lingers
+                log.error("cannot delete a replayed spool segment: %s", exc)
 
     def _dead_letter(self, body: bytes, count: int, exc: PermanentWriteError) -> None:
         self._dead_letters.append(body, exc)
@@ -299,4 +329,5 @@ class Pipeline:
     def _healthy_again(self) -> None:
         if not self._healthy:
             self._healthy = True
+            self.spool_full = False
             log.info("InfluxDB writes succeed again")

@@ -2,6 +2,13 @@
 
 A frame is one msgpack map with a `type` key, or (the Telegraf form) a stream of concatenated
 Telegraf metrics, recognised by a first map with `name` and `fields` and no `type`.
+
+The decoder trusts nothing a frame declares. Lengths are bounded before anything is allocated
+(a string or map by the frame's own size, an array by `max_readings`: the readings list is the
+longest array of the protocol); map keys must be strings (msgpack-python also lets `bin`
+through, which validation refuses where keys matter); no extension type but the timestamp
+(-1); and containers nest at most `max_depth` deep (a readings message needs 4), checked
+level by level without recursion.
 """
 
 from __future__ import annotations
@@ -37,13 +44,25 @@ DeviceEvent = ReadingsFrame | TelegrafFrame | ConfigAck
 _ENVELOPE = ReadingsMessage[Any]
 
 
-def decode_frame(frame: bytes, max_readings: int) -> DeviceEvent:
+DEFAULT_MAX_DEPTH = 8
+
+
+def decode_frame(
+    frame: bytes, max_readings: int, max_depth: int = DEFAULT_MAX_DEPTH
+) -> DeviceEvent:
     """Decode one binary frame; raise `InvalidMessage` when it breaks the protocol."""
+    size = max(len(frame), 1)
     unpacker = msgpack.Unpacker(
         raw=False,
         strict_map_key=True,
-        max_buffer_size=max(len(frame), 1),
         timestamp=0,
+        ext_hook=_refuse_extension,
+        max_buffer_size=size,
+        max_str_len=size,
+        max_bin_len=size,
+        max_array_len=max_readings,
+        max_map_len=size // 2,
+        max_ext_len=TIMESTAMP_MAX_BYTES,
     )
     unpacker.feed(frame)
     try:
@@ -51,12 +70,13 @@ def decode_frame(frame: bytes, max_readings: int) -> DeviceEvent:
     except msgpack.OutOfData:
         raise InvalidMessage("empty or truncated msgpack") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise InvalidMessage(f"not valid msgpack: {_describe(exc)}") from None
+        raise InvalidMessage(f"not valid msgpack: {_describe(exc, max_readings)}") from None
     if not isinstance(first, dict):
         raise InvalidMessage(f"a frame must be a msgpack map, not {type(first).__name__}")
+    check_depth(first, max_depth)
     if "type" not in first:
         if "name" in first and "fields" in first:
-            return _telegraf(first, unpacker, len(frame), max_readings)
+            return _telegraf(first, unpacker, len(frame), max_readings, max_depth)
         raise InvalidMessage("the map has no 'type' key")
     if unpacker.tell() != len(frame):
         raise InvalidMessage("trailing bytes after the message map")
@@ -70,7 +90,35 @@ def decode_frame(frame: bytes, max_readings: int) -> DeviceEvent:
         return ReadingsFrame(seq=envelope.seq, readings=envelope.readings)
     if kind == "config_ack":
         return _validate(ConfigAck, first)
-    raise InvalidMessage(f"unknown message type {kind!r}"[:200])
+    if isinstance(kind, str):
+        raise InvalidMessage(f"unknown message type {kind[:100]!r}")
+    raise InvalidMessage(f"'type' must be a string, not {type(kind).__name__}")
+
+
+TIMESTAMP_MAX_BYTES = 12
+"""The largest msgpack timestamp (timestamp 96); no other extension is read."""
+
+
+def check_depth(value: dict[str, Any] | list[Any], max_depth: int) -> None:
+    """Raise `InvalidMessage` if maps and arrays nest deeper than `max_depth` in `value`.
+
+    Breadth first, one level at a time: no recursion, and each value is looked at once.
+    """
+    level: list[Any] = [value]
+    for _ in range(max_depth):
+        level = [
+            item
+            for container in level
+            for item in (container.values() if type(container) is dict else container)
+            if type(item) is dict or type(item) is list
+        ]
+        if not level:
+            return
+    raise InvalidMessage(f"maps and arrays nest deeper than {max_depth} levels")
+
+
+def _refuse_extension(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the protocol")
 
 
 def encode(message: BaseModel) -> bytes:
@@ -80,7 +128,7 @@ def encode(message: BaseModel) -> bytes:
 
 
 def _telegraf(
-    first: dict[str, Any], unpacker: Any, frame_size: int, max_readings: int
+    first: dict[str, Any], unpacker: Any, frame_size: int, max_readings: int, max_depth: int
 ) -> TelegrafFrame:
     metrics: list[Any] = [first]
     undecodable = 0
@@ -88,6 +136,8 @@ def _telegraf(
     try:
         for metric in unpacker:
             consumed = unpacker.tell()
+            if type(metric) is dict or type(metric) is list:
+                check_depth(metric, max_depth)
             metrics.append(metric)
             if len(metrics) > max_readings:
                 raise InvalidMessage(f"Telegraf frame holds more than {max_readings} metrics")
@@ -119,5 +169,11 @@ def format_validation_error(exc: ValidationError, limit: int = 10) -> str:
     )
 
 
-def _describe(exc: Exception) -> str:
-    return str(exc)[:200] or type(exc).__name__
+def _describe(exc: Exception, max_readings: int) -> str:
+    text = str(exc)
+    if "exceeds max_array_len" in text:
+        # The only array the protocol has is the readings list.
+        return f"an array of {text.split()[0]} items; at most {max_readings} readings a message"
+    if isinstance(exc, msgpack.StackError):
+        return "maps and arrays nest too deep"
+    return text[:200] or type(exc).__name__

@@ -11,6 +11,13 @@ from schemas.messages import Rejection
 
 DEVICE_TAG = "device"
 
+MAX_REASONS_PER_READING = 5
+MAX_REASON_CHARS = 300
+REASONS_BUDGET_CHARS = 64 * 1024
+"""Reason text one ack may carry; rejections past it get `REASONS_OMITTED`, so that an ack
+stays small next to the message it answers however many readings were wrong."""
+REASONS_OMITTED = "too many errors to list"
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedReadings:
@@ -63,9 +70,22 @@ def prepare_readings(
         except ValueError as exc:  # text line protocol cannot carry exactly
             reasons[index] = [str(exc)]
     return PreparedReadings(
-        lines="\n".join(lines),
-        accepted=len(lines),
-        rejected=[
-            Rejection(index=index, errors=errors) for index, errors in sorted(reasons.items())
-        ],
+        lines="\n".join(lines), accepted=len(lines), rejected=rejections(reasons)
     )
+
+
+def rejections(reasons: dict[int, list[str]]) -> list[Rejection]:
+    """The ack's `rejected` list, in index order, with its text bounded (see the constants)."""
+    budget = REASONS_BUDGET_CHARS
+    result = []
+    for index, errors in sorted(reasons.items()):
+        if budget > 0:
+            kept = [
+                error if len(error) <= MAX_REASON_CHARS else error[: MAX_REASON_CHARS - 1] + "…"
+                for error in errors[:MAX_REASONS_PER_READING]
+            ]
+            budget -= sum(map(len, kept))
+        else:
+            kept = [REASONS_OMITTED]
+        result.append(Rejection.model_construct(index=index, errors=kept))
+    return result

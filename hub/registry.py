@@ -8,6 +8,9 @@ Tokens are 256 random bits, shown once when issued and stored only as their SHA-
 password hash buys nothing for secrets this long; a fast one keeps a connect storm cheap.
 The lookup goes by hash, so how long it takes says nothing about any stored token, and the
 found hash is compared again with `hmac.compare_digest`.
+
+Rotating a token (`rotate`) keeps the old hash in `retired_tokens` until the grace period
+the operator chose is over; after that the old token fails like an unknown one.
 """
 
 from __future__ import annotations
@@ -63,6 +66,14 @@ _MIGRATIONS = [
     CREATE TABLE change_seq (value INTEGER NOT NULL);
     INSERT INTO change_seq VALUES (0);
     """,
+    """
+    CREATE TABLE retired_tokens (
+        token_hash      TEXT PRIMARY KEY,
+        device_id       TEXT NOT NULL REFERENCES devices (device_id),
+        expires_at      REAL NOT NULL
+    );
+    CREATE INDEX retired_tokens_device ON retired_tokens (device_id);
+    """,
 ]
 
 
@@ -79,6 +90,15 @@ class Device:
     def active(self) -> bool:
         """Whether its token is accepted."""
         return self.revoked_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """The device a token belongs to; `expires_at` is set while a rotated-out token still works."""
+
+    device_id: str
+    token_hash: str
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,16 +266,59 @@ class Registry:
         ).fetchall()
         return [_device(row) for row in rows]
 
+    def rotate(self, device_id: str, grace_s: float) -> str:
+        """Give the device a new token; the old one keeps working for `grace_s` seconds.
+
+        Returns the new token (the only time it is visible). A token retired by an earlier
+        rotation keeps its own expiry.
+        """
+        if grace_s < 0:
+            raise RegistryError("the grace period cannot be negative")
+        token = new_token()
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT token_hash, revoked_at FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownDevice(device_id)
+            if row[1] is not None:
+                raise RegistryError(f"device {device_id!r} is revoked")
+            db.execute("DELETE FROM retired_tokens WHERE expires_at <= ?", (now,))
+            if grace_s > 0:
+                db.execute(
+                    "INSERT INTO retired_tokens (token_hash, device_id, expires_at)"
+                    " VALUES (?, ?, ?)",
+                    (row[0], device_id, now + grace_s),
+                )
+            db.execute(
+                "UPDATE devices SET token_hash = ?, changed_seq = ? WHERE device_id = ?",
+                (hash_token(token), self._next_change(db), device_id),
+            )
+        return token
+
     def authenticate(self, token: str) -> str | None:
         """The id of the active device owning `token`, or None."""
-        wanted = hash_token(token)
+        found = self.credential(hash_token(token))
+        return None if found is None else found.device_id
+
+    def credential(self, token_hash: str) -> Credential | None:
+        """Whose token has this hash, if it works now: current, or retired and in its grace."""
         row = self._db.execute(
             "SELECT device_id, token_hash FROM devices WHERE token_hash = ? AND revoked_at IS NULL",
-            (wanted,),
+            (token_hash,),
         ).fetchone()
-        if row is None or not hmac.compare_digest(row[1], wanted):
-            return None
-        return str(row[0])
+        if row is not None and hmac.compare_digest(row[1], token_hash):
+            return Credential(str(row[0]), token_hash)
+        row = self._db.execute(
+            "SELECT r.device_id, r.token_hash, r.expires_at FROM retired_tokens AS r"
+            " JOIN devices AS d ON d.device_id = r.device_id"
+            " WHERE r.token_hash = ? AND r.expires_at > ? AND d.revoked_at IS NULL",
+            (token_hash, time.time()),
+        ).fetchone()
+        if row is not None and hmac.compare_digest(row[1], token_hash):
+            return Credential(str(row[0]), token_hash, float(row[2]))
+        return None
 
     # Labels and selection
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sqlite3
+import ssl
+import time
 from collections.abc import Coroutine
 from http import HTTPStatus
 from typing import Any
@@ -20,12 +23,15 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from hub.errors import ConfigError
 from hub.handshake import Handshake, HandshakeRefused, read_credentials
-from hub.logs import RedactingFilter
+from hub.logs import RedactingFilter, device_extra
 from hub.measurements import MeasurementSchemas
+from hub.metrics import refusal_reason
 from hub.pipeline import Pipeline
 from hub.presence import PresenceTracker
-from hub.registry import Registry
+from hub.ratelimit import FailedHandshakeLimiter, source_key
+from hub.registry import Registry, hash_token
 from hub.session import DeviceSession
 from hub.settings import Settings
 from schemas.codes import CloseCode
@@ -49,6 +55,7 @@ class Hub:
         self.registry = registry
         self.schemas = schemas
         self.pipeline = pipeline
+        self.metrics = pipeline.metrics
         self.presence = PresenceTracker(registry)
         self.draining = False
         self._handshakes: dict[ServerConnection, Handshake] = {}
@@ -56,6 +63,12 @@ class Hub:
         self._server: Server | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._rotated_out: dict[ServerConnection, asyncio.Task[None]] = {}
+        self.failed_handshakes = FailedHandshakeLimiter(
+            settings.auth_failures_burst,
+            settings.auth_failures_per_min / 60,
+            settings.auth_block_s,
+        )
 
     @property
     def live_devices(self) -> set[str]:
@@ -69,8 +82,10 @@ class Hub:
             self._session,
             s.host,
             s.port,
-            # WebSocket
-            compression=None,
+            ssl=tls_context(s),
+            # WebSocket; deflate is off unless asked for: memory per connection, and
+            # compression next to secrets invites CRIME-style guessing
+            compression="deflate" if s.compression else None,
             # HTTP
             process_request=self._process_request,
             process_response=self._process_response,
@@ -80,7 +95,7 @@ class Hub:
             ping_interval=s.ping_interval_s,
             ping_timeout=s.ping_timeout_s,
             close_timeout=5,
-            # Limits
+            # Limits (with deflate, max_size bounds the inflated message)
             max_size=s.max_message_bytes,
             max_queue=4,
             # Logging
@@ -107,6 +122,27 @@ class Hub:
         await self._record_presence()
 
     @property
+    def listening(self) -> bool:
+        """Whether the device port is open."""
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new devices are let in: listening, not draining, below max_connections."""
+        return (
+            self.listening
+            and not self.draining
+            and len(self._handshakes) < self.settings.max_connections
+        )
+
+    def reconfigure(self, settings: Settings, schemas: MeasurementSchemas) -> None:
+        """Apply reloaded settings and schemas to the hub and every open connection."""
+        self.settings = settings
+        self.schemas = schemas
+        for session in self._sessions.values():
+            session.apply_limits(settings)
+
+    @property
     def port(self) -> int:
         """The port actually bound (useful with port 0)."""
         assert self._server is not None
@@ -114,22 +150,54 @@ class Hub:
         return port
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        # Never log request.path: its query string may hold the token.
+        source = source_key(_host(connection))
+        now = time.monotonic()
         try:
-            token, ns_per_unit = read_credentials(request.path, request.headers)
+            if blocked_s := self.failed_handshakes.blocked_for(source, now):
+                raise HandshakeRefused(
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    "too many failed handshakes from this address; retry later",
+                    retry_after=blocked_s,
+                )
+            token, ns_per_unit = read_credentials(
+                request.path, request.headers, self.settings.allowed_origins
+            )
             if self.draining or len(self._handshakes) >= self.settings.max_connections:
                 raise HandshakeRefused(
-                    HTTPStatus.SERVICE_UNAVAILABLE, "the hub is not accepting connections now"
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "the hub is not accepting connections now",
+                    retry_after=RETRY_AFTER_S,
                 )
-            device_id = self.registry.authenticate(token)
-            if device_id is None:
+            credential = self.registry.credential(hash_token(token))
+            if credential is None:
                 raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
         except HandshakeRefused as refusal:
+            self.metrics.handshakes_refused.labels(refusal_reason(refusal.status)).inc()
+            if refusal.status == HTTPStatus.UNAUTHORIZED:
+                self._handshake_failed(source, now)
             response = connection.respond(refusal.status, refusal.message + "\n")
-            if refusal.status == HTTPStatus.SERVICE_UNAVAILABLE:
-                response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            if refusal.retry_after is not None:
+                response.headers["Retry-After"] = str(math.ceil(refusal.retry_after))
             return response
-        self._handshakes[connection] = Handshake(device_id, ns_per_unit)
+        self._handshakes[connection] = Handshake(
+            credential.device_id, ns_per_unit, credential.token_hash, credential.expires_at
+        )
         return None
+
+    def _handshake_failed(self, source: str, now: float) -> None:
+        limiter = self.failed_handshakes
+        if limiter.failed(source, now):
+            log.warning(
+                "handshakes from %s refused for %g s: more failed handshakes (bad or missing "
+                "token) than %d at once or %g a minute",
+                source,
+                limiter.block_s,
+                limiter.burst,
+                self.settings.auth_failures_per_min,
+            )
+        else:
+            log.info("handshake from %s refused: invalid or missing token", source)
 
     def _process_response(
         self, connection: ServerConnection, request: Request, response: Response
@@ -154,20 +222,29 @@ class Hub:
             self.presence.disconnected(device_id, f"{CloseCode.REPLACED} replaced")
         remote = _address(connection)
         self.presence.connected(device_id, remote)
-        log.info("device %s connected from %s", device_id, remote)
+        self.metrics.connections_opened.inc()
+        log.info("device %s connected from %s", device_id, remote, extra=device_extra(device_id))
         try:
             device = self.registry.get(device_id)
             if device is None or not device.active:
                 # Revoked between the handshake and now: the watcher could not see us yet.
                 await session.revoke()
             else:
+                self._close_when_rotated_out(session, handshake.expires_at)
                 await session.run()
         finally:
+            if (retire := self._rotated_out.pop(connection, None)) is not None:
+                retire.cancel()
             del self._handshakes[connection]
             if self._sessions.get(device_id) is session:
                 del self._sessions[device_id]
                 self.presence.disconnected(device_id, _close_reason(connection))
-            log.info("device %s disconnected (%s)", device_id, _close_reason(connection))
+            log.info(
+                "device %s disconnected (%s)",
+                device_id,
+                _close_reason(connection),
+                extra=device_extra(device_id),
+            )
 
     async def _watch_registry(self) -> None:
         # data_version moves only when another process commits, so an idle registry costs
@@ -191,8 +268,38 @@ class Hub:
                     continue
                 if change.revoked:
                     self._spawn(session.revoke())
-                elif change.config_version > session.config_sent:
+                    continue
+                if change.config_version > session.config_sent:
                     self._spawn(session.push_config())
+                self._recheck_token(session)
+
+    def _recheck_token(self, session: DeviceSession) -> None:
+        """After an operator change: has the session's token been rotated out meanwhile?"""
+        handshake = self._handshakes.get(session.connection)
+        if handshake is None:
+            return
+        credential = self.registry.credential(handshake.token_hash)
+        self._close_when_rotated_out(
+            session, time.time() if credential is None else credential.expires_at
+        )
+
+    def _close_when_rotated_out(self, session: DeviceSession, expires_at: float | None) -> None:
+        """Close the session with 4001 at `expires_at`, when its old token stops working."""
+        if expires_at is None or session.connection in self._rotated_out:
+            return
+
+        async def close_at_expiry() -> None:
+            await asyncio.sleep(max(0.0, expires_at - time.time()))
+            del self._rotated_out[session.connection]  # closing now: no longer to cancel
+            log.warning(
+                "device %s: its token was rotated out, closing the connection",
+                session.device_id,
+                extra=device_extra(session.device_id),
+            )
+            with contextlib.suppress(ConnectionClosed):
+                await session.connection.close(CloseCode.REVOKED, "token rotated out")
+
+        self._rotated_out[session.connection] = asyncio.create_task(close_at_expiry())
 
     async def _keep_presence(self) -> None:
         while True:
@@ -229,6 +336,29 @@ def _redacting_logger(name: str) -> logging.Logger:
     if not any(isinstance(f, RedactingFilter) for f in logger.filters):
         logger.addFilter(RedactingFilter())
     return logger
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server TLS context for `tls_cert`/`tls_key`, or None to serve plain ws://."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot use TLS certificate {settings.tls_cert} with key {settings.tls_key}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if settings.tls_key.stat().st_mode & 0o077:
+        log.warning("TLS key %s is readable by other users: chmod 600 it", settings.tls_key)
+    return context
+
+
+def _host(connection: ServerConnection) -> str:
+    address: Any = connection.remote_address
+    return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
 def _address(connection: ServerConnection) -> str:

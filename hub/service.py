@@ -1,6 +1,9 @@
 """`hub serve` at run time: build the parts from settings, run until a signal, stop cleanly.
 
 `HubService` is also what tests and benchmarks start in-process (`async with HubService(...)`).
+Under systemd (`Type=notify`) it reports READY=1 once devices can connect, RELOADING=1 and
+READY=1 around a SIGHUP reload, STOPPING=1 when asked to stop, and WATCHDOG=1 from its event
+loop while that loop runs.
 """
 
 from __future__ import annotations
@@ -8,16 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
 
+from hub.errors import HubError
+from hub.health import HealthServer
 from hub.influx import Sink, open_sink
+from hub.logs import set_level
 from hub.measurements import MeasurementSchemas, load_schema_file
+from hub.metrics import HubMetrics
 from hub.pipeline import DeadLetterFile, Pipeline
 from hub.registry import Registry
+from hub.sdnotify import Notifier
 from hub.server import Hub
-from hub.settings import Settings
+from hub.settings import Settings, reload_changes
 from hub.spool import Spool
 
 log = logging.getLogger("hub")
@@ -26,10 +34,21 @@ log = logging.getLogger("hub")
 class HubService:
     """The running hub: registry, pipeline and WebSocket server, started and stopped together."""
 
-    def __init__(self, settings: Settings, sink: Sink | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: Sink | None = None,
+        *,
+        notifier: Notifier | None = None,
+        load_settings: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
         self._sink = sink
         self._hub: Hub | None = None
+        self._health: HealthServer | None = None
+        self._notifier = notifier or Notifier({})
+        self._load_settings = load_settings
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def hub(self) -> Hub:
@@ -40,7 +59,14 @@ class HubService:
     @property
     def url(self) -> str:
         """The address devices connect to."""
-        return f"ws://{self.settings.host}:{self.hub.port}"
+        scheme = "wss" if self.settings.tls_cert is not None else "ws"
+        return f"{scheme}://{self.settings.host}:{self.hub.port}"
+
+    @property
+    def health(self) -> HealthServer:
+        """The /healthz and /metrics listener, once started (unless health_enabled is off)."""
+        assert self._health is not None, "start() first, with health_enabled"
+        return self._health
 
     async def start(self) -> None:
         """Open the registry and InfluxDB sink, start writing and listening."""
@@ -58,10 +84,22 @@ class HubService:
                 "and written to InfluxDB once one is configured",
                 settings.spool_dir,
             )
-        pipeline = Pipeline(sink, DeadLetterFile(settings.dead_letter_path), settings, spool)
+        metrics = HubMetrics()
+        pipeline = Pipeline(
+            sink, DeadLetterFile(settings.dead_letter_path), settings, spool, metrics
+        )
         pipeline.start()
         self._hub = Hub(settings, registry, schemas, pipeline)
-        await self._hub.start()
+        metrics.watch(self._hub)
+        if settings.health_enabled:
+            self._health = HealthServer(self._hub, settings.health_host, settings.health_port)
+            await self._health.start()
+        try:
+            await self._hub.start()
+        except BaseException:
+            if self._health is not None:
+                await self._health.stop()
+            raise
         log.info(
             "hub listening on %s:%d, writing to %s (%s API, bucket %s)",
             settings.host,
@@ -70,11 +108,17 @@ class HubService:
             sink.name if sink else "no",
             settings.influx_bucket,
         )
+        if self._health is not None:
+            log.info("health and metrics at %s/healthz and /metrics", self._health.url)
+        self._notifier.ready(f"listening on {settings.host}:{self._hub.port}")
+        if self._notifier.watchdog_s is not None:
+            self._watchdog = asyncio.create_task(self._notifier.keep_alive(), name="watchdog")
 
     async def stop(self) -> None:
         """Drain within `shutdown_timeout_s`: refuse new devices (503), make everything received
         durable (InfluxDB or spool), send its acks, close devices with 1001, stop writing."""
         hub = self.hub
+        self._notifier.stopping()
         log.info("stopping: refusing new connections, flushing what devices sent")
         hub.draining = True
         loop = asyncio.get_running_loop()
@@ -92,16 +136,51 @@ class HubService:
         await within_deadline(hub.pipeline.drain())  # the disconnect events
         await hub.pipeline.close()
         hub.registry.close()
+        if self._health is not None:
+            await self._health.stop()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._notifier.close()
         log.info("stopped")
 
     def reload(self) -> None:
-        """Reload the measurement schemas; a bad file keeps the previous ones."""
+        """Reload the measurement schemas and the live settings (`LIVE_SETTINGS`) from the
+        sources they came from; on any error, keep all of them as they were."""
+        self._notifier.reloading()
         try:
-            self.hub.schemas = MeasurementSchemas(load_schema_file(self.settings.schemas))
+            self._reload()
+        finally:
+            self._notifier.ready(f"listening on {self.settings.host}:{self.hub.port}")
+
+    def _reload(self) -> None:
+        live: dict[str, object] = {}
+        if self._load_settings is not None:
+            try:
+                live, need_restart = reload_changes(self.settings, self._load_settings())
+            except HubError as exc:
+                log.error("reload failed, keeping the current settings and schemas: %s", exc)
+                return
+            if need_restart:
+                log.warning(
+                    "changed settings that apply only after a restart: %s",
+                    ", ".join(need_restart),
+                )
+        settings = self.settings.model_copy(update=live)
+        try:
+            schemas = MeasurementSchemas(load_schema_file(settings.schemas))
         except Exception as exc:  # a bad file must not take the hub down
-            log.error("schema reload failed, keeping the previous schemas: %s", exc)
+            log.error("schema reload failed, keeping the previous schemas and settings: %s", exc)
             return
-        log.info("measurement schemas reloaded from %s", self.settings.schemas)
+        self.settings = settings
+        self.hub.reconfigure(settings, schemas)
+        self.hub.pipeline.settings = settings
+        if "log_level" in live:
+            set_level(settings.log_level)
+        log.info(
+            "reloaded: measurement schemas from %s%s",
+            settings.schemas or "(none: every measurement accepted)",
+            "".join(f", {name} = {value}" for name, value in live.items() if name != "schemas"),
+        )
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -113,9 +192,10 @@ class HubService:
         await self.stop()
 
 
-async def serve(settings: Settings) -> None:
-    """Run the hub until SIGTERM or SIGINT; SIGHUP reloads the measurement schemas."""
-    service = HubService(settings)
+async def serve(settings: Settings, load_settings: Callable[[], Settings] | None = None) -> None:
+    """Run the hub until SIGTERM or SIGINT, telling systemd how it goes; SIGHUP reloads the
+    schemas and the live settings, which `load_settings` reads again from their sources."""
+    service = HubService(settings, notifier=Notifier(), load_settings=load_settings)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

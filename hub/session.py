@@ -16,11 +16,15 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from hub.errors import HubError, ProtocolError, RateLimited, UnsupportedData
+from hub.errors import HubError, Overloaded, ProtocolError, RateLimited, UnsupportedData
 from hub.handshake import Handshake
+from hub.logs import device_extra
+from hub.measurements import ReadingLimits
+from hub.metrics import error_label
 from hub.protocol import DeviceEvent, ReadingsFrame, TelegrafFrame, decode_frame, encode
 from hub.ratelimit import TokenBucket
 from hub.readings import PreparedReadings, prepare_readings
+from hub.settings import Settings
 from schemas.codes import CloseCode
 from schemas.messages import Ack, Config, ConfigAck, ErrorMessage
 
@@ -54,6 +58,17 @@ class DeviceSession:
             settings.max_unacked_messages
         )
         self._config_lock = asyncio.Lock()
+        self._log = device_extra(self.device_id)
+
+    def apply_limits(self, settings: Settings) -> None:
+        """Use reloaded per-device rate limits from now on."""
+        for bucket, rate in (
+            (self._message_rate, settings.device_messages_per_s),
+            (self._reading_rate, settings.device_readings_per_s),
+        ):
+            bucket.rate = rate
+            bucket.burst = rate * settings.device_burst_s
+            bucket.tokens = min(bucket.tokens, bucket.burst)
 
     async def run(self) -> None:
         """Serve the connection until it closes."""
@@ -63,11 +78,12 @@ class DeviceSession:
             await self._receive()
             # The hub is draining: ack what was received, then say goodbye with 1001.
             await self.acks_sent()
-            await self.connection.close(CloseCode.GOING_AWAY, "hub shutting down")
+            await self._close(CloseCode.GOING_AWAY, "hub shutting down")
         except ProtocolError as exc:
             # Messages before the bad frame were fine: ack them before saying goodbye.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._acks.join(), ACK_GRACE_S)
+                if exc.acks_first:
+                    await asyncio.wait_for(self._acks.join(), ACK_GRACE_S)
             await self._refuse(exc)
         except ConnectionClosed:
             pass
@@ -82,7 +98,10 @@ class DeviceSession:
                 return
             self.config_sent = state.version
             await self.connection.send(encode(Config(version=state.version, config=state.config)))
-            log.info("device %s: sent config version %d", self.device_id, state.version)
+            self.hub.metrics.config_pushes.inc()
+            log.info(
+                "device %s: sent config version %d", self.device_id, state.version, extra=self._log
+            )
 
     async def acks_sent(self) -> None:
         """Wait until every message received so far has been answered."""
@@ -90,11 +109,12 @@ class DeviceSession:
 
     async def revoke(self) -> None:
         """Close the connection because the device's token was revoked."""
-        log.warning("device %s: token revoked, closing the connection", self.device_id)
+        log.warning(
+            "device %s: token revoked, closing the connection", self.device_id, extra=self._log
+        )
         await self.connection.close(CloseCode.REVOKED, "token revoked")
 
     async def _receive(self) -> None:
-        max_readings = self.hub.settings.max_readings_per_message
         async for frame in self.connection:
             if self.hub.draining:
                 return  # not processed, so not acked: the device sends it again later
@@ -103,7 +123,11 @@ class DeviceSession:
                     "text frames are not part of the protocol; send binary msgpack"
                 )
             arrival_ns = time.time_ns()
-            event = decode_frame(frame, max_readings)
+            # Looked up per frame so that a SIGHUP reload applies to open connections too.
+            settings = self.hub.settings
+            event = decode_frame(
+                frame, settings.max_readings_per_message, settings.max_nesting_depth
+            )
             self._check_rate(event, time.monotonic())
             if isinstance(event, ReadingsFrame):
                 await self._readings(event, arrival_ns)
@@ -114,16 +138,22 @@ class DeviceSession:
 
     async def _readings(self, event: ReadingsFrame, arrival_ns: int) -> None:
         prepared = self._prepare(event.readings, arrival_ns)
+        self.hub.metrics.readings_received.inc(len(event.readings))
+        if prepared.rejected:
+            self.hub.metrics.count_rejections(prepared.rejected)
         durable = None
         if prepared.accepted:
-            durable = await self.hub.pipeline.submit(prepared.lines, prepared.accepted)
+            durable = await self._submit(prepared.lines, prepared.accepted)
         ack = Ack(seq=event.seq, accepted=prepared.accepted, rejected=prepared.rejected)
         await self._acks.put((ack, durable))
 
     async def _telegraf(self, event: TelegrafFrame, arrival_ns: int) -> None:
         prepared = self._prepare(event.metrics, arrival_ns)
+        self.hub.metrics.readings_received.inc(len(event.metrics) + event.undecodable)
+        if prepared.rejected or event.undecodable:
+            self.hub.metrics.count_rejections(prepared.rejected, event.undecodable)
         if prepared.accepted:
-            stored = await self.hub.pipeline.submit(prepared.lines, prepared.accepted)
+            stored = await self._submit(prepared.lines, prepared.accepted)
             stored.add_done_callback(functools.partial(self._count_stored, prepared.accepted))
         invalid = len(prepared.rejected) + event.undecodable
         if invalid:
@@ -133,30 +163,41 @@ class DeviceSession:
                 self.device_id,
                 invalid,
                 first[:200],
+                extra=self._log,
             )
 
     def _count_stored(self, readings: int, stored: asyncio.Future[None]) -> None:
         if not stored.cancelled() and stored.exception() is None:
+            self.hub.metrics.readings_stored.inc(readings)
             self.hub.presence.stored(self.device_id, readings)
 
     def _config_answered(self, answer: ConfigAck) -> None:
         recorded = self.hub.registry.record_config_ack(
             self.device_id, answer.version, answer.ok, answer.error
         )
+        result = "ignored" if not recorded else "applied" if answer.ok else "refused"
+        self.hub.metrics.config_acks.labels(result).inc()
         if not recorded:
             log.info(
                 "device %s: ignored config_ack for version %d (stale or repeated)",
                 self.device_id,
                 answer.version,
+                extra=self._log,
             )
         elif answer.ok:
-            log.info("device %s applied config version %d", self.device_id, answer.version)
+            log.info(
+                "device %s applied config version %d",
+                self.device_id,
+                answer.version,
+                extra=self._log,
+            )
         else:
             log.warning(
                 "device %s refused config version %d: %s",
                 self.device_id,
                 answer.version,
                 (answer.error or "")[:200],
+                extra=self._log,
             )
 
     def _check_rate(self, event: DeviceEvent, now: float) -> None:
@@ -171,11 +212,20 @@ class DeviceSession:
                     f"more than {self.hub.settings.device_readings_per_s:g} readings a second"
                 )
 
+    async def _submit(self, lines: str, count: int) -> asyncio.Future[None]:
+        # The pipeline makes devices wait while it is full (backpressure). One that is still
+        # sending after overload_close_s is told to come back later rather than held.
+        limit = self.hub.settings.overload_close_s
+        try:
+            return await asyncio.wait_for(self.hub.pipeline.submit(lines, count), limit)
+        except TimeoutError:
+            raise Overloaded(f"the hub is overloaded (waited {limit:g} s); retry later") from None
+
     def _prepare(self, readings: list[Any], arrival_ns: int) -> PreparedReadings:
         return prepare_readings(
             readings,
             # Looked up per message so that a SIGHUP reload applies to open connections too.
-            self.hub.schemas.validator(self.ns_per_unit),
+            self.hub.schemas.validator(self.ns_per_unit, ReadingLimits.of(self.hub.settings)),
             self.device_id,
             self.ns_per_unit,
             arrival_ns,
@@ -188,7 +238,9 @@ class DeviceSession:
             try:
                 if durable is not None:
                     await durable
+                self.hub.metrics.readings_stored.inc(ack.accepted)
                 await self.connection.send(encode(ack))
+                self.hub.metrics.acks.inc()
                 self.hub.presence.stored(self.device_id, ack.accepted)
             except (ConnectionClosed, HubError, RuntimeError):
                 # The device is gone or the hub is stopping: what is unacked, it resends.
@@ -196,13 +248,34 @@ class DeviceSession:
             finally:
                 self._acks.task_done()
 
+    async def _close(self, code: int, reason: str) -> None:
+        # Frames the device sent meanwhile must still be read and thrown away: otherwise
+        # flow control stops reading the socket and the device's close frame is never seen.
+        discard = asyncio.create_task(self._discard_frames())
+        try:
+            await self.connection.close(code, reason)
+        finally:
+            discard.cancel()
+
+    async def _discard_frames(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self.connection.recv()
+
     async def _refuse(self, exc: ProtocolError) -> None:
-        log.warning("device %s: %s; closing with %d", self.device_id, exc.message, exc.close_code)
+        self.hub.metrics.protocol_errors.labels(error_label(exc)).inc()
+        log.warning(
+            "device %s: %s; closing with %d",
+            self.device_id,
+            exc.message,
+            exc.close_code,
+            extra=self._log,
+        )
         try:
             if not isinstance(exc, UnsupportedData):
                 await self.connection.send(
                     encode(ErrorMessage(code=exc.error_code, message=exc.message))
                 )
-            await self.connection.close(exc.close_code, exc.message[:120])
+            await self._close(exc.close_code, exc.message[:120])
         except ConnectionClosed:
             pass

@@ -4,8 +4,12 @@ Each setting comes from, highest precedence first:
 
 1. a command-line flag (`--influx-url`);
 2. a `HUB_` environment variable named after it (`HUB_INFLUX_URL`);
-3. the TOML config file given by `--config` or `HUB_CONFIG` (`influx_url = "..."`);
-4. the default below.
+3. a systemd credential named after it (`LoadCredential=influx_token:...`), read from
+   `$CREDENTIALS_DIRECTORY`; an empty credential counts as not given;
+4. the TOML config file given by `--config` or `HUB_CONFIG` (`influx_url = "..."`);
+5. the default below.
+
+`LIVE_SETTINGS` are those a SIGHUP applies to the running hub; the others need a restart.
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
@@ -27,6 +35,21 @@ from hub.errors import ConfigError
 
 InfluxApi = Literal["auto", "v1", "v2"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
+
+LIVE_SETTINGS = frozenset(
+    {
+        "schemas",
+        "log_level",
+        "max_connections",
+        "max_readings_per_message",
+        "max_pending_readings",
+        "device_messages_per_s",
+        "device_readings_per_s",
+        "device_burst_s",
+    }
+)
+"""Settings a SIGHUP reload applies without a restart (to open connections too)."""
 
 _config_file: ContextVar[Path | None] = ContextVar("hub_config_file", default=None)
 
@@ -79,11 +102,26 @@ class Settings(BaseSettings):
     # Limits
     max_message_bytes: PositiveInt = 2**20
     max_readings_per_message: PositiveInt = 5000
+    max_fields_per_reading: PositiveInt = 100
+    max_tags_per_reading: PositiveInt = 32
+    max_name_chars: PositiveInt = 256
+    max_string_chars: PositiveInt = 4096
+    max_nesting_depth: Annotated[int, Field(ge=4)] = 8
     max_connections: PositiveInt = 20_000
     max_unacked_messages: PositiveInt = 64
     device_messages_per_s: PositiveFloat = 100.0
     device_readings_per_s: PositiveFloat = 50_000.0
     device_burst_s: PositiveFloat = 2.0
+    overload_close_s: PositiveFloat = 15.0
+    auth_failures_burst: Annotated[int, Field(ge=0)] = 10
+    auth_failures_per_min: PositiveFloat = 6.0
+    auth_block_s: PositiveFloat = 300.0
+
+    # Security
+    allowed_origins: list[str] = []
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    compression: bool = False
 
     # Timeouts
     ping_interval_s: PositiveFloat = 20.0
@@ -97,6 +135,12 @@ class Settings(BaseSettings):
 
     # Logging
     log_level: LogLevel = "INFO"
+    log_format: LogFormat = "text"
+
+    # Health and metrics (GET /healthz, /metrics)
+    health_enabled: bool = True
+    health_host: str = "127.0.0.1"
+    health_port: Annotated[int, Field(ge=0, le=65535)] = 9765
 
     @classmethod
     def settings_customise_sources(
@@ -108,9 +152,17 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources = [init_settings, env_settings]
+        if credentials := os.environ.get("CREDENTIALS_DIRECTORY"):
+            sources.append(_CredentialsSource(settings_cls, Path(credentials)))
         if (path := _config_file.get()) is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
 
     @property
     def registry_path(self) -> Path:
@@ -146,6 +198,58 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
         raise ConfigError(f"config file {config_file}: {exc}") from None
     finally:
         _config_file.reset(token)
+
+
+class _CredentialsSource(SecretsSettingsSource):
+    """systemd credentials named after settings; empty ones (a `SetCredential=` default)
+    count as not given."""
+
+    def __init__(self, settings_cls: type[BaseSettings], directory: Path) -> None:
+        super().__init__(settings_cls, secrets_dir=directory, env_prefix="")
+
+    def __call__(self) -> dict[str, Any]:
+        return {key: value for key, value in super().__call__().items() if value != ""}
+
+
+def setting_origins(config_file: Path | None = None, **flags: Any) -> dict[str, str]:
+    """Where each setting's value comes from (`load_settings` with the same arguments):
+    `flag`, `environment`, `credential`, `config file` or `default`."""
+    config_file = config_file or _env_path("HUB_CONFIG")
+    given = {key: value for key, value in flags.items() if value is not None}
+    token = _config_file.set(config_file)
+    try:
+        sources = Settings.settings_customise_sources(
+            Settings,
+            init_settings=InitSettingsSource(Settings, given),
+            env_settings=EnvSettingsSource(Settings),
+            dotenv_settings=DotEnvSettingsSource(Settings),
+            file_secret_settings=SecretsSettingsSource(Settings),
+        )
+        origins: dict[str, str] = {}
+        for source in reversed(sources):  # lowest precedence first: higher ones overwrite
+            for name in source():
+                origins[name] = _ORIGINS.get(type(source), type(source).__name__)
+    finally:
+        _config_file.reset(token)
+    return {name: origins.get(name, "default") for name in Settings.model_fields}
+
+
+def reload_changes(current: Settings, fresh: Settings) -> tuple[dict[str, Any], list[str]]:
+    """What reloading `fresh` over `current` changes: the live settings to apply now, and
+    the names of changed settings that need a restart."""
+    changed = [
+        name for name in Settings.model_fields if getattr(current, name) != getattr(fresh, name)
+    ]
+    live = {name: getattr(fresh, name) for name in changed if name in LIVE_SETTINGS}
+    return live, [name for name in changed if name not in LIVE_SETTINGS]
+
+
+_ORIGINS: dict[type[PydanticBaseSettingsSource], str] = {
+    InitSettingsSource: "flag",
+    EnvSettingsSource: "environment",
+    _CredentialsSource: "credential",
+    TomlConfigSettingsSource: "config file",
+}
 
 
 def _env_path(name: str) -> Path | None:

@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
 
     INVALID_MESSAGE = "invalid_message"
     RATE_LIMITED = "rate_limited"
+    OVERLOADED = "overloaded"
 
 
 QUERY_PRECISIONS: dict[str, int] = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}

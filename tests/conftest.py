@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,8 @@ from device_sim.local_servers import (
     start_influxdb,
     start_victoria_metrics,
 )
+from hub import registry as registry_module
+from tests.token_leaks import LeakWatch
 
 # --- Real database servers ------------------------------------------------------------------
 # One of each per test session, on free loopback ports, files under pytest's tmp dir (kept
@@ -51,3 +55,56 @@ def influx_db_name(influxdb: LocalServer) -> Iterator[str]:
     yield name
     if influxdb.running:
         drop_database(influxdb.url, name)
+
+
+# --- No device token in any log (hostile input and hardening) -----------------------------
+# For the whole session every log record, at DEBUG, goes through `LeakWatch` (see
+# tests/token_leaks.py), and the logs of hub processes the tests start are read at the end.
+# A token found in any of them fails the run. Tests that swap the root logger's handlers
+# themselves (test_log_lines.py, to check its own formatter and redaction) are not watched
+# while they do.
+
+_leak_watch = LeakWatch()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Watch every log record; remember every token the registry issues."""
+    issue = registry_module.new_token
+
+    def new_token() -> str:
+        token = issue()
+        _leak_watch.token_issued(token)
+        return token
+
+    registry_module.new_token = new_token
+    logging.getLogger().addHandler(_leak_watch)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before each test: DEBUG everywhere, websockets included, and the watch in place."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    logging.getLogger("websockets").setLevel(logging.NOTSET)
+    if _leak_watch not in root.handlers:
+        root.addHandler(_leak_watch)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run if a token reached a log."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        _leak_watch.check_files(sorted(factory.getbasetemp().glob("**/hub-*.log")))
+    if _leak_watch.leaks:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say what leaked, masked, or how many records were checked."""
+    if _leak_watch.leaks:
+        terminalreporter.section("device tokens in logs", red=True)
+        for leak in _leak_watch.leaks[:20]:
+            terminalreporter.line(leak)
+        terminalreporter.line(f"{len(_leak_watch.leaks)} log lines hold a device token")
+    else:
+        terminalreporter.line(f"token leak watch: {_leak_watch.records} log records, no token")

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ def hub_settings(state_dir: Path, influx_url: str | None, **overrides: Any) -> S
         "flush_interval_s": 0.02,
         "retry_initial_s": 0.05,
         "retry_max_s": 0.5,
+        "health_port": 0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -64,10 +65,19 @@ def points(influx: LocalServer, db: str, measurement: str) -> list[dict[str, Any
 
 
 class HubProcess:
-    """`hub serve` as a real child process on a free port; stopped by pid."""
+    """`hub serve` as a real child process on a free port; stopped by pid. `env` adds to
+    (or overrides) the test's environment."""
 
-    def __init__(self, state_dir: Path, influx: LocalServer, bucket: str, *args: str) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        influx: LocalServer,
+        bucket: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.state_dir = state_dir
+        self.env = {**os.environ, **env} if env is not None else None
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self.log_path = state_dir.parent / f"hub-{self.port}.log"
@@ -77,6 +87,7 @@ class HubProcess:
             "--port", str(self.port),
             "--influx-url", influx.url,
             "--influx-bucket", bucket,
+            "--health-port", "0",
             *args,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
@@ -86,10 +97,17 @@ class HubProcess:
         """Everything the hub printed so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def launch(self) -> None:
+        """Start the hub process without waiting for it."""
+        with self.log_path.open("ab") as output:
+            self.process = subprocess.Popen(
+                self.argv, stdout=output, stderr=subprocess.STDOUT, env=self.env
+            )
+
     async def start(self) -> None:
         """Start the hub and wait (bounded) until it accepts connections."""
-        with self.log_path.open("ab") as output:
-            self.process = subprocess.Popen(self.argv, stdout=output, stderr=subprocess.STDOUT)
+        self.launch()
+        assert self.process is not None
         deadline = time.monotonic() + PROCESS_START_S
         while True:
             assert self.process.poll() is None, f"hub exited early:\n{self.log}"
@@ -107,6 +125,12 @@ class HubProcess:
         """Send a signal to the hub process."""
         assert self.process is not None
         os.kill(self.process.pid, sig)
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crash or power loss would, and reap the process."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        await asyncio.to_thread(self.process.wait, PROCESS_STOP_S)
 
     async def stop(self) -> int:
         """SIGTERM, wait (bounded, SIGKILL after), return the exit status."""

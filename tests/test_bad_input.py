@@ -343,3 +343,21 @@ async def test_within_rate_limits_is_accepted(
             second = await device.send_readings([reading(n) for n in range(5, 10)])
             acks = await asyncio.wait_for(asyncio.gather(first, second), WAIT_S)
         assert [ack.accepted for ack in acks] == [5, 5]
+
+
+async def test_bad_frame_followed_by_more_frames_still_closes_cleanly(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frames sent after the bad one are read and dropped, so the close handshake completes
+    with 1007 on both sides instead of the hub timing out (1006)."""
+    caplog.set_level("INFO", logger="hub.server")
+    later = [readings_message(seq, [reading(seq)]) for seq in range(2, 20)]
+    outcome = await misbehave(hub, b"\xc1", *later)
+    assert outcome.close_code == 1007
+    for _ in range(100):
+        if any("dev-bad disconnected" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    closes = [r.getMessage() for r in caplog.records if "dev-bad disconnected" in r.getMessage()]
+    assert closes and "1007" in closes[0], closes
+    await assert_good_device_still_acked(hub)

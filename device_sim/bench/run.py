@@ -1,0 +1,106 @@
+"""`device-sim bench`: start InfluxDB, provision devices, run every scenario, report."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from device_sim.bench import report
+from device_sim.bench.scenarios import Bench, BenchSizes, Scenario
+from device_sim.local_servers import ensure_installed, start_influxdb
+
+SCENARIOS = ("ceiling", "no_hub", "batched", "single", "idle", "storm")
+"""Scenario groups `--only` can pick; `batched` includes its half-rate latency run and
+`idle` the config push (scenario 7), which runs on the idle connections."""
+
+
+async def run_bench(
+    out_dir: Path,
+    sizes: BenchSizes,
+    only: set[str] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the chosen scenarios; write `bench.json` and `bench.png` into `out_dir`."""
+    console = console or Console(stderr=True)
+    wanted = only or set(SCENARIOS)
+    ensure_installed()
+    scenarios: dict[str, Scenario] = {}
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="hub-bench-") as work,
+        start_influxdb(Path(work) / "influxdb") as influx,
+    ):
+        bench = Bench(influx, Path(work), sizes)
+        provision_s = bench.provision()
+        console.log(f"provisioned devices with `hub token add --count` in {provision_s:.2f} s")
+
+        async def step(name: str, run: Any) -> Any:
+            console.log(f"scenario {name}...")
+            result = await run
+            for scenario in result if isinstance(result, tuple) else (result,):
+                scenarios[scenario.name] = scenario
+                console.log(f"  {scenario.title}: {scenario.metrics}")
+            return result
+
+        if "ceiling" in wanted:
+            await step("ceiling", bench.ceiling())
+        if "no_hub" in wanted:
+            await step("no_hub", bench.no_hub())
+        if "batched" in wanted:
+            batched = await step(
+                "batched",
+                bench.hub_throughput(
+                    "batched",
+                    f"3. hub, {sizes.batch} readings a message",
+                    devices=sizes.devices,
+                    rate=sizes.batched_rate,
+                    batch=sizes.batch,
+                    window=sizes.window,
+                ),
+            )
+            half = batched.metrics["stored_per_s"] / 2 / (sizes.devices * sizes.batch)
+            await step(
+                "batched_half",
+                bench.hub_throughput(
+                    "batched_half",
+                    "3b. hub, batched, at half the maximum rate",
+                    devices=sizes.devices,
+                    rate=max(half, 0.05),
+                    batch=sizes.batch,
+                    window=sizes.window,
+                ),
+            )
+        if "single" in wanted:
+            await step(
+                "single",
+                bench.hub_throughput(
+                    "single",
+                    "4. hub, one reading a message",
+                    devices=sizes.single_devices,
+                    rate=sizes.single_rate,
+                    batch=1,
+                    window=sizes.single_window,
+                ),
+            )
+        if "idle" in wanted:
+            await step("idle", bench.idle_and_config())
+        if "storm" in wanted:
+            await step("storm", bench.connect_storm())
+    command = shlex.join(["device-sim", *sys.argv[1:]])
+    extra = {
+        "provision_s": round(provision_s, 3),
+        "total_s": round(time.monotonic() - started, 1),
+        "influxdb": "1.6.7 (Debian package), same machine",
+    }
+    result = report.build(scenarios, sizes, command, extra)
+    out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at the end)
+    report.write_json(result, out_dir / "bench.json")
+    if not report.write_chart(result, out_dir / "bench.png"):
+        console.log("no chart: install the plot extra (pip install 'sensor-hub[plot]')")
+    return result

@@ -1,0 +1,76 @@
+"""Realistic sensor values: smooth random walks with a little noise, like a real room sensor.
+
+A profile precomputes a cycle of values per quantity, so a simulated device spends
+nanoseconds, not microseconds, per reading: a load generator must stay cheaper than the
+hub it measures. `invalid_ratio` makes some readings out of range (a humidity above 100 %),
+the kind of value a broken sensor sends and the hub's measurement schema should reject.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from schemas.messages import Reading
+
+MEASUREMENT = "environment"
+QUANTITIES = ("temperature", "humidity", "pressure", "battery")
+CYCLE = 997
+"""Steps of the precomputed walk; a prime, so cycles of different lengths rarely line up."""
+OUT_OF_RANGE_HUMIDITY = 140.0
+"""What a broken humidity sensor reports: above the 0-100 % the measurement schema allows."""
+
+SCHEMA_TOML = """\
+accept_unknown_measurements = true
+
+[measurements.environment]
+tags = ["room"]
+[measurements.environment.fields]
+temperature = { type = "float", min = -40, max = 85, required = true }
+humidity    = { type = "float", min = 0, max = 100 }
+pressure    = { type = "float", min = 800, max = 1100 }
+battery     = { type = "float", min = 0, max = 5 }
+"""
+"""A measurement schema for the hub that accepts these readings and rejects invalid ones."""
+
+
+def _walk(rng: random.Random, start: float, step: float, low: float, high: float) -> list[float]:
+    """A bounded random walk that comes back to its start, so the cycle has no jump."""
+    values, value = [], start
+    for _ in range(CYCLE):
+        value = min(high, max(low, value + rng.gauss(0, step)))
+        values.append(value)
+    drift = (values[-1] - start) / CYCLE
+    return [v - drift * (i + 1) for i, v in enumerate(values)]
+
+
+class SensorProfile:
+    """One device's sensors: temperature, humidity, pressure and battery voltage."""
+
+    def __init__(self, rng: random.Random, room: str, invalid_ratio: float = 0.0) -> None:
+        self.room = room
+        self.invalid_ratio = invalid_ratio
+        self._rng = rng
+        temperature = _walk(rng, rng.uniform(18, 24), 0.05, -10, 40)
+        humidity = _walk(rng, rng.uniform(35, 55), 0.1, 5, 95)
+        pressure = _walk(rng, rng.uniform(990, 1030), 0.02, 950, 1050)
+        battery = _walk(rng, rng.uniform(3.6, 4.2), 0.001, 3.0, 4.2)
+        self._fields: list[dict[str, float]] = [
+            {
+                "temperature": round(t + rng.uniform(-0.02, 0.02), 3),
+                "humidity": round(h, 2),
+                "pressure": round(p, 2),
+                "battery": round(b, 3),
+            }
+            for t, h, p, b in zip(temperature, humidity, pressure, battery, strict=True)
+        ]
+        self._tags = {"room": room}
+        self._step = rng.randrange(CYCLE)
+
+    def reading(self, time: int) -> Reading:
+        """The next reading, stamped `time` (in the connection's precision)."""
+        self._step = (self._step + 1) % CYCLE
+        fields: dict[str, Any] = self._fields[self._step]
+        if self.invalid_ratio and self._rng.random() < self.invalid_ratio:
+            fields = {**fields, "humidity": OUT_OF_RANGE_HUMIDITY}
+        return {"name": MEASUREMENT, "time": time, "tags": self._tags, "fields": fields}

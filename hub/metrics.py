@@ -1,0 +1,200 @@
+"""Every Prometheus metric of the hub, defined once, in a registry of its own per hub.
+
+Events are counted where they happen, once per message or batch (never per reading):
+`metrics.readings_received.inc(n)`. State that objects already keep (open connections,
+pending readings, the pipeline's counters, the spool) is read at scrape time by
+`StateCollector`, so it costs nothing on the hot path.
+
+Label values are a small fixed set each:
+
+* `hub_handshakes_refused_total{reason}`: the HTTP answer, `unauthorized`, `bad_request`,
+  `not_found`, `service_unavailable` (draining or at `max_connections`), ...;
+* `hub_readings_rejected_total{reason}`: the part of a reading that broke its schema,
+  `name`, `fields`, `tags`, `time`, or `unknown_measurement`, `undecodable` (a Telegraf
+  metric cut short), `invalid` (anything else, such as text InfluxDB cannot store);
+* `hub_protocol_errors_total{error}`: why a connection was closed, `invalid_message`,
+  `unsupported_data`, `rate_limited`;
+* `hub_influx_errors_total{status}`: the HTTP status, or `unreachable`, or `timeout`;
+* `hub_config_acks_total{result}`: `applied`, `refused`, `ignored` (stale or repeated).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable, Iterator
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from schemas.messages import Rejection
+
+if TYPE_CHECKING:
+    from hub.server import Hub
+
+BATCH_POINTS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000)
+WRITE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_SCHEMA_PARTS = frozenset({"name", "fields", "tags", "time"})
+# Label values shown at 0 from the start, so that rates and alerts work before the first one.
+_KNOWN_LABELS = {
+    "handshakes_refused": ("unauthorized", "bad_request", "not_found", "service_unavailable"),
+    "readings_rejected": (*sorted(_SCHEMA_PARTS), "unknown_measurement", "undecodable", "invalid"),
+    "protocol_errors": ("invalid_message", "unsupported_data", "rate_limited"),
+    "config_acks": ("applied", "refused", "ignored"),
+}
+
+
+class HubMetrics:
+    """The metrics of one hub; `registry` is what `/metrics` serves."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        # Devices
+        self.connections_opened = Counter(
+            "hub_connections_opened", "Device connections accepted.", registry=r
+        )
+        self.handshakes_refused = Counter(
+            "hub_handshakes_refused",
+            "Handshakes answered without an upgrade.",
+            ["reason"],
+            registry=r,
+        )
+        self.protocol_errors = Counter(
+            "hub_protocol_errors",
+            "Connections closed for breaking the protocol.",
+            ["error"],
+            registry=r,
+        )
+        # Readings
+        self.readings_received = Counter(
+            "hub_readings_received", "Readings received from devices.", registry=r
+        )
+        self.readings_stored = Counter(
+            "hub_readings_stored", "Readings made durable (InfluxDB or the spool).", registry=r
+        )
+        self.readings_rejected = Counter(
+            "hub_readings_rejected",
+            "Readings rejected, by the part that was wrong.",
+            ["reason"],
+            registry=r,
+        )
+        self.acks = Counter("hub_acks", "Acks sent to devices.", registry=r)
+        # Configuration pushed to devices
+        self.config_pushes = Counter("hub_config_pushes", "Configs sent to devices.", registry=r)
+        self.config_acks = Counter(
+            "hub_config_acks", "Devices' answers to pushed configs.", ["result"], registry=r
+        )
+        # InfluxDB
+        self.batch_points = Histogram(
+            "hub_batch_points",
+            "Points per batch written to InfluxDB.",
+            buckets=BATCH_POINTS_BUCKETS,
+            registry=r,
+        )
+        self.write_seconds = Histogram(
+            "hub_influx_write_duration_seconds",
+            "Time InfluxDB took to answer a write.",
+            buckets=WRITE_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.influx_errors = Counter(
+            "hub_influx_errors",
+            "Failed writes to InfluxDB, by HTTP status.",
+            ["status"],
+            registry=r,
+        )
+        for attribute, values in _KNOWN_LABELS.items():
+            counter: Counter = getattr(self, attribute)
+            for label in values:
+                counter.labels(label)
+
+    def watch(self, hub: Hub) -> None:
+        """Expose the state of `hub` and its pipeline and spool, read at scrape time."""
+        self.registry.register(StateCollector(hub))
+
+    def count_rejections(self, rejected: Iterable[Rejection], undecodable: int = 0) -> None:
+        """Count rejected readings by reason (one call per message)."""
+        tally = Tally(rejection_reason(r.errors) for r in rejected)
+        if undecodable:
+            tally["undecodable"] += undecodable
+        for reason, count in tally.items():
+            self.readings_rejected.labels(reason).inc(count)
+
+    def influx_error(self, status: int | str | None) -> None:
+        """Count one failed write."""
+        self.influx_errors.labels(str(status) if status is not None else "unreachable").inc()
+
+
+def refusal_reason(status: int) -> str:
+    """The label of a refused handshake: its HTTP reason phrase, in snake case."""
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return str(status)
+
+
+def rejection_reason(errors: list[str]) -> str:
+    """The label of a rejected reading, from the first of its reasons."""
+    first = errors[0] if errors else ""
+    if first.startswith("no schema for measurement"):
+        return "unknown_measurement"
+    part = first.split(":", 1)[0].split(".", 1)[0] if ":" in first else ""
+    return part if part in _SCHEMA_PARTS else "invalid"
+
+
+def error_label(exc: Exception) -> str:
+    """`RateLimited` -> `rate_limited`."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+class StateCollector(Collector):
+    """Connections, pipeline counters and the spool, read from the live objects."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self._hub
+        pipeline = hub.pipeline
+        yield _gauge("hub_connections", "Open device connections.", len(hub.live_devices))
+        yield _gauge("hub_accepting", "1 while new devices are let in.", hub.accepting)
+        yield _gauge("hub_pending_readings", "Readings not yet durable.", pipeline.pending)
+        yield _gauge("hub_influx_healthy", "1 while writes to InfluxDB succeed.", pipeline.healthy)
+        c = pipeline.counters
+        yield _counter("hub_points_written", "Points written to InfluxDB.", c.points_written)
+        yield _counter("hub_batches_written", "Batches written to InfluxDB.", c.batches_written)
+        yield _counter("hub_points_spooled", "Points written to the spool.", c.points_spooled)
+        yield _counter("hub_points_replayed", "Spooled points written on.", c.points_replayed)
+        yield _counter("hub_write_retries", "Batch writes retried.", c.retries)
+        yield _counter(
+            "hub_dead_letter_points", "Points InfluxDB refused for good.", c.dead_lettered_points
+        )
+        spool = pipeline.spool
+        if spool is None:
+            return
+        # Read without the pipeline's lock: a scrape during an append may be one batch off.
+        status = spool.status()
+        yield _gauge("hub_spool_bytes", "Bytes in the spool.", status.bytes)
+        yield _gauge("hub_spool_max_bytes", "The spool's size limit.", spool.max_bytes)
+        yield _gauge("hub_spool_segments", "Spool segment files.", status.segments)
+        yield _gauge("hub_spool_batches", "Batches waiting in the spool.", status.batches)
+        yield _gauge("hub_spool_points", "Points waiting in the spool.", status.points)
+        age = 0.0 if status.oldest is None else max(0.0, time.time() - status.oldest)
+        yield _gauge("hub_spool_oldest_age_seconds", "Age of the oldest spooled batch.", age)
+        yield _gauge("hub_spool_full", "1 while the spool refuses batches.", pipeline.spool_full)
+        yield _counter(
+            "hub_spool_skipped_bytes", "Damaged spool bytes skipped at start.", status.skipped_bytes
+        )
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=float(value))
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=float(value))
