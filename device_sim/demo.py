@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from device_sim.fleet import Credentials, run_fleet
+from device_sim.fleet import Credentials, FleetReport, read_tokens, run_fleet
 from device_sim.local_servers import (
     LocalServer,
     create_database,
@@ -25,18 +25,18 @@ from device_sim.local_servers import (
 DATABASE = "sensors"
 
 
-def provision(state_dir: Path, device_ids: list[str]) -> list[Credentials]:
-    """Register devices with `hub token add`, as an operator would."""
-    devices = []
-    for device_id in device_ids:
-        token = subprocess.run(
-            [sys.executable, "-m", "hub", "token", "add", device_id, "--state-dir", str(state_dir)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        devices.append(Credentials(device_id, token))
-    return devices
+def provision(state_dir: Path, count: int, tokens: Path) -> list[Credentials]:
+    """Register devices with `hub token add --count`, as an operator would."""
+    subprocess.run(
+        [
+            sys.executable, "-m", "hub", "token", "add",
+            "--count", str(count), "--prefix", "demo-sensor-",
+            "--out", str(tokens), "--state-dir", str(state_dir),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return read_tokens(tokens)
 
 
 def start_hub(
@@ -76,6 +76,19 @@ def start_hub(
     raise RuntimeError(f"the hub did not start listening:\n{log_path.read_text()}")
 
 
+def missing_acked(influx: LocalServer, report: FleetReport) -> int:
+    """Acked readings that InfluxDB does not hold (each device's exact timestamps)."""
+    missing = 0
+    for device_id, device in report.devices.items():
+        rows = influxql(
+            influx.url,
+            DATABASE,
+            f"SELECT temperature FROM environment WHERE device = '{device_id}'",  # noqa: S608
+        )
+        missing += len(set(device.acked_times_ns()) - {int(row["time"]) for row in rows})
+    return missing
+
+
 def stored_per_device(influx: LocalServer) -> dict[str, int]:
     """Readings stored in InfluxDB, per device."""
     rows = influxql(
@@ -87,8 +100,9 @@ def stored_per_device(influx: LocalServer) -> dict[str, int]:
 async def show_progress(influx: LocalServer, duration: float) -> None:
     """Print what InfluxDB holds every two seconds while the devices stream."""
     started = time.monotonic()
-    while (elapsed := time.monotonic() - started) < duration + 1:
+    while time.monotonic() - started < duration + 1:
         await asyncio.sleep(2)
+        elapsed = time.monotonic() - started
         counts = await asyncio.to_thread(stored_per_device, influx)
         per_device = ", ".join(f"{d}={n}" for d, n in sorted(counts.items()))
         print(f"  {elapsed:5.1f} s  stored in InfluxDB: {sum(counts.values()):7d}  ({per_device})")
@@ -106,8 +120,8 @@ async def demo(devices: int, duration: float, rate: float, batch: int) -> int:
                 f"InfluxDB 1.6.7 running at {influx.url} (pid {influx.pid}), database {DATABASE!r}"
             )
             state_dir = work / "hub-state"
-            creds = provision(state_dir, [f"demo-sensor-{n}" for n in range(1, devices + 1)])
-            print(f"registered {len(creds)} devices with `hub token add`")
+            creds = provision(state_dir, devices, work / "tokens.csv")
+            print(f"registered {len(creds)} devices with `hub token add --count {devices}`")
             port = free_port()
             hub = start_hub(state_dir, influx, port, work / "hub.log")
             print(f"hub running at ws://127.0.0.1:{port}/v1/ws (pid {hub.pid})")
@@ -116,7 +130,7 @@ async def demo(devices: int, duration: float, rate: float, batch: int) -> int:
                 f"of {batch} readings for {duration:g} s:"
             )
             try:
-                stats, _ = await asyncio.gather(
+                report, _ = await asyncio.gather(
                     run_fleet(
                         f"ws://127.0.0.1:{port}", creds, rate=rate, batch=batch, duration=duration
                     ),
@@ -126,15 +140,17 @@ async def demo(devices: int, duration: float, rate: float, batch: int) -> int:
                 hub.send_signal(signal.SIGTERM)
                 hub.wait(timeout=20)
             stored = sum(stored_per_device(influx).values())
+            missing = missing_acked(influx, report)
             print(
-                f"\nsent {stats.sent}, acked {stats.acked}, stored in InfluxDB {stored}; "
+                f"\nsent {report.sent}, acked {report.acked}, stored in InfluxDB {stored}, "
+                f"acked but missing {missing}; "
                 f"hub log: {(work / 'hub.log').read_text().count(chr(10))} lines"
             )
             print(
                 "query it yourself next time with:  influx -port PORT -database sensors "
                 "-execute 'SELECT * FROM environment LIMIT 5'"
             )
-            if stats.acked == 0 or stored < stats.acked:
+            if report.acked == 0 or missing:
                 print("FAILED: acked readings are missing from InfluxDB", file=sys.stderr)
                 print((work / "hub.log").read_text(), file=sys.stderr)
                 return 1

@@ -96,6 +96,8 @@ class DeviceReport:
     dropped: int
     connects: int
     failed_connects: int
+    connect_errors: dict[str, int]
+    """Failed connection attempts by cause: `HTTP 503`, `TimeoutError`, ..."""
     configs_applied: list[int]
     close_codes: list[int]
     acked_times: list[int]
@@ -128,6 +130,7 @@ class DeviceReport:
             "connects": self.connects,
             "reconnects": self.reconnects,
             "failed_connects": self.failed_connects,
+            "connect_errors": self.connect_errors,
             "configs_applied": self.configs_applied,
             "close_codes": self.close_codes,
             "first_connected_at": self.first_connected_at,
@@ -220,6 +223,7 @@ class SimulatedDevice:
         self.state = DeviceState.DONE
         self.sent = self.resent = self.acked = self.rejected = self.dropped = 0
         self.connects = self.failed_connects = 0
+        self.connect_errors: dict[str, int] = {}
         self.configs_applied: list[int] = []
         self.close_codes: list[int] = []
         self.first_connected_at: float | None = None
@@ -259,16 +263,14 @@ class SimulatedDevice:
             try:
                 connection = await self._connect()
             except InvalidStatus as exc:
-                self.failed_connects += 1
-                self.stats.failed_connects += 1
+                self._connect_failed(f"HTTP {exc.response.status_code}")
                 status = exc.response.status_code
                 if status in _STOP_ON_STATUS:
                     self.state = _STOP_ON_STATUS[HTTPStatus(status)]
                     break
                 retry_after = retry_after_seconds(exc.response.headers.get("Retry-After"))
-            except (OSError, TimeoutError, InvalidHandshake):
-                self.failed_connects += 1
-                self.stats.failed_connects += 1
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                self._connect_failed(type(exc).__name__)
             else:
                 code = await self._stream(connection, deadline)
                 if code is None:
@@ -309,6 +311,11 @@ class SimulatedDevice:
         self._connection = connection
         client.on_closed(lambda: self._closed(connection))
         return connection
+
+    def _connect_failed(self, why: str) -> None:
+        self.failed_connects += 1
+        self.stats.failed_connects += 1
+        self.connect_errors[why] = self.connect_errors.get(why, 0) + 1
 
     def _closed(self, connection: _Connection) -> None:
         connection.closed = True
@@ -514,6 +521,7 @@ class SimulatedDevice:
             dropped=self.dropped,
             connects=self.connects,
             failed_connects=self.failed_connects,
+            connect_errors=dict(self.connect_errors),
             configs_applied=list(self.configs_applied),
             close_codes=list(self.close_codes),
             acked_times=sorted(self._acked_times),

@@ -3,6 +3,7 @@
 Runs by itself for a bounded time; tests and benchmarks drive it in-process::
 
     import asyncio
+    from pathlib import Path
     from device_sim.fleet import read_tokens, run_fleet
 
     async def main() -> None:
@@ -104,11 +105,16 @@ class FleetReport:
             )
         }
         counters["configs_applied"] = sum(len(d.configs_applied) for d in self.devices.values())
+        errors: dict[str, int] = {}
+        for device in self.devices.values():
+            for why, count in device.connect_errors.items():
+                errors[why] = errors.get(why, 0) + count
         return {
             "devices": len(self.devices),
             "elapsed_s": round(self.elapsed_s, 3),
             "acked_per_s": round(self.acked / self.elapsed_s, 1) if self.elapsed_s else None,
             "states": self.states(),
+            "connect_errors": errors,
             **summary(counters, self.latency),
         }
 

@@ -20,31 +20,24 @@ def _ms(value: float | None) -> str:
 
 
 def live_table(stats: FleetStats, elapsed_s: float, acked_per_s: float, recent: Any) -> Table:
-    """One frame of the live view."""
-    table = Table(title=f"device-sim  {elapsed_s:6.1f} s", show_header=True, expand=False)
-    for column in (
-        "connected",
-        "sent",
-        "acked",
-        "acked/s",
-        "rejected",
-        "in flight",
-        "reconnects",
-        "p50 ack",
-        "p99 ack",
-    ):
-        table.add_column(column, justify="right")
-    table.add_row(
-        f"{stats.connected:,}",
-        f"{stats.sent:,}",
-        f"{stats.acked:,}",
-        f"{acked_per_s:,.0f}",
-        f"{stats.rejected:,}",
-        f"{stats.in_flight:,}",
-        f"{stats.reconnects:,}",
-        _ms(recent.percentile(0.5)),
-        _ms(recent.percentile(0.99)),
-    )
+    """One frame of the live view: a narrow two-column table, readable in any terminal."""
+    table = Table(title=f"device-sim  {elapsed_s:6.1f} s", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = {
+        "connected": f"{stats.connected:,}",
+        "sent": f"{stats.sent:,}",
+        "acked": f"{stats.acked:,}",
+        "acked / s": f"{acked_per_s:,.0f}",
+        "rejected": f"{stats.rejected:,}",
+        "in flight": f"{stats.in_flight:,}",
+        "resent": f"{stats.resent:,}",
+        "reconnects": f"{stats.reconnects:,}",
+        "ack latency p50": _ms(recent.percentile(0.5)),
+        "ack latency p99": _ms(recent.percentile(0.99)),
+    }
+    for what, value in rows.items():
+        table.add_row(what, value)
     return table
 
 

@@ -1,13 +1,17 @@
 """Realistic sensor values: smooth random walks with a little noise, like a real room sensor.
 
-A profile precomputes a cycle of values per quantity, so a simulated device spends
-nanoseconds, not microseconds, per reading: a load generator must stay cheaper than the
-hub it measures. `invalid_ratio` makes some readings out of range (a humidity above 100 %),
-the kind of value a broken sensor sends and the hub's measurement schema should reject.
+Walks are precomputed, a cycle of values per quantity, so a simulated device spends
+nanoseconds, not microseconds, per reading: a load generator must stay cheaper than the hub
+it measures. A process computes `VARIANTS` walks once and each device starts at its own
+point of one of them, so ten thousand devices start in milliseconds.
+
+`invalid_ratio` makes some readings out of range (a humidity above 100 %), the kind of
+value a broken sensor sends and the hub's measurement schema should reject.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -16,7 +20,8 @@ from schemas.messages import Reading
 MEASUREMENT = "environment"
 QUANTITIES = ("temperature", "humidity", "pressure", "battery")
 CYCLE = 997
-"""Steps of the precomputed walk; a prime, so cycles of different lengths rarely line up."""
+"""Steps of a precomputed walk; a prime, so devices' cycles rarely line up."""
+VARIANTS = 32
 OUT_OF_RANGE_HUMIDITY = 140.0
 """What a broken humidity sensor reports: above the 0-100 % the measurement schema allows."""
 
@@ -44,6 +49,25 @@ def _walk(rng: random.Random, start: float, step: float, low: float, high: float
     return [v - drift * (i + 1) for i, v in enumerate(values)]
 
 
+@functools.cache
+def _variant(number: int) -> list[dict[str, float]]:
+    """One precomputed cycle of all four quantities, the same in every process."""
+    rng = random.Random(number)
+    temperature = _walk(rng, rng.uniform(18, 24), 0.05, -10, 40)
+    humidity = _walk(rng, rng.uniform(35, 55), 0.1, 5, 95)
+    pressure = _walk(rng, rng.uniform(990, 1030), 0.02, 950, 1050)
+    battery = _walk(rng, rng.uniform(3.6, 4.2), 0.001, 3.0, 4.2)
+    return [
+        {
+            "temperature": round(t + rng.uniform(-0.02, 0.02), 3),
+            "humidity": round(h, 2),
+            "pressure": round(p, 2),
+            "battery": round(b, 3),
+        }
+        for t, h, p, b in zip(temperature, humidity, pressure, battery, strict=True)
+    ]
+
+
 class SensorProfile:
     """One device's sensors: temperature, humidity, pressure and battery voltage."""
 
@@ -51,19 +75,7 @@ class SensorProfile:
         self.room = room
         self.invalid_ratio = invalid_ratio
         self._rng = rng
-        temperature = _walk(rng, rng.uniform(18, 24), 0.05, -10, 40)
-        humidity = _walk(rng, rng.uniform(35, 55), 0.1, 5, 95)
-        pressure = _walk(rng, rng.uniform(990, 1030), 0.02, 950, 1050)
-        battery = _walk(rng, rng.uniform(3.6, 4.2), 0.001, 3.0, 4.2)
-        self._fields: list[dict[str, float]] = [
-            {
-                "temperature": round(t + rng.uniform(-0.02, 0.02), 3),
-                "humidity": round(h, 2),
-                "pressure": round(p, 2),
-                "battery": round(b, 3),
-            }
-            for t, h, p, b in zip(temperature, humidity, pressure, battery, strict=True)
-        ]
+        self._fields = _variant(rng.randrange(VARIANTS))
         self._tags = {"room": room}
         self._step = rng.randrange(CYCLE)
 

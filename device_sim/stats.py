@@ -82,8 +82,9 @@ class FleetStats:
     reconnects: int = 0
     failed_connects: int = 0
     config_acks: int = 0
+    first_ack_at: float = 0.0
     last_ack_at: float = 0.0
-    """Wall-clock time (time.time()) of the latest ack."""
+    """Wall-clock times (time.time()) of the first and the latest ack."""
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     recent_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     """Latencies since the last `take_recent()`: what the live view and time series show."""
@@ -94,6 +95,8 @@ class FleetStats:
         self.rejected += rejected
         self.in_flight -= accepted + rejected
         self.last_ack_at = time.time()
+        if not self.first_ack_at:
+            self.first_ack_at = self.last_ack_at
         bucket = _bucket(latency_ms)
         self.latency.counts[bucket] += 1
         self.recent_latency.counts[bucket] += 1
@@ -123,9 +126,13 @@ def summary(counters: dict[str, Any], latency: LatencyHistogram) -> dict[str, An
     return {
         **counters,
         "ack_latency_ms": {
-            "p50": latency.percentile(0.50),
-            "p99": latency.percentile(0.99),
-            "max": latency.percentile(1.0),
+            "p50": _rounded(latency.percentile(0.50)),
+            "p99": _rounded(latency.percentile(0.99)),
+            "max": _rounded(latency.percentile(1.0)),
             "count": latency.total,
         },
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

@@ -2,11 +2,11 @@
 
 `/healthz` answers 200 while the hub accepts devices (listening, not draining, below
 `max_connections`) and can store what they send (InfluxDB takes writes, or the spool takes
-the batches InfluxDB cannot); 503 otherwise. InfluxDB's state is that of the last write: the
-check itself sends nothing to InfluxDB, so scraping it often costs nothing. Either way the body is JSON with the checks and,
-when unhealthy, the reasons. `/metrics` is the Prometheus text format (see `hub.metrics`).
-It listens on `health_host` (127.0.0.1 by default): put it behind nginx, or let Prometheus
-scrape it locally, rather than opening it to the network.
+the batches InfluxDB cannot); 503 otherwise. Either way the body is JSON with the checks and,
+when unhealthy, the reasons. InfluxDB's state is that of the last write: the check itself
+sends nothing to InfluxDB, so polling it often costs nothing. `/metrics` is the Prometheus
+text format (see `hub.metrics`). It listens on `health_host` (127.0.0.1 by default): put it
+behind nginx, or let Prometheus scrape it locally, rather than opening it to the network.
 """
 
 from __future__ import annotations

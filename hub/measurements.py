@@ -374,9 +374,11 @@ class MeasurementSchemas:
         def route(reading: Any) -> str:
             if isinstance(reading, dict):
                 name = reading.get("name")
+                if not isinstance(name, str):  # a list or map is not even hashable
+                    return _GENERIC
                 if name in known:
-                    return str(name)
-                return fallback if isinstance(name, str) and name else _GENERIC
+                    return name
+                return fallback if name else _GENERIC
             return _GENERIC
 
         return route

@@ -130,15 +130,18 @@ class Pipeline:
         if self.spool is not None and self.sink is not None:
             self._tasks.append(asyncio.create_task(self._replay(), name="replayer"))
 
+    def has_room(self, count: int) -> bool:
+        """Whether `submit` of `count` points would go through now, without waiting."""
+        return self._pending == 0 or self._pending + count <= self.settings.max_pending_readings
+
     async def submit(self, lines: str, count: int) -> asyncio.Future[None]:
         """Queue `count` points (newline-separated `lines`); the future completes when durable.
 
         Waits while the pipeline is full. One message larger than the whole limit is let in
         alone rather than never.
         """
-        limit = self.settings.max_pending_readings
         async with self._room:
-            await self._room.wait_for(lambda: self._pending == 0 or self._pending + count <= limit)
+            await self._room.wait_for(lambda: self.has_room(count))
             self._pending += count
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         batch = self._current

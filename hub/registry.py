@@ -36,6 +36,7 @@ TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_CONFIG_BYTES = 64 * 1024
+_LOOKUP_CHUNK = 500  # ids per `IN (...)`, well below SQLite's limit on bound parameters
 
 # Each entry upgrades the database by one version (PRAGMA user_version).
 _MIGRATIONS = [
@@ -410,15 +411,19 @@ class Registry:
 
     def config_states(self, device_ids: Iterable[str]) -> list[ConfigState]:
         """`config_state` of several devices (unknown ids are left out)."""
-        wanted = set(device_ids)
-        rows = [
-            row
-            for row in self._db.execute(
-                "SELECT device_id, config, config_version, acked_version, ack_ok, ack_error,"
-                " acked_at FROM devices ORDER BY device_id"
+        # Looked up by key, a chunk at a time: the hub asks for one device on every connect,
+        # and a scan of the whole table each time made a connect storm quadratic.
+        wanted = list(dict.fromkeys(device_ids))
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(wanted), _LOOKUP_CHUNK):
+            chunk = wanted[start : start + _LOOKUP_CHUNK]
+            placeholders = ", ".join("?" * len(chunk))  # only `?`s: the ids are bound
+            query = (
+                "SELECT device_id, config, config_version, acked_version, ack_ok, ack_error,"  # noqa: S608
+                f" acked_at FROM devices WHERE device_id IN ({placeholders})"
             )
-            if row[0] in wanted
-        ]
+            rows.extend(self._db.execute(query, chunk))
+        rows.sort(key=lambda row: str(row[0]))
         return [
             ConfigState(
                 device_id=row[0],

@@ -119,7 +119,9 @@ class Hub:
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        await self._record_presence()
+        # Bounded: with the pipeline full (InfluxDB gone, spool full) submit would wait forever.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._record_presence(), self.settings.shutdown_timeout_s)
 
     @property
     def listening(self) -> bool:

@@ -146,6 +146,9 @@ class HubService:
     def reload(self) -> None:
         """Reload the measurement schemas and the live settings (`LIVE_SETTINGS`) from the
         sources they came from; on any error, keep all of them as they were."""
+        if self._hub is None:
+            log.warning("reload asked for during start-up: the settings just loaded stay")
+            return
         self._notifier.reloading()
         try:
             self._reload()
@@ -196,12 +199,13 @@ async def serve(settings: Settings, load_settings: Callable[[], Settings] | None
     """Run the hub until SIGTERM or SIGINT, telling systemd how it goes; SIGHUP reloads the
     schemas and the live settings, which `load_settings` reads again from their sources."""
     service = HubService(settings, notifier=Notifier(), load_settings=load_settings)
-    await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before start(): systemd may signal as soon as READY=1 is out.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
+    await service.start()
     try:
         await stop.wait()
     finally:

@@ -134,7 +134,9 @@ def test_timestamp_extension_is_decoded() -> None:
     assert event.readings[0]["time"] == msgpack.Timestamp(1_700_000_000)  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("key", [b"\xc0", b"\xc3", b"\x05", b"\xcb" + b"\x00" * 8, b"\x90", b"\x80"])
+@pytest.mark.parametrize(
+    "key", [b"\xc0", b"\xc3", b"\x05", b"\xcb" + b"\x00" * 8, b"\x90", b"\x80"]
+)
 def test_map_keys_other_than_strings_are_invalid(key: bytes) -> None:
     """nil, bool, integer, float, array or map keys make the frame invalid."""
     with pytest.raises(InvalidMessage, match="not valid msgpack"):

@@ -22,7 +22,7 @@ from hub.registry import TOKEN_PREFIX
 NOT_THE_HUB = ("websockets.client",)
 TOKEN_SHAPE = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_-]{16,}")
 BODY_CHARS = 43  # secrets.token_urlsafe(32)
-_RUN = re.compile(r"[A-Za-z0-9_-]{%d,}" % BODY_CHARS)
+_RUN = re.compile(rf"[A-Za-z0-9_-]{{{BODY_CHARS},}}")
 _MASK = re.compile(r"[A-Za-z0-9_-]{16,}")
 
 

@@ -69,17 +69,17 @@ async def _report_progress(stats: FleetStats, out: IO[str]) -> None:
             out,
             {
                 "progress": stats.counters(),
+                "first_ack_at": stats.first_ack_at,
                 "last_ack_at": stats.last_ack_at,
                 "latency": stats.take_recent().to_json(),
             },
         )
 
 
-async def _watch_stdin(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
+async def _watch_stdin(commands: asyncio.StreamReader, stop: asyncio.Event) -> None:
     while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line or line.strip() == "stop":
+        line = await commands.readline()
+        if not line or line.strip() == b"stop":
             stop.set()
             return
 
@@ -174,14 +174,14 @@ async def _http(job: Job, stats: FleetStats, stop: asyncio.Event) -> dict[str, A
     }
 
 
-async def work(job: Job, out: IO[str]) -> None:
-    """Run one job, reporting progress on `out`."""
+async def work(job: Job, commands: asyncio.StreamReader, out: IO[str]) -> None:
+    """Run one job, reporting progress on `out`; a `stop` line on `commands` ends it early."""
     stats = FleetStats()
     stop = asyncio.Event()
     await asyncio.sleep(max(0.0, job.start_at - time.time()))
     tasks = [
         asyncio.create_task(_report_progress(stats, out)),
-        asyncio.create_task(_watch_stdin(stop)),
+        asyncio.create_task(_watch_stdin(commands, stop)),
     ]
     try:
         result = await (_fleet if job.kind == "fleet" else _http)(job, stats, stop)
@@ -194,6 +194,7 @@ async def work(job: Job, out: IO[str]) -> None:
         {
             "final": result,
             "progress": stats.counters(),
+            "first_ack_at": stats.first_ack_at,
             "last_ack_at": stats.last_ack_at,
             "latency": stats.take_recent().to_json(),
             "cpu_s": times.user + times.system,
@@ -201,11 +202,17 @@ async def work(job: Job, out: IO[str]) -> None:
     )
 
 
+async def _main() -> None:
+    loop = asyncio.get_running_loop()
+    commands = asyncio.StreamReader(limit=STDOUT_LIMIT)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
+    job = Job(**json.loads(await commands.readline()))
+    await work(job, commands, sys.stdout)
+
+
 def main() -> None:
     """Read the job from stdin, run it, exit."""
-    job = Job(**json.loads(sys.stdin.readline()))
-    asyncio.run(work(job, sys.stdout))
-    os._exit(0)  # the stdin reader thread may still block in readline()
+    asyncio.run(_main())
 
 
 # --- The parent's side ---------------------------------------------------------------------
@@ -222,6 +229,7 @@ class Worker:
     latency_total: LatencyHistogram = field(default_factory=LatencyHistogram)
     final: dict[str, Any] | None = None
     cpu_s: float = 0.0
+    first_ack_at: float = 0.0
     last_ack_at: float = 0.0
 
     @property
@@ -235,6 +243,7 @@ class Worker:
         while line := await self.process.stdout.readline():
             message = json.loads(line)
             self.counters = message["progress"]
+            self.first_ack_at = message["first_ack_at"]
             self.last_ack_at = message["last_ack_at"]
             latency = LatencyHistogram.from_json(message["latency"])
             self.latency.merge(latency)
