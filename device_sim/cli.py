@@ -162,5 +162,5 @@ def bench(
     }
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     result = asyncio.run(run_bench(out_dir, sizes, set(only or [])))
-    print_report(result, Console())
+    print_report(result, Console(width=max(Console().width, 120)))
     typer.echo(f"report: {out_dir / 'bench.json'}, chart: {out_dir / 'bench.png'}", err=True)

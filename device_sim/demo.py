@@ -58,6 +58,8 @@ def start_hub(
                 influx.url,
                 "--influx-bucket",
                 DATABASE,
+                "--health-port",
+                "0",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -39,6 +39,7 @@ from schemas.codes import CloseCode
 log = logging.getLogger("hub.server")
 
 RETRY_AFTER_S = 5
+LISTEN_BACKLOG = 4096
 
 
 class Hub:
@@ -98,6 +99,9 @@ class Hub:
             # Limits (with deflate, max_size bounds the inflated message)
             max_size=s.max_message_bytes,
             max_queue=4,
+            # asyncio's default of 100 overflows in a connect storm: the kernel drops the
+            # SYNs and those devices retry 1, 3, 7 s later. It caps this at somaxconn.
+            backlog=LISTEN_BACKLOG,
             # Logging
             logger=_redacting_logger("websockets.server"),
         )

@@ -322,3 +322,15 @@ async def test_writes_resume_when_influx_comes_back(tmp_path: Path) -> None:
             await asyncio.to_thread(server.restart)
             await all_durable(futures)
             assert count_points(server, "db") == 3
+
+
+async def test_has_room_says_whether_submit_would_wait(tmp_path: Path) -> None:
+    """`has_room` is true up to max_pending_readings, and for any message into an empty one."""
+    async with FakeInflux(hold=True).running() as fake:
+        settings = fake_settings(tmp_path, fake, batch_size=5, max_pending_readings=10)
+        async with running_pipeline(settings) as pipeline:
+            assert pipeline.has_room(50)  # alone, even larger than the limit
+            await submit_each(pipeline, reading_lines(8))
+            assert pipeline.has_room(2)
+            assert not pipeline.has_room(3)
+            fake.release.set()

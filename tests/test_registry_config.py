@@ -349,3 +349,15 @@ def test_presence_of_an_unknown_device_is_refused(registry: Registry) -> None:
     """Presence can only be recorded for registered devices."""
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
         registry.record_presence([Presence("ghost", True, None, None, None, 0)])
+
+
+def test_config_states_of_many_devices_come_by_id(registry: Registry) -> None:
+    """More ids than one lookup takes: every known one comes back once, by id; unknown ones
+    are left out."""
+    ids = [f"dev-{n:04d}" for n in range(1200)]
+    registry.add_many(ids)
+    registry.set_config(ids[::7], updates={"interval_s": 5})
+    wanted = [*reversed(ids), "ghost", ids[0]]
+    states = registry.config_states(wanted)
+    assert [s.device_id for s in states] == ids
+    assert {s.device_id for s in states if s.version == 1} == set(ids[::7])

@@ -61,6 +61,7 @@ class HubProcess:
             "--influx-bucket", database,
             "--influx-api", "v1",
             "--schemas", str(schemas),
+            "--health-port", "0",
         ]  # fmt: skip
         self.environment = {**os.environ, **(environment or {})}
         self.process: asyncio.subprocess.Process | None = None

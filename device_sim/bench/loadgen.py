@@ -28,8 +28,9 @@ import aiohttp
 
 from device_sim.device import Credentials, DeviceOptions
 from device_sim.fleet import run_fleet
-from device_sim.sensors import SensorProfile
+from device_sim.sensors import MEASUREMENT, SensorProfile
 from device_sim.stats import FleetStats, LatencyHistogram
+from hub.lineprotocol import format_point  # the devices format line protocol like the hub
 
 PROGRESS_S = 0.5
 STDOUT_LIMIT = 64 * 2**20
@@ -112,23 +113,38 @@ async def _http_device(
     deadline: float,
 ) -> None:
     """One device writing straight to InfluxDB: a POST of `batch` lines per message."""
-    from hub.lineprotocol import format_point  # the hub's formatter: one place for the syntax
-
     rng = random.Random(device_id)
     sensor = SensorProfile(rng, f"room-{rng.randrange(1, 40)}")
     tags = {"device": device_id, "room": sensor.room}
-    interval = 1 / job.rate
-    loop = asyncio.get_running_loop()
-    await asyncio.sleep(rng.uniform(0, min(1.0, interval)))
-    next_send, last_us = loop.time(), 0
+    await asyncio.sleep(rng.uniform(0, min(1.0, 1 / job.rate)))
     url = f"{job.url}/write?db={job.database}&precision=u"
+    stats.connected += 1  # sending: the benchmark's steady state starts when all are
+    try:
+        await _post_until(session, url, job, sensor, tags, stats, stop, deadline)
+    finally:
+        stats.connected -= 1
+
+
+async def _post_until(
+    session: aiohttp.ClientSession,
+    url: str,
+    job: Job,
+    sensor: SensorProfile,
+    tags: dict[str, str],
+    stats: FleetStats,
+    stop: asyncio.Event,
+    deadline: float,
+) -> None:
+    loop = asyncio.get_running_loop()
+    interval = 1 / job.rate
+    next_send, last_us = loop.time(), 0
     while not stop.is_set() and loop.time() < deadline:
         now_us = time.time_ns() // 1000
         lines = []
         for index in range(job.batch):
             last_us = max(now_us - (job.batch - 1 - index), last_us + 1)
             reading = sensor.reading(last_us)
-            lines.append(format_point("environment", tags, reading["fields"], last_us))
+            lines.append(format_point(MEASUREMENT, tags, reading["fields"], last_us))
         body = "\n".join(lines).encode()
         stats.sent += job.batch
         stats.in_flight += job.batch

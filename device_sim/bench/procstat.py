@@ -36,3 +36,15 @@ def sample(pid: int) -> ProcessSample:
         rss_bytes=memory.get("VmRSS", 0),
         peak_rss_bytes=memory.get("VmHWM", 0),
     )
+
+
+def machine_busy_s() -> tuple[float, float]:
+    """CPU seconds the whole machine spent busy, and in all, summed over its CPUs (/proc/stat).
+
+    Beside the hub's, InfluxDB's and the load generators' own CPU, this tells how much went
+    to everything else on the machine.
+    """
+    with open("/proc/stat", encoding="ascii") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / CLOCK_TICKS, sum(ticks) / CLOCK_TICKS

@@ -89,7 +89,9 @@ async def run_bench(
                 ),
             )
         if "idle" in wanted:
-            await step("idle", bench.idle_and_config())
+            _, config = await step("idle", bench.idle_and_config())
+            await bench.config_round_trips_tuned(config)
+            console.log(f"  config round trips, tuned hub: {config.metrics}")
         if "storm" in wanted:
             await step("storm", bench.connect_storm())
     command = shlex.join(["device-sim", *sys.argv[1:]])
