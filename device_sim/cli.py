@@ -29,7 +29,7 @@ def run(
         Path, typer.Option(help="CSV of device_id,token rows (hub token add --count --out).")
     ] = Path("tokens.csv"),
     devices: Annotated[
-        int | None, typer.Option(min=1, help="How many devices [every row of the file].")
+        int | None, typer.Option(min=1, help="How many devices (default: every row of the file).")
     ] = None,
     rate: Annotated[float, typer.Option(min=0, help="Messages per second per device.")] = 1.0,
     batch: Annotated[int, typer.Option(min=1, help="Readings per message.")] = 10,

@@ -439,6 +439,8 @@ class Registry:
 
     def record_config_ack(self, device_id: str, version: int, ok: bool, error: str | None) -> bool:
         """Store a device's answer to its latest version; a stale or repeated one is ignored."""
+        if not 0 <= version < 2**63:  # never sent (SQLite's INTEGER could not even hold it)
+            return False
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE devices SET acked_version = ?, ack_ok = ?, ack_error = ?, acked_at = ?"

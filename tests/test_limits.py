@@ -230,3 +230,25 @@ def test_reasons_in_one_ack_are_bounded() -> None:
     assert found[-1].errors == [REASONS_OMITTED]
     text = sum(len(error) for r in found for error in r.errors)
     assert text <= REASONS_BUDGET_CHARS + 5 * MAX_REASON_CHARS + 5000 * len(REASONS_OMITTED)
+
+
+# --- Found by the fuzzer -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [[], {}, [["x"]], None, 1.5])
+def test_reading_whose_name_is_not_a_string_is_rejected_not_raised(name: Any) -> None:
+    """A name that is a list or map (unhashable) is a rejected reading, not a crash."""
+    assert reasons({"name": name, "fields": {"a": 1}})
+
+
+@pytest.mark.parametrize("version", [2**63, 2**64 - 1])
+def test_config_ack_beyond_int64_is_ignored_not_raised(tmp_path: Path, version: int) -> None:
+    """A config_ack version the hub could never have sent (over SQLite's INTEGER) is ignored."""
+    from hub.registry import Registry
+
+    registry = Registry(tmp_path / "registry.sqlite3")
+    try:
+        registry.add("dev-1")
+        assert registry.record_config_ack("dev-1", version, True, None) is False
+    finally:
+        registry.close()
