@@ -54,9 +54,9 @@ class DeviceSession:
         self._reading_rate = TokenBucket(
             settings.device_readings_per_s, settings.device_readings_per_s * burst
         )
-        self._acks: asyncio.Queue[tuple[Ack, asyncio.Future[None] | None]] = asyncio.Queue(
-            settings.max_unacked_messages
-        )
+        # Made on the first readings message: an idle connection then costs neither.
+        self._acks: asyncio.Queue[tuple[Ack, asyncio.Future[None] | None]] | None = None
+        self._sender: asyncio.Task[None] | None = None
         self._config_lock = asyncio.Lock()
         self._log = device_extra(self.device_id)
 
@@ -72,7 +72,6 @@ class DeviceSession:
 
     async def run(self) -> None:
         """Serve the connection until it closes."""
-        sender = asyncio.create_task(self._send_acks())
         try:
             await self.push_config()
             await self._receive()
@@ -83,12 +82,13 @@ class DeviceSession:
             # Messages before the bad frame were fine: ack them before saying goodbye.
             with contextlib.suppress(TimeoutError):
                 if exc.acks_first:
-                    await asyncio.wait_for(self._acks.join(), ACK_GRACE_S)
+                    await asyncio.wait_for(self.acks_sent(), ACK_GRACE_S)
             await self._refuse(exc)
         except ConnectionClosed:
             pass
         finally:
-            sender.cancel()
+            if self._sender is not None:
+                self._sender.cancel()
 
     async def push_config(self) -> None:
         """Send the desired config if the device has not answered its latest version."""
@@ -105,7 +105,8 @@ class DeviceSession:
 
     async def acks_sent(self) -> None:
         """Wait until every message received so far has been answered."""
-        await self._acks.join()
+        if self._acks is not None:
+            await self._acks.join()
 
     async def revoke(self) -> None:
         """Close the connection because the device's token was revoked."""
@@ -145,6 +146,9 @@ class DeviceSession:
         if prepared.accepted:
             durable = await self._submit(prepared.lines, prepared.accepted)
         ack = Ack(seq=event.seq, accepted=prepared.accepted, rejected=prepared.rejected)
+        if self._acks is None:
+            self._acks = asyncio.Queue(self.hub.settings.max_unacked_messages)
+            self._sender = asyncio.create_task(self._send_acks(self._acks))
         await self._acks.put((ack, durable))
 
     async def _telegraf(self, event: TelegrafFrame, arrival_ns: int) -> None:
@@ -237,9 +241,11 @@ class DeviceSession:
             self.hub.pipeline.multiline_strings,
         )
 
-    async def _send_acks(self) -> None:
+    async def _send_acks(
+        self, acks: asyncio.Queue[tuple[Ack, asyncio.Future[None] | None]]
+    ) -> None:
         while True:
-            ack, durable = await self._acks.get()
+            ack, durable = await acks.get()
             try:
                 if durable is not None:
                     await durable
@@ -251,7 +257,7 @@ class DeviceSession:
                 # The device is gone or the hub is stopping: what is unacked, it resends.
                 return
             finally:
-                self._acks.task_done()
+                acks.task_done()
 
     async def _close(self, code: int, reason: str) -> None:
         # Frames the device sent meanwhile must still be read and thrown away: otherwise

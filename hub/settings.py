@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: PositiveFloat = 10.0
 
     # Fleet
-    registry_poll_s: PositiveFloat = 0.2
+    registry_poll_s: PositiveFloat = 0.01
     presence_flush_s: PositiveFloat = 0.5
 
     # Logging
