@@ -9,7 +9,14 @@ from typing import Annotated, Any
 
 import typer
 
-from hub.cli_common import ConfigOption, StateDirOption, open_registry, settings_from, when
+from hub.cli_common import (
+    ConfigOption,
+    StateDirOption,
+    fail,
+    open_registry,
+    settings_from,
+    when,
+)
 from hub.errors import HubError
 from hub.registry import ConfigState, Registry
 from hub.spool import read_status
@@ -35,11 +42,6 @@ def parse_assignments(pairs: list[str], *, json_values: bool) -> dict[str, Any]:
         else:
             result[key] = value
     return result
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
 
 
 @config_app.command("set")
@@ -74,17 +76,17 @@ def config_set(
     updates = parse_assignments(pairs, json_values=True)
     replace = _read_config_file(file) if file is not None else None
     if replace is None and not updates:
-        raise _fail("nothing to set: give key=value pairs or --file")
+        fail("nothing to set: give key=value pairs or --file")
     labels = parse_assignments(label or [], json_values=False)
     if sum((device_id is not None, everyone, bool(labels))) != 1:
-        raise _fail("name one device, or use --all, or --label key=value")
+        fail("name one device, or use --all, or --label key=value")
     registry = open_registry(config, state_dir)
     try:
         targets = registry.select(
             [device_id] if device_id else [], everyone=everyone, labels=labels
         )
         if not targets:
-            raise _fail("no active device matches")
+            fail("no active device matches")
         versions = registry.set_config(targets, updates=updates, replace=replace)
         typer.echo(f"config set for {len(versions)} device(s)", err=True)
         for target, version in sorted(versions.items()):
@@ -92,7 +94,7 @@ def config_set(
         if wait is not None:
             _wait_for_answers(registry, versions, wait)
     except HubError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     finally:
         registry.close()
 
@@ -101,11 +103,11 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+        fail(f"cannot read {path}: {exc.strerror}")
     except ValueError as exc:
-        raise _fail(f"{path} is not valid JSON: {exc}") from None
+        fail(f"{path} is not valid JSON: {exc}")
     if not isinstance(data, dict):
-        raise _fail(f"{path} must hold a JSON object")
+        fail(f"{path} must hold a JSON object")
     return data
 
 
@@ -147,7 +149,7 @@ def config_get(
     try:
         state = registry.config_state(device_id)
     except HubError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     finally:
         registry.close()
     report = {
@@ -185,7 +187,7 @@ def device_label(
             device_id, parse_assignments(assignments or [], json_values=False), remove or []
         )
     except HubError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     finally:
         registry.close()
     typer.echo(" ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(no labels)")
