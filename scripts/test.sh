@@ -7,6 +7,6 @@ scripts/setup.sh
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy --strict"
-.venv/bin/mypy hub schemas device_sim
+.venv/bin/mypy hub schemas device_sim tests benchmarks
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

@@ -11,7 +11,8 @@ from schemas.messages import ConfigAck
 
 
 def pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 READING = {"name": "environment", "fields": {"temperature": 21.5}}

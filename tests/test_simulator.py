@@ -7,6 +7,7 @@ import asyncio
 import random
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from hub.settings import Settings
 from tests.support import HubProcess, hub_settings, running_hub
 
 RUN_BOUND_S = 60.0
-FAST_BACKOFF = {"backoff_base_s": 0.05, "backoff_cap_s": 0.5}
+FAST_BACKOFF: dict[str, Any] = {"backoff_base_s": 0.05, "backoff_cap_s": 0.5}
 
 
 def register(
