@@ -148,10 +148,11 @@ async def demo(devices: int, duration: float, rate: float, batch: int) -> int:
                 f"acked but missing {missing}; "
                 f"hub log: {(work / 'hub.log').read_text().count(chr(10))} lines"
             )
-            print(
-                "query it yourself next time with:  influx -port PORT -database sensors "
-                "-execute 'SELECT * FROM environment LIMIT 5'"
+            sample = influxql(
+                influx.url, DATABASE, 'SELECT * FROM "environment" ORDER BY time DESC LIMIT 1'
             )
+            print(f"the latest point in InfluxDB: {sample[0] if sample else None}")
+            print("to run the hub for real, see 'Running the hub' in README.md")
             if report.acked == 0 or missing:
                 print("FAILED: acked readings are missing from InfluxDB", file=sys.stderr)
                 print((work / "hub.log").read_text(), file=sys.stderr)
