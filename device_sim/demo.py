@@ -3,79 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from device_sim.fleet import Credentials, FleetReport, read_tokens, run_fleet
+from device_sim.fleet import FleetReport, run_fleet
+from device_sim.hub_process import HubProcess, provision
 from device_sim.local_servers import (
     LocalServer,
     create_database,
     ensure_installed,
-    free_port,
     influxql,
     start_influxdb,
 )
 
 DATABASE = "sensors"
-
-
-def provision(state_dir: Path, count: int, tokens: Path) -> list[Credentials]:
-    """Register devices with `hub token add --count`, as an operator would."""
-    subprocess.run(
-        [
-            sys.executable, "-m", "hub", "token", "add",
-            "--count", str(count), "--prefix", "demo-sensor-",
-            "--out", str(tokens), "--state-dir", str(state_dir),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return read_tokens(tokens)
-
-
-def start_hub(
-    state_dir: Path, influx: LocalServer, port: int, log_path: Path
-) -> subprocess.Popen[bytes]:
-    """Start `hub serve` as its own process and wait until it accepts connections."""
-    with log_path.open("wb") as log:
-        hub = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hub",
-                "serve",
-                "--state-dir",
-                str(state_dir),
-                "--port",
-                str(port),
-                "--influx-url",
-                influx.url,
-                "--influx-bucket",
-                DATABASE,
-                "--health-port",
-                "0",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if hub.poll() is not None:
-            raise RuntimeError(f"the hub exited:\n{log_path.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return hub
-        except OSError:
-            time.sleep(0.1)
-    hub.kill()
-    raise RuntimeError(f"the hub did not start listening:\n{log_path.read_text()}")
 
 
 def missing_acked(influx: LocalServer, report: FleetReport) -> int:
@@ -122,31 +65,28 @@ async def demo(devices: int, duration: float, rate: float, batch: int) -> int:
                 f"InfluxDB 1.6.7 running at {influx.url} (pid {influx.pid}), database {DATABASE!r}"
             )
             state_dir = work / "hub-state"
-            creds = provision(state_dir, devices, work / "tokens.csv")
+            creds = provision(state_dir, devices, "demo-sensor-", work / "tokens.csv")
             print(f"registered {len(creds)} devices with `hub token add --count {devices}`")
-            port = free_port()
-            hub = start_hub(state_dir, influx, port, work / "hub.log")
-            print(f"hub running at ws://127.0.0.1:{port}/v1/ws (pid {hub.pid})")
+            hub = HubProcess(state_dir, influx, DATABASE)
+            await hub.start()
+            print(f"hub running at {hub.url}/v1/ws (pid {hub.pid})")
             print(
                 f"{devices} devices sending {rate:g} messages/s "
                 f"of {batch} readings for {duration:g} s:"
             )
             try:
                 report, _ = await asyncio.gather(
-                    run_fleet(
-                        f"ws://127.0.0.1:{port}", creds, rate=rate, batch=batch, duration=duration
-                    ),
+                    run_fleet(hub.url, creds, rate=rate, batch=batch, duration=duration),
                     show_progress(influx, duration),
                 )
             finally:
-                hub.send_signal(signal.SIGTERM)
-                hub.wait(timeout=20)
+                await hub.stop()
             stored = sum(stored_per_device(influx).values())
             missing = missing_acked(influx, report)
             print(
                 f"\nsent {report.sent}, acked {report.acked}, stored in InfluxDB {stored}, "
                 f"acked but missing {missing}; "
-                f"hub log: {(work / 'hub.log').read_text().count(chr(10))} lines"
+                f"hub log: {hub.log.count(chr(10))} lines"
             )
             sample = influxql(
                 influx.url, DATABASE, 'SELECT * FROM "environment" ORDER BY time DESC LIMIT 1'
@@ -155,7 +95,7 @@ async def demo(devices: int, duration: float, rate: float, batch: int) -> int:
             print("to run the hub for real, see 'Running the hub' in README.md")
             if report.acked == 0 or missing:
                 print("FAILED: acked readings are missing from InfluxDB", file=sys.stderr)
-                print((work / "hub.log").read_text(), file=sys.stderr)
+                print(hub.log, file=sys.stderr)
                 return 1
     print("demo finished: every acked reading is in InfluxDB")
     return 0

@@ -38,7 +38,7 @@ def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -> None
     config = scenarios["config"]["metrics"]
     assert config["round_trip_p99_ms"] is not None
     assert config["fleet_push_acked"] == config["fleet_push_devices"]
-    assert all(row["value"] is not None for row in report["targets"])
+    assert [row for row in report["targets"] if row["value"] is None] == []
     assert len(report["targets"]) == len(TARGETS)
     assert all(value is not None for value in report["ratios"].values())
     assert (tmp_path / "bench.png").stat().st_size > 0

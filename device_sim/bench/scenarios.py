@@ -18,11 +18,12 @@ from typing import Any
 
 import aiohttp
 
-from device_sim.bench.harness import HubProcess, provision
+from device_sim.bench.harness import hub_sample, start_hub
 from device_sim.bench.loadgen import Job, Worker, start_worker
 from device_sim.bench.procstat import machine_busy_s, sample
 from device_sim.client import DeviceClient
 from device_sim.device import Credentials
+from device_sim.hub_process import HubProcess, provision
 from device_sim.local_servers import LocalServer, create_database, influxql
 from device_sim.sensors import MEASUREMENT
 from device_sim.stats import LatencyHistogram
@@ -142,7 +143,7 @@ class Bench:
         return time.monotonic() - started
 
     def _hub(self, label: str, environment: dict[str, str] | None = None) -> HubProcess:
-        return HubProcess(
+        return start_hub(
             self.state_dir, self.influx, f"bench_{next(self._databases)}_{label}", environment
         )
 
@@ -242,7 +243,7 @@ class Bench:
             drive = await self._drive(jobs, hub)
         finally:
             await hub.stop()
-        stored = self.stored(hub.database)
+        stored = self.stored(hub.bucket)
         scenario = Scenario(name, title)
         scenario.metrics = self._throughput(drive, stored, devices, batch)
         scenario.metrics["offered_per_s"] = round(devices * rate * batch)
@@ -259,7 +260,7 @@ class Bench:
         await hub.start()
         try:
             await asyncio.sleep(1.0)
-            before = hub.sample()
+            before = hub_sample(hub)
             jobs = self._jobs(
                 "fleet",
                 hub.url,
@@ -277,7 +278,7 @@ class Bench:
                     CONNECT_WAIT_S,
                 )
                 await asyncio.sleep(2.0)  # let the last handshakes' garbage go
-                after = hub.sample()
+                after = hub_sample(hub)
                 idle_scenario = Scenario("idle", "5. idle connections")
                 per_connection = (after.rss_bytes - before.rss_bytes) / len(idle)
                 idle_scenario.metrics = {
@@ -290,7 +291,9 @@ class Bench:
                 config = Scenario("config", "7. config push")
                 config.metrics = await self._config_round_trips(hub)
                 config.metrics.update(await self._config_fleet_push(idle))
-                config.metrics["hub_peak_rss_mib"] = round(hub.sample().peak_rss_bytes / 2**20, 1)
+                config.metrics["hub_peak_rss_mib"] = round(
+                    hub_sample(hub).peak_rss_bytes / 2**20, 1
+                )
             finally:
                 for worker in workers:
                     await worker.stop()
@@ -460,13 +463,13 @@ class Bench:
         readers = [asyncio.create_task(w.read()) for w in workers]
         started_at = jobs[0].start_at
         await asyncio.sleep(max(0.0, started_at - time.time()))
-        hub_before = hub.sample() if hub else None
+        hub_before = hub_sample(hub) if hub else None
         influx_before = sample(self.influx.pid).cpu_s
         busy_before, total_before = machine_busy_s()
         devices = sum(len(job.credentials) for job in jobs)
         steady = LatencyHistogram()
         series = await _sample_until_done(workers, readers, hub, started_at, devices, steady)
-        hub_after = hub.sample() if hub else None
+        hub_after = hub_sample(hub) if hub else None
         influx_cpu = sample(self.influx.pid).cpu_s - influx_before
         busy_after, total_after = machine_busy_s()
         counters: dict[str, int] = {}
@@ -519,11 +522,14 @@ class Bench:
             ),
         }
         if drive.hub_cpu_s:
+            # CPU microseconds per reading = CPU seconds per million readings.
+            whole_run = round(drive.hub_cpu_s / max(1, stored) * 1e6, 2)
+            steady = _steady_cpu_per_reading(drive.series, devices)
             metrics.update(
                 hub_cpu_s=round(drive.hub_cpu_s, 2),
-                # CPU microseconds per reading = CPU seconds per million readings.
-                hub_cpu_us_per_reading_whole_run=round(drive.hub_cpu_s / max(1, stored) * 1e6, 2),
-                hub_cpu_us_per_reading=_steady_cpu_per_reading(drive.series, devices),
+                hub_cpu_us_per_reading_whole_run=whole_run,
+                # A run too short for a steady window (a smoke run) reports the whole run.
+                hub_cpu_us_per_reading=whole_run if steady is None else steady,
                 hub_peak_rss_mib=round(drive.hub_peak_rss / 2**20, 1),
             )
         return metrics
@@ -555,7 +561,7 @@ async def _sample_until_done(
     samples taken while all `devices` were connected."""
     series: list[dict[str, Any]] = []
     last_at, last_acked = time.time(), 0
-    last_cpu = hub.sample().cpu_s if hub else 0.0
+    last_cpu = hub_sample(hub).cpu_s if hub else 0.0
     while not all(reader.done() for reader in readers):
         await asyncio.wait(readers, timeout=SAMPLE_S)
         now = time.time()
@@ -576,7 +582,7 @@ async def _sample_until_done(
         }
         if hub is not None:
             with contextlib.suppress(OSError):
-                now_sample = hub.sample()
+                now_sample = hub_sample(hub)
                 point["hub_cpu_s"] = now_sample.cpu_s
                 point["hub_cpu_pct"] = round((now_sample.cpu_s - last_cpu) / (now - last_at) * 100)
                 point["hub_rss_mib"] = round(now_sample.rss_bytes / 2**20, 1)
