@@ -107,3 +107,34 @@ async def test_spool_only_mode_keeps_everything_for_a_later_influxdb(
     configured = hub_settings(tmp_path / "state", influxdb.url, influx_bucket=influx_db_name)
     async with spooling_pipeline(configured):
         await eventually(lambda: count_points(influxdb, influx_db_name) == 30, "the replay")
+
+
+async def test_live_batches_and_a_long_backlog_both_progress(tmp_path: Path) -> None:
+    """Once InfluxDB is back, live batches are written while the backlog still replays, and
+    the backlog drains while live traffic goes on."""
+    influx = start_influxdb(tmp_path / "influx")
+    try:
+        create_database(influx.url, DB)
+        influx.kill()
+        settings = hub_settings(tmp_path / "state", influx.url, influx_bucket=DB, batch_size=500)
+        async with spooling_pipeline(settings) as pipeline:
+            backlog = [
+                await pipeline.submit("\n".join(reading_lines(500, f"backlog{n}")), 500)
+                for n in range(60)
+            ]
+            await all_durable(backlog)
+            influx.restart()
+            await eventually(lambda: pipeline.healthy, "InfluxDB to be seen healthy again")
+            live = await pipeline.submit("\n".join(reading_lines(10, "live")), 10)
+            await all_durable([live])
+            assert count_points(influx, DB, "live") == 10
+            assert read_status(settings.spool_dir).batches > 0, "live waited for the backlog"
+            more_live = [
+                await pipeline.submit("\n".join(reading_lines(10, "live2")), 10) for _ in range(5)
+            ]
+            await eventually(
+                lambda: read_status(settings.spool_dir).batches == 0, "the backlog to drain"
+            )
+            await all_durable(more_live)
+    finally:
+        influx.stop()
