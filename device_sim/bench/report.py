@@ -49,13 +49,6 @@ TARGETS = [
     Target("idle: hub RSS per connection, KiB", "idle", "rss_per_connection_kib", 20, False),
     Target("connect storm: all connected, s", "storm", "all_connected_s", 10, False),
     Target("config round trip p99, ms", "config", "round_trip_p99_ms", 20, False),
-    Target(
-        "config round trip p99, registry_poll_s=0.01, ms",
-        "config",
-        "round_trip_p99_ms_poll_10ms",
-        20,
-        False,
-    ),
     Target("config push to all: all acked, s", "config", "fleet_push_all_acked_s", 3, False),
 ]
 
@@ -143,7 +136,6 @@ _DETAILS = (
     "hub_cpu_us_per_reading_whole_run",
     "all_connected_s",
     "connect_errors",
-    "round_trip_p99_ms_poll_10ms",
     "ack_latency_p50_ms",
     "ack_latency_p99_ms",
     "ack_latency_steady_p99_ms",

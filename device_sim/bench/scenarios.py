@@ -35,7 +35,6 @@ WORKER_START_S = 2.0
 """Head start for worker processes to import before their devices begin together."""
 CONNECT_WAIT_S = 120.0
 CONFIG_POLL_S = 0.001
-TUNED_REGISTRY_POLL_S = 0.01
 """`registry_poll_s` of the second config round-trip measurement (the default is 0.2 s)."""
 FLEET_PUSH_POLL_S = 0.1
 """Reading 10,000 devices' config state costs the benchmark ~30 ms: not more often."""
@@ -301,18 +300,6 @@ class Bench:
         finally:
             await hub.stop()
         return idle_scenario, config
-
-    async def config_round_trips_tuned(self, config: Scenario) -> None:
-        """Round trips again, on a hub polling the registry every 10 ms instead of 200 ms."""
-        hub = self._hub("config_poll", {"HUB_REGISTRY_POLL_S": str(TUNED_REGISTRY_POLL_S)})
-        await hub.start()
-        try:
-            tuned = await self._config_round_trips(hub)
-        finally:
-            await hub.stop()
-        config.metrics.update(
-            {f"{key}_poll_{TUNED_REGISTRY_POLL_S * 1000:g}ms": v for key, v in tuned.items()}
-        )
 
     async def _config_round_trips(self, hub: HubProcess) -> dict[str, Any]:
         """One device: operator sets a config, the device gets it, its ack is recorded."""
