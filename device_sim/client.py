@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from schemas.codes import WEBSOCKET_PATH
-from schemas.messages import Ack, Config, ConfigAck, ErrorMessage, Reading, ReadingsMessage
+from schemas.messages import Ack, Config, ConfigAck, ErrorMessage, Reading
 
 Precision = Literal["s", "ms", "us", "ns"]
 ConfigHandler = Callable[[Config], Awaitable[str | None]]
@@ -170,8 +170,3 @@ class DeviceClient:
             await self.connection.send(pack(answer))
         elif kind == "error":
             self.errors.append(ErrorMessage.model_validate(message))
-
-
-def readings_message(seq: int, readings: list[Reading]) -> ReadingsMessage[Reading]:
-    """A validated `readings` message (for callers that want the model checked)."""
-    return ReadingsMessage[Reading](type="readings", seq=seq, readings=readings)

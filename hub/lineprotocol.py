@@ -6,8 +6,8 @@ quoted name) and a real VictoriaMetrics 1.79 (`/write` and `/api/v2/write`, read
 `/api/v1/export`); tests/test_lineprotocol_roundtrip.py repeats all of it. The rules are
 the union of both servers': an accepted point reads back exactly from InfluxDB, gives
 exactly the expected series in VictoriaMetrics, and never adds a point on either.
-`format_point` raises ValueError for a refused point; `point_problem` and (for the rules
-shared by all names) `unrepresentable` return the reason.
+`format_point` raises ValueError with the reason for a refused point; `unrepresentable`
+gives the reason for the rules shared by all names.
 
 `\x` = written with a backslash, `-` = written as is, Rn = refused, reason below.
 
@@ -130,7 +130,7 @@ def unrepresentable(text: str) -> str | None:
     """Why `text` cannot be written exactly in any identifier position, or None.
 
     These rules hold for measurements, tag keys, tag values and field keys alike;
-    `point_problem` and `format_point` add the rules of each position (empty, leading `#`
+    `format_point` adds the rules of each position (empty, leading `#`
     or tab, `time`, `\\=`, `"`, see the module docstring).
     """
     if text.isascii() and text.isprintable():
@@ -200,29 +200,6 @@ def _string_problem(value: str, multiline: bool = False) -> str | None:
             value.encode()
         except UnicodeEncodeError:
             return "is not valid Unicode (lone surrogate)"
-    return None
-
-
-def point_problem(
-    measurement: str, tags: Mapping[str, str], fields: Mapping[str, FieldValue]
-) -> str | None:
-    """Why this point cannot be written so that it reads back exactly, or None."""
-    if problem := _measurement_problem(measurement):
-        return f"measurement {measurement!r} {problem}"
-    for key, value in tags.items():
-        if not value:
-            continue  # omitted, see the module docstring
-        if problem := _key_problem(key, "tag key"):
-            return f"tag key {key!r} {problem}"
-        if problem := unrepresentable(value):
-            return f"tag {key!r} value {value!r} {problem}"
-    if not fields:
-        return "has no fields"
-    for key, field_value in fields.items():
-        if problem := _key_problem(key, "field key"):
-            return f"field key {key!r} {problem}"
-        if isinstance(field_value, str) and (problem := _string_problem(field_value)):
-            return f"field {key!r} string value {problem}"
     return None
 
 

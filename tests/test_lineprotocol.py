@@ -13,7 +13,6 @@ from hub.lineprotocol import (
     escape_tag,
     format_field_value,
     format_point,
-    point_problem,
     unrepresentable,
 )
 
@@ -241,21 +240,6 @@ def test_format_point_refuses(
         format_point(measurement, tags, fields, T)
 
 
-@pytest.mark.parametrize(
-    ("measurement", "tags", "fields"), [case[1:] for case in REFUSED], ids=[c[0] for c in REFUSED]
-)
-def test_point_problem_agrees_with_format_point(
-    measurement: str, tags: dict[str, str], fields: dict[str, FieldValue]
-) -> None:
-    """point_problem gives a reason for each point that format_point refuses."""
-    assert point_problem(measurement, tags, fields)
-
-
-def test_point_problem_accepts_ordinary_point() -> None:
-    """An ordinary point has no problem."""
-    assert point_problem("Küche 温度", {"a b": "c,d=e"}, {"s": 'x "y"\t\\z', "f": 1.0}) is None
-
-
 def test_refusal_names_position_and_text() -> None:
     """The error says where the bad text is and why."""
     with pytest.raises(ValueError, match=r"tag 't' value 'a\\\\' ends with a backslash"):
@@ -308,10 +292,10 @@ def test_unrepresentable_gives_reason(text: str, reason: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "#m", "time", "a\\=b", 'a\\"b', '"', "\ta"])
-def test_unrepresentable_leaves_position_rules_to_point_problem(text: str) -> None:
+def test_unrepresentable_leaves_position_rules_to_format_point(text: str) -> None:
     """Text that is fine as a tag value passes unrepresentable, whatever other positions say."""
     assert unrepresentable(text) is None
-    assert point_problem("m", {"t": text}, {"f": 1}) is None
+    format_point("m", {"t": text}, {"f": 1}, T)
 
 
 # --- caches ---------------------------------------------------------------------------------
