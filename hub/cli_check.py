@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,10 +11,9 @@ from pydantic import SecretStr
 
 from hub.cli_common import ConfigOption, StateDirOption, fail, settings_from
 from hub.errors import HubError
+from hub.logs import redact
 from hub.measurements import load_schema_file
 from hub.settings import LIVE_SETTINGS, Settings, setting_origins
-
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def check_config(config: ConfigOption = None, state_dir: StateDirOption = None) -> None:
@@ -62,5 +60,5 @@ def toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, list | tuple | set | frozenset):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    text = str(value) if isinstance(value, Path) else _URL_CREDENTIALS.sub("***@", str(value))
+    text = str(value) if isinstance(value, Path) else redact(str(value))
     return json.dumps(text, ensure_ascii=False)

@@ -30,14 +30,15 @@ from hub.registry import TOKEN_PREFIX
 _SECRET = re.compile(
     rf"({re.escape(TOKEN_PREFIX)}[A-Za-z0-9_-]+)"
     r"|((?:token|password|p)=)[^&\s'\"]+"
-    r"|((?:Bearer|Basic|Token)\s+)[^\s'\"]+",
+    r"|((?:Bearer|Basic|Token)\s+)[^\s'\"]+"
+    r"|(://)[^/@\s'\"]+(?=@)",  # user:password@ in a URL
     re.IGNORECASE,
 )
 
 
 def redact(text: str) -> str:
     """`text` with every token-like secret replaced by `***`."""
-    return _SECRET.sub(lambda m: (m.group(2) or m.group(3) or "") + "***", text)
+    return _SECRET.sub(lambda m: (m.group(2) or m.group(3) or m.group(4) or "") + "***", text)
 
 
 class RedactingFilter(logging.Filter):

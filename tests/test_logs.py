@@ -122,3 +122,8 @@ def test_filter_keeps_records_without_secrets_intact(
     logger, buffer = logged
     logger.debug("wrote %d points in %.1f ms", 12, 3.25)
     assert buffer.getvalue() == "DEBUG tests.test_logs: wrote 12 points in 3.2 ms\n"
+
+
+def test_redact_masks_credentials_in_a_url() -> None:
+    """A user:password@ in an InfluxDB URL is masked; the host stays readable."""
+    assert redact("writing to http://admin:s3cret@db:8086") == "writing to http://***@db:8086"
