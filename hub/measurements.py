@@ -20,8 +20,8 @@ routes each reading to its measurement's type, and errors carry the reading's in
 The limits (`ReadingLimits`: fields and tags per reading, characters per name and string) are
 part of the same types, so they are checked in pydantic's Rust core. So that a hostile message
 costs no more than a valid one, every reading yields a bounded number of errors: maps stop at
-their first bad entry (`fail_fast`), and a listed measurement's fields and tags are first
-checked against its key list, stopping at the first key not listed.
+their first bad entry (`fail_fast`), and a listed measurement's fields or tags with more keys
+than it lists are refused at the first key not listed.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pydantic import (
     ValidationError,
     with_config,
 )
-from pydantic_core import PydanticCustomError, core_schema
+from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 from typing_extensions import TypedDict
 
 from hub.errors import ConfigError
@@ -192,23 +192,37 @@ class _StringLimit:
 
 
 class _KeysIn:
-    """Refuse, at the first one, keys not in `keys`: one error however many extra keys.
+    """Bound the errors about keys not in `keys` that one map can cause.
 
-    A TypedDict with `extra="forbid"` reports every extra key, which lets one message of
-    tiny readings make hundreds of thousands of errors.
+    A TypedDict with `extra="forbid"` reports every extra key, which would let one message
+    of tiny readings make hundreds of thousands of errors. A map with no more keys than
+    `keys` goes to the TypedDict as is (one length check), so each unlisted key is named
+    beside the map's other problems, at most `len(keys)` of them; a map with more keys
+    than that is refused with one error, naming its first unlisted key.
     """
 
     def __init__(self, keys: frozenset[str]) -> None:
-        self.keys = sorted(keys)
+        self.keys = keys
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
         known = core_schema.custom_error_schema(
-            core_schema.literal_schema(self.keys), custom_error_type="extra_forbidden"
+            core_schema.literal_schema(sorted(self.keys)), custom_error_type="extra_forbidden"
         )
-        listed = core_schema.dict_schema(known, core_schema.any_schema(), fail_fast=True)
-        return core_schema.chain_schema([listed, handler(source)])
+        first_unlisted = SchemaValidator(
+            core_schema.dict_schema(known, core_schema.any_schema(), fail_fast=True)
+        )
+        most = len(self.keys)
+
+        def bounded_keys(value: Any) -> Any:
+            # A length check, not a key comparison: this runs for every reading, twice.
+            if type(value) is dict and len(value) > most:
+                # Raises the error (pydantic prefixes its location).
+                first_unlisted.validate_python(value)
+            return value
+
+        return core_schema.no_info_before_validator_function(bounded_keys, handler(source))
 
 
 def _timestamp_in_range(value: msgpack.Timestamp) -> msgpack.Timestamp:

@@ -1,7 +1,8 @@
 """Every Prometheus metric of the hub, defined once, in a registry of its own per hub.
 
 Events are counted where they happen, once per message or batch (never per reading):
-`metrics.readings_received.inc(n)`. State that objects already keep (open connections,
+`metrics.config_pushes.inc()`; the counts every message changes are plain integers in
+`metrics.traffic`, exported at scrape time. State that objects already keep (open connections,
 pending readings, the pipeline's counters, the spool) is read at scrape time by
 `StateCollector`, so it costs nothing on the hot path.
 
@@ -24,6 +25,7 @@ import re
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -70,20 +72,15 @@ class HubMetrics:
             ["error"],
             registry=r,
         )
-        # Readings
-        self.readings_received = Counter(
-            "hub_readings_received", "Readings received from devices.", registry=r
-        )
-        self.readings_stored = Counter(
-            "hub_readings_stored", "Readings made durable (InfluxDB or the spool).", registry=r
-        )
+        # Readings: received, stored and acks are counted per message, in `traffic`.
+        self.traffic = TrafficCounts()
+        r.register(TrafficCollector(self.traffic))
         self.readings_rejected = Counter(
             "hub_readings_rejected",
             "Readings rejected, by the part that was wrong.",
             ["reason"],
             registry=r,
         )
-        self.acks = Counter("hub_acks", "Acks sent to devices.", registry=r)
         # Configuration pushed to devices
         self.config_pushes = Counter("hub_config_pushes", "Configs sent to devices.", registry=r)
         self.config_acks = Counter(
@@ -150,6 +147,35 @@ def rejection_reason(errors: list[str]) -> str:
 def error_label(exc: Exception) -> str:
     """`RateLimited` -> `rate_limited`."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+@dataclass(slots=True)
+class TrafficCounts:
+    """What every message adds to: plain integers, since a prometheus_client `Counter`
+    takes a lock on each `inc`, and these change several times per message."""
+
+    readings_received: int = 0
+    readings_stored: int = 0
+    acks: int = 0
+
+
+class TrafficCollector(Collector):
+    """`TrafficCounts` as counters, read at scrape time."""
+
+    def __init__(self, traffic: TrafficCounts) -> None:
+        self._traffic = traffic
+
+    def collect(self) -> Iterator[Metric]:
+        t = self._traffic
+        yield _counter(
+            "hub_readings_received", "Readings received from devices.", t.readings_received
+        )
+        yield _counter(
+            "hub_readings_stored",
+            "Readings made durable (InfluxDB or the spool).",
+            t.readings_stored,
+        )
+        yield _counter("hub_acks", "Acks sent to devices.", t.acks)
 
 
 class StateCollector(Collector):

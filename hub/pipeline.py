@@ -140,9 +140,10 @@ class Pipeline:
         Waits while the pipeline is full. One message larger than the whole limit is let in
         alone rather than never.
         """
-        async with self._room:
-            await self._room.wait_for(lambda: self.has_room(count))
-            self._pending += count
+        if not self.has_room(count):  # the lock and its wait only when full
+            async with self._room:
+                await self._room.wait_for(lambda: self.has_room(count))
+        self._pending += count
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         batch = self._current
         if batch is None:

@@ -8,11 +8,15 @@ The decoder trusts nothing a frame declares. Lengths are bounded before anything
 longest array of the protocol); map keys must be strings (msgpack-python also lets `bin`
 through, which validation refuses where keys matter); no extension type but the timestamp
 (-1); and containers nest at most `max_depth` deep (a readings message needs 4), checked
-level by level without recursion.
+level by level without recursion. The readings of a readings message are checked after
+validation (`check_readings_depth`), only where it rejected a reading or ignored a key: what
+it accepted nests two levels by construction. The same rule, without walking every valid
+reading twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,7 +24,7 @@ import msgpack
 from pydantic import BaseModel, ValidationError
 
 from hub.errors import InvalidMessage
-from schemas.messages import ConfigAck, ReadingsMessage
+from schemas.messages import ConfigAck, ReadingsMessage, Rejection
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +77,12 @@ def decode_frame(
         raise InvalidMessage(f"not valid msgpack: {_describe(exc, max_readings)}") from None
     if not isinstance(first, dict):
         raise InvalidMessage(f"a frame must be a msgpack map, not {type(first).__name__}")
-    check_depth(first, max_depth)
+    if first.get("type") == "readings" and type(first.get("readings")) is list:
+        # The readings themselves are checked when validation rejects them (see
+        # `check_readings_depth`): a valid reading's shape is bounded already.
+        check_depth({key: value for key, value in first.items() if key != "readings"}, max_depth)
+    else:
+        check_depth(first, max_depth)
     if "type" not in first:
         if "name" in first and "fields" in first:
             return _telegraf(first, unpacker, len(frame), max_readings, max_depth)
@@ -117,6 +126,25 @@ def check_depth(value: dict[str, Any] | list[Any], max_depth: int) -> None:
     raise InvalidMessage(f"maps and arrays nest deeper than {max_depth} levels")
 
 
+READING_LEVEL = 3
+"""How deep a reading sits in a readings message: the message map, its list, the reading."""
+
+
+def check_readings_depth(
+    readings: list[Any], indices: Iterable[int], max_depth: int = DEFAULT_MAX_DEPTH
+) -> None:
+    """Apply `check_depth` to the readings at `indices`, each counted from its message map.
+
+    `decode_frame` leaves a readings message's readings to this: what validation accepted
+    holds maps of scalars, so only rejected readings, and the keys validation ignored, can
+    nest too deep.
+    """
+    for index in indices:
+        reading = readings[index]
+        if type(reading) is dict or type(reading) is list:
+            check_depth(reading, max_depth - READING_LEVEL + 1)
+
+
 def _refuse_extension(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not part of the protocol")
 
@@ -124,6 +152,21 @@ def _refuse_extension(code: int, data: bytes) -> Any:
 def encode(message: BaseModel) -> bytes:
     """Pack a hub -> device message as one msgpack map."""
     packed: bytes = msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
+    return packed
+
+
+def encode_ack(seq: int, accepted: int, rejected: list[Rejection]) -> bytes:
+    """`encode(Ack(seq=seq, accepted=accepted, rejected=rejected))`, the same bytes, without
+    building and dumping a model: one of these goes out for every readings message."""
+    packed: bytes = msgpack.packb(
+        {
+            "type": "ack",
+            "seq": seq,
+            "accepted": accepted,
+            "rejected": [{"index": r.index, "errors": r.errors} for r in rejected],
+        },
+        use_bin_type=True,
+    )
     return packed
 
 

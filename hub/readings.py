@@ -7,6 +7,7 @@ from typing import Any
 
 from hub.lineprotocol import format_point
 from hub.measurements import ReadingsValidator
+from hub.protocol import DEFAULT_MAX_DEPTH, check_readings_depth
 from schemas.messages import Rejection
 
 DEVICE_TAG = "device"
@@ -35,6 +36,7 @@ def prepare_readings(
     ns_per_unit: int,
     arrival_ns: int,
     multiline_strings: bool = False,
+    max_depth: int = DEFAULT_MAX_DEPTH,
 ) -> PreparedReadings:
     """Validate readings and format the valid ones as points of `device_id`.
 
@@ -42,6 +44,9 @@ def prepare_readings(
     `hub.lineprotocol`). A reading without `time` is stamped `arrival_ns + its index`: the
     arrival time, kept distinct so that time-less readings of one series in one message do
     not overwrite each other in InfluxDB.
+
+    Rejected readings are checked against `max_depth` (the frame's nesting limit), which
+    `decode_frame` leaves to this step; one nesting too deep raises `InvalidMessage`.
     """
     valid, reasons = validator.validate(readings)
     indices = (
@@ -49,8 +54,13 @@ def prepare_readings(
         if not reasons
         else [index for index in range(len(readings)) if index not in reasons]
     )
+    # Where decode_frame left the nesting limit: rejected readings, and accepted ones with
+    # keys the validator ignored (it leaves out unknown keys). Raises InvalidMessage.
+    unchecked = list(reasons)
     lines = []
     for index, reading in zip(indices, valid, strict=True):
+        if len(reading) != len(readings[index]):
+            unchecked.append(index)
         stamp = reading.get("time")
         if stamp is None:
             time_ns = arrival_ns + index
@@ -69,6 +79,8 @@ def prepare_readings(
             )
         except ValueError as exc:  # text line protocol cannot carry exactly
             reasons[index] = [str(exc)]
+    if unchecked:
+        check_readings_depth(readings, unchecked, max_depth)
     return PreparedReadings(
         lines="\n".join(lines), accepted=len(lines), rejected=rejections(reasons)
     )

@@ -26,7 +26,7 @@ from websockets.http11 import Request, Response
 from hub.errors import ConfigError
 from hub.handshake import Handshake, HandshakeRefused, read_credentials
 from hub.logs import RedactingFilter, device_extra
-from hub.measurements import MeasurementSchemas
+from hub.measurements import MeasurementSchemas, ReadingLimits, ReadingsValidator
 from hub.metrics import refusal_reason
 from hub.pipeline import Pipeline
 from hub.presence import PresenceTracker
@@ -65,6 +65,7 @@ class Hub:
         self._background: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._rotated_out: dict[ServerConnection, asyncio.Task[None]] = {}
+        self._validators: dict[int, ReadingsValidator] = {}
         self.failed_handshakes = FailedHandshakeLimiter(
             settings.auth_failures_burst,
             settings.auth_failures_per_min / 60,
@@ -145,8 +146,17 @@ class Hub:
         """Apply reloaded settings and schemas to the hub and every open connection."""
         self.settings = settings
         self.schemas = schemas
+        self._validators.clear()
         for session in self._sessions.values():
             session.apply_limits(settings)
+
+    def validator(self, ns_per_unit: int) -> ReadingsValidator:
+        """The readings validator for one precision, under the current schemas and limits."""
+        found = self._validators.get(ns_per_unit)
+        if found is None:
+            limits = ReadingLimits.of(self.settings)
+            found = self._validators[ns_per_unit] = self.schemas.validator(ns_per_unit, limits)
+        return found
 
     @property
     def port(self) -> int:

@@ -9,6 +9,7 @@ loop while that loop runs.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -195,6 +196,20 @@ class HubService:
         await self.stop()
 
 
+def tune_garbage_collector() -> None:
+    """Collect the young generation less often, and never scan what start-up built.
+
+    Every readings message makes a few hundred short-lived containers (decoded maps, validated
+    copies); with CPython's default threshold of 700 allocations the cyclic collector ran every
+    few messages. Almost nothing the hub makes forms cycles: reference counting frees it.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+GC_YOUNG_THRESHOLD = 50_000
+
+
 async def serve(settings: Settings, load_settings: Callable[[], Settings] | None = None) -> None:
     """Run the hub until SIGTERM or SIGINT, telling systemd how it goes; SIGHUP reloads the
     schemas and the live settings, which `load_settings` reads again from their sources."""
@@ -206,6 +221,7 @@ async def serve(settings: Settings, load_settings: Callable[[], Settings] | None
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
     await service.start()
+    tune_garbage_collector()
     try:
         await stop.wait()
     finally:

@@ -19,19 +19,28 @@ from websockets.exceptions import ConnectionClosed
 from hub.errors import HubError, Overloaded, ProtocolError, RateLimited, UnsupportedData
 from hub.handshake import Handshake
 from hub.logs import device_extra
-from hub.measurements import ReadingLimits
 from hub.metrics import error_label
-from hub.protocol import DeviceEvent, ReadingsFrame, TelegrafFrame, decode_frame, encode
+from hub.protocol import (
+    DeviceEvent,
+    ReadingsFrame,
+    TelegrafFrame,
+    decode_frame,
+    encode,
+    encode_ack,
+)
 from hub.ratelimit import TokenBucket
 from hub.readings import PreparedReadings, prepare_readings
 from hub.settings import Settings
 from schemas.codes import CloseCode
-from schemas.messages import Ack, Config, ConfigAck, ErrorMessage
+from schemas.messages import Config, ConfigAck, ErrorMessage
 
 if TYPE_CHECKING:
     from hub.server import Hub
 
 log = logging.getLogger("hub.session")
+
+_PendingAck = tuple[int, PreparedReadings, "asyncio.Future[None] | None"]
+"""A message's seq, its verdicts, and what to wait for before its ack goes out."""
 
 ACK_GRACE_S = 10.0
 """How long acks of earlier messages may take before a protocol-error close."""
@@ -55,7 +64,7 @@ class DeviceSession:
             settings.device_readings_per_s, settings.device_readings_per_s * burst
         )
         # Made on the first readings message: an idle connection then costs neither.
-        self._acks: asyncio.Queue[tuple[Ack, asyncio.Future[None] | None]] | None = None
+        self._acks: asyncio.Queue[_PendingAck] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._config_lock = asyncio.Lock()
         self._log = device_extra(self.device_id)
@@ -139,21 +148,20 @@ class DeviceSession:
 
     async def _readings(self, event: ReadingsFrame, arrival_ns: int) -> None:
         prepared = self._prepare(event.readings, arrival_ns)
-        self.hub.metrics.readings_received.inc(len(event.readings))
+        self.hub.metrics.traffic.readings_received += len(event.readings)
         if prepared.rejected:
             self.hub.metrics.count_rejections(prepared.rejected)
         durable = None
         if prepared.accepted:
             durable = await self._submit(prepared.lines, prepared.accepted)
-        ack = Ack(seq=event.seq, accepted=prepared.accepted, rejected=prepared.rejected)
         if self._acks is None:
             self._acks = asyncio.Queue(self.hub.settings.max_unacked_messages)
             self._sender = asyncio.create_task(self._send_acks(self._acks))
-        await self._acks.put((ack, durable))
+        await self._acks.put((event.seq, prepared, durable))
 
     async def _telegraf(self, event: TelegrafFrame, arrival_ns: int) -> None:
         prepared = self._prepare(event.metrics, arrival_ns)
-        self.hub.metrics.readings_received.inc(len(event.metrics) + event.undecodable)
+        self.hub.metrics.traffic.readings_received += len(event.metrics) + event.undecodable
         if prepared.rejected or event.undecodable:
             self.hub.metrics.count_rejections(prepared.rejected, event.undecodable)
         if prepared.accepted:
@@ -172,7 +180,7 @@ class DeviceSession:
 
     def _count_stored(self, readings: int, stored: asyncio.Future[None]) -> None:
         if not stored.cancelled() and stored.exception() is None:
-            self.hub.metrics.readings_stored.inc(readings)
+            self.hub.metrics.traffic.readings_stored += readings
             self.hub.presence.stored(self.device_id, readings)
 
     def _config_answered(self, answer: ConfigAck) -> None:
@@ -234,25 +242,25 @@ class DeviceSession:
         return prepare_readings(
             readings,
             # Looked up per message so that a SIGHUP reload applies to open connections too.
-            self.hub.schemas.validator(self.ns_per_unit, ReadingLimits.of(self.hub.settings)),
+            self.hub.validator(self.ns_per_unit),
             self.device_id,
             self.ns_per_unit,
             arrival_ns,
             self.hub.pipeline.multiline_strings,
+            self.hub.settings.max_nesting_depth,
         )
 
-    async def _send_acks(
-        self, acks: asyncio.Queue[tuple[Ack, asyncio.Future[None] | None]]
-    ) -> None:
+    async def _send_acks(self, acks: asyncio.Queue[_PendingAck]) -> None:
+        traffic = self.hub.metrics.traffic
         while True:
-            ack, durable = await acks.get()
+            seq, prepared, durable = await acks.get()
             try:
                 if durable is not None:
                     await durable
-                self.hub.metrics.readings_stored.inc(ack.accepted)
-                await self.connection.send(encode(ack))
-                self.hub.metrics.acks.inc()
-                self.hub.presence.stored(self.device_id, ack.accepted)
+                traffic.readings_stored += prepared.accepted
+                await self.connection.send(encode_ack(seq, prepared.accepted, prepared.rejected))
+                traffic.acks += 1
+                self.hub.presence.stored(self.device_id, prepared.accepted)
             except (ConnectionClosed, HubError, RuntimeError):
                 # The device is gone or the hub is stopping: what is unacked, it resends.
                 return

@@ -17,7 +17,7 @@ import pytest
 
 from hub.errors import InvalidMessage
 from hub.measurements import MeasurementSchemas, ReadingLimits, load_schema_file
-from hub.protocol import decode_frame
+from hub.protocol import ReadingsFrame, decode_frame
 from hub.readings import (
     MAX_REASON_CHARS,
     REASONS_BUDGET_CHARS,
@@ -83,6 +83,64 @@ def test_nesting_past_the_limit_is_invalid(depth: int) -> None:
     frame = b"\x81\xa4type" + b"\x91" * (depth - 1) + b"\x00"
     with pytest.raises(InvalidMessage, match="nest"):
         decode_frame(frame, 10, max_depth=4)
+
+
+def decode_and_prepare(frame: bytes, max_depth: int) -> tuple[int, list[int]]:
+    """Decode a readings frame and prepare its readings as a session does: (accepted, rejected)."""
+    event = decode_frame(frame, 10, max_depth=max_depth)
+    assert isinstance(event, ReadingsFrame)
+    validator = MeasurementSchemas().validator(MS, LIMITS)
+    prepared = prepare_readings(event.readings, validator, "d", MS, 0, max_depth=max_depth)
+    return prepared.accepted, [rejection.index for rejection in prepared.rejected]
+
+
+GOOD_READING = {"name": "m", "fields": {"x": 1.0}}
+
+
+@pytest.mark.parametrize(
+    ("where", "depth"),
+    # The least depth too deep for 4 levels in each place; the reading itself is level 3.
+    [("reading", 3), ("field", 1), ("tags", 1), ("other_key", 2)],
+)
+def test_deep_reading_makes_the_frame_invalid(where: str, depth: int) -> None:
+    """A reading nesting past the frame's limit refuses the frame, wherever the nesting is.
+
+    decode_frame leaves readings to prepare_readings (valid ones cannot nest too deep), so
+    the refusal comes from there; the frame's other keys are checked while decoding.
+    """
+    bad: Any = {
+        "reading": nested(depth),
+        "field": {"name": "m", "fields": {"x": nested(depth)}},
+        "tags": {"name": "m", "tags": {"t": nested(depth)}, "fields": {"x": 1.0}},
+        "other_key": {**GOOD_READING, "extra": nested(depth)},
+    }[where]
+    with pytest.raises(InvalidMessage, match="nest"):
+        decode_and_prepare(message(GOOD_READING, bad), max_depth=4)
+    # One level more allowed: the same reading is only rejected (or, with a key the hub
+    # ignores, accepted), and the good one accepted.
+    expected = (2, []) if where == "other_key" else (1, [1])
+    assert decode_and_prepare(message(GOOD_READING, bad), max_depth=5) == expected
+
+
+def test_reading_deeper_than_msgpack_builds_is_invalid_while_decoding() -> None:
+    """A reading nesting 100,000 levels is refused by the decoder, which never builds it."""
+    envelope = b"\x83" + pack("type") + pack("readings") + pack("seq") + pack(1)
+    readings = b"\x92" + pack(GOOD_READING) + b"\x91" * 100_000 + b"\x00"
+    with pytest.raises(InvalidMessage, match="nest"):
+        decode_frame(envelope + pack("readings") + readings, 10, max_depth=4)
+
+
+def test_deep_key_beside_the_readings_is_invalid_while_decoding() -> None:
+    """Nesting outside the readings list is refused by decode_frame itself."""
+    frame = pack({"type": "readings", "seq": 1, "readings": [GOOD_READING], "x": nested(4)})
+    with pytest.raises(InvalidMessage, match="nest"):
+        decode_frame(frame, 10, max_depth=4)
+
+
+def test_valid_readings_at_the_smallest_depth_limit_are_accepted() -> None:
+    """With max_depth 4 (the least allowed) a full reading, tags and fields, is accepted."""
+    reading = {"name": "m", "time": 1, "tags": {"t": "a"}, "fields": {"x": 1.0, "y": 2}}
+    assert decode_and_prepare(message(reading, reading), max_depth=4) == (2, [])
 
 
 def test_deep_telegraf_metric_is_invalid() -> None:

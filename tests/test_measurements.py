@@ -80,11 +80,21 @@ def test_schema_violations_are_reported_per_reading(strict: ReadingsValidator) -
     ]
 
 
-def test_field_not_in_the_schema_is_the_only_reason_given(strict: ReadingsValidator) -> None:
-    """A field the schema does not list is reported alone, once, however many there are."""
+def test_many_fields_not_in_the_schema_give_one_reason(strict: ReadingsValidator) -> None:
+    """More fields than the schema lists: the first unlisted one is the only reason given."""
     extra = {f"extra{n}": 1.0 for n in range(50)}
     _, rejected = strict.validate([env(temperature=99.0, **extra)])
     assert rejected == {0: ["fields.extra0: Extra inputs are not permitted"]}
+
+
+def test_few_fields_not_in_the_schema_are_each_named(strict: ReadingsValidator) -> None:
+    """Within the schema's size, each unlisted field is named beside the other problems."""
+    _, rejected = strict.validate([env(temperature=99.0, extra0=1.0, extra1=2.0)])
+    assert sorted(rejected[0]) == [
+        "fields.extra0: Extra inputs are not permitted",
+        "fields.extra1: Extra inputs are not permitted",
+        "fields.temperature: Input should be less than or equal to 85",
+    ]
 
 
 def test_required_field_missing(strict: ReadingsValidator) -> None:

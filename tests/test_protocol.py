@@ -6,8 +6,8 @@ import msgpack
 import pytest
 
 from hub.errors import InvalidMessage
-from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame
-from schemas.messages import ConfigAck
+from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame, encode, encode_ack
+from schemas.messages import Ack, ConfigAck, Rejection
 
 
 def pack(obj: object) -> bytes:
@@ -77,3 +77,20 @@ def test_invalid_utf8_is_an_invalid_message() -> None:
     frame = b"\x81\xa4type\xa3\xff\xfe\xfd"
     with pytest.raises(InvalidMessage, match="not valid msgpack"):
         decode_frame(frame, 10)
+
+
+@pytest.mark.parametrize(
+    "rejected",
+    [
+        [],
+        [Rejection(index=0, errors=["fields.x: Input should be a valid number"])],
+        [Rejection(index=2, errors=["a", "b"]), Rejection(index=7, errors=["ü ✓"])],
+    ],
+)
+@pytest.mark.parametrize(("seq", "accepted"), [(0, 0), (1, 50), (2**64 - 1, 5000)])
+def test_encode_ack_is_the_ack_models_encoding(
+    seq: int, accepted: int, rejected: list[Rejection]
+) -> None:
+    """The hot path's ack encoder gives exactly the bytes of the `Ack` model's encoding."""
+    model = Ack(seq=seq, accepted=accepted, rejected=rejected)
+    assert encode_ack(seq, accepted, rejected) == encode(model)

@@ -52,9 +52,7 @@ def config(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def hub(
-    tmp_path: Path, influxdb: LocalServer, influx_db_name: str, config: Path
-) -> HubProcess:
+def hub(tmp_path: Path, influxdb: LocalServer, influx_db_name: str, config: Path) -> HubProcess:
     """A `hub serve` process reading `config`."""
     return HubProcess(tmp_path / "state", influxdb, influx_db_name, "--config", str(config))
 
