@@ -14,6 +14,7 @@ from rich.console import Console
 from device_sim.fleet import FleetReport, read_tokens, run_fleet
 from device_sim.live import show_live, summary_table
 from device_sim.stats import FleetStats
+from hub.gc_tuning import tune_garbage_collector
 
 app = typer.Typer(
     help="Simulated sensor devices for demos and load tests.",
@@ -56,6 +57,7 @@ def run(
         typer.echo(f"error: no device tokens in {tokens}", err=True)
         raise typer.Exit(2)
     console = Console()
+    tune_garbage_collector()
     fleet = asyncio.run(
         _run_with_view(
             console if live else None,

@@ -9,7 +9,6 @@ loop while that loop runs.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from types import TracebackType
 from typing import Self
 
 from hub.errors import HubError
+from hub.gc_tuning import tune_garbage_collector
 from hub.health import HealthServer
 from hub.influx import Sink, open_sink
 from hub.logs import set_level
@@ -194,20 +194,6 @@ class HubService:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
-
-
-def tune_garbage_collector() -> None:
-    """Collect the young generation less often, and never scan what start-up built.
-
-    Every readings message makes a few hundred short-lived containers (decoded maps, validated
-    copies); with CPython's default threshold of 700 allocations the cyclic collector ran every
-    few messages. Almost nothing the hub makes forms cycles: reference counting frees it.
-    """
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-
-
-GC_YOUNG_THRESHOLD = 50_000
 
 
 async def serve(settings: Settings, load_settings: Callable[[], Settings] | None = None) -> None:
