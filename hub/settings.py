@@ -89,7 +89,7 @@ class Settings(BaseSettings):
 
     # Batching
     batch_size: PositiveInt = 5000
-    flush_interval_s: PositiveFloat = 0.05
+    flush_interval_s: PositiveFloat = 0.02
     max_inflight_writes: PositiveInt = 4
     max_pending_readings: PositiveInt = 100_000
     retry_initial_s: PositiveFloat = 0.2
