@@ -1,20 +1,24 @@
 """The hub's pure core per reading: decode a frame, validate, format line protocol.
 
-    python benchmarks/bench_core.py [--batch 50] [--seconds 2]
+    python benchmarks/bench_core.py [--batch 50] [--seconds 2] [--no-schema]
 
 Prints readings/s and microseconds per reading for each step and for the whole core, for
-messages of `--batch` readings with four float fields and one tag, as the simulator sends.
+messages of `--batch` readings with four float fields and one tag, as the simulator sends,
+validated against the simulator's measurement schema (what `device-sim bench` gives the
+hub), or with `--no-schema` by the general rules alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import tomllib
 from collections.abc import Callable
 
 import msgpack
 
-from hub.measurements import MeasurementSchemas
+from device_sim.sensors import SCHEMA_TOML
+from hub.measurements import MeasurementSchemas, SchemaFile
 from hub.protocol import ReadingsFrame, decode_frame
 from hub.readings import prepare_readings
 
@@ -57,9 +61,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--no-schema", action="store_true", help="no measurement schema")
     args = parser.parse_args()
     frame = message(args.batch)
-    validator = MeasurementSchemas().validator(10**6)
+    source = (
+        SchemaFile() if args.no_schema else SchemaFile.model_validate(tomllib.loads(SCHEMA_TOML))
+    )
+    validator = MeasurementSchemas(source).validator(10**6)
     decoded = decode_frame(frame, 5000)
     assert isinstance(decoded, ReadingsFrame)
     readings = decoded.readings
@@ -78,7 +86,8 @@ def main() -> None:
         assert isinstance(event, ReadingsFrame)
         return prepare_readings(event.readings, validator, "dev-1", 10**6, time.time_ns())
 
-    print(f"{args.batch} readings a message, {len(frame)} bytes")
+    schema = "no schema" if args.no_schema else "the simulator's schema"
+    print(f"{args.batch} readings a message, {len(frame)} bytes, {schema}")
     for name, step in [
         ("decode (msgpack + envelope)", decode),
         ("validate (pydantic)", validate),
