@@ -20,12 +20,13 @@ log = logging.getLogger("hub.presence")
 CONNECTION_MEASUREMENT = "hub_device_connection"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     remote_address: str
     connected_since: float
     last_seen: float
     readings_stored: int
+    online: bool = True
 
 
 class PresenceTracker:
@@ -35,7 +36,9 @@ class PresenceTracker:
         self.registry = registry
         self._live: dict[str, _Live] = {}
         self._stored: dict[str, int] = {}
-        self._dirty: dict[str, Presence] = {}
+        # Changed since the last flush; turned into `Presence` rows only when flushed, since
+        # every ack changes its device's entry.
+        self._dirty: dict[str, _Live] = {}
         self._events: list[str] = []
         registry.mark_all_offline()
         self._stored = {p.device_id: p.readings_stored for p in registry.presence().values()}
@@ -85,17 +88,23 @@ class PresenceTracker:
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, {}
-        self.registry.record_presence(dirty.values())
+        self.registry.record_presence(
+            [
+                Presence(
+                    device_id,
+                    live.online,
+                    live.remote_address,
+                    live.connected_since,
+                    live.last_seen,
+                    live.readings_stored,
+                )
+                for device_id, live in dirty.items()
+            ]
+        )
 
     def _mark(self, device_id: str, live: _Live, *, online: bool) -> None:
-        self._dirty[device_id] = Presence(
-            device_id,
-            online,
-            live.remote_address,
-            live.connected_since,
-            live.last_seen,
-            live.readings_stored,
-        )
+        live.online = online
+        self._dirty[device_id] = live
 
     def _event(self, device_id: str, now: float, **fields: str | bool | float) -> None:
         line = format_point(CONNECTION_MEASUREMENT, {"device": device_id}, fields, int(now * 1e9))

@@ -24,7 +24,7 @@ import msgpack
 from pydantic import BaseModel, ValidationError
 
 from hub.errors import InvalidMessage
-from schemas.messages import ConfigAck, ReadingsMessage, Rejection
+from schemas.messages import UINT64_MAX, ConfigAck, ReadingsMessage, Rejection
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +91,42 @@ def decode_frame(
         raise InvalidMessage("trailing bytes after the message map")
     kind = first["type"]
     if kind == "readings":
-        envelope = _validate(_ENVELOPE, first)
-        if len(envelope.readings) > max_readings:
+        frame_readings = _plain_readings_envelope(first)
+        if frame_readings is None:  # something to explain: the model says what
+            envelope = _validate(_ENVELOPE, first)
+            frame_readings = ReadingsFrame(seq=envelope.seq, readings=envelope.readings)
+        if len(frame_readings.readings) > max_readings:
             raise InvalidMessage(
-                f"readings: {len(envelope.readings)} readings, at most {max_readings} a message"
+                f"readings: {len(frame_readings.readings)} readings, at most {max_readings} a "
+                "message"
             )
-        return ReadingsFrame(seq=envelope.seq, readings=envelope.readings)
+        return frame_readings
     if kind == "config_ack":
         return _validate(ConfigAck, first)
     if isinstance(kind, str):
         raise InvalidMessage(f"unknown message type {kind[:100]!r}")
     raise InvalidMessage(f"'type' must be a string, not {type(kind).__name__}")
+
+
+def _plain_readings_envelope(message: dict[str, Any]) -> ReadingsFrame | None:
+    """The envelope of a `readings` map that `ReadingsMessage` accepts as it is, or None.
+
+    Every readings message passes here, so the usual shape (exactly `type`, an unsigned
+    64-bit `seq` and a non-empty list) is checked directly, without building a model;
+    anything else returns None and goes to `ReadingsMessage`, which explains what is wrong.
+    tests/test_protocol.py checks that both accept exactly the same envelopes.
+    """
+    seq = message.get("seq")
+    readings = message.get("readings")
+    if (
+        len(message) == 3
+        and type(seq) is int
+        and 0 <= seq <= UINT64_MAX
+        and type(readings) is list
+        and readings
+    ):
+        return ReadingsFrame(seq, readings)
+    return None
 
 
 TIMESTAMP_MAX_BYTES = 12

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from hub.errors import InvalidMessage
-from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame, encode, encode_ack
-from schemas.messages import Ack, ConfigAck, Rejection
+from hub.protocol import (
+    ReadingsFrame,
+    TelegrafFrame,
+    _plain_readings_envelope,
+    decode_frame,
+    encode,
+    encode_ack,
+)
+from schemas.messages import Ack, ConfigAck, ReadingsMessage, Rejection
 
 
 def pack(obj: object) -> bytes:
@@ -94,3 +106,40 @@ def test_encode_ack_is_the_ack_models_encoding(
     """The hot path's ack encoder gives exactly the bytes of the `Ack` model's encoding."""
     model = Ack(seq=seq, accepted=accepted, rejected=rejected)
     assert encode_ack(seq, accepted, rejected) == encode(model)
+
+
+_MISSING = object()
+_SEQS: st.SearchStrategy[object] = st.one_of(
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.sampled_from([0, 2**64 - 1, 2**64, -1, True, False, 1.0, "1", None, b"1"]),
+)
+_READINGS: st.SearchStrategy[object] = st.one_of(
+    st.lists(st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), max_size=3),
+    st.sampled_from([[], (), {}, "x", None, 1]),
+)
+
+
+@given(
+    seq=st.one_of(st.just(_MISSING), _SEQS),
+    readings=st.one_of(st.just(_MISSING), _READINGS),
+    extra=st.dictionaries(st.sampled_from(["x", "Seq", "version", ""]), st.integers(), max_size=2),
+)
+@settings(max_examples=400, deadline=None)
+def test_plain_envelope_check_accepts_what_the_model_accepts(
+    seq: object, readings: object, extra: dict[str, int]
+) -> None:
+    """The hot path's envelope check and `ReadingsMessage` agree on every envelope."""
+    message: dict[str, object] = {"type": "readings", **extra}
+    if seq is not _MISSING:
+        message["seq"] = seq
+    if readings is not _MISSING:
+        message["readings"] = readings
+    try:
+        model = ReadingsMessage[Any].model_validate(message)
+    except ValidationError:
+        model = None
+    plain = _plain_readings_envelope(message)
+    if model is None:
+        assert plain is None
+    else:
+        assert plain == ReadingsFrame(seq=model.seq, readings=model.readings)
