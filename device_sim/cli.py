@@ -14,7 +14,7 @@ from rich.console import Console
 from device_sim.fleet import FleetReport, read_tokens, run_fleet
 from device_sim.live import show_live, summary_table
 from device_sim.stats import FleetStats
-from hub.gc_tuning import tune_garbage_collector
+from hub.runtime import run_event_loop, tune_garbage_collector
 
 app = typer.Typer(
     help="Simulated sensor devices for demos and load tests.",
@@ -58,7 +58,7 @@ def run(
         raise typer.Exit(2)
     console = Console()
     tune_garbage_collector()
-    fleet = asyncio.run(
+    fleet = run_event_loop(
         _run_with_view(
             console if live else None,
             url,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import functools
@@ -99,12 +98,13 @@ def serve(
     }
     settings = settings_from(config, **flags)
     configure_logging(settings.log_level, settings.log_format)
+    from hub.runtime import run_event_loop
     from hub.service import serve as run_service
 
     # A SIGHUP reads the same sources again: the flags stay, the files may have changed.
     reload = functools.partial(load_settings, config, **flags)
     try:
-        asyncio.run(run_service(settings, reload))
+        run_event_loop(run_service(settings, reload))
     except HubError as exc:
         fail(str(exc))
     except OSError as exc:

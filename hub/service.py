@@ -16,7 +16,6 @@ from types import TracebackType
 from typing import Self
 
 from hub.errors import HubError
-from hub.gc_tuning import tune_garbage_collector
 from hub.health import HealthServer
 from hub.influx import Sink, open_sink
 from hub.logs import set_level
@@ -24,6 +23,7 @@ from hub.measurements import MeasurementSchemas, load_schema_file
 from hub.metrics import HubMetrics
 from hub.pipeline import DeadLetterFile, Pipeline
 from hub.registry import Registry
+from hub.runtime import tune_garbage_collector
 from hub.sdnotify import Notifier
 from hub.server import Hub
 from hub.settings import Settings, reload_changes
@@ -102,12 +102,13 @@ class HubService:
                 await self._health.stop()
             raise
         log.info(
-            "hub listening on %s:%d, writing to %s (%s API, bucket %s)",
+            "hub listening on %s:%d, writing to %s (%s API, bucket %s), on %s's event loop",
             settings.host,
             self._hub.port,
             settings.influx_url or "nowhere yet (spool only)",
             sink.name if sink else "no",
             settings.influx_bucket,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if self._health is not None:
             log.info("health and metrics at %s/healthz and /metrics", self._health.url)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from device_sim.local_servers import LocalServer
+from hub.runtime import event_loop_name
 from hub.sdnotify import Notifier, watchdog_interval
 from tests.support import HubProcess
 
@@ -116,6 +117,9 @@ async def test_ready_comes_only_once_the_device_port_accepts(
         assert first.get("READY") == "1", hub.log
         assert await accepts(hub.port), hub.log
         assert first["STATUS"] == f"listening on 127.0.0.1:{hub.port}"
+        # `hub serve` runs on uvloop (a dependency here), as run_event_loop chose.
+        assert event_loop_name() == "uvloop"
+        assert "on uvloop's event loop" in hub.log, hub.log
 
 
 async def test_watchdog_is_fed_at_half_of_watchdog_usec(

@@ -30,8 +30,8 @@ from device_sim.device import Credentials, DeviceOptions
 from device_sim.fleet import run_fleet
 from device_sim.sensors import MEASUREMENT, SensorProfile
 from device_sim.stats import FleetStats, LatencyHistogram
-from hub.gc_tuning import tune_garbage_collector
 from hub.lineprotocol import format_point  # the devices format line protocol like the hub
+from hub.runtime import run_event_loop, tune_garbage_collector
 
 PROGRESS_S = 0.5
 STDOUT_LIMIT = 64 * 2**20
@@ -230,7 +230,7 @@ async def _main() -> None:
 def main() -> None:
     """Read the job from stdin, run it, exit."""
     tune_garbage_collector()
-    asyncio.run(_main())
+    run_event_loop(_main())
 
 
 # --- The parent's side ---------------------------------------------------------------------
