@@ -32,15 +32,15 @@ from hub.ratelimit import TokenBucket
 from hub.readings import PreparedReadings, prepare_readings
 from hub.settings import Settings
 from schemas.codes import CloseCode
-from schemas.messages import Config, ConfigAck, ErrorMessage
+from schemas.messages import Config, ConfigAck, ErrorMessage, Rejection
 
 if TYPE_CHECKING:
     from hub.server import Hub
 
 log = logging.getLogger("hub.session")
 
-_PendingAck = tuple[int, PreparedReadings, "asyncio.Future[None] | None"]
-"""A message's seq, its verdicts, and what to wait for before its ack goes out."""
+_PendingAck = tuple[int, int, list[Rejection], "asyncio.Future[None] | None"]
+"""A message's seq, accepted count, rejections, and what to wait for before its ack."""
 
 ACK_GRACE_S = 10.0
 """How long acks of earlier messages may take before a protocol-error close."""
@@ -128,23 +128,25 @@ class DeviceSession:
         async for frame in self.connection:
             if self.hub.draining:
                 return  # not processed, so not acked: the device sends it again later
-            if isinstance(frame, str):
-                raise UnsupportedData(
-                    "text frames are not part of the protocol; send binary msgpack"
-                )
-            arrival_ns = time.time_ns()
-            # Looked up per frame so that a SIGHUP reload applies to open connections too.
-            settings = self.hub.settings
-            event = decode_frame(
-                frame, settings.max_readings_per_message, settings.max_nesting_depth
-            )
-            self._check_rate(event, time.monotonic())
-            if isinstance(event, ReadingsFrame):
-                await self._readings(event, arrival_ns)
-            elif isinstance(event, TelegrafFrame):
-                await self._telegraf(event, arrival_ns)
-            elif isinstance(event, ConfigAck):
-                self._config_answered(event)
+            # A method of its own so that the decoded frame is freed as soon as it is handled,
+            # while its memory is still in the CPU's cache: freed at the next frame instead,
+            # after every other connection's turn, it cost a tenth of the hub's time.
+            await self._handle(frame)
+
+    async def _handle(self, frame: str | bytes) -> None:
+        if isinstance(frame, str):
+            raise UnsupportedData("text frames are not part of the protocol; send binary msgpack")
+        arrival_ns = time.time_ns()
+        # Looked up per frame so that a SIGHUP reload applies to open connections too.
+        settings = self.hub.settings
+        event = decode_frame(frame, settings.max_readings_per_message, settings.max_nesting_depth)
+        self._check_rate(event, time.monotonic())
+        if isinstance(event, ReadingsFrame):
+            await self._readings(event, arrival_ns)
+        elif isinstance(event, TelegrafFrame):
+            await self._telegraf(event, arrival_ns)
+        elif isinstance(event, ConfigAck):
+            self._config_answered(event)
 
     async def _readings(self, event: ReadingsFrame, arrival_ns: int) -> None:
         prepared = self._prepare(event.readings, arrival_ns)
@@ -157,7 +159,7 @@ class DeviceSession:
         if self._acks is None:
             self._acks = asyncio.Queue(self.hub.settings.max_unacked_messages)
             self._sender = asyncio.create_task(self._send_acks(self._acks))
-        await self._acks.put((event.seq, prepared, durable))
+        await self._acks.put((event.seq, prepared.accepted, prepared.rejected, durable))
 
     async def _telegraf(self, event: TelegrafFrame, arrival_ns: int) -> None:
         prepared = self._prepare(event.metrics, arrival_ns)
@@ -253,14 +255,14 @@ class DeviceSession:
     async def _send_acks(self, acks: asyncio.Queue[_PendingAck]) -> None:
         traffic = self.hub.metrics.traffic
         while True:
-            seq, prepared, durable = await acks.get()
+            seq, accepted, rejected, durable = await acks.get()
             try:
                 if durable is not None:
                     await durable
-                traffic.readings_stored += prepared.accepted
-                await self.connection.send(encode_ack(seq, prepared.accepted, prepared.rejected))
+                traffic.readings_stored += accepted
+                await self.connection.send(encode_ack(seq, accepted, rejected))
                 traffic.acks += 1
-                self.hub.presence.stored(self.device_id, prepared.accepted)
+                self.hub.presence.stored(self.device_id, accepted)
             except (ConnectionClosed, HubError, RuntimeError):
                 # The device is gone or the hub is stopping: what is unacked, it resends.
                 return
