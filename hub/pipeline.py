@@ -143,14 +143,17 @@ class Pipeline:
         if not self.has_room(count):  # the lock and its wait only when full
             async with self._room:
                 await self._room.wait_for(lambda: self.has_room(count))
+        return self.submit_nowait(lines, count)
+
+    def submit_nowait(self, lines: str, count: int) -> asyncio.Future[None]:
+        """`submit` when `has_room(count)`, without waiting (the caller checked)."""
         self._pending += count
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         batch = self._current
         if batch is None:
             batch = self._current = _Batch()
-            asyncio.get_running_loop().call_later(
-                self.settings.flush_interval_s, self._seal_if_current, batch
-            )
+            loop.call_later(self.settings.flush_interval_s, self._seal_if_current, batch)
         batch.chunks.append(lines)
         batch.count += count
         batch.waiters.append(done)

@@ -56,25 +56,36 @@ def decode_frame(
 ) -> DeviceEvent:
     """Decode one binary frame; raise `InvalidMessage` when it breaks the protocol."""
     size = max(len(frame), 1)
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        strict_map_key=True,
-        timestamp=0,
-        ext_hook=_refuse_extension,
-        max_buffer_size=size,
-        max_str_len=size,
-        max_bin_len=size,
-        max_array_len=max_readings,
-        max_map_len=size // 2,
-        max_ext_len=TIMESTAMP_MAX_BYTES,
-    )
-    unpacker.feed(frame)
+    limits: dict[str, Any] = {
+        "raw": False,
+        "strict_map_key": True,
+        "timestamp": 0,
+        "ext_hook": _refuse_extension,
+        "max_str_len": size,
+        "max_bin_len": size,
+        "max_array_len": max_readings,
+        "max_map_len": size // 2,
+        "max_ext_len": TIMESTAMP_MAX_BYTES,
+    }
     try:
-        first = unpacker.unpack()
-    except msgpack.OutOfData:
-        raise InvalidMessage("empty or truncated msgpack") from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise InvalidMessage(f"not valid msgpack: {_describe(exc, max_readings)}") from None
+        # The usual frame: one message map, nothing after it. unpackb is cheaper than an
+        # Unpacker; anything else (a Telegraf stream, trailing bytes, an error to describe)
+        # takes the Unpacker below.
+        first = msgpack.unpackb(frame, **limits)
+        single = type(first) is dict and "type" in first
+    except Exception:  # decoded again below, by the Unpacker that says what is wrong
+        single = False
+    if single:
+        unpacker = None
+    else:
+        unpacker = msgpack.Unpacker(max_buffer_size=size, **limits)
+        unpacker.feed(frame)
+        try:
+            first = unpacker.unpack()
+        except msgpack.OutOfData:
+            raise InvalidMessage("empty or truncated msgpack") from None
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise InvalidMessage(f"not valid msgpack: {_describe(exc, max_readings)}") from None
     if not isinstance(first, dict):
         raise InvalidMessage(f"a frame must be a msgpack map, not {type(first).__name__}")
     if first.get("type") == "readings" and type(first.get("readings")) is list:
@@ -84,10 +95,10 @@ def decode_frame(
     else:
         check_depth(first, max_depth)
     if "type" not in first:
-        if "name" in first and "fields" in first:
+        if "name" in first and "fields" in first and unpacker is not None:
             return _telegraf(first, unpacker, len(frame), max_readings, max_depth)
         raise InvalidMessage("the map has no 'type' key")
-    if unpacker.tell() != len(frame):
+    if unpacker is not None and unpacker.tell() != len(frame):
         raise InvalidMessage("trailing bytes after the message map")
     kind = first["type"]
     if kind == "readings":

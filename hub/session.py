@@ -233,7 +233,7 @@ class DeviceSession:
         if pipeline.has_room(count):
             # Goes straight through: no timeout, whose task and timer cost more than the
             # submit itself (a sixth of the hub's time with one reading a message).
-            return await pipeline.submit(lines, count)
+            return pipeline.submit_nowait(lines, count)
         limit = self.hub.settings.overload_close_s
         try:
             return await asyncio.wait_for(pipeline.submit(lines, count), limit)
