@@ -45,8 +45,9 @@ def prepare_readings(
     arrival time, kept distinct so that time-less readings of one series in one message do
     not overwrite each other in InfluxDB.
 
-    Rejected readings are checked against `max_depth` (the frame's nesting limit), which
-    `decode_frame` leaves to this step; one nesting too deep raises `InvalidMessage`.
+    Rejected readings, and accepted ones with keys validation ignored, are checked against
+    `max_depth` (the frame's nesting limit), which `decode_frame` leaves to this step; one
+    nesting too deep raises `InvalidMessage` for the whole frame.
     """
     valid, reasons = validator.validate(readings)
     indices = (
