@@ -33,7 +33,7 @@ from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, free_port
 from hub.service import HubService
 from hub.settings import Settings
-from tests.support import add_device, hub_settings, running_hub
+from tests.support import HubProcess, add_device, hub_settings, points, running_hub
 
 WAIT_S = 10.0
 READING = {"name": "hardening_probe", "time": 1_700_000_000_000, "fields": {"value": 1.0}}
@@ -324,6 +324,29 @@ async def test_tls_handshake_that_never_starts_is_closed(
     async with fleet(tls, ssl=trusting(cert)) as hub:
         assert await closed_by_hub(hub.service.hub.port, []) == b""
         await assert_good_device_still_acked(hub)
+
+
+async def test_tls_from_hub_serve_on_uvloop(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str, certificate: tuple[Path, Path]
+) -> None:
+    """`hub serve` (uvloop's event loop) serves wss:// too: a device's reading is acked and
+    stored. The tests above run the hub in-process, on asyncio's loop."""
+    cert, key = certificate
+    state = tmp_path / "state"
+    token = add_device(hub_settings(state, influxdb.url), "dev-tls")
+    hub = HubProcess(
+        state, influxdb, influx_db_name, "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    async with hub:
+        device = DeviceClient(hub.url.replace("ws://", "wss://"), token)
+        await device.connect(ssl=trusting(cert))
+        try:
+            assert (await asyncio.wait_for(device.store([READING]), WAIT_S)).accepted == 1
+        finally:
+            await device.close()
+        assert "on uvloop's event loop" in hub.log, hub.log
+    stored = points(influxdb, influx_db_name, str(READING["name"]))
+    assert [row["value"] for row in stored] == [1.0]
 
 
 def test_tls_needs_both_cert_and_key(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
