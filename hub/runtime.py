@@ -4,9 +4,10 @@ Both are set for a process that streams many small messages, and both are used b
 serve`, `device-sim run` and the benchmark's load generators alike.
 
 * **uvloop** replaces asyncio's default event loop when it is installed (it is a dependency
-  on Linux and macOS). Measured with `device-sim bench --only batched`: ack latency p99 at
-  half the maximum rate 92-125 ms -> 60-63 ms, and about 5 % less hub CPU per message with
-  one reading a message. Without it (Windows), asyncio's own loop runs the same code.
+  on Linux and macOS). Measured with `device-sim bench --only batched --only single`: ack
+  latency p99 at half the maximum rate (65k readings/s then) 92-125 ms -> 60-63 ms, and
+  about 5 % less hub CPU per message with one reading a message. Without it (Windows),
+  asyncio's own loop runs the same code.
 * **The cyclic garbage collector** ran every few messages at CPython's default threshold of
   700 allocations: every readings message makes a few hundred short-lived containers
   (decoded maps, validated copies) that reference counting frees anyway, and each run walked
