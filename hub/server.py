@@ -23,6 +23,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from hub.activation import take_device_socket
 from hub.errors import ConfigError
 from hub.handshake import Handshake, HandshakeRefused, read_credentials
 from hub.logs import RedactingFilter, device_extra
@@ -62,6 +63,7 @@ class Hub:
         self._handshakes: dict[ServerConnection, Handshake] = {}
         self._sessions: dict[str, DeviceSession] = {}
         self._server: Server | None = None
+        self._socket_from_systemd = False
         self._background: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._rotated_out: dict[ServerConnection, asyncio.Task[None]] = {}
@@ -80,10 +82,12 @@ class Hub:
     async def start(self) -> Server:
         """Listen for devices and start watching the registry."""
         s = self.settings
+        listener = take_device_socket()  # hub.socket's, or None: bind host:port as always
+        self._socket_from_systemd = listener is not None
+        where: dict[str, Any] = {"sock": listener} if listener else {"host": s.host, "port": s.port}
         self._server = await serve(
             self._session,
-            s.host,
-            s.port,
+            **where,
             ssl=tls_context(s),
             # WebSocket; deflate is off unless asked for: memory per connection, and
             # compression next to secrets invites CRIME-style guessing
@@ -111,6 +115,13 @@ class Hub:
             asyncio.create_task(self._keep_presence(), name="presence"),
         ]
         return self._server
+
+    def stop_accepting(self) -> None:
+        """On systemd's socket, stop accepting as the drain begins: devices that connect
+        during a restart then wait in the backlog (systemd keeps the socket open) for the
+        next hub instead of getting 503. A socket of our own stays open and answers 503."""
+        if self._socket_from_systemd and self._server is not None:
+            self._server.server.close()
 
     async def acks_sent(self) -> None:
         """Wait until every session has answered every message it received."""

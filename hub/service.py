@@ -123,6 +123,7 @@ class HubService:
         self._notifier.stopping()
         log.info("stopping: refusing new connections, flushing what devices sent")
         hub.draining = True
+        hub.stop_accepting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_timeout_s
 

@@ -18,9 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from hub.activation import DEVICES_FD_NAME
+from hub.server import LISTEN_BACKLOG
+from hub.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 HUB_UNIT = UNITS / "hub.service"
+HUB_SOCKET = UNITS / "hub.socket"
 SIM_UNIT = UNITS / "device-sim@.service"
 INSTALL_PREFIX = "/opt/sensor-hub/.venv"
 MAX_EXPOSURE = 1.5
@@ -110,10 +115,21 @@ def test_hub_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing to say about hub.service."""
     assert Path(sys.prefix, "bin", "hub").exists()
     unit = installed_copy(HUB_UNIT, tmp_path)
+    installed_copy(HUB_SOCKET, tmp_path)  # Requires=hub.socket: verify loads it too
     result = run(systemd_analyze, "verify", unit)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert [line for line in output.splitlines() if "hub.service" in line] == []
+
+
+def test_hub_socket_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
+    """`systemd-analyze verify` finds nothing to say about hub.socket (with its service)."""
+    installed_copy(HUB_UNIT, tmp_path)
+    unit = installed_copy(HUB_SOCKET, tmp_path)
+    result = run(systemd_analyze, "verify", unit)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert [line for line in output.splitlines() if "hub." in line] == []
 
 
 def test_device_sim_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
@@ -146,7 +162,9 @@ def test_hub_unit_is_notify_with_a_watchdog_and_reload() -> None:
     assert service_values(HUB_UNIT, "Type") == ["notify"]
     assert service_values(HUB_UNIT, "NotifyAccess") == ["main"]
     assert service_values(HUB_UNIT, "WatchdogSec") == ["30s"]
-    assert service_values(HUB_UNIT, "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    # dash's built-in kill: /bin/kill is in procps, which a minimal system may lack
+    # (test_systemd_real.py reloads in a tree without it).
+    assert service_values(HUB_UNIT, "ExecReload") == ["/bin/sh -c 'kill -HUP $MAINPID'"]
     assert service_values(HUB_UNIT, "Restart") == ["on-failure"]
 
 
@@ -161,6 +179,34 @@ def test_hub_unit_keeps_state_in_its_state_directory() -> None:
     """StateDirectory= gives the hub /var/lib/sensor-hub, private to it."""
     assert service_values(HUB_UNIT, "StateDirectory") == ["sensor-hub"]
     assert service_values(HUB_UNIT, "StateDirectoryMode") == ["0700"]
+
+
+def test_hub_unit_limits_descriptors_tasks_and_resource_calls() -> None:
+    """Issue 16 item 11: room for max_connections (20000) with headroom, a task limit, and
+    no system calls that change priorities or scheduling (@resources)."""
+    assert service_values(HUB_UNIT, "LimitNOFILE") == ["65536"]
+    assert 0 < int(service_values(HUB_UNIT, "TasksMax")[0]) <= 512
+    denied = [
+        group
+        for value in service_values(HUB_UNIT, "SystemCallFilter")
+        if value.startswith("~")
+        for group in value[1:].split()
+    ]
+    assert "@resources" in denied
+
+
+def test_hub_socket_holds_the_device_port_for_the_hub() -> None:
+    """hub.socket listens on the default device address, names the descriptor as the hub
+    looks for it, keeps a backlog as deep as the hub's own, and hub.service needs it."""
+    defaults = Settings()
+    socket_keys = {k: v for section, k, v in assignments(HUB_SOCKET) if section == "Socket"}
+    assert socket_keys["ListenStream"] == f"{defaults.host}:{defaults.port}"
+    assert socket_keys["FileDescriptorName"] == DEVICES_FD_NAME
+    assert int(socket_keys["Backlog"]) == LISTEN_BACKLOG
+    assert socket_keys["Service"] == "hub.service"
+    unit = {k: v for section, k, v in assignments(HUB_UNIT) if section == "Unit"}
+    assert "hub.socket" in unit["Requires"].split()
+    assert "hub.socket" in unit["After"].split()
 
 
 def test_units_run_the_commands_the_package_installs() -> None:

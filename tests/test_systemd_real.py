@@ -1,0 +1,429 @@
+"""The shipped units under a real systemd 252: a Debian bookworm container booted with
+systemd-nspawn (tests/nspawn.py), the hub installed in it as docs/deploy.md says, checked
+through `systemctl` and `journalctl` inside, with devices on the host and the suite's InfluxDB.
+
+One booted machine serves the whole module; its tests run in order on it. The tree has no
+procps, so `systemctl reload` proves ExecReload needs no /bin/kill. Workers (`--workers N`)
+do not exist yet: their part of issue 15 is not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from device_sim.client import DeviceClient
+from device_sim.local_servers import (
+    LocalServer,
+    create_database,
+    drop_database,
+    free_port,
+    http_request,
+)
+from tests.nspawn import (
+    CONFIG,
+    HUB,
+    SERVICE_USER,
+    Machine,
+    MachineError,
+    build_wheels,
+    cached_tree,
+    drop_in,
+    install_hub,
+    overlay,
+)
+from tests.support import points
+
+pytestmark = pytest.mark.systemd
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT_S = 60.0
+LOOSE = """
+[measurements.environment.fields]
+temperature = { type = "float" }
+"""
+STRICT = """
+[measurements.environment.fields]
+temperature = { type = "float", max = 50 }
+"""
+HOT = [{"name": "environment", "time": 1_700_000_000_000, "fields": {"temperature": 80.0}}]
+COOL = [{"name": "environment", "time": 1_700_000_000_002, "fields": {"temperature": 20.0}}]
+HUB_TOML = """\
+state_dir = "/var/lib/sensor-hub"
+host = "127.0.0.1"
+port = {port}
+influx_url = "{influx_url}"
+influx_bucket = "{db}"
+health_port = {health_port}
+schemas = "/etc/sensor-hub/schemas.toml"
+flush_interval_s = 0.02
+"""
+# Shorter than the shipped 30 s so that the freeze test takes seconds; abort soon after.
+SERVICE_DROP_IN = "[Service]\nWatchdogSec=4s\nTimeoutAbortSec=5s\nRestartSec=1s\n"
+
+
+@dataclass
+class Booted:
+    """The booted machine with the hub installed (not started), and where it writes."""
+
+    machine: Machine
+    root: Path
+    port: int
+    health_port: int
+    influx: LocalServer
+    db: str
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """Where devices on the host connect."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    def systemctl(self, *args: str) -> str:
+        """`systemctl ARGS` inside; its stdout."""
+        return self.machine.run("systemctl", *args, timeout=WAIT_S + 30).stdout
+
+    def show(self, prop: str, unit: str = "hub.service") -> str:
+        """One property of a unit, as `systemctl show` says it."""
+        return self.systemctl("show", "-p", prop, "--value", unit).strip()
+
+    def journal(self, *args: str) -> str:
+        """The hub's journal lines (message only)."""
+        self.machine.run("journalctl", "--sync", check=False)
+        return self.machine.run(
+            "journalctl", "-u", "hub.service", "--no-pager", "-o", "cat", *args
+        ).stdout
+
+    def token(self, device_id: str) -> str:
+        """A device registered as docs/deploy.md says (as the service user); its token."""
+        if device_id not in self.tokens:
+            result = self.machine.run(
+                "runuser", "-u", SERVICE_USER, "--", HUB, "token", "add", device_id,
+                "--config", CONFIG,
+            )  # fmt: skip
+            self.tokens[device_id] = result.stdout.strip()
+        return self.tokens[device_id]
+
+    def health(self) -> dict[str, object]:
+        """The hub's /healthz answer (on the host's network, as the container shares it)."""
+        _, body = http_request(f"http://127.0.0.1:{self.health_port}/healthz", timeout=5)
+        answer: dict[str, object] = json.loads(body)
+        return answer
+
+    def wait_for(self, what: str, condition: Callable[[], bool]) -> None:
+        """Poll `condition` until it holds, or fail after WAIT_S saying `what`."""
+        deadline = time.monotonic() + WAIT_S
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n{self.journal()[-4000:]}")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def booted(influxdb: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+    """The machine, booted once for the module and powered off (by pid) after it."""
+    try:
+        tree = cached_tree()
+    except MachineError as exc:
+        pytest.fail(f"no test machine: {exc}")
+    scratch = tmp_path_factory.mktemp("nspawn")
+    wheels = build_wheels(ROOT, scratch / "wheels")
+    db = f"test_{uuid.uuid4().hex[:12]}"
+    create_database(influxdb.url, db)
+    port, health_port = free_port(), free_port()
+    with overlay(tree, scratch / "machine") as root:
+        install_hub(
+            root,
+            wheels,
+            ROOT / "systemd",
+            HUB_TOML.format(port=port, influx_url=influxdb.url, db=db, health_port=health_port),
+        )
+        (root / "etc/sensor-hub/schemas.toml").write_text(LOOSE)
+        drop_in(root, "hub.socket", f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
+        drop_in(root, "hub.service", SERVICE_DROP_IN)
+        machine = Machine(root, scratch / "machine.log")
+        try:
+            machine.boot()
+            yield Booted(machine, root, port, health_port, influxdb, db)
+        finally:
+            machine.stop()
+    if influxdb.running:
+        drop_database(influxdb.url, db)
+
+
+def main_pid(booted: Booted) -> int:
+    """The hub's main process id inside the container (0 when not running)."""
+    return int(booted.show("MainPID"))
+
+
+# --- Start ----------------------------------------------------------------------------------------
+
+
+def test_start_returns_once_the_hub_is_ready(booted: Booted) -> None:
+    """`systemctl start` returns after READY=1: the hub answers /healthz at once, its status
+    says where it listens, and its start line precedes systemd's "Started"."""
+    booted.systemctl("start", "hub.service")
+    assert booted.show("ActiveState") == "active"
+    assert booted.show("SubState") == "running"
+    assert booted.show("StatusText") == f"listening on 127.0.0.1:{booted.port}"
+    assert booted.health()["status"] == "ok"
+    journal = booted.journal()
+    listening = journal.index("hub listening on")
+    assert journal.index("Started hub.service", listening) > listening
+    assert "the socket systemd passed" in journal
+
+
+def test_unit_limits_are_in_force(booted: Booted) -> None:
+    """LimitNOFILE, TasksMax and the system call filter (less @resources) hold for the hub.
+
+    systemd cannot raise a hard limit above its own without CAP_SYS_RESOURCE, which this
+    sandbox withholds: the hub gets 65536 or that ceiling, and either is far above the
+    default soft limit of 1024."""
+    assert booted.show("LimitNOFILE") == "65536"
+    ceiling = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    limits = booted.machine.run("cat", f"/proc/{main_pid(booted)}/limits").stdout
+    open_files = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert open_files.split()[3:5] == [str(ceiling)] * 2, open_files
+    assert ceiling > 1024
+    assert booted.show("TasksMax") == "128"
+    # A denied call answers EPERM (SystemCallErrorNumber); setpriority is in @resources, but
+    # raising the soft file limit to the hard one (as the hub does at start) still works.
+    probe = booted.machine.run(
+        "systemd-run", "--wait", "--pipe", "--quiet", "-p", "SystemCallFilter=@system-service",
+        "-p", "SystemCallFilter=~@privileged @resources", "-p", "SystemCallErrorNumber=EPERM",
+        "-p", "LimitNOFILE=65536", "python3", "-c",
+        "import os, resource\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n"
+        "try:\n    os.setpriority(os.PRIO_PROCESS, 0, 5)\nexcept PermissionError:\n"
+        "    print('setpriority denied')\n",
+    )  # fmt: skip
+    assert probe.stdout.strip() == "setpriority denied", probe
+
+
+# --- Devices --------------------------------------------------------------------------------------
+
+
+def test_device_on_the_host_streams_into_influxdb(booted: Booted) -> None:
+    """A device on the host is acked by the hub in the container; InfluxDB has its reading."""
+    token = booted.token("sensor-1")
+
+    async def send() -> int:
+        async with DeviceClient(booted.url, token) as client:
+            reading = {"name": "environment", "time": 1_700_000_000_001,
+                       "fields": {"temperature": 21.5}, "tags": {"room": "lab"}}  # fmt: skip
+            ack = await asyncio.wait_for(client.store([reading]), 30)
+            return ack.accepted
+
+    assert asyncio.run(send()) == 1
+    stored = points(booted.influx, booted.db, "environment")
+    assert [(p["device"], p["room"], p["temperature"]) for p in stored] == [
+        ("sensor-1", "lab", 21.5)
+    ]
+
+
+def test_reload_applies_a_changed_schema_file(booted: Booted) -> None:
+    """`systemctl reload` (no /bin/kill in this tree) makes the new schema judge the same
+    open connection; the hub is not restarted."""
+    assert not (booted.root / "bin/kill").exists()
+    assert not (booted.root / "usr/bin/kill").exists()
+    token = booted.token("sensor-1")
+    pid = main_pid(booted)
+
+    async def reload_and_send() -> bool:
+        async with DeviceClient(booted.url, token) as client:
+            assert (await asyncio.wait_for(client.store(HOT), 30)).accepted == 1
+            (booted.root / "etc/sensor-hub/schemas.toml").write_text(STRICT)
+            await asyncio.to_thread(booted.systemctl, "reload", "hub.service")
+            for _ in range(100):
+                if (await asyncio.wait_for(client.store(HOT), 30)).rejected:
+                    return client.connection.close_code is None
+                await asyncio.sleep(0.1)
+            return False
+
+    assert asyncio.run(reload_and_send()), booted.journal()[-3000:]
+    assert main_pid(booted) == pid
+    assert "reloaded: measurement schemas from /etc/sensor-hub/schemas.toml" in booted.journal()
+
+
+def test_the_journal_carries_warnings_with_their_priority(booted: Booted) -> None:
+    """A warning (a changed setting that needs a restart) is in `journalctl -p warning`
+    with priority 4; the info lines are not."""
+    toml = booted.root / "etc/sensor-hub/hub.toml"
+    toml.write_text(toml.read_text() + "batch_size = 1000\n")
+    booted.systemctl("reload", "hub.service")
+    warning = "changed settings that apply only after a restart: batch_size"
+    booted.wait_for("the warning", lambda: warning in booted.journal("-p", "warning"))
+    warnings = booted.journal("-p", "warning")
+    assert "hub listening on" not in warnings
+    records = [json.loads(line) for line in booted.journal("-o", "json").splitlines()]
+    assert {r["PRIORITY"] for r in records if warning in r["MESSAGE"]} == {"4"}
+    assert {r["PRIORITY"] for r in records if "hub listening on" in r["MESSAGE"]} == {"6"}
+
+
+# --- The sandbox ----------------------------------------------------------------------------------
+
+WRITE_PROBE = """
+for dir in "$@"; do
+    if touch "$dir/.probe" 2>/dev/null; then echo "writable $dir"; rm -f "$dir/.probe";
+    else echo "read-only $dir"; fi
+done
+"""
+PLACES = (
+    "/", "/etc", "/etc/sensor-hub", "/opt/sensor-hub", "/opt/sensor-hub/.venv/bin", "/usr",
+    "/var", "/var/lib", "/var/log", "/root", "/home", "/run", "/var/lib/sensor-hub",
+)  # fmt: skip
+
+
+def test_the_sandbox_lets_the_hub_write_its_state_directory_and_nothing_else(
+    booted: Booted,
+) -> None:
+    """Seen from inside the running service (its mount and user namespaces, as its user),
+    only /var/lib/sensor-hub is writable; its /tmp is its own."""
+    uid = booted.machine.run("id", "-u", SERVICE_USER).stdout.strip()
+    gid = booted.machine.run("id", "-g", SERVICE_USER).stdout.strip()
+    inside = booted.machine.run(
+        "nsenter", "-t", str(main_pid(booted)), "-m", "-U", "-S", uid, "-G", gid, "--",
+        "/bin/sh", "-c", WRITE_PROBE + "touch /tmp/hub-probe && echo private-tmp", "sh", *PLACES,
+    ).stdout.splitlines()  # fmt: skip
+    writable = [line.split(" ", 1)[1] for line in inside if line.startswith("writable ")]
+    assert writable == ["/var/lib/sensor-hub"], inside
+    assert len([line for line in inside if line.startswith("read-only ")]) == len(PLACES) - 1
+    assert "private-tmp" in inside
+    assert not (booted.root / "tmp/hub-probe").exists()  # the container's /tmp is not its /tmp
+
+
+# --- Watchdog, restart, stop ----------------------------------------------------------------------
+
+
+def test_a_frozen_hub_is_killed_by_the_watchdog_and_restarted(booted: Booted) -> None:
+    """SIGSTOP stops the heartbeat: systemd logs a watchdog timeout, kills the hub and starts
+    a new one that devices reach again."""
+    pid, restarts = main_pid(booted), int(booted.show("NRestarts"))
+    booted.machine.run("/bin/sh", "-c", 'kill -STOP "$1"', "sh", str(pid))
+    booted.wait_for(
+        "a restart after the watchdog",
+        lambda: (
+            int(booted.show("NRestarts")) > restarts
+            and main_pid(booted) not in (0, pid)
+            and booted.show("ActiveState") == "active"
+        ),
+    )
+    assert (
+        "Watchdog timeout"
+        in booted.machine.run("journalctl", "-u", "hub.service", "--no-pager").stdout
+    )
+    booted.wait_for("/healthz ok", lambda: booted.health()["status"] == "ok")
+
+
+@dataclass
+class DeviceLoop:
+    """What devices connecting in a loop saw: acks, refusals, interrupted attempts."""
+
+    acked: list[float] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    interrupted: int = 0
+    started_during_restart_and_acked: int = 0
+
+
+async def connect_in_a_loop(
+    booted: Booted, device_id: str, stop: asyncio.Event, restarting: asyncio.Event, seen: DeviceLoop
+) -> None:
+    """Connect, store one reading, close, over and over, until `stop`."""
+    token = booted.token(device_id)
+    number = 0
+    while not stop.is_set():
+        number += 1
+        value = float(number % 50)
+        reading = {"name": "environment", "time": 1_800_000_000_000 + number,
+                   "fields": {"temperature": value}, "tags": {"run": device_id}}  # fmt: skip
+        during = restarting.is_set()
+        try:
+            async with DeviceClient(booted.url, token) as client:
+                ack = await asyncio.wait_for(client.store([reading]), 30)
+        except ConnectionRefusedError as exc:
+            seen.refused.append(f"refused: {exc}")
+            continue
+        except InvalidStatus as exc:
+            seen.refused.append(f"HTTP {exc.response.status_code}")
+            continue
+        except (ConnectionClosed, ConnectionError):
+            seen.interrupted += 1  # closed with 1001 by a draining hub: send again
+            continue
+        assert ack.accepted == 1
+        seen.acked.append(reading["time"])  # type: ignore[arg-type]
+        seen.started_during_restart_and_acked += during
+
+
+def test_restart_refuses_no_device_and_loses_nothing_acked(booted: Booted) -> None:
+    """Devices connecting in a loop through `systemctl restart hub` are never refused
+    (hub.socket keeps the port open; they wait in its backlog), and InfluxDB holds every
+    reading the hub acked."""
+    pid = main_pid(booted)
+    devices = [f"looping-{n}" for n in range(3)]
+    seen = {device: DeviceLoop() for device in devices}
+
+    async def run() -> None:
+        stop, restarting = asyncio.Event(), asyncio.Event()
+        loops = [
+            asyncio.create_task(connect_in_a_loop(booted, d, stop, restarting, seen[d]))
+            for d in devices
+        ]
+        while min(len(s.acked) for s in seen.values()) < 5:
+            await asyncio.sleep(0.05)
+        restarting.set()
+        await asyncio.to_thread(booted.systemctl, "restart", "hub.service")
+        restarting.clear()
+        after = {d: len(s.acked) for d, s in seen.items()}
+        while any(len(seen[d].acked) < after[d] + 5 for d in devices):
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*loops)
+
+    asyncio.run(asyncio.wait_for(run(), WAIT_S * 2))
+    assert main_pid(booted) not in (0, pid)
+    for device, s in seen.items():
+        print(
+            f"{device}: {len(s.acked)} acked, {s.interrupted} interrupted by the drain, "
+            f"{s.started_during_restart_and_acked} started during the restart and acked"
+        )
+    assert [s.refused for s in seen.values()] == [[], [], []]
+    assert sum(s.started_during_restart_and_acked for s in seen.values()) >= 1
+    stored = points(booted.influx, booted.db, "environment")
+    for device in devices:
+        times = {p["time"] // 1_000_000 for p in stored if p.get("run") == device}
+        missing = [t for t in seen[device].acked if t not in times]
+        assert missing == [], f"{device}: acked but not in InfluxDB: {missing[:10]}"
+
+
+def test_stop_drains_and_exits_cleanly(booted: Booted) -> None:
+    """`systemctl stop` closes a connected device with 1001 and the hub exits with status 0
+    after logging "stopped"."""
+    token = booted.token("sensor-1")
+
+    async def stop_while_connected() -> int | None:
+        async with DeviceClient(booted.url, token) as client:
+            assert (await asyncio.wait_for(client.store(COOL), 30)).accepted == 1
+            await asyncio.to_thread(booted.systemctl, "stop", "hub.socket", "hub.service")
+            code, _ = await asyncio.wait_for(client.wait_closed(), 30)
+            return code
+
+    assert asyncio.run(stop_while_connected()) == 1001
+    assert booted.show("ActiveState") == "inactive"
+    assert booted.show("Result") == "success"
+    assert booted.show("ExecMainStatus") == "0"
+    hub_lines = [line for line in booted.journal().splitlines() if "hub.service" not in line]
+    assert hub_lines[-1].endswith("stopped"), hub_lines[-5:]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", booted.port), timeout=2).close()
