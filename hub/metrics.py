@@ -21,6 +21,7 @@ Label values are a small fixed set each:
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections import Counter as Tally
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 BATCH_POINTS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000)
 WRITE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+ACK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SCHEMA_PARTS = frozenset({"name", "fields", "tags", "time"})
 # Label values shown at 0 from the start, so that rates and alerts work before the first one.
 _KNOWN_LABELS = {
@@ -47,6 +49,7 @@ _KNOWN_LABELS = {
     "readings_rejected": (*sorted(_SCHEMA_PARTS), "unknown_measurement", "undecodable", "invalid"),
     "protocol_errors": ("invalid_message", "unsupported_data", "rate_limited"),
     "config_acks": ("applied", "refused", "ignored"),
+    "influx_errors": ("unreachable", "timeout"),
 }
 
 
@@ -75,6 +78,12 @@ class HubMetrics:
         # Readings: received, stored and acks are counted per message, in `traffic`.
         self.traffic = TrafficCounts()
         r.register(TrafficCollector(self.traffic))
+        self.ack_seconds = Histogram(
+            "hub_ack_latency_seconds",
+            "From a readings message's arrival until its readings are durable (its ack goes).",
+            buckets=ACK_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.readings_rejected = Counter(
             "hub_readings_rejected",
             "Readings rejected, by the part that was wrong.",
@@ -121,6 +130,15 @@ class HubMetrics:
             tally["undecodable"] += undecodable
         for reason, count in tally.items():
             self.readings_rejected.labels(reason).inc(count)
+
+    def time_ack(self, durable: asyncio.Future[None], arrival_ns: int) -> None:
+        """Observe the ack latency of a message once `durable` (its readings stored) is done."""
+
+        def observe(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self.ack_seconds.observe(max(0, time.time_ns() - arrival_ns) / 1e9)
+
+        durable.add_done_callback(observe)
 
     def influx_error(self, status: int | str | None) -> None:
         """Count one failed write."""

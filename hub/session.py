@@ -156,6 +156,7 @@ class DeviceSession:
         durable = None
         if prepared.accepted:
             durable = await self._submit(prepared.lines, prepared.accepted)
+            self.hub.metrics.time_ack(durable, arrival_ns)
         if self._acks is None:
             self._acks = asyncio.Queue(self.hub.settings.max_unacked_messages)
             self._sender = asyncio.create_task(self._send_acks(self._acks))
