@@ -24,6 +24,7 @@ from hub.cli_common import (
     when,
 )
 from hub.cli_fleet import config_app, device_app, devices_command, parse_assignments, spool_app
+from hub.cli_top import top_command
 from hub.errors import HubError
 from hub.logs import configure_logging
 from hub.settings import InfluxApi, LogFormat, LogLevel, load_settings
@@ -40,6 +41,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(spool_app, name="spool")
 app.command("devices")(devices_command)
 app.command("check-config")(check_config)
+app.command("top")(top_command)
 
 
 @app.command()
