@@ -64,6 +64,7 @@ class Hub:
         self._sessions: dict[str, DeviceSession] = {}
         self._server: Server | None = None
         self._socket_from_systemd = False
+        self._bound: Any = None  # (host, port, ...) of the device socket, once listening
         self._background: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._rotated_out: dict[ServerConnection, asyncio.Task[None]] = {}
@@ -110,6 +111,8 @@ class Hub:
             # Logging
             logger=_redacting_logger("websockets.server"),
         )
+        # Kept: once the drain has closed the listener (stop_accepting) it has no sockets.
+        self._bound = self._server.sockets[0].getsockname()
         self._loops = [
             asyncio.create_task(self._watch_registry(), name="registry-watch"),
             asyncio.create_task(self._keep_presence(), name="presence"),
@@ -170,11 +173,16 @@ class Hub:
         return found
 
     @property
+    def host(self) -> str:
+        """The address actually bound: systemd's socket may differ from the `host` setting."""
+        assert self._bound is not None, "start() first"
+        return str(self._bound[0])
+
+    @property
     def port(self) -> int:
         """The port actually bound (useful with port 0)."""
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        assert self._bound is not None, "start() first"
+        return int(self._bound[1])
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         # Never log request.path: its query string may hold the token.

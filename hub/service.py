@@ -103,7 +103,7 @@ class HubService:
             raise
         log.info(
             "hub listening on %s:%d, writing to %s (%s API, bucket %s), on %s's event loop",
-            settings.host,
+            self._hub.host,
             self._hub.port,
             settings.influx_url or "nowhere yet (spool only)",
             sink.name if sink else "no",
@@ -112,7 +112,7 @@ class HubService:
         )
         if self._health is not None:
             log.info("health and metrics at %s/healthz and /metrics", self._health.url)
-        self._notifier.ready(f"listening on {settings.host}:{self._hub.port}")
+        self._notifier.ready(f"listening on {self._hub.host}:{self._hub.port}")
         if self._notifier.watchdog_s is not None:
             self._watchdog = asyncio.create_task(self._notifier.keep_alive(), name="watchdog")
 
@@ -156,7 +156,7 @@ class HubService:
         try:
             self._reload()
         finally:
-            self._notifier.ready(f"listening on {self.settings.host}:{self.hub.port}")
+            self._notifier.ready(f"listening on {self.hub.host}:{self.hub.port}")
 
     def _reload(self) -> None:
         live: dict[str, object] = {}
