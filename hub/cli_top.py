@@ -63,6 +63,8 @@ def fetch_scrape(base: str) -> Scrape:
 
 def read_presence(settings: Settings) -> dict[str, Presence]:
     """Who is connected, as the hub last recorded it; empty if the registry cannot be read."""
+    if not settings.registry_path.exists():
+        return {}  # a view must not create a registry where there was none
     try:
         registry = Registry(settings.registry_path)
     except Exception:  # the view goes on without devices (e.g. no access to the state dir)

@@ -147,7 +147,11 @@ def overlay(lower: Path, scratch: Path) -> Iterator[Path]:
     try:
         yield merged
     finally:
-        subprocess.run(["umount", "-l", str(merged)], capture_output=True, check=False)
+        if subprocess.run(["umount", str(merged)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(merged)], capture_output=True, check=False)
+        # The installed hub (~100 MB, root's files) is of no use after the run.
+        shutil.rmtree(upper, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def chroot(root: Path, *argv: str, timeout: float = COMMAND_TIMEOUT_S) -> str:

@@ -44,7 +44,9 @@ from tests.nspawn import (
 )
 from tests.support import points
 
-pytestmark = pytest.mark.systemd
+# The first run builds the cached tree in its first test's setup (60-100 s, more on a slow
+# mirror): more than the suite's default timeout allows.
+pytestmark = [pytest.mark.systemd, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 60.0

@@ -250,6 +250,7 @@ def test_once_fails_clearly_when_the_hub_is_not_there(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert f"cannot read {url}/metrics" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no registry made where there was none
 
 
 @pytest.fixture
