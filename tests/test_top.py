@@ -20,6 +20,7 @@ from websockets.exceptions import InvalidStatus
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, free_port
+from hub.cli_top import read_presence
 from hub.registry import Presence
 from hub.top import (
     Scrape,
@@ -250,7 +251,12 @@ def test_once_fails_clearly_when_the_hub_is_not_there(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert f"cannot read {url}/metrics" in result.stderr
-    assert list(tmp_path.iterdir()) == []  # no registry made where there was none
+
+
+def test_presence_from_a_missing_registry_is_empty_and_makes_none(tmp_path: Path) -> None:
+    """A state directory without a registry: no devices, and no registry created there."""
+    assert read_presence(hub_settings(tmp_path, None)) == {}
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
