@@ -1,8 +1,8 @@
 """A real systemd for tests: a Debian bookworm tree booted with systemd-nspawn.
 
 The tree is built once with debootstrap and cached outside the repository, under
-`/var/cache/sensor-hub-tests/`, keyed by the package list (first time: 60-100 s and ~300 MB;
-after that it is reused). It is built into a temporary directory beside its final place and
+`/var/cache/sensor-hub-tests/`, keyed by the package list (first time: about a minute and
+250 MB; after that it is reused). It is built into a temporary directory beside its final place and
 renamed, so a build that is killed leaves no half tree, and under a file lock, so two runs do
 not build it twice. Each test run mounts an overlay on it (the cached tree stays as it was),
 installs the hub there as docs/deploy.md says, and boots it:
