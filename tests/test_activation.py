@@ -123,10 +123,12 @@ def frozen_influx(tmp_path: Path) -> Iterator[LocalServer]:
         server.stop()  # continues a paused server first
 
 
-def activated_hub(tool: str, state: Path, influx: LocalServer) -> tuple[HubProcess, int]:
+def activated_hub(
+    tool: str, state: Path, influx: LocalServer, bucket: str
+) -> tuple[HubProcess, int]:
     """`hub serve` started by systemd-socket-activate on `hub.port`, and its own --port:
     another free port, which it must not bind."""
-    hub = HubProcess(state, influx, "sensors")
+    hub = HubProcess(state, influx, bucket)
     own_port = free_port()
     argv = list(hub.argv)
     argv[argv.index("--port") + 1] = str(own_port)
@@ -135,14 +137,13 @@ def activated_hub(tool: str, state: Path, influx: LocalServer) -> tuple[HubProce
 
 
 async def test_hub_serves_devices_on_the_socket_it_is_passed(
-    socket_activate: str, tmp_path: Path, influxdb: LocalServer
+    socket_activate: str, tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
     """Socket-activated, the hub serves on the passed socket and binds nothing of its own
     on the device side; a device is acked there."""
-    create_database(influxdb.url, "sensors")
     state = tmp_path / "state"
     token = add_device(hub_settings(state, None), "sensor-1")
-    hub, own_port = activated_hub(socket_activate, state, influxdb)
+    hub, own_port = activated_hub(socket_activate, state, influxdb, influx_db_name)
     async with hub:
         async with DeviceClient(hub.url, token) as client:
             assert (await asyncio.wait_for(client.store(COOL), WAIT_S)).accepted == 1
