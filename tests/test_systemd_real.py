@@ -38,9 +38,11 @@ from tests.nspawn import (
     MachineError,
     build_wheels,
     cached_tree,
+    debian_mirror,
     drop_in,
     install_hub,
     overlay,
+    tree_key,
 )
 from tests.support import points
 
@@ -174,6 +176,29 @@ def booted(installed: Booted) -> Booted:
     if installed.show("ActiveState") != "active":
         installed.systemctl("start", "hub.socket", "hub.service")
     return installed
+
+
+# --- The tree ---------------------------------------------------------------------------------
+
+
+def test_the_tree_comes_from_the_mirror_apt_uses(tmp_path: Path) -> None:
+    """The bookworm mirror of apt's sources, deb822 or one-line; deb.debian.org without."""
+    deb822 = tmp_path / "debian.sources"
+    deb822.write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
+    )
+    one_line = tmp_path / "sources.list"
+    one_line.write_text("# a comment\ndeb [arch=amd64] http://other.example/debian bookworm main\n")
+    assert debian_mirror([deb822]) == "http://mirror.example/debian"
+    assert debian_mirror([tmp_path / "missing", one_line]) == "http://other.example/debian"
+    assert debian_mirror([]) == "http://deb.debian.org/debian"
+
+
+def test_the_cache_key_is_the_package_list() -> None:
+    """The same packages in any order share a tree; another list gets another one."""
+    assert tree_key(("a", "b")) == tree_key(("b", "a"))
+    assert tree_key(("a", "b")) != tree_key(("a", "b", "procps"))
 
 
 # --- Start ----------------------------------------------------------------------------------------
