@@ -85,7 +85,9 @@ class Hub:
         s = self.settings
         listener = take_device_socket()  # hub.socket's, or None: bind host:port as always
         self._socket_from_systemd = listener is not None
-        where: dict[str, Any] = {"sock": listener} if listener else {"host": s.host, "port": s.port}
+        where: dict[str, Any] = (
+            {"sock": listener} if listener is not None else {"host": s.host, "port": s.port}
+        )
         self._server = await serve(
             self._session,
             **where,
