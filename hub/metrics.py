@@ -200,6 +200,14 @@ class StateCollector(Collector):
         yield _counter(
             "hub_dead_letter_points", "Points InfluxDB refused for good.", c.dead_lettered_points
         )
+        dead = pipeline.dead_letters.status()
+        yield _gauge("hub_dead_letter_bytes", "Bytes in the dead-letter files.", dead.size)
+        yield _gauge("hub_dead_letter_max_bytes", "The dead letters' size limit.", dead.max_bytes)
+        yield _counter(
+            "hub_dead_letter_discarded_points",
+            "Refused points deleted from full dead-letter files, or never written to them.",
+            pipeline.dead_letters.discarded_points,
+        )
         spool = pipeline.spool
         if spool is None:
             return

@@ -1,0 +1,140 @@
+"""The type each field has in InfluxDB, so a conflicting reading is refused in its ack.
+
+InfluxDB fixes a field's type (float, integer, boolean, string) by the first point written
+to it, per shard: a later point with another type in the same shard is refused ("field type
+conflict"), after the hub has acked it. `FieldTypes` remembers, per measurement and shard
+group, the types the hub itself wrote (learnt when a reading is accepted, hub-wide, so the
+second of two devices in one batch is already refused), the types InfluxDB reports
+(`SHOW FIELD KEYS`, for the shard group of now), and the conflicts InfluxDB named when it
+refused a point. A reading whose field has another type than the one known for its shard
+group is refused with the reason; one whose fields are unknown there teaches their types.
+
+Shard groups are the retention policy's `shardGroupDuration` long, aligned on the epoch, as
+InfluxDB's are; until the server has said, one hour (the shortest InfluxDB allows), which
+can only miss conflicts, never invent one. Memory is bounded (`max_fields` entries: past it
+the oldest shard groups are forgotten, and a conflict there is left to InfluxDB, whose
+refusal then goes to the dead letters). No I/O here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from hub.lineprotocol import FieldValue
+
+HOUR_NS = 3600 * 10**9
+DEFAULT_MAX_FIELDS = 200_000
+
+TYPE_NAMES: dict[type, str] = {float: "float", int: "integer", bool: "boolean", str: "string"}
+"""Python types of validated field values, by InfluxDB's name for what they are stored as."""
+_TYPES_BY_NAME = {name: kind for kind, name in TYPE_NAMES.items()}
+_ARTICLES = {"float": "a float", "integer": "an integer", "boolean": "a boolean",
+             "string": "a string"}  # fmt: skip
+
+# InfluxDB 1.x: 'field type conflict: input field "t" on measurement "shared" is type float,
+# already exists as type string'
+_CONFLICT = re.compile(
+    r'field type conflict: input field "(?P<field>.*?)" on measurement "(?P<measurement>.*?)" '
+    r"is type \w+, already exists as type (?P<existing>\w+)"
+)
+
+
+def conflict_reason(measurement: str, field: str, existing: type, sent: type) -> str:
+    """What the ack says about a reading whose field conflicts with the stored type."""
+    return (
+        f"field {field} is {_ARTICLES[TYPE_NAMES[existing]]} in {measurement}; "
+        f"this reading sends {_ARTICLES[TYPE_NAMES[sent]]}"
+    )
+
+
+def parse_conflict(reason: str) -> tuple[str, str, type] | None:
+    """(measurement, field, existing type) from InfluxDB's field type conflict, or None."""
+    match = _CONFLICT.search(reason)
+    if match is None or match["existing"] not in _TYPES_BY_NAME:
+        return None
+    return match["measurement"], match["field"], _TYPES_BY_NAME[match["existing"]]
+
+
+class FieldTypes:
+    """Known field types per (measurement, shard group); see the module docstring."""
+
+    def __init__(self, shard_ns: int = HOUR_NS, max_fields: int = DEFAULT_MAX_FIELDS) -> None:
+        self.shard_ns = shard_ns
+        self.max_fields = max_fields
+        self._groups: dict[tuple[str, int], dict[str, type]] = {}
+        self._fields = 0
+
+    @property
+    def fields(self) -> int:
+        """(measurement, shard group, field) entries held."""
+        return self._fields
+
+    def set_shard_duration(self, shard_ns: int) -> None:
+        """Use the server's shard group duration. What was learnt in groups of a duration it
+        is a multiple of is merged into the longer groups (the first type of a field wins,
+        as in InfluxDB); otherwise it is forgotten."""
+        if shard_ns <= 0 or shard_ns == self.shard_ns:
+            return
+        old, groups = self.shard_ns, self._groups
+        self.shard_ns, self._groups, self._fields = shard_ns, {}, 0
+        if shard_ns % old:
+            return
+        for (measurement, group), known in groups.items():
+            self._learn((measurement, group * old // shard_ns), known.items(), types=True)
+
+    def seed(self, types: Mapping[tuple[str, str], type], time_ns: int) -> None:
+        """Record the types InfluxDB reports (`SHOW FIELD KEYS`) for the shard group of
+        `time_ns`: it does not say in which shards they are, but now's is where most
+        readings go."""
+        for (measurement, field), kind in types.items():
+            self.learn(measurement, field, kind, time_ns)
+
+    def check(self, measurement: str, fields: Mapping[str, FieldValue], time_ns: int) -> str | None:
+        """None, learning the fields' types, or why the reading conflicts with known types."""
+        key = (measurement, time_ns // self.shard_ns)
+        known = self._groups.get(key)
+        if known is None:
+            self._learn(key, fields.items())
+            return None
+        unknown = False
+        for name, value in fields.items():
+            have = known.get(name)
+            if have is type(value):
+                continue
+            if have is None:
+                unknown = True
+            elif type(value) in TYPE_NAMES:
+                return conflict_reason(measurement, name, have, type(value))
+        if unknown:
+            self._learn(key, fields.items())
+        return None
+
+    def learn(self, measurement: str, field: str, kind: type, time_ns: int) -> None:
+        """Record that `field` has type `kind` in the shard group of `time_ns`, as InfluxDB
+        says; what it says wins over what the hub learnt."""
+        key = (measurement, time_ns // self.shard_ns)
+        known = self._groups.get(key)
+        if known is not None and field in known:
+            known[field] = kind
+        else:
+            self._learn(key, [(field, kind)], types=True)
+
+    def _learn(
+        self,
+        key: tuple[str, int],
+        items: Iterable[tuple[str, object]],
+        types: bool = False,
+    ) -> None:
+        known = self._groups.get(key)
+        if known is None:
+            known = self._groups[key] = {}
+        for name, value in items:
+            if name not in known:
+                kind = value if types else type(value)
+                if kind in TYPE_NAMES:
+                    known[name] = kind
+                    self._fields += 1
+        while self._fields > self.max_fields:
+            # Forget the group learnt first (dicts keep insertion order); this one last.
+            self._fields -= len(self._groups.pop(next(iter(self._groups))))
