@@ -40,11 +40,15 @@ _CONFLICT = re.compile(
 )
 
 
+CONFLICT_MARK = "; this reading sends "
+"""In every field type conflict reason, and in no other reason: metrics label them by it."""
+
+
 def conflict_reason(measurement: str, field: str, existing: type, sent: type) -> str:
     """What the ack says about a reading whose field conflicts with the stored type."""
     return (
-        f"field {field} is {_ARTICLES[TYPE_NAMES[existing]]} in {measurement}; "
-        f"this reading sends {_ARTICLES[TYPE_NAMES[sent]]}"
+        f"field {field} is {_ARTICLES[TYPE_NAMES[existing]]} in {measurement}"
+        f"{CONFLICT_MARK}{_ARTICLES[TYPE_NAMES[sent]]}"
     )
 
 

@@ -33,6 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hub.fieldtypes import CONFLICT_MARK
+from hub.measurements import RESERVED_REASON
 from schemas.messages import Rejection
 
 if TYPE_CHECKING:
@@ -44,7 +46,14 @@ _SCHEMA_PARTS = frozenset({"name", "fields", "tags", "time"})
 # Label values shown at 0 from the start, so that rates and alerts work before the first one.
 _KNOWN_LABELS = {
     "handshakes_refused": ("unauthorized", "bad_request", "not_found", "service_unavailable"),
-    "readings_rejected": (*sorted(_SCHEMA_PARTS), "unknown_measurement", "undecodable", "invalid"),
+    "readings_rejected": (
+        *sorted(_SCHEMA_PARTS),
+        "unknown_measurement",
+        "field_type_conflict",
+        "reserved_measurement",
+        "undecodable",
+        "invalid",
+    ),
     "protocol_errors": ("invalid_message", "unsupported_data", "rate_limited"),
     "config_acks": ("applied", "refused", "ignored"),
 }
@@ -140,6 +149,10 @@ def rejection_reason(errors: list[str]) -> str:
     first = errors[0] if errors else ""
     if first.startswith("no schema for measurement"):
         return "unknown_measurement"
+    if CONFLICT_MARK in first:
+        return "field_type_conflict"
+    if first == RESERVED_REASON:
+        return "reserved_measurement"
     part = first.split(":", 1)[0].split(".", 1)[0] if ":" in first else ""
     return part if part in _SCHEMA_PARTS else "invalid"
 

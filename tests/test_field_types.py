@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from device_sim.client import DeviceClient
@@ -20,6 +21,7 @@ from hub.errors import ConfigError
 from hub.fieldtypes import HOUR_NS, FieldTypes, conflict_reason, parse_conflict
 from hub.influx_fields import field_types, parse_duration, shard_duration
 from hub.measurements import MeasurementSchemas, SchemaFile, load_schema_file
+from hub.metrics import rejection_reason
 from hub.readings import prepare_readings
 from tests.support import add_device, hub_settings, points, running_hub
 
@@ -252,6 +254,13 @@ def test_schema_file_may_not_list_hub_measurements(tmp_path: Path) -> None:
         load_schema_file(path)
 
 
+def test_rejections_have_their_own_metric_labels() -> None:
+    """`hub_readings_rejected_total` tells conflicts and reserved names from the rest."""
+    assert rejection_reason([conflict_reason("m", "t", str, float)]) == "field_type_conflict"
+    reserved = prepare([{"name": "hub_x", "fields": {"v": 1.0}}], FieldTypes()).rejected
+    assert rejection_reason(reserved[0].errors) == "reserved_measurement"
+
+
 # --- A real hub, real InfluxDB ----------------------------------------------------------------
 
 
@@ -352,3 +361,30 @@ async def test_victoria_metrics_has_no_field_types_to_conflict_with(
     assert (first.accepted, first.rejected, second.accepted, second.rejected) == (1, [], 1, [])
     series = vm_export(victoria_metrics.url, f'{{__name__="{measurement}_t"}}')
     assert series[0]["values"] == [1.0, 1.0]
+
+
+async def test_telegraf_metrics_of_hub_measurements_are_not_stored(
+    influxdb: LocalServer, influx_db_name: str, tmp_path: Path
+) -> None:
+    """A Telegraf frame: the `hub_` metric is refused (and counted), the other stored."""
+    settings = hub_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name)
+    token = add_device(settings, "telegraf")
+    now_ns = time.time_ns()
+    stamp = msgpack.Timestamp.from_unix_nano(now_ns)
+    frame = b"".join(
+        msgpack.packb({"name": name, "time": stamp, "tags": {"host": "h"}, "fields": {"v": 1.0}})
+        for name in ("hub_device_connection", "telegraf_ok")
+    )
+    async with running_hub(settings) as service, DeviceClient(service.url, token) as client:
+        await client.send_raw(frame)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while not points(influxdb, influx_db_name, "telegraf_ok"):
+            assert loop.time() < deadline, "the valid Telegraf metric never reached InfluxDB"
+            await asyncio.sleep(0.05)
+        registry = service.hub.metrics.registry
+        rejected = {"reason": "reserved_measurement"}
+        assert registry.get_sample_value("hub_readings_rejected_total", rejected) == 1
+    events = points(influxdb, influx_db_name, "hub_device_connection")
+    assert all(row.get("v") is None for row in events)
+    assert {row["event"] for row in events} == {"connected", "disconnected"}
