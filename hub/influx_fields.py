@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from hub.errors import TransientWriteError
+from hub.errors import PermanentWriteError, TransientWriteError
 from hub.fieldtypes import TYPE_NAMES
 from hub.settings import Settings
 
@@ -81,7 +81,9 @@ def field_types(answer: dict[str, Any]) -> dict[tuple[str, str], type]:
 async def fetch_field_types(
     settings: Settings, api: str, timeout_s: float = 10.0
 ) -> ServerFieldTypes:
-    """Ask the server; raises TransientWriteError when it cannot answer."""
+    """Ask the server; raises TransientWriteError when it cannot be reached, and
+    PermanentWriteError when it refuses the question (no such database, no v1 mapping of a
+    2.x bucket, not allowed)."""
     assert settings.influx_url is not None
     database, _, policy = settings.influx_bucket.partition("/")
     auth, headers = None, {}
@@ -99,8 +101,11 @@ async def fetch_field_types(
             policies = await _query(session, url, database, "SHOW RETENTION POLICIES ON " +
                                     _quote(database))  # fmt: skip
             fields = await _query(session, url, database, "SHOW FIELD KEYS ON " + _quote(database))
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-        raise TransientWriteError(f"cannot ask {url} for field types: {exc}"[:300]) from None
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise TransientWriteError(f"cannot ask {url} for field types: {reason}"[:300]) from None
+    except ValueError as exc:
+        raise PermanentWriteError(f"{url} does not say its field types: {exc}"[:300]) from None
     return ServerFieldTypes(shard_duration(policies, policy), field_types(fields))
 
 

@@ -359,7 +359,15 @@ class Pipeline:
                 try:
                     found = await fetch_field_types(self.settings, self.sink.name)
                 except TransientWriteError as exc:
+                    log.log(
+                        logging.INFO if attempt == 0 else logging.DEBUG,
+                        "%s; until it answers, readings are checked against the types the hub "
+                        "wrote",
+                        exc,
+                    )
+                except PermanentWriteError as exc:
                     log.info("%s; readings are checked against the types the hub wrote", exc)
+                    return
                 else:
                     if found.shard_ns is not None:
                         self.field_catalog.set_shard_duration(found.shard_ns)

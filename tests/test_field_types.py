@@ -16,10 +16,10 @@ import msgpack
 import pytest
 
 from device_sim.client import DeviceClient
-from device_sim.local_servers import LocalServer, influx_write, vm_export
-from hub.errors import ConfigError
+from device_sim.local_servers import LocalServer, free_port, influx_write, vm_export
+from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.fieldtypes import HOUR_NS, FieldTypes, conflict_reason, parse_conflict
-from hub.influx_fields import field_types, parse_duration, shard_duration
+from hub.influx_fields import fetch_field_types, field_types, parse_duration, shard_duration
 from hub.measurements import MeasurementSchemas, SchemaFile, load_schema_file
 from hub.metrics import rejection_reason
 from hub.readings import prepare_readings
@@ -388,3 +388,20 @@ async def test_telegraf_metrics_of_hub_measurements_are_not_stored(
     events = points(influxdb, influx_db_name, "hub_device_connection")
     assert all(row.get("v") is None for row in events)
     assert {row["event"] for row in events} == {"connected", "disconnected"}
+
+
+async def test_fetch_field_types_from_real_influxdb(
+    influxdb: LocalServer, influx_db_name: str, tmp_path: Path
+) -> None:
+    """InfluxDB 1.6.7 says its types and its shard group duration (autogen: one week); a
+    missing database is a refusal, a closed port a transient failure."""
+    influx_write(influxdb.url, influx_db_name, f'm s="x",f=1.5,i=2i,b=true {time.time_ns()}')
+    found = await fetch_field_types(
+        hub_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name), "v1"
+    )
+    assert found.shard_ns == WEEK_NS
+    assert found.types == {("m", "s"): str, ("m", "f"): float, ("m", "i"): int, ("m", "b"): bool}
+    with pytest.raises(PermanentWriteError, match="database not found"):
+        await fetch_field_types(hub_settings(tmp_path, influxdb.url, influx_bucket="nope"), "v1")
+    with pytest.raises(TransientWriteError):
+        await fetch_field_types(hub_settings(tmp_path, f"http://127.0.0.1:{free_port()}"), "v1")
