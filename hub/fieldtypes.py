@@ -11,8 +11,8 @@ group is refused with the reason; one whose fields are unknown there teaches the
 
 Shard groups are the retention policy's `shardGroupDuration` long, aligned on the epoch, as
 InfluxDB's are; until the server has said, one hour (the shortest InfluxDB allows), which
-can only miss conflicts, never invent one. Memory is bounded (`max_fields` entries: past it
-the oldest shard groups are forgotten, and a conflict there is left to InfluxDB, whose
+can only miss conflicts, never invent one. Memory is bounded (`max_entries` fields and groups:
+past it the oldest shard groups are forgotten, and a conflict there is left to InfluxDB, whose
 refusal then goes to the dead letters). No I/O here.
 """
 
@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 from hub.lineprotocol import FieldValue
 
 HOUR_NS = 3600 * 10**9
-DEFAULT_MAX_FIELDS = 200_000
+DEFAULT_MAX_ENTRIES = 50_000
+"""Fields and shard groups held at most: about 8 MB when every group holds one field."""
 
 TYPE_NAMES: dict[type, str] = {float: "float", int: "integer", bool: "boolean", str: "string"}
 """Python types of validated field values, by InfluxDB's name for what they are stored as."""
@@ -63,16 +64,16 @@ def parse_conflict(reason: str) -> tuple[str, str, type] | None:
 class FieldTypes:
     """Known field types per (measurement, shard group); see the module docstring."""
 
-    def __init__(self, shard_ns: int = HOUR_NS, max_fields: int = DEFAULT_MAX_FIELDS) -> None:
+    def __init__(self, shard_ns: int = HOUR_NS, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self.shard_ns = shard_ns
-        self.max_fields = max_fields
+        self.max_entries = max_entries
         self._groups: dict[tuple[str, int], dict[str, type]] = {}
-        self._fields = 0
+        self._entries = 0
 
     @property
-    def fields(self) -> int:
-        """(measurement, shard group, field) entries held."""
-        return self._fields
+    def entries(self) -> int:
+        """Shard groups and fields held (each group of a measurement counts, and each field)."""
+        return self._entries
 
     def set_shard_duration(self, shard_ns: int) -> None:
         """Use the server's shard group duration. What was learnt in groups of a duration it
@@ -81,7 +82,7 @@ class FieldTypes:
         if shard_ns <= 0 or shard_ns == self.shard_ns:
             return
         old, groups = self.shard_ns, self._groups
-        self.shard_ns, self._groups, self._fields = shard_ns, {}, 0
+        self.shard_ns, self._groups, self._entries = shard_ns, {}, 0
         if shard_ns % old:
             return
         for (measurement, group), known in groups.items():
@@ -141,12 +142,13 @@ class FieldTypes:
         known = self._groups.get(key)
         if known is None:
             known = self._groups[key] = {}
+            self._entries += 1
         for name, value in items:
             if name not in known:
                 kind = value if types else type(value)
                 if kind in TYPE_NAMES:
                     known[name] = kind
-                    self._fields += 1
-        while self._fields > self.max_fields:
+                    self._entries += 1
+        while self._entries > self.max_entries:
             # Forget the group learnt first (dicts keep insertion order); this one last.
-            self._fields -= len(self._groups.pop(next(iter(self._groups))))
+            self._entries -= 1 + len(self._groups.pop(next(iter(self._groups))))

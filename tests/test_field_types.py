@@ -102,11 +102,15 @@ def test_hourly_groups_merge_into_the_servers_longer_ones() -> None:
 
 
 def test_memory_is_bounded() -> None:
-    """Past `max_fields` the oldest groups are forgotten; the count never exceeds it."""
-    catalog = FieldTypes(max_fields=100)
+    """Past `max_entries` the oldest groups are forgotten; the count never exceeds it, and
+    readings at ever new times cannot grow it either."""
+    catalog = FieldTypes(max_entries=100)
+    for n in range(1000):
+        catalog.check("churn", {"a": 1.0}, n * HOUR_NS)
+        assert catalog.entries <= 100
     for n in range(1000):
         catalog.check(f"m{n}", {"a": 1.0, "b": 2.0, "c": 3.0}, NOW_NS)
-        assert catalog.fields <= 100
+        assert catalog.entries <= 100
     assert catalog.check("m999", {"a": "s"}, NOW_NS) is not None
     assert catalog.check("m0", {"a": "s"}, NOW_NS) is None
 
@@ -306,7 +310,7 @@ async def test_types_already_in_influxdb_are_refused_in_the_ack(
         catalog = service.hub.pipeline.field_catalog
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WAIT_S
-        while catalog.shard_ns != WEEK_NS or not catalog.fields:  # the start-up question
+        while catalog.shard_ns != WEEK_NS or not catalog.entries:  # the start-up question
             assert loop.time() < deadline, "the hub never learnt InfluxDB's field types"
             await asyncio.sleep(0.02)
         async with DeviceClient(service.url, token) as client:
