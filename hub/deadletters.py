@@ -124,7 +124,8 @@ class DeadLetterFile:
         self._rotated = rotated
         self._file_max = max(1, max_bytes // (rotated + 1))
         self._sizes = [_size(p) for p in self._paths()]
-        self._warned = self.size >= WARN_FRACTION * max_bytes
+        self._warned = False
+        self._warn_if_filling()
 
     @property
     def size(self) -> int:
@@ -157,6 +158,10 @@ class DeadLetterFile:
         finally:
             os.close(fd)
         self._sizes[0] += len(data)
+        self._warn_if_filling()
+
+    def _warn_if_filling(self) -> None:
+        # Once: past this point the files stay about this full, rotating.
         if not self._warned and self.size >= WARN_FRACTION * self.max_bytes:
             self._warned = True
             log.warning(

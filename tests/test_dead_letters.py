@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, influx_write, influxql
 from hub.deadletters import (
     ROTATED_FILES,
@@ -27,7 +28,7 @@ from hub.errors import PermanentWriteError, TransientWriteError
 from hub.influx import V1Sink, classify
 from hub.pipeline import Pipeline
 from hub.settings import Settings
-from tests.support import hub_settings, running_hub
+from tests.support import add_device, hub_settings, points, running_hub
 
 WAIT_S = 10.0
 
@@ -300,3 +301,53 @@ async def test_dead_letters_are_capped_against_real_influxdb(
     assert "hub_dead_letter_points_total 3000.0" in text
     assert "hub_dead_letter_bytes " in text
     assert "hub_dead_letter_discarded_points_total 0.0" not in text
+
+
+async def test_poisoned_field_flood_neither_grows_dead_letters_nor_loses_others_points(
+    influxdb: LocalServer, influx_db_name: str, tmp_path: Path
+) -> None:
+    """The attack of issue 16 item 5: a device fixes `shared t` as a string, then floods
+    floats to it while another device streams. The floats are rejected in their acks, the
+    dead letters stay empty, and every point of the other device is stored."""
+    settings = hub_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name)
+    attacker, victim = add_device(settings, "attacker"), add_device(settings, "victim")
+    now_ms = time.time_ns() // 10**6
+    async with (
+        running_hub(settings) as service,
+        DeviceClient(service.url, attacker) as bad,
+        DeviceClient(service.url, victim) as good,
+    ):
+        poison = await bad.store([{"name": "shared", "time": now_ms, "fields": {"t": "poison"}}])
+        assert poison.accepted == 1
+        flood, stream = [], []
+        for frame in range(45):
+            flood.append(
+                await bad.send_readings(
+                    [
+                        {"name": "shared", "time": now_ms + frame * 1000 + n, "fields": {"t": 0.5}}
+                        for n in range(1, 1000)
+                    ]
+                )
+            )
+            stream.append(
+                await good.send_readings(
+                    [
+                        {"name": "shared", "time": now_ms + frame, "fields": {"t": "21.5"}},
+                        {"name": "room", "time": now_ms + frame, "fields": {"t": 21.5}},
+                    ]
+                )
+            )
+        flood_acks = await asyncio.wait_for(asyncio.gather(*flood), 60)
+        stream_acks = await asyncio.wait_for(asyncio.gather(*stream), 60)
+        assert service.hub.pipeline.counters.dead_lettered_points == 0
+    assert all(ack.accepted == 0 and len(ack.rejected) == 999 for ack in flood_acks)
+    assert flood_acks[0].rejected[0].errors == [
+        "field t is a string in shared; this reading sends a float"
+    ]
+    assert all((ack.accepted, ack.rejected) == (2, []) for ack in stream_acks)
+    assert len(points(influxdb, influx_db_name, "room")) == 45
+    assert (
+        len([p for p in points(influxdb, influx_db_name, "shared") if p["device"] == "victim"])
+        == 45
+    )
+    assert not settings.dead_letter_path.exists()
