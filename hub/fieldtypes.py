@@ -9,11 +9,12 @@ second of two devices in one batch is already refused), the types InfluxDB repor
 refused a point. A reading whose field has another type than the one known for its shard
 group is refused with the reason; one whose fields are unknown there teaches their types.
 
-Shard groups are the retention policy's `shardGroupDuration` long, aligned on the epoch, as
-InfluxDB's are; until the server has said, one hour (the shortest InfluxDB allows), which
-can only miss conflicts, never invent one. Memory is bounded (`max_entries` fields and groups:
-past it the oldest shard groups are forgotten, and a conflict there is left to InfluxDB, whose
-refusal then goes to the dead letters). No I/O here.
+Shard groups are the retention policy's `shardGroupDuration` long, aligned as InfluxDB
+aligns them (Go's `Time.Truncate`: multiples of the duration since year 1, so weekly groups
+start on Mondays, not on the Thursday of the Unix epoch); until the server has said, one hour
+(the shortest InfluxDB allows), which can only miss conflicts, never invent one. Memory is
+bounded (`max_entries` fields and groups: past it the oldest shard groups are forgotten, and a
+conflict there is left to InfluxDB, whose refusal then goes to the dead letters). No I/O here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from hub.lineprotocol import FieldValue
 
 HOUR_NS = 3600 * 10**9
+GO_ZERO_TIME_NS = -62_135_596_800 * 10**9
+"""0001-01-01T00:00:00Z, from which InfluxDB (Go) truncates times to shard group starts."""
 DEFAULT_MAX_ENTRIES = 50_000
 """Fields and shard groups held at most: about 8 MB when every group holds one field."""
 
@@ -75,6 +78,10 @@ class FieldTypes:
         """Shard groups and fields held (each group of a measurement counts, and each field)."""
         return self._entries
 
+    def group_start(self, time_ns: int) -> int:
+        """Where the shard group of `time_ns` starts, in ns since the Unix epoch."""
+        return time_ns - (time_ns - GO_ZERO_TIME_NS) % self.shard_ns
+
     def set_shard_duration(self, shard_ns: int) -> None:
         """Use the server's shard group duration. What was learnt in groups of a duration it
         is a multiple of is merged into the longer groups (the first type of a field wins,
@@ -97,7 +104,7 @@ class FieldTypes:
 
     def check(self, measurement: str, fields: Mapping[str, FieldValue], time_ns: int) -> str | None:
         """None, learning the fields' types, or why the reading conflicts with known types."""
-        key = (measurement, time_ns // self.shard_ns)
+        key = (measurement, (time_ns - GO_ZERO_TIME_NS) // self.shard_ns)
         known = self._groups.get(key)
         if known is None:
             self._learn(key, fields.items())
@@ -126,7 +133,7 @@ class FieldTypes:
     def learn(self, measurement: str, field: str, kind: type, time_ns: int) -> None:
         """Record that `field` has type `kind` in the shard group of `time_ns`, as InfluxDB
         says; what it says wins over what the hub learnt."""
-        key = (measurement, time_ns // self.shard_ns)
+        key = (measurement, (time_ns - GO_ZERO_TIME_NS) // self.shard_ns)
         known = self._groups.get(key)
         if known is not None and field in known:
             known[field] = kind

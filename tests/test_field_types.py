@@ -16,7 +16,13 @@ import msgpack
 import pytest
 
 from device_sim.client import DeviceClient
-from device_sim.local_servers import LocalServer, free_port, influx_write, vm_export
+from device_sim.local_servers import (
+    LocalServer,
+    free_port,
+    http_request,
+    influx_write,
+    vm_export,
+)
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.fieldtypes import HOUR_NS, FieldTypes, conflict_reason, parse_conflict
 from hub.influx_fields import fetch_field_types, field_types, parse_duration, shard_duration
@@ -52,7 +58,7 @@ def test_first_type_is_learnt_and_another_is_refused_with_the_reason() -> None:
 def test_types_are_kept_per_shard_group() -> None:
     """Another shard group, or another measurement, may hold the field as another type."""
     catalog = FieldTypes(shard_ns=WEEK_NS)
-    group_start = NOW_NS - NOW_NS % WEEK_NS
+    group_start = catalog.group_start(NOW_NS)
     assert catalog.check("m", {"t": 1.5}, group_start) is None
     assert catalog.check("m", {"t": True}, group_start + WEEK_NS - 1) is not None
     assert catalog.check("m", {"t": True}, group_start + WEEK_NS) is None
@@ -95,7 +101,7 @@ def test_what_influxdb_says_wins() -> None:
 def test_hourly_groups_merge_into_the_servers_longer_ones() -> None:
     """Learnt in one-hour groups, a type still conflicts once the server says one week."""
     catalog = FieldTypes()
-    start = NOW_NS - NOW_NS % WEEK_NS
+    start = FieldTypes(shard_ns=WEEK_NS).group_start(NOW_NS)
     catalog.check("m", {"t": "s"}, start + 3 * HOUR_NS)
     catalog.set_shard_duration(WEEK_NS)
     assert catalog.check("m", {"t": 1.0}, start + 50 * HOUR_NS) is not None
@@ -409,3 +415,24 @@ async def test_fetch_field_types_from_real_influxdb(
         await fetch_field_types(hub_settings(tmp_path, influxdb.url, influx_bucket="nope"), "v1")
     with pytest.raises(TransientWriteError):
         await fetch_field_types(hub_settings(tmp_path, f"http://127.0.0.1:{free_port()}"), "v1")
+
+
+def test_shard_groups_start_where_influxdb_starts_them(
+    influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """Weekly groups start on Mondays, as InfluxDB's do: a Thursday (where Unix-epoch weeks
+    would start) is in the same shard as the Monday before it, a Sunday in the one before.
+    The catalog and InfluxDB 1.6.7 agree on which writes conflict."""
+    catalog = FieldTypes(shard_ns=WEEK_NS)
+    monday = catalog.group_start(time.time_ns() - WEEK_NS)
+    assert time.gmtime(monday // 10**9).tm_wday == 0
+    writes = [(monday + HOUR_NS, 1.5), (monday + 3 * 24 * HOUR_NS, "s"), (monday - 1, "s")]
+    verdicts = []
+    for at, value in writes:
+        refused = catalog.check("m", {"t": value}, at) is not None
+        text = f'"{value}"' if isinstance(value, str) else repr(value)
+        status, _ = http_request(
+            f"{influxdb.url}/write?db={influx_db_name}&precision=ns", f"m t={text} {at}".encode()
+        )
+        verdicts.append((refused, status))
+    assert verdicts == [(False, 204), (True, 400), (False, 204)]
