@@ -426,7 +426,11 @@ def test_shard_groups_start_where_influxdb_starts_them(
     catalog = FieldTypes(shard_ns=WEEK_NS)
     monday = catalog.group_start(time.time_ns() - WEEK_NS)
     assert time.gmtime(monday // 10**9).tm_wday == 0
-    writes = [(monday + HOUR_NS, 1.5), (monday + 3 * 24 * HOUR_NS, "s"), (monday - 1, "s")]
+    writes: list[tuple[int, float | str]] = [
+        (monday + HOUR_NS, 1.5),
+        (monday + 3 * 24 * HOUR_NS, "s"),
+        (monday - 1, "s"),
+    ]
     verdicts = []
     for at, value in writes:
         refused = catalog.check("m", {"t": value}, at) is not None
