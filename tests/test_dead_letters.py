@@ -18,16 +18,17 @@ import pytest
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, influx_write, influxql
+from hub.cli_check import describe as describe_settings
 from hub.deadletters import (
     ROTATED_FILES,
     DeadLetterFile,
     RefusedPart,
     find_refused,
 )
-from hub.errors import PermanentWriteError, TransientWriteError
+from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.influx import V1Sink, classify
 from hub.pipeline import Pipeline
-from hub.settings import Settings
+from hub.settings import LIVE_SETTINGS, Settings, load_settings, setting_origins
 from tests.support import add_device, hub_settings, points, running_hub
 
 WAIT_S = 10.0
@@ -187,6 +188,32 @@ def test_sizes_of_files_left_from_before_count(tmp_path: Path) -> None:
     path = tmp_path / "dl.jsonl"
     DeadLetterFile(path, 64 * 1024).append(refused(["m v=1 1"]))
     assert DeadLetterFile(path, 64 * 1024).size == path.stat().st_size > 0
+
+
+# --- The setting --------------------------------------------------------------------------
+
+
+def test_dead_letter_max_bytes_from_flag_environment_and_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like every setting: flag over HUB_ variable over config file, shown by check-config
+    with its origin; restart-only; too small a value is a clear error."""
+    config = tmp_path / "hub.toml"
+    config.write_text("dead_letter_max_bytes = 200000\n")
+    assert load_settings(config).dead_letter_max_bytes == 200_000
+    monkeypatch.setenv("HUB_DEAD_LETTER_MAX_BYTES", "300000")
+    assert load_settings(config).dead_letter_max_bytes == 300_000
+    assert load_settings(config, dead_letter_max_bytes=400_000).dead_letter_max_bytes == 400_000
+    origins = setting_origins(config)
+    lines = describe_settings(load_settings(config), origins)
+    assert any(
+        line.startswith("dead_letter_max_bytes = 300000") and line.endswith("# environment")
+        for line in lines
+    )
+    assert "dead_letter_max_bytes" not in LIVE_SETTINGS
+    assert Settings.model_fields["dead_letter_max_bytes"].default == 64 * 2**20
+    with pytest.raises(ConfigError, match="dead_letter_max_bytes: Input should be greater"):
+        load_settings(config, dead_letter_max_bytes=1000)
 
 
 # --- Through the pipeline: a fake sink, then the real InfluxDB --------------------------------
