@@ -378,3 +378,43 @@ async def test_poisoned_field_flood_neither_grows_dead_letters_nor_loses_others_
         == 45
     )
     assert not settings.dead_letter_path.exists()
+
+
+async def test_unforeseeable_conflict_is_dead_lettered_alone_then_refused_in_the_ack(
+    influxdb: LocalServer, influx_db_name: str, tmp_path: Path
+) -> None:
+    """Another writer fixes a field's type after the hub asked InfluxDB: the next reading is
+    acked (the hub could not know), only it is dead-lettered, its message's other reading is
+    stored, and from InfluxDB's answer the hub learns to refuse the following one in its ack."""
+    settings = hub_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name)
+    token = add_device(settings, "d1")
+    async with running_hub(settings) as service:
+        catalog = service.hub.pipeline.field_catalog
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while catalog.shard_ns == 3600 * 10**9:  # until the start-up question is answered
+            assert loop.time() < deadline, "the hub never asked InfluxDB for its field types"
+            await asyncio.sleep(0.02)
+        now_ms = time.time_ns() // 10**6
+        influx_write(influxdb.url, influx_db_name, f'late t="x" {(now_ms - 1000) * 10**6}')
+        async with DeviceClient(service.url, token) as client:
+            first = await asyncio.wait_for(
+                client.store(
+                    [
+                        {"name": "late", "time": now_ms, "fields": {"t": 1.5}},
+                        {"name": "fine", "time": now_ms, "fields": {"t": 1.5}},
+                    ]
+                ),
+                WAIT_S,
+            )
+            second = await asyncio.wait_for(
+                client.store([{"name": "late", "time": now_ms + 1, "fields": {"t": 2.5}}]), WAIT_S
+            )
+        assert service.hub.pipeline.counters.dead_lettered_points == 1
+    assert (first.accepted, first.rejected) == (2, [])
+    assert second.accepted == 0
+    assert second.rejected[0].errors == ["field t is a string in late; this reading sends a float"]
+    records = [json.loads(line) for line in settings.dead_letter_path.read_text().splitlines()]
+    assert [(len(r["lines"]), r["dropped"], r["exact"]) for r in records] == [(1, 1, True)]
+    assert records[0]["lines"][0].startswith("late,device=d1 t=1.5 ")
+    assert len(points(influxdb, influx_db_name, "fine")) == 1
