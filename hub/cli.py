@@ -79,6 +79,10 @@ def serve(
         Path | None, typer.Option(help="PEM certificate (chain): serve wss:// directly.")
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    dead_letter_max_bytes: Annotated[
+        int | None,
+        typer.Option(help="Size of the dead-letter files together [67108864]; oldest deleted."),
+    ] = None,
 ) -> None:
     """Accept device connections and write their readings to InfluxDB."""
     flags: dict[str, object] = {
@@ -97,6 +101,7 @@ def serve(
         "health_port": health_port,
         "tls_cert": tls_cert,
         "tls_key": tls_key,
+        "dead_letter_max_bytes": dead_letter_max_bytes,
     }
     settings = settings_from(config, **flags)
     configure_logging(settings.log_level, settings.log_format)

@@ -12,7 +12,8 @@ HubError
 │   └── DeviceExists
 └── WriteError               InfluxDB did not take a batch
     ├── TransientWriteError  retrying can fix it (connection, 5xx, 429); `retry_after` seconds
-    └── PermanentWriteError  retrying cannot (400, 401, 403, 404, 413, 422); `reason`
+    └── PermanentWriteError  retrying cannot (400, 401, 403, 404, 413, 422); `reason`,
+                             and `dropped` when the server stored the rest (a partial write)
 """
 
 from __future__ import annotations
@@ -106,4 +107,12 @@ class TransientWriteError(WriteError):
 
 
 class PermanentWriteError(WriteError):
-    """Retrying cannot succeed: the server refused the data itself."""
+    """Retrying cannot succeed: the server refused the data itself.
+
+    `dropped` is how many points the server refused when it says so (InfluxDB's "partial
+    write: ... dropped=N"): it stored the others. None means it did not say.
+    """
+
+    def __init__(self, reason: str, status: int | None = None, dropped: int | None = None) -> None:
+        super().__init__(reason, status)
+        self.dropped = dropped

@@ -24,6 +24,8 @@ log = logging.getLogger("hub.influx")
 
 # 408 and 429 are the client-side statuses worth a retry; all 5xx are.
 _RETRYABLE_4XX = frozenset({408, 429})
+# InfluxDB 1.x ends a partial write's error with the count it refused: "... dropped=2".
+_DROPPED = re.compile(r"\bdropped=(\d+)\s*$")
 
 
 class Sink(Protocol):
@@ -49,7 +51,13 @@ def classify(status: int, reason: str, retry_after: str | None) -> Exception:
     """The write error for an HTTP answer that was not a success."""
     if status >= 500 or status in _RETRYABLE_4XX:
         return TransientWriteError(reason, status, parse_retry_after(retry_after))
-    return PermanentWriteError(reason, status)
+    return PermanentWriteError(reason, status, parse_dropped(reason))
+
+
+def parse_dropped(reason: str) -> int | None:
+    """How many points a partial write refused, from InfluxDB's "... dropped=N", or None."""
+    match = _DROPPED.search(reason)
+    return int(match.group(1)) if match else None
 
 
 def parse_retry_after(value: str | None) -> float | None:

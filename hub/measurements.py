@@ -12,7 +12,9 @@
     count = { type = "int", min = 0 }
 
 A listed measurement accepts only its listed fields. Numbers are stored as floats unless the
-schema declares the field `int`, so `21` then `21.5` never conflicts in InfluxDB.
+schema declares the field `int`, so `21` then `21.5` never conflicts in InfluxDB. Names
+starting with `hub_` (the hub's own measurements, such as `hub_device_connection`) are
+refused from devices, and in the file.
 
 All of a message's readings are validated in a single pydantic call: a callable discriminator
 routes each reading to its measurement's type, and errors carry the reading's index.
@@ -47,6 +49,7 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    field_validator,
     with_config,
 )
 from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
@@ -66,6 +69,11 @@ if TYPE_CHECKING:
     from hub.settings import Settings
 
 FieldType = Literal["float", "int", "bool", "string"]
+
+RESERVED_PREFIX = "hub_"
+"""Measurements the hub writes itself (presence: `hub_device_connection`); devices may not:
+a point of theirs could fix a field's type before the hub's own points arrive."""
+RESERVED_REASON = "measurement names starting with hub_ are reserved for the hub's own"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +136,14 @@ class SchemaFile(BaseModel):
 
     accept_unknown_measurements: bool = True
     measurements: dict[str, MeasurementSpec] = {}
+
+    @field_validator("measurements")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, MeasurementSpec]) -> dict[str, MeasurementSpec]:
+        reserved = sorted(name for name in value if name.startswith(RESERVED_PREFIX))
+        if reserved:
+            raise ValueError(f"{RESERVED_REASON}: {', '.join(reserved)}")
+        return value
 
 
 def load_schema_file(path: Path | None) -> SchemaFile:
@@ -274,7 +290,12 @@ def _reading_type(name: str, fields: Any, tags: Any, time: Any, limits: ReadingL
 
 
 _UNKNOWN = "*unknown*"
+_RESERVED = "*reserved*"
 _GENERIC = "*generic*"
+
+
+def _reject_reserved(reading: dict[str, Any]) -> dict[str, Any]:
+    raise PydanticCustomError("reserved_measurement", RESERVED_REASON)
 
 
 def _reject_unknown(reading: dict[str, Any]) -> dict[str, Any]:
@@ -352,6 +373,7 @@ class MeasurementSchemas:
         choices: list[Any] = [
             Annotated[generic, Tag(_GENERIC)],
             Annotated[generic, AfterValidator(_reject_unknown), Tag(_UNKNOWN)],
+            Annotated[generic, AfterValidator(_reject_reserved), Tag(_RESERVED)],
         ]
         for measurement, spec in self.source.measurements.items():
             fields: Any = Annotated[
@@ -390,8 +412,10 @@ class MeasurementSchemas:
                 name = reading.get("name")
                 if not isinstance(name, str):  # a list or map is not even hashable
                     return _GENERIC
-                if name in known:
+                if name in known:  # never reserved: the schema file cannot list those
                     return name
+                if name.startswith(RESERVED_PREFIX):
+                    return _RESERVED
                 return fallback if name else _GENERIC
             return _GENERIC
 

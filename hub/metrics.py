@@ -34,6 +34,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hub.fieldtypes import CONFLICT_MARK
+from hub.measurements import RESERVED_REASON
 from schemas.messages import Rejection
 
 if TYPE_CHECKING:
@@ -46,7 +48,14 @@ _SCHEMA_PARTS = frozenset({"name", "fields", "tags", "time"})
 # Label values shown at 0 from the start, so that rates and alerts work before the first one.
 _KNOWN_LABELS = {
     "handshakes_refused": ("unauthorized", "bad_request", "not_found", "service_unavailable"),
-    "readings_rejected": (*sorted(_SCHEMA_PARTS), "unknown_measurement", "undecodable", "invalid"),
+    "readings_rejected": (
+        *sorted(_SCHEMA_PARTS),
+        "unknown_measurement",
+        "field_type_conflict",
+        "reserved_measurement",
+        "undecodable",
+        "invalid",
+    ),
     "protocol_errors": ("invalid_message", "unsupported_data", "rate_limited"),
     "config_acks": ("applied", "refused", "ignored"),
     "influx_errors": ("unreachable", "timeout"),
@@ -158,6 +167,10 @@ def rejection_reason(errors: list[str]) -> str:
     first = errors[0] if errors else ""
     if first.startswith("no schema for measurement"):
         return "unknown_measurement"
+    if CONFLICT_MARK in first:
+        return "field_type_conflict"
+    if first == RESERVED_REASON:
+        return "reserved_measurement"
     part = first.split(":", 1)[0].split(".", 1)[0] if ":" in first else ""
     return part if part in _SCHEMA_PARTS else "invalid"
 
@@ -217,6 +230,14 @@ class StateCollector(Collector):
         yield _counter("hub_write_retries", "Batch writes retried.", c.retries)
         yield _counter(
             "hub_dead_letter_points", "Points InfluxDB refused for good.", c.dead_lettered_points
+        )
+        dead = pipeline.dead_letters.status()
+        yield _gauge("hub_dead_letter_bytes", "Bytes in the dead-letter files.", dead.size)
+        yield _gauge("hub_dead_letter_max_bytes", "The dead letters' size limit.", dead.max_bytes)
+        yield _counter(
+            "hub_dead_letter_discarded_points",
+            "Refused points deleted from full dead-letter files, or never written to them.",
+            pipeline.dead_letters.discarded_points,
         )
         spool = pipeline.spool
         if spool is None:

@@ -8,8 +8,12 @@ When InfluxDB fails a write (unreachable, 5xx, 429, or slower than `write_deadli
 batch goes to the spool and InfluxDB is marked unhealthy: later batches go straight to the
 spool instead of waiting on it. A replayer writes the spool back in order, with backoff
 (or the server's `Retry-After`), and its first success marks InfluxDB healthy again; it runs
-beside the live writers, so neither a backlog nor live traffic starves the other. Batches
-InfluxDB refuses for good (400, 422, ...) go to the dead-letter file.
+beside the live writers, so neither a backlog nor live traffic starves the other. Points
+InfluxDB refuses for good (400, 422, ...) go to the dead-letter file: of a partial write,
+which stores the rest, only the refused ones (see `hub.deadletters`).
+
+The pipeline also keeps the hub-wide `FieldTypes` that sessions check readings against, and
+asks InfluxDB once (in the background, never on a session's path) which types it holds.
 
 Without a spool (or while it is full) a failed batch is retried with capped exponential
 backoff and jitter and stays unacknowledged. `submit` waits while the pipeline holds
@@ -20,16 +24,16 @@ devices feel TCP backpressure instead.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from hub.deadletters import DeadLetterFile, RefusedPart, describe, find_refused, lines_of
 from hub.errors import PermanentWriteError, TransientWriteError, WriteError
+from hub.fieldtypes import FieldTypes, parse_conflict
 from hub.influx import Sink
+from hub.influx_fields import fetch_field_types
 from hub.metrics import HubMetrics
 from hub.settings import Settings
 from hub.spool import Spool
@@ -47,6 +51,7 @@ class PipelineCounters:
     points_replayed: int = 0
     retries: int = 0
     dead_lettered_points: int = 0
+    """Points InfluxDB refused for good: exactly what it said it dropped."""
 
 
 @dataclass(eq=False)
@@ -54,28 +59,6 @@ class _Batch:
     chunks: list[str] = field(default_factory=list)
     count: int = 0
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
-
-
-class DeadLetterFile:
-    """Batches InfluxDB refused for good, with its reason, one JSON object a line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def append(self, body: bytes, error: PermanentWriteError) -> None:
-        """Append and fsync one refused batch."""
-        record = {
-            "time": time.time(),
-            "status": error.status,
-            "reason": error.reason,
-            "lines": body.decode("utf-8").split("\n"),
-        }
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class Pipeline:
@@ -96,7 +79,10 @@ class Pipeline:
         self.metrics = metrics or HubMetrics()
         self.spool_full = False
         """Whether the spool refused the last batch offered to it since InfluxDB failed."""
-        self._dead_letters = dead_letters
+        self.dead_letters = dead_letters
+        self.field_catalog = FieldTypes()
+        """Field types InfluxDB holds or will, per shard group: see `field_types`."""
+        self._dead_letter_lock = asyncio.Lock()
         self._current: _Batch | None = None
         self._sealed: asyncio.Queue[_Batch] = asyncio.Queue()
         self._pending = 0
@@ -121,14 +107,23 @@ class Pipeline:
         """Whether string field values may hold line feeds (only when the server is InfluxDB)."""
         return self.sink is not None and self.sink.multiline_strings
 
+    @property
+    def field_types(self) -> FieldTypes | None:
+        """The field types to check readings against, while the server is known to be
+        InfluxDB (the only one of the servers the hub writes to that has field types)."""
+        return self.field_catalog if self.multiline_strings else None
+
     def start(self) -> None:
-        """Start the write workers, and the replayer when there is a spool and a sink."""
+        """Start the write workers, the replayer when there is a spool and a sink, and the
+        question to InfluxDB about its field types."""
         self._tasks = [
             asyncio.create_task(self._work(), name=f"writer-{n}")
             for n in range(self.settings.max_inflight_writes)
         ]
         if self.spool is not None and self.sink is not None:
             self._tasks.append(asyncio.create_task(self._replay(), name="replayer"))
+        if self.sink is not None:
+            self._tasks.append(asyncio.create_task(self._ask_field_types(), name="field-types"))
 
     def has_room(self, count: int) -> bool:
         """Whether `submit` of `count` points would go through now, without waiting."""
@@ -225,7 +220,7 @@ class Pipeline:
                     retry_after = exc.retry_after
                     self._unhealthy(exc)
                 except PermanentWriteError as exc:
-                    self._dead_letter(body, batch.count, exc)
+                    await self._refused(body, exc)
                     return
             if self.spool is not None:
                 if await self._to_spool(body, batch.count):
@@ -297,7 +292,8 @@ class Pipeline:
                 attempt += 1
                 continue
             except PermanentWriteError as exc:
-                self._dead_letter(batch.body, batch.points, exc)
+                stored = await self._refused(batch.body, exc)
+                self.counters.points_replayed += stored
             else:
                 self.counters.points_replayed += batch.points
             attempt = 0
@@ -307,15 +303,83 @@ class Pipeline:
             except OSError as exc:  # the batch is in InfluxDB; only its file lingers
                 log.error("cannot delete a replayed spool segment: %s", exc)
 
-    def _dead_letter(self, body: bytes, count: int, exc: PermanentWriteError) -> None:
-        self._dead_letters.append(body, exc)
-        self.counters.dead_lettered_points += count
+    # --- Points refused for good ---------------------------------------------------------
+
+    async def _refused(self, body: bytes, exc: PermanentWriteError) -> int:
+        """Dead-letter what InfluxDB refused of `body`; returns how many points it stored."""
+        lines = lines_of(body)
+        parts = [RefusedPart(lines, exc, len(lines) if exc.dropped is None else exc.dropped)]
+        if 0 < parts[0].dropped < len(lines):  # a partial write: the rest is stored
+            give_up_at = time.monotonic() + self.settings.write_deadline_s
+            parts = await find_refused(self._write_again, lines, exc, give_up_at)
+        parts = [part for part in parts if part.dropped]
+        refused = min(len(lines), sum(part.dropped for part in parts))
+        self._learn_conflicts(parts)
+        async with self._dead_letter_lock:
+            try:
+                for part in parts:
+                    await asyncio.to_thread(self.dead_letters.append, part)
+            except OSError as exc:  # a full disk must not hold acks: counted and logged
+                self.dead_letters.discarded_points += refused
+                log.error("cannot write dead letters to %s: %s", self.dead_letters.path, exc)
+        self.counters.dead_lettered_points += refused
+        self.counters.points_written += len(lines) - refused
         log.error(
-            "InfluxDB refused a batch of %d points for good (%s); kept in %s",
-            count,
-            exc,
-            self._dead_letters.path,
+            "InfluxDB refused %d of %d points for good (%s); kept in %s",
+            refused,
+            len(lines),
+            describe(parts),
+            self.dead_letters.path,
         )
+        return len(lines) - refused
+
+    async def _write_again(self, body: bytes) -> None:
+        """One write of part of a refused batch, to find what InfluxDB refuses."""
+        assert self.sink is not None
+        await asyncio.wait_for(self.sink.write(body), self.settings.write_deadline_s)
+
+    def _learn_conflicts(self, parts: list[RefusedPart]) -> None:
+        # A refusal names one conflict: exact where the part is one refused point.
+        for part in parts:
+            conflict = parse_conflict(part.error.reason)
+            if conflict is not None and part.exact and len(part.lines) == 1:
+                measurement, name, kind = conflict
+                with_time = part.lines[0].rpartition(" ")[2]
+                if with_time.isdigit():
+                    self.field_catalog.learn(measurement, name, kind, int(with_time))
+
+    async def _ask_field_types(self) -> None:
+        """Learn InfluxDB's field types and shard group duration once it answers."""
+        assert self.sink is not None
+        attempt = 0
+        while True:
+            if self.sink.name != "auto" and not self.sink.multiline_strings:
+                return  # not InfluxDB: no field types to conflict with
+            if self.sink.multiline_strings:
+                try:
+                    found = await fetch_field_types(self.settings, self.sink.name)
+                except TransientWriteError as exc:
+                    log.log(
+                        logging.INFO if attempt == 0 else logging.DEBUG,
+                        "%s; until it answers, readings are checked against the types the hub "
+                        "wrote",
+                        exc,
+                    )
+                except PermanentWriteError as exc:
+                    log.info("%s; readings are checked against the types the hub wrote", exc)
+                    return
+                else:
+                    if found.shard_ns is not None:
+                        self.field_catalog.set_shard_duration(found.shard_ns)
+                    self.field_catalog.seed(found.types, time.time_ns())
+                    log.info(
+                        "InfluxDB holds %d fields of a single type; shard groups of %s s",
+                        len(found.types),
+                        f"{self.field_catalog.shard_ns / 1e9:g}",
+                    )
+                    return
+            await asyncio.sleep(self._backoff(attempt, None))
+            attempt += 1
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hub.fieldtypes import FieldTypes
 from hub.lineprotocol import format_point
 from hub.measurements import ReadingsValidator
 from hub.protocol import DEFAULT_MAX_DEPTH, check_readings_depth
@@ -37,6 +38,7 @@ def prepare_readings(
     arrival_ns: int,
     multiline_strings: bool = False,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    field_types: FieldTypes | None = None,
 ) -> PreparedReadings:
     """Validate readings and format the valid ones as points of `device_id`.
 
@@ -48,6 +50,9 @@ def prepare_readings(
     Rejected readings, and accepted ones with keys validation ignored, are checked against
     `max_depth` (the frame's nesting limit), which `decode_frame` leaves to this step; one
     nesting too deep raises `InvalidMessage` for the whole frame.
+
+    With `field_types`, a reading whose field has another type than the one its measurement
+    holds is rejected, and an accepted one teaches its fields' types (see `hub.fieldtypes`).
     """
     valid, reasons = validator.validate(readings)
     indices = (
@@ -75,11 +80,18 @@ def prepare_readings(
         else:
             tags = {DEVICE_TAG: device_id}
         try:
-            lines.append(
-                format_point(reading["name"], tags, reading["fields"], time_ns, multiline_strings)
+            line = format_point(
+                reading["name"], tags, reading["fields"], time_ns, multiline_strings
             )
         except ValueError as exc:  # text line protocol cannot carry exactly
             reasons[index] = [str(exc)]
+            continue
+        if field_types is not None and (
+            conflict := field_types.check(reading["name"], reading["fields"], time_ns)
+        ):
+            reasons[index] = [conflict]
+            continue
+        lines.append(line)
     if unchecked:
         check_readings_depth(readings, unchecked, max_depth)
     return PreparedReadings(

@@ -15,13 +15,14 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
 
+from hub.deadletters import DeadLetterFile
 from hub.errors import HubError
 from hub.health import HealthServer
 from hub.influx import Sink, open_sink
 from hub.logs import set_level
 from hub.measurements import MeasurementSchemas, load_schema_file
 from hub.metrics import HubMetrics
-from hub.pipeline import DeadLetterFile, Pipeline
+from hub.pipeline import Pipeline
 from hub.registry import Registry
 from hub.runtime import tune_garbage_collector
 from hub.sdnotify import Notifier
@@ -86,9 +87,8 @@ class HubService:
                 settings.spool_dir,
             )
         metrics = HubMetrics()
-        pipeline = Pipeline(
-            sink, DeadLetterFile(settings.dead_letter_path), settings, spool, metrics
-        )
+        dead_letters = DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes)
+        pipeline = Pipeline(sink, dead_letters, settings, spool, metrics)
         pipeline.start()
         self._hub = Hub(settings, registry, schemas, pipeline)
         metrics.watch(self._hub)

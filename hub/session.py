@@ -251,6 +251,7 @@ class DeviceSession:
             arrival_ns,
             self.hub.pipeline.multiline_strings,
             self.hub.settings.max_nesting_depth,
+            self.hub.pipeline.field_types,
         )
 
     async def _send_acks(self, acks: asyncio.Queue[_PendingAck]) -> None:

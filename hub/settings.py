@@ -96,8 +96,9 @@ class Settings(BaseSettings):
     retry_max_s: PositiveFloat = 10.0
     write_deadline_s: PositiveFloat = 3.0
 
-    # Spool
+    # Spool and dead letters
     spool_max_bytes: PositiveInt = 512 * 2**20
+    dead_letter_max_bytes: Annotated[int, Field(ge=64 * 1024)] = 64 * 2**20
 
     # Limits
     max_message_bytes: PositiveInt = 2**20

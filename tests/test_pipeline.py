@@ -26,8 +26,9 @@ from device_sim.local_servers import (
     influxql,
     start_influxdb,
 )
+from hub.deadletters import DeadLetterFile
 from hub.influx import V1Sink
-from hub.pipeline import DeadLetterFile, Pipeline
+from hub.pipeline import Pipeline
 from hub.settings import Settings
 from tests.support import hub_settings
 
@@ -63,7 +64,11 @@ def count_points(influx: LocalServer, db: str, measurement: str = "m") -> int:
 @asynccontextmanager
 async def running_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     """A started pipeline writing through V1Sink, closed on exit."""
-    pipeline = Pipeline(V1Sink(settings), DeadLetterFile(settings.dead_letter_path), settings)
+    pipeline = Pipeline(
+        V1Sink(settings),
+        DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes),
+        settings,
+    )
     pipeline.start()
     try:
         yield pipeline

@@ -8,8 +8,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from device_sim.local_servers import LocalServer, create_database, start_influxdb
+from hub.deadletters import DeadLetterFile
 from hub.influx import V1Sink
-from hub.pipeline import DeadLetterFile, Pipeline
+from hub.pipeline import Pipeline
 from hub.settings import Settings
 from hub.spool import Spool, read_status
 from tests.support import hub_settings
@@ -23,7 +24,12 @@ async def spooling_pipeline(settings: Settings, with_sink: bool = True) -> Async
     """A started pipeline with a spool in the state dir, closed on exit."""
     sink = V1Sink(settings) if with_sink else None
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
-    pipeline = Pipeline(sink, DeadLetterFile(settings.dead_letter_path), settings, spool)
+    pipeline = Pipeline(
+        sink,
+        DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes),
+        settings,
+        spool,
+    )
     pipeline.start()
     try:
         yield pipeline
