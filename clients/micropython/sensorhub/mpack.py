@@ -204,9 +204,7 @@ def decode(data: bytes | bytearray | memoryview, max_depth: int = 16) -> object:
     return value
 
 
-def decode_from(
-    view: memoryview, offset: int, max_depth: int = 16
-) -> tuple[object, int]:
+def decode_from(view: memoryview, offset: int, max_depth: int = 16) -> tuple[object, int]:
     """The msgpack object at `offset` in `view`, and the offset just after it."""
     if max_depth < 0:
         raise ValueError("msgpack nested too deep")
