@@ -7,7 +7,6 @@ frame not yet started, so a long send never starves the hub's pings.
 """
 
 import select
-import socket
 
 from . import compat, wsframe
 
@@ -104,6 +103,10 @@ class WebSocket:
 
     def open(self, url: str, headers: list[str], timeout_ms: int, cadata: bytes | None) -> None:
         """Connect and upgrade, within `timeout_ms` per step; raise OSError on failure."""
+        # Imported here so that the rest loads where there is no socket module (the
+        # WebAssembly port the test suite runs the pure modules on).
+        import socket
+
         tls, host, port, path = split_url(url)
         address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
         sock = socket.socket(address[0], socket.SOCK_STREAM)
@@ -129,7 +132,8 @@ class WebSocket:
 
     def _read_response_head(self, sock: object, key: bytes) -> None:
         head = bytearray()
-        chunk = bytearray(512)
+        # Never read more than the frame buffer holds: what follows the headers goes there.
+        chunk = bytearray(min(512, self.reader.max_payload + 14))
         view = memoryview(chunk)
         while True:
             count = compat.sock_read_into(sock, view)
