@@ -123,7 +123,7 @@ def test_refuses_what_msgpack_cannot_hold() -> None:
 # --- WebSocket framing --------------------------------------------------------------------
 
 
-def parse_as_server(data: bytes, max_size: int | None = None) -> Frame:
+def parse_as_server(data: bytes | bytearray, max_size: int | None = None) -> Frame:
     """The frame `data` holds, read by websockets' own parser as the hub reads it."""
     reader = StreamReader()
     reader.feed_data(data)

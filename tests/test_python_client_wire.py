@@ -42,7 +42,7 @@ class RawDevice:
         parse_response_head(head[:-4], key)
         self.reader = wsframe.FrameReader(max_payload)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray) -> None:
         """Send raw bytes."""
         self.sock.sendall(data)
 

@@ -1,6 +1,9 @@
 // Runs a Python file on MicroPython's WebAssembly port, with clients/micropython/sensorhub
 // copied into its file system at /lib/sensorhub. Exit status 1 if the program raised.
 // Usage: node run.mjs MICROPYTHON_MJS LIB_DIR PROGRAM
+// A line `# --- step` splits the program into parts run one after the other (globals kept):
+// this port's garbage collector frees memory only between parts, since it cannot scan the
+// stack of running Python code, so memory is measured at the start of a part.
 import fs from "node:fs";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
@@ -18,7 +21,10 @@ for (const name of fs.readdirSync(path.join(libdir, "sensorhub"))) {
   }
 }
 try {
-  mp.runPython("import sys\nsys.path.insert(0, '/lib')\n" + fs.readFileSync(program, "utf8"));
+  mp.runPython("import sys\nsys.path.insert(0, '/lib')\n");
+  for (const part of fs.readFileSync(program, "utf8").split(/^# --- step$/m)) {
+    mp.runPython(part);
+  }
 } catch (error) {
   process.stderr.write(String(error) + "\n");
   process.exit(1);

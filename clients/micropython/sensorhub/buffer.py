@@ -125,7 +125,10 @@ class ReadingsBuffer:
             if not self.pending:
                 return False  # every held reading is in a message: refuse the new one
             self.pending.pop(0)
-        self.pending.append(Sample(entries, body, unix_ms, ticks))
+        if unix_ms is None:
+            self.pending.append(Sample(entries, body, unix_ms, ticks))
+        else:  # the usual case: one bytes object is all a held reading costs
+            self.pending.append(finish_reading(entries, body, unix_ms))
         return kept
 
     def next_message(self, resolve: object) -> Message | None:

@@ -96,8 +96,8 @@ class WebSocket:
         self.poller: object = None
         self.close_code: int | None = None  # set once closed: the hub's code, or 1006
         self.close_reason = ""
-        self._control: list[bytes] = []  # pong and close frames, sent first
-        self._data: list[bytes] = []  # data frames, in order
+        self._control: list[bytearray] = []  # pong and close frames, sent first
+        self._data: list[bytearray] = []  # data frames, in order
         self._current: memoryview | None = None  # the frame being written
         self._close_sent = False
 

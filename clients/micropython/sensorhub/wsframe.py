@@ -26,28 +26,35 @@ class ProtocolViolation(ValueError):
 
 
 def mask(payload: bytes | bytearray | memoryview, key: bytes) -> bytearray:
-    """`payload` XORed with the repeated 4-byte `key`, 256 bytes at a time."""
-    size = len(payload)
-    out = bytearray(size)
+    """`payload` XORed with the repeated 4-byte `key` (a new bytearray)."""
+    out = bytearray(payload)
+    mask_in_place(out, 0, key)
+    return out
+
+
+def mask_in_place(buffer: bytearray, start: int, key: bytes) -> None:
+    """XOR `buffer[start:]` with the repeated `key`, 256 bytes at a time as one integer."""
+    size = len(buffer) - start
     whole = size - size % _MASK_CHUNK
     if whole:
         chunk_key = int.from_bytes(key * (_MASK_CHUNK // 4), "big")
-        for start in range(0, whole, _MASK_CHUNK):
-            end = start + _MASK_CHUNK
-            value = int.from_bytes(bytes(payload[start:end]), "big") ^ chunk_key
-            out[start:end] = value.to_bytes(_MASK_CHUNK, "big")
+        for offset in range(start, start + whole, _MASK_CHUNK):
+            end = offset + _MASK_CHUNK
+            value = int.from_bytes(bytes(buffer[offset:end]), "big") ^ chunk_key
+            buffer[offset:end] = value.to_bytes(_MASK_CHUNK, "big")
     tail = size - whole
     if tail:
+        offset = start + whole
         tail_key = int.from_bytes((key * (tail // 4 + 1))[:tail], "big")
-        value = int.from_bytes(bytes(payload[whole:]), "big") ^ tail_key
-        out[whole:] = value.to_bytes(tail, "big")
-    return out
+        value = int.from_bytes(bytes(buffer[offset:]), "big") ^ tail_key
+        buffer[offset:] = value.to_bytes(tail, "big")
 
 
 def encode_frame(
     opcode: int, payload: bytes | bytearray | memoryview, key: bytes, fin: bool = True
-) -> bytes:
-    """One client frame: header, the 4-byte masking `key`, the masked payload."""
+) -> bytearray:
+    """One client frame: header, the 4-byte masking `key`, the payload masked in place (so
+    a frame costs its own size once, beside the payload)."""
     size = len(payload)
     first = (0x80 if fin else 0) | opcode
     if size < 126:
@@ -56,7 +63,13 @@ def encode_frame(
         header = struct.pack(">BBH", first, 0x80 | 126, size)
     else:
         header = struct.pack(">BBII", first, 0x80 | 127, size >> 32, size & 0xFFFFFFFF)
-    return header + key + mask(payload, key)
+    start = len(header) + 4
+    frame = bytearray(start + size)
+    frame[0 : len(header)] = header
+    frame[len(header) : start] = key
+    frame[start:] = payload
+    mask_in_place(frame, start, key)
+    return frame
 
 
 def close_payload(code: int, reason: str = "") -> bytes:
