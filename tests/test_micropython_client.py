@@ -76,6 +76,26 @@ async def test_streams_readings_into_influxdb(
     assert sorted(row["n"] for row in rows) == list(range(120))
 
 
+async def test_origin_header_is_accepted_where_the_operator_allows_it(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """A board that sends `Origin` (as uwebsockets does) gets in when the origin is allowed."""
+    settings = hub_settings(
+        tmp_path / "state",
+        influxdb.url,
+        influx_bucket=influx_db_name,
+        allowed_origins=["http://localhost"],
+    )
+    token = add_device(settings, DEVICE)
+    async with running_hub(settings) as service:
+        client = HubClient(hub_url(service), token, origin="http://localhost")
+        times = stream(client, 3)
+        await drive_async(client, lambda: client.acked == 3, WAIT_S)
+        client.close()
+    assert client.refusals == []
+    assert stored_times(influxdb, influx_db_name) == times
+
+
 async def test_fragmented_messages_are_accepted(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -399,3 +419,28 @@ async def test_frames_larger_than_the_buffer_are_read_in_part(
     assert (client.acked, client.buffer.held(), client.connects) == (0, 0, 1)
     assert state.ack_ok is False
     assert state.ack_error == "config larger than this device's 64-byte frame buffer"
+
+
+async def test_silence_longer_than_the_idle_timeout_is_a_dead_link(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """Pings keep an idle connection alive; without them, idle_timeout_ms ends it (1006)
+    and the client reconnects."""
+    fast = hub_settings(
+        tmp_path / "fast", influxdb.url, influx_bucket=influx_db_name, ping_interval_s=0.1
+    )
+    token = add_device(fast, DEVICE)
+    async with running_hub(fast) as service:
+        client = HubClient(hub_url(service), token, idle_timeout_ms=1000)
+        await asyncio.to_thread(client.poll, 3000)
+        client.close()
+    assert (client.connects, client.close_codes) == (1, []), client_state(client)
+    slow = hub_settings(
+        tmp_path / "slow", influxdb.url, influx_bucket=influx_db_name, ping_interval_s=60
+    )
+    token = add_device(slow, DEVICE)
+    async with running_hub(slow) as service:
+        client = HubClient(hub_url(service), token, idle_timeout_ms=300, backoff_ms=10)
+        await drive_async(client, lambda: client.connects >= 2, WAIT_S)
+        client.close()
+    assert client.close_codes[0] == 1006, client_state(client)

@@ -315,3 +315,31 @@ def test_backoff_is_jittered_and_capped() -> None:
     waits = [policy.backoff_ms(attempt, 1000, 8000) for attempt in range(30) for _ in range(5)]
     assert all(0 <= w <= 8000 for w in waits) and len(set(waits)) > 10
     assert all(5000 <= policy.backoff_ms(0, 1000, 8000, 5) <= 6000 for _ in range(50))
+
+
+# --- tolerance of what a later hub may send -------------------------------------------------
+
+
+def test_acks_with_unknown_keys_and_collapsed_rejections_are_read() -> None:
+    """An ack with extra keys, and `rejected` entries with extra keys or fewer entries than
+    rejected readings, still acks its message; rejections are counted from `accepted`."""
+    from sensorhub import HubClient
+    from sensorhub.ws import WebSocket
+
+    from sensorhub_client.connection import parse_ack
+
+    client = HubClient("ws://127.0.0.1:1", "t" * 32, max_batch=10)
+    for index in range(10):
+        client.add("env", {"n": index}, time_ms=1_750_000_000_000 + index)
+    message = client.buffer.next_message(client.clock.resolve)
+    assert message is not None
+    message.sent, message.seq = True, 5
+    client.ws = WebSocket(1024)
+    ack = {
+        "type": "ack", "seq": 5, "accepted": 4, "budget": "exceeded",
+        "rejected": [{"index": 0, "errors": ["x"], "count": 6}],
+    }  # fmt: skip
+    client._on_message(wsframe.OP_BINARY, memoryview(msgpack.packb(ack)), False)
+    assert (client.acked, client.rejected, client.buffer.held()) == (4, 6, 0)
+    parsed = parse_ack(ack)
+    assert (parsed.seq, parsed.accepted, [r.index for r in parsed.rejected]) == (5, 4, [0])

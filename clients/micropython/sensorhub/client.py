@@ -68,7 +68,6 @@ class HubClient:
         self._next_attempt = compat.ticks_ms()
         self._seq = 0
         self._opened_at = 0
-        self._last_rx = 0
         self._connection_acked = False
 
     # The firmware's side
@@ -115,7 +114,7 @@ class HubClient:
             self._fill_window(ws)
             ws.service(min(remaining, 1000), self._on_message)
             now = compat.ticks_ms()
-            if not ws.closed and compat.ticks_diff(now, self._last_rx) > self.idle_timeout_ms:
+            if not ws.closed and compat.ticks_diff(now, ws.received_at) > self.idle_timeout_ms:
                 # The hub pings every ping_interval_s (20 s): this much silence is a dead link.
                 ws.abort(1006)
             if ws.closed:
@@ -174,7 +173,7 @@ class HubClient:
             return
         self.ws = ws
         self.connects += 1
-        self._opened_at = self._last_rx = compat.ticks_ms()
+        self._opened_at = compat.ticks_ms()
         self._connection_acked = False
         self.buffer.reconnected()
 
@@ -242,7 +241,6 @@ class HubClient:
     # Receiving
 
     def _on_message(self, opcode: int, payload: memoryview, truncated: bool) -> None:
-        self._last_rx = compat.ticks_ms()
         ws = self.ws
         if ws is None or opcode != wsframe.OP_BINARY:
             return

@@ -96,6 +96,7 @@ class WebSocket:
         self.poller: object = None
         self.close_code: int | None = None  # set once closed: the hub's code, or 1006
         self.close_reason = ""
+        self.received_at = compat.ticks_ms()  # when bytes last came from the hub (pings too)
         self._control: list[bytearray] = []  # pong and close frames, sent first
         self._data: list[bytearray] = []  # data frames, in order
         self._current: memoryview | None = None  # the frame being written
@@ -243,6 +244,7 @@ class WebSocket:
             if count == 0:
                 self.abort()
                 return
+            self.received_at = compat.ticks_ms()
             self.reader.received(count)
             self._frames(on_message)
 
