@@ -1,8 +1,11 @@
 """The MicroPython client's files run on a real MicroPython (1.27, WebAssembly port).
 
-The port has no `socket`, so the I/O shell (ws.py's `open`) runs on CPython only, in
-tests/test_micropython_client.py; here the codec, framing, buffer, policy, clock and the
-client's reading path run on MicroPython and must print exactly what CPython prints.
+The port has no `socket`, so what needs one (ws.py's `open` and the `select.poll` wait of
+`service`) runs on CPython only, in tests/test_micropython_client.py. Everything else runs
+here on MicroPython and must print exactly what CPython prints: the codec, framing, buffer,
+policy and clock, the handshake text and its answer, the WebSocket shell's frame handling
+(pong, fragments, close echo) over an in-memory socket, and the client's handling of acks
+and configs.
 """
 
 from __future__ import annotations

@@ -78,4 +78,81 @@ made = client.buffer.next_message(
 )
 assert made is not None
 show("client message", made.frame(1))
+
+# The WebSocket shell's pure parts, and the client's handling of hub messages, without a
+# socket (this port has none).
+from sensorhub.ws import WebSocket, handshake_request, parse_response_head, split_url  # noqa: E402
+
+print("url: %s %s %d %s" % split_url("wss://hub.example:8443/v1/ws?precision=ms"))
+print("url: %s %s %d %s" % split_url("ws://[::1]:8765/v1/ws"))
+key = b"dGhlIHNhbXBsZSBub25jZQ=="
+show("request", handshake_request("h", 1, "/v1/ws", key, ["Authorization: Bearer x"]))
+head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+head += b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455's example
+try:
+    parse_response_head(head, key)
+    print("accepted")
+except OSError as error:
+    print("refused: %s" % error)
+try:
+    parse_response_head(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5", key)
+except OSError as error:
+    print("refused: %d %s" % (error.status, error.retry_after_s))  # type: ignore[attr-defined]
+
+received: list[tuple[int, bytes, bool]] = []
+
+
+def on_message(opcode: int, payload: memoryview, truncated: bool) -> None:
+    received.append((opcode, bytes(payload), truncated))
+
+
+class Sink:
+    """Stands in for a socket that takes everything written to it."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: memoryview) -> int:
+        self.written.extend(data)
+        return len(data)
+
+    send = write
+
+    def close(self) -> None:
+        pass
+
+
+ws = WebSocket(64)
+sink = Sink()
+ws.sock = sink
+ws.reader.feed(b"\x89\x02hi" + b"\x02\x03abc" + b"\x80\x02de" + b"\x82\x01z")
+ws._frames(on_message)
+print("pending after ping: %d" % ws.pending())
+ws._write()
+print("written: %d bytes, pong %s" % (len(sink.written), sink.written[0] == 0x8A))
+for opcode, payload, truncated in received:
+    show("payload %d %d" % (opcode, truncated), payload)
+ws.reader.feed(b"\x88\x02\x0f\xa1")
+ws._frames(on_message)
+print("closed: %s, close echoed %s" % (ws.close_code, sink.written[-8] == 0x88))
+
+client = HubClient("ws://127.0.0.1:1", "t" * 32, clock=Clock(lambda: 1750000000000), max_batch=10)
+for n in range(10):
+    client.add("env", {"n": n})
+made = client.buffer.next_message(client.clock.resolve)
+assert made is not None
+made.sent, made.seq = True, 5
+client.ws = WebSocket(1024)
+client._on_message(2, memoryview(mpack.encode({"type": "ack", "seq": 5, "accepted": 7,
+                   "rejected": [{"index": 1, "errors": ["x"], "count": 3}]})), False)  # fmt: skip
+print("acked %d rejected %d held %d" % (client.acked, client.rejected, client.buffer.held()))
+applied: list[int] = []
+client.on_config = lambda config, version: applied.append(version)
+client._on_message(2, memoryview(mpack.encode({"type": "config", "version": 3,
+                   "config": {"k": 1}})), False)  # fmt: skip
+client._on_message(2, memoryview(mpack.encode({"type": "config", "version": 3,
+                   "config": {"k": 1}})), False)  # fmt: skip
+print("applied %s, queued %d" % (applied, client.ws.pending()))
+client._on_message(2, memoryview(b"\x83\xa4type\xa6config\xa7version\x04"), True)
+print("config_version %d answer %s" % (client.config_version, client._config_answer))
 print("done")
