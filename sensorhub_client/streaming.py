@@ -81,6 +81,7 @@ class StreamingClient:
         stable_after_s: float = 30.0,
         open_timeout_s: float = 10.0,
         rng: random.Random | None = None,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         if max_readings < 1 or max_batch < 1 or window < 1:
             raise ValueError("max_readings, max_batch and window must be positive")
@@ -94,6 +95,7 @@ class StreamingClient:
         """Why the client gave up for good: `revoked`, `unauthorized` or `refused`."""
         self.config_version = -1
         self._config_answer: str | None = None
+        self._wall_clock_ns = wall_clock_ns  # replaceable: a board that boots in 1970
         self._rng = rng or random.Random()  # noqa: S311  (backoff jitter, not a secret)
         # pending: (reading, wall-clock ns or None when the clock was not set, monotonic ns)
         self._pending: deque[tuple[dict[str, Any], int | None, int]] = deque()
@@ -124,7 +126,7 @@ class StreamingClient:
         reading: dict[str, Any] = {"name": name, "fields": dict(fields)}
         if tags:
             reading["tags"] = dict(tags)
-        wall = time.time_ns() if time_ns is None else time_ns
+        wall = self._wall_clock_ns() if time_ns is None else time_ns
         kept = True
         if self.held() >= self.max_readings:
             self.stats.dropped += 1
@@ -264,7 +266,7 @@ class StreamingClient:
         if in_flight >= self.window or not self._pending:
             return None
         readings: list[Reading] = []
-        now_wall, now_mono = time.time_ns(), time.monotonic_ns()
+        now_wall, now_mono = self._wall_clock_ns(), time.monotonic_ns()
         while self._pending and len(readings) < self.max_batch:
             reading, wall, mono = self._pending.popleft()
             if wall is None and now_wall >= EARLIEST_NS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -198,3 +199,28 @@ def test_both_clients_have_the_same_refusal_policy(status: int) -> None:
     for retry_after in (None, 7):
         action, wait_s = python_policy.after_refusal(status, retry_after)
         assert micro_policy.after_refusal(status, retry_after) == (str(action), int(wait_s))
+
+
+async def test_readings_sampled_before_the_clock_is_set_get_their_time_later(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """A reading sampled while the clock reads 1970 is stored at the instant it was sampled,
+    computed from the monotonic clock once the wall clock is right."""
+    settings = hub_settings(tmp_path / "state", influxdb.url, influx_bucket=influx_db_name)
+    token = add_device(settings, DEVICE)
+    offset = [-time.time_ns()]  # the box boots at the epoch
+
+    def wall_clock_ns() -> int:
+        return time.time_ns() + offset[0]
+
+    async with running_hub(settings) as service:
+        client = StreamingClient(service.url, token, wall_clock_ns=wall_clock_ns)
+        sampled_at = time.time_ns()
+        client.add("env", {"n": 1})
+        await asyncio.sleep(0.2)
+        offset[0] = 0  # NTP answered
+        async with running(client):
+            assert await client.flush(WAIT_S)
+    (stored_ns,) = stored(influxdb, influx_db_name)
+    print(f"stored {(stored_ns - sampled_at) / 1e6:.1f} ms from the sampling instant")
+    assert abs(stored_ns - sampled_at) < 100_000_000
