@@ -1,5 +1,5 @@
 # main.py for a MicroPython board: read a sensor and stream it to a sensor-hub.
-# Copy with: mpremote cp -r sensorhub : + cp main.py : + cp settings.py :
+# Copy with: mpremote mkdir :lib + cp -r sensorhub :lib/ + cp main.py : + cp settings.py :
 # settings.py (yours, not in git) holds WIFI_SSID, WIFI_PASSWORD, HUB_URL, HUB_TOKEN.
 
 import time
