@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+import ssl
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sensorhub import Clock, HubClient
 
 from device_sim.client import DeviceClient
@@ -22,6 +24,7 @@ from hub.registry import Registry
 from hub.service import HubService
 from tests.micropython_support import client_state, drive, drive_async
 from tests.support import HubProcess, add_device, hub_settings, points, running_hub
+from tests.test_hardening import certificate  # noqa: F401  (the session's TLS certificate)
 
 WAIT_S = 20.0
 T0_MS = 1_750_000_000_000
@@ -93,6 +96,30 @@ async def test_origin_header_is_accepted_where_the_operator_allows_it(
         await drive_async(client, lambda: client.acked == 3, WAIT_S)
         client.close()
     assert client.refusals == []
+    assert stored_times(influxdb, influx_db_name) == times
+
+
+async def test_streams_over_tls_checking_the_hub_certificate(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str, request: pytest.FixtureRequest
+) -> None:
+    """wss:// with the hub's CA given as DER `cadata` (as on a board): the non-blocking TLS
+    socket streams; without the right CA the handshake fails and nothing is sent."""
+    cert, key = request.getfixturevalue("certificate")
+    settings = hub_settings(
+        tmp_path / "state", influxdb.url, influx_bucket=influx_db_name, tls_cert=cert, tls_key=key
+    )
+    token = add_device(settings, DEVICE)
+    cadata = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    async with running_hub(settings) as service:
+        assert service.url.startswith("wss://")
+        client = HubClient(hub_url(service), token, cadata=cadata, max_batch=20)
+        times = stream(client, 100)
+        await drive_async(client, lambda: client.acked == 100, WAIT_S)
+        client.close()
+        stranger = HubClient(hub_url(service), token, backoff_ms=10)  # the system's CAs
+        stream(stranger, 1)
+        await drive_async(stranger, lambda: stranger.failed_connects >= 1, WAIT_S)
+    assert (client.connects, stranger.connects, stranger.sent) == (1, 0, 0)
     assert stored_times(influxdb, influx_db_name) == times
 
 
