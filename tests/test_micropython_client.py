@@ -421,7 +421,7 @@ async def test_readings_sampled_before_the_clock_is_set_get_their_time_later(
 async def test_frames_larger_than_the_buffer_are_read_in_part(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
-    """With a 64-byte frame buffer, a long ack (every reading rejected) still acks its
+    """With the smallest frame buffer (125 bytes, a ping's), a long ack (every reading rejected) still acks its
     message, and a config too large is refused with the reason."""
     schemas = tmp_path / "schemas.toml"
     schemas.write_text("accept_unknown_measurements = false\n")
@@ -445,7 +445,7 @@ async def test_frames_larger_than_the_buffer_are_read_in_part(
             operator.close()
     assert (client.acked, client.buffer.held(), client.connects) == (0, 0, 1)
     assert state.ack_ok is False
-    assert state.ack_error == "config larger than this device's 64-byte frame buffer"
+    assert state.ack_error == "config larger than this device's 125-byte frame buffer"
 
 
 async def test_silence_longer_than_the_idle_timeout_is_a_dead_link(

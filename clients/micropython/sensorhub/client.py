@@ -46,7 +46,7 @@ class HubClient:
             self._headers.append("Origin: " + origin)
         self.on_config = on_config  # on_config(config: dict, version) -> None | str (refusal)
         self.buffer = ReadingsBuffer(max_readings, max_batch, max_message_bytes)
-        self.max_frame_bytes = max_frame_bytes
+        self.max_frame_bytes = max(125, max_frame_bytes)  # a ping's 125 bytes fit
         self.window = window
         self.backoff_ms, self.backoff_cap_ms, self.stable_ms = backoff_ms, backoff_cap_ms, stable_ms
         self.connect_timeout_ms = connect_timeout_ms
