@@ -54,6 +54,11 @@ def was_refused(client: HubClient) -> bool:
     return bool(client.refusals)
 
 
+def pongs(client: HubClient) -> int:
+    """Pings the client's current connection answered."""
+    return client.ws.pongs if client.ws is not None else 0
+
+
 def registry(service: HubService) -> Registry:
     """A second connection to the hub's registry, as an operator command would open."""
     return Registry(service.settings.registry_path)
@@ -383,7 +388,7 @@ async def test_pings_answered_while_idle_and_while_sending(
     token = add_device(settings, DEVICE)
     async with running_hub(settings) as service:
         client = HubClient(hub_url(service), token, max_batch=5, fragment_bytes=32)
-        await asyncio.to_thread(client.poll, 2000)
+        await drive_async(client, lambda: pongs(client) >= 5, WAIT_S)
         times = stream(client, 200)
         await drive_async(client, lambda: client.acked == 200, WAIT_S)
         client.close()
@@ -421,8 +426,8 @@ async def test_readings_sampled_before_the_clock_is_set_get_their_time_later(
 async def test_frames_larger_than_the_buffer_are_read_in_part(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
-    """With the smallest frame buffer (125 bytes, a ping's), a long ack (every reading rejected) still acks its
-    message, and a config too large is refused with the reason."""
+    """With the smallest frame buffer (125 bytes, a ping's), a long ack (every reading
+    rejected) still acks its message, and a config too large is refused with the reason."""
     schemas = tmp_path / "schemas.toml"
     schemas.write_text("accept_unknown_measurements = false\n")
     settings = hub_settings(
@@ -458,8 +463,8 @@ async def test_silence_longer_than_the_idle_timeout_is_a_dead_link(
     )
     token = add_device(fast, DEVICE)
     async with running_hub(fast) as service:
-        client = HubClient(hub_url(service), token, idle_timeout_ms=1000)
-        await asyncio.to_thread(client.poll, 3000)
+        client = HubClient(hub_url(service), token, idle_timeout_ms=500)
+        await drive_async(client, lambda: pongs(client) >= 15, WAIT_S)  # 1.5 s
         client.close()
     assert (client.connects, client.close_codes) == (1, []), client_state(client)
     slow = hub_settings(

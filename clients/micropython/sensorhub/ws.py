@@ -97,6 +97,7 @@ class WebSocket:
         self.close_code: int | None = None  # set once closed: the hub's code, or 1006
         self.close_reason = ""
         self.received_at = compat.ticks_ms()  # when bytes last came from the hub (pings too)
+        self.pongs = 0  # pings answered
         self._control: list[bytearray] = []  # pong and close frames, sent first
         self._data: list[bytearray] = []  # data frames, in order
         self._current: memoryview | None = None  # the frame being written
@@ -262,6 +263,7 @@ class WebSocket:
             opcode = frame.opcode
             if opcode == wsframe.OP_PING:
                 self._send_control(wsframe.OP_PONG, frame.payload)
+                self.pongs += 1
             elif opcode == wsframe.OP_CLOSE:
                 code, reason = wsframe.parse_close(frame.payload)
                 self.close_reason = reason
