@@ -200,7 +200,9 @@ async def test_restart_resends_unacked_and_loses_nothing_acked(
     state_dir = tmp_path / "state"
     hub = HubProcess(state_dir, influxdb, influx_db_name)
     token = add_device(hub_settings(state_dir, influxdb.url), DEVICE)
-    client = HubClient(hub.url, token, max_batch=20, window=4, backoff_ms=200)
+    client = HubClient(
+        hub.url, token, max_readings=5000, max_batch=20, window=4, backoff_ms=200
+    )
     added: list[int] = []
 
     def keep_streaming(seconds: float) -> None:
@@ -213,10 +215,12 @@ async def test_restart_resends_unacked_and_loses_nothing_acked(
     try:
         await asyncio.to_thread(keep_streaming, 1.0)
         assert client.acked > 0, client_state(client)
+        added.extend(stream(client, 2000, T0_MS + len(added)))  # still sending at the stop
         stopping = asyncio.create_task(hub.stop())
         await asyncio.to_thread(drive, client, lambda: 1001 in client.close_codes, WAIT_S)
         assert await stopping == 0
         assert 1001 in client.close_codes, client_state(client)
+        unread = [m for m in client.buffer.unacked if m.sent]  # sent, never acked
         stored = stored_times(influxdb, influx_db_name)
         assert len(stored) >= client.acked  # nothing acked is lost
         await asyncio.to_thread(keep_streaming, 0.3)  # buffered while the hub is down
@@ -225,7 +229,9 @@ async def test_restart_resends_unacked_and_loses_nothing_acked(
         client.close()
     finally:
         await hub.stop()
+    print(f"1001 with {len(unread)} messages sent and not acked; {client.resent} resent")
     assert client.connects == 2, client_state(client)
+    assert client.resent >= sum(len(m.readings) for m in unread)
     assert stored_times(influxdb, influx_db_name) == added
 
 
