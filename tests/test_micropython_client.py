@@ -200,9 +200,7 @@ async def test_restart_resends_unacked_and_loses_nothing_acked(
     state_dir = tmp_path / "state"
     hub = HubProcess(state_dir, influxdb, influx_db_name)
     token = add_device(hub_settings(state_dir, influxdb.url), DEVICE)
-    client = HubClient(
-        hub.url, token, max_readings=5000, max_batch=20, window=4, backoff_ms=200
-    )
+    client = HubClient(hub.url, token, max_readings=5000, max_batch=20, window=4, backoff_ms=200)
     added: list[int] = []
 
     def keep_streaming(seconds: float) -> None:
