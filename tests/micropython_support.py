@@ -12,7 +12,14 @@ from collections.abc import Callable
 
 from sensorhub import HubClient
 
+from device_sim.local_servers import LocalServer
+from hub.registry import Registry
+from hub.service import HubService
+from tests.support import points
+
 STEP_MS = 20
+T0_MS = 1_750_000_000_000
+"""The time of the first reading the tests add (2025-06-15)."""
 
 
 def drive(client: HubClient, until: Callable[[], bool], timeout_s: float) -> bool:
@@ -43,3 +50,36 @@ def client_state(client: HubClient) -> str:
         f"failed={client.failed_connects} closes={client.close_codes} "
         f"refusals={client.refusals} stopped={client.stopped} error={client.last_error}"
     )
+
+
+def hub_url(service: HubService) -> str:
+    """The ws:// URL of an in-process hub."""
+    return service.url
+
+
+def stream(client: HubClient, count: int, start_ms: int = T0_MS, name: str = "env") -> list[int]:
+    """Add `count` readings with times start_ms, start_ms+1, ...; their times."""
+    times = [start_ms + i for i in range(count)]
+    for index, stamp in enumerate(times):
+        client.add(name, {"t": 20.0 + index / 100, "n": index}, {"room": "hall"}, time_ms=stamp)
+    return times
+
+
+def stored_times(influxdb: LocalServer, db: str, name: str = "env") -> list[int]:
+    """The millisecond times of every point of `name`."""
+    return sorted(row["time"] // 1_000_000 for row in points(influxdb, db, name))
+
+
+def was_refused(client: HubClient) -> bool:
+    """The client's handshake was refused at least once."""
+    return bool(client.refusals)
+
+
+def pongs(client: HubClient) -> int:
+    """Pings the client's current connection answered."""
+    return client.ws.pongs if client.ws is not None else 0
+
+
+def registry(service: HubService) -> Registry:
+    """A second connection to the hub's registry, as an operator command would open."""
+    return Registry(service.settings.registry_path)
