@@ -28,11 +28,15 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from device_sim.client import DeviceClient, Precision
 from device_sim.sensors import SensorProfile
 from device_sim.stats import FleetStats
 from schemas.codes import QUERY_PRECISIONS, CloseCode
 from schemas.messages import Ack, Config, Reading
+from sensorhub_client.connection import DeviceClient, Precision
+
+# Re-exported: the simulator's devices use the public client's reconnect policy.
+from sensorhub_client.policy import reconnect_delay as reconnect_delay
+from sensorhub_client.policy import retry_after_seconds
 
 
 @dataclass(frozen=True)
@@ -141,33 +145,6 @@ class DeviceReport:
             data["acked_times"] = self.acked_times
             data["rejected_times"] = self.rejected_times
         return data
-
-
-def reconnect_delay(
-    attempt: int,
-    rng: random.Random,
-    base_s: float,
-    cap_s: float,
-    retry_after_s: float | None = None,
-) -> float:
-    """Seconds to wait before reconnect `attempt` (0 = the first after a failure).
-
-    Exponential backoff with full jitter: uniform over [0, min(cap, base * 2**attempt)], so a
-    fleet that lost the hub at the same moment does not come back in lock step. A 503's
-    `Retry-After` is a minimum: the jitter is added on top of it.
-    """
-    ceiling = min(cap_s, base_s * 2 ** min(attempt, 32))
-    return (retry_after_s or 0.0) + rng.uniform(0, ceiling)
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A `Retry-After` header given in seconds (the hub sends seconds); None otherwise."""
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
 
 
 @dataclass(eq=False, slots=True)
