@@ -187,7 +187,43 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         hub = self._hub
         pipeline = hub.pipeline
-        yield _gauge("hub_connections", "Open device connections.", len(hub.live_devices))
+        yield _gauge("hub_connections", "Open device connections.", hub.connections)
+        failed = hub.failed_handshakes.counters
+        yield _counter(
+            "hub_handshake_failures", "Handshakes with a bad or missing token.", failed.failures
+        )
+        yield _counter(
+            "hub_handshake_blocks", "Source addresses blocked for failed handshakes.", failed.blocks
+        )
+        yield _counter(
+            "hub_handshakes_refused_while_blocked",
+            "Handshakes answered 429 because their address is blocked.",
+            failed.refused_while_blocked,
+        )
+        strangers = hub.stranger_counts
+        yield _gauge(
+            "hub_unauthenticated_connections",
+            "Connections still sending their request headers.",
+            len(hub.strangers.limits),
+        )
+        dropped = CounterMetricFamily(
+            "hub_unauthenticated_dropped",
+            "Connections dropped before their handshake was answered, by why.",
+            labels=["reason"],
+        )
+        for reason, count in (
+            ("source_cap", strangers.over_source_cap),
+            ("header_timeout", strangers.header_timeouts),
+            ("headers_too_large", strangers.headers_too_large),
+            ("handshake_error", strangers.handshake_errors),
+        ):
+            dropped.add_metric([reason], float(count))
+        yield dropped
+        yield _counter(
+            "hub_unauthenticated_log_lines_suppressed",
+            "Log lines about unauthenticated clients left out (rate limit).",
+            strangers.log_lines_suppressed,
+        )
         yield _gauge("hub_accepting", "1 while new devices are let in.", hub.accepting)
         yield _gauge("hub_pending_readings", "Readings not yet durable.", pipeline.pending)
         yield _gauge("hub_influx_healthy", "1 while writes to InfluxDB succeed.", pipeline.healthy)
