@@ -93,8 +93,6 @@ async def test_idle_sockets_from_one_address_cannot_exhaust_descriptors(
         hub,
         devices,
     ):
-        soft, hard = open_files_limit(hub.pid)
-        assert soft == hard, f"soft file limit {soft} left below the hard one {hard}"
         idle: list[socket.socket] = []
         try:
             async with good_devices(hub.url, devices.steady, devices.fresh) as good:
@@ -110,6 +108,8 @@ async def test_idle_sockets_from_one_address_cannot_exhaust_descriptors(
         finally:
             for sock in idle:
                 sock.close()
+        soft, hard = open_files_limit(hub.pid)
+        assert soft == hard, f"soft file limit {soft} left below the hard one {hard}"
         await hub.stop_within()
 
 
@@ -196,11 +196,12 @@ async def test_oversized_request_headers_are_refused_early(
 RESETS = 300
 
 
-def request_then_reset(port: int, token: str) -> None:
-    """Send an upgrade request, then reset the connection at once."""
-    sock = raw_socket(port, ATTACKER)
-    sock.sendall(upgrade_request(token))
-    reset(sock)
+def requests_then_resets(port: int, token: str, count: int) -> None:
+    """`count` times: send an upgrade request, then reset the connection at once."""
+    for _ in range(count):
+        sock = raw_socket(port, ATTACKER)
+        sock.sendall(upgrade_request(token))
+        reset(sock)
 
 
 async def test_resets_mid_handshake_log_no_traceback_and_few_lines(
@@ -215,9 +216,7 @@ async def test_resets_mid_handshake_log_no_traceback_and_few_lines(
         async with good_devices(hub.url, devices.steady, devices.fresh) as good:
             for token in (UNKNOWN_TOKEN, devices.bad.token):
                 for _ in range(RESETS // 50):
-                    await asyncio.to_thread(
-                        lambda t=token: [request_then_reset(hub.port, t) for _ in range(50)]
-                    )
+                    await asyncio.to_thread(requests_then_resets, hub.port, token, 50)
                     await good.fresh()
         good.report.check(f"{2 * RESETS} resets mid-handshake")
         elapsed = time.monotonic() - started
