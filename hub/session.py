@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -19,7 +19,10 @@ from websockets.exceptions import ConnectionClosed
 from hub.errors import HubError, Overloaded, ProtocolError, RateLimited, UnsupportedData
 from hub.handshake import Handshake
 from hub.logs import device_extra
-from hub.metrics import error_label
+from hub.measurements import ReadingsValidator
+from hub.metrics import HubMetrics, error_label
+from hub.pipeline import Pipeline
+from hub.presence import PresenceTracker
 from hub.protocol import (
     DeviceEvent,
     ReadingsFrame,
@@ -30,12 +33,10 @@ from hub.protocol import (
 )
 from hub.ratelimit import TokenBucket
 from hub.readings import PreparedReadings, prepare_readings
+from hub.registry import Registry
 from hub.settings import Settings
 from schemas.codes import CloseCode
 from schemas.messages import Config, ConfigAck, ErrorMessage, Rejection
-
-if TYPE_CHECKING:
-    from hub.server import Hub
 
 log = logging.getLogger("hub.session")
 
@@ -46,10 +47,28 @@ ACK_GRACE_S = 10.0
 """How long acks of earlier messages may take before a protocol-error close."""
 
 
+class SessionHost(Protocol):
+    """What a session uses of the hub that runs it (`hub.server.Hub`), named here so that
+    this module does not import the server."""
+
+    settings: Settings
+    registry: Registry
+    metrics: HubMetrics
+    pipeline: Pipeline
+    presence: PresenceTracker
+    draining: bool
+
+    def validator(self, ns_per_unit: int) -> ReadingsValidator:
+        """The readings validator for one precision."""
+        ...
+
+
 class DeviceSession:
     """One device connection, from the upgrade to the close."""
 
-    def __init__(self, hub: Hub, connection: ServerConnection, handshake: Handshake) -> None:
+    def __init__(
+        self, hub: SessionHost, connection: ServerConnection, handshake: Handshake
+    ) -> None:
         self.hub = hub
         self.connection = connection
         self.device_id = handshake.device_id

@@ -253,6 +253,24 @@ class AttackedHub(HubProcess):
                 return value
             await asyncio.sleep(0.05)
 
+    def open_fds(self) -> int:
+        """File descriptors the hub process holds now."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def rss_kib(self) -> int:
+        """The hub process's resident memory, in KiB."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        found = re.search(r"VmRSS:\s+(\d+)", status)
+        assert found, status
+        return int(found.group(1))
+
+    async def fds_back_to(self, limit: int) -> int:
+        """Wait (bounded) until the hub holds at most `limit` descriptors; how many it holds."""
+        deadline = time.monotonic() + WAIT_S
+        while (held := self.open_fds()) > limit and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return held
+
     async def log_count(self, text: str, count: int) -> None:
         """Wait (bounded) until `text` appears `count` times in the hub's log."""
         async with asyncio.timeout(WAIT_S):
