@@ -34,7 +34,7 @@ from hub.registry import Registry
 
 WAIT_S = 15.0
 SHUTDOWN_TIMEOUT_S = 4.0
-STOP_SLACK_S = 3.0
+STOP_SLACK_S = 1.5
 """Beyond shutdown_timeout_s: interpreter teardown of a process on a loaded 2-core box."""
 ACK_P99_BOUND_S = 0.5
 """The well-behaved device's ack latency p99 during an attack. Today's code fails it by

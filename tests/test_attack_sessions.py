@@ -293,3 +293,27 @@ async def test_device_text_cannot_forge_log_lines_or_break_presence(
     events = points(influxdb, influx_db_name, "hub_device_connection")
     reasons = [e["reason"] for e in events if e["device"] == "atk-bad" and e["reason"]]
     assert f"1000 normal closure: bye\\n{FORGED}" in reasons
+
+
+# --- 1: the hub's stop, bounded whatever its connections do ------------------------------------
+
+
+@pytest.mark.parametrize("peer", ["left_with_acks_owed", "silent"])
+async def test_sigterm_stops_the_hub_within_shutdown_timeout(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str, peer: str
+) -> None:
+    """SIGTERM after a session left with acks owed (it hung `wait_closed` for good), or with
+    a peer that never answers the close frame: the hub exits within shutdown_timeout_s."""
+    async with attacked_hub(tmp_path, influxdb, influx_db_name, {}) as (hub, devices):
+        connection = await connect(hub.url + "/v1/ws", additional_headers=bearer(devices.bad.token))
+        if peer == "left_with_acks_owed":
+            for seq in range(MESSAGES_PER_ROUND):
+                await connection.send(readings_frame(seq))
+            await connection.close()
+            await hub.log_count("device atk-bad disconnected", 1)
+        else:
+            connection.transport.pause_reading()  # never reads the hub's 1001
+        try:
+            await hub.stop_within()
+        finally:
+            connection.transport.abort()
