@@ -8,8 +8,10 @@ a field of JSON lines, and `DeviceLineLimit` keeps a broken device from flooding
 
 Tokens must never reach a log line. The hub never logs one on purpose, and the redacting
 filter below is the second line of defence: it masks anything shaped like a token, a
-`token=` query parameter or a bearer header in every record, including those of libraries
-(websockets logs request lines at debug level).
+`token=` query parameter, an `Authorization` value or URL credentials in every record,
+including those of libraries (websockets logs request lines at debug level). The same
+filter is the one place where device-supplied text is made safe: control characters are
+escaped, so that no device can end a line or forge the next one, in any format.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ pending readings, the pipeline's counters, the spool) is read at scrape time by
 Label values are a small fixed set each:
 
 * `hub_handshakes_refused_total{reason}`: the HTTP answer, `unauthorized`, `bad_request`,
-  `not_found`, `service_unavailable` (draining or at `max_connections`), ...;
+  `not_found`, `forbidden`, `too_many_requests` (a blocked address),
+  `service_unavailable` (draining or at `max_connections`), ...;
+* `hub_unauthenticated_dropped_total{reason}`: connections dropped before their handshake
+  was answered, `source_cap`, `header_timeout`, `headers_too_large`, `handshake_error`;
 * `hub_readings_rejected_total{reason}`: the part of a reading that broke its schema,
   `name`, `fields`, `tags`, `time`, or `unknown_measurement`, `undecodable` (a Telegraf
   metric cut short), `invalid` (anything else, such as text InfluxDB cannot store);
@@ -43,7 +46,14 @@ WRITE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 _SCHEMA_PARTS = frozenset({"name", "fields", "tags", "time"})
 # Label values shown at 0 from the start, so that rates and alerts work before the first one.
 _KNOWN_LABELS = {
-    "handshakes_refused": ("unauthorized", "bad_request", "not_found", "service_unavailable"),
+    "handshakes_refused": (
+        "unauthorized",
+        "bad_request",
+        "not_found",
+        "forbidden",
+        "too_many_requests",
+        "service_unavailable",
+    ),
     "readings_rejected": (*sorted(_SCHEMA_PARTS), "unknown_measurement", "undecodable", "invalid"),
     "protocol_errors": ("invalid_message", "unsupported_data", "rate_limited"),
     "config_acks": ("applied", "refused", "ignored"),
