@@ -51,8 +51,8 @@ log = logging.getLogger("hub.server")
 
 RETRY_AFTER_S = 5
 LISTEN_BACKLOG = 4096
-STOP_GRACE_S = 1.0
-"""After the deadline: how long aborted connections' handlers get to finish."""
+STOP_GRACE_S = 0.5
+"""After the deadline: how long the handlers of dropped connections get to finish."""
 
 
 class Hub:
@@ -159,6 +159,8 @@ class Hub:
                 await asyncio.wait_for(self._server.wait_closed(), max(0.1, deadline - loop.time()))
             except TimeoutError:
                 self._drop_connections(self._server)
+                with contextlib.suppress(TimeoutError):  # their handlers' cleanup, briefly
+                    await asyncio.wait_for(self._server.wait_closed(), STOP_GRACE_S)
         for loop_task in self._loops:
             loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
