@@ -10,9 +10,13 @@ Two things are counted here and nowhere else.
   twice. `max_connections`, `/healthz` and `hub_connections` all read this one count.
 * **Unauthenticated connections.** From the TCP accept until the request headers are in,
   a client is a stranger: at most `max_unauthenticated_per_source` of them per source
-  address (IPv6: per /64), each with `request_header_timeout_s` to send its headers and at
-  most `max_request_header_bytes` of them. websockets' own limits are per line (8 KiB) and
-  per header count (128), which let one socket pin a megabyte.
+  address (IPv6: per /64; and never more than a quarter of the open-file limit), each with
+  `request_header_timeout_s` from its first byte to the end of its headers, and at most
+  `max_request_header_bytes` of them. The deadline is not enforced while the event loop is
+  behind (a connect storm), since the rest of the request may be waiting unread in the
+  socket; websockets' `handshake_timeout_s` remains the hard bound for every connection.
+  websockets' own header limits are per line (8 KiB) and per count (128), which let one
+  socket pin a megabyte.
 
 Log lines about strangers go through `StrangerLog`: a few a second at most, the rest
 counted, so that nobody without a token can flood the journal.
@@ -31,6 +35,11 @@ from websockets.asyncio.server import ServerConnection
 from hub.handshake import Handshake
 from hub.ratelimit import TokenBucket, source_key
 
+LOOP_LAG_TOLERANCE_S = 0.1
+"""A header deadline firing later than this finds the event loop behind (a connect storm):
+the request may be sitting unread in the socket, so the deadline is re-armed, not enforced.
+websockets' own `handshake_timeout_s` stays the hard bound."""
+LAG_RECHECK_S = 0.1
 STRANGER_LINES_PER_S = 5.0
 STRANGER_LINES_BURST = 20.0
 UNKNOWN_SOURCE = "unknown"
@@ -156,6 +165,13 @@ class StrangerGuard:
         self.counts = counts
         self.waiting: set[ServerConnection] = set()
 
+    def fit_to(self, open_files: int) -> None:
+        """Keep one source below a quarter of the process's descriptors, whatever the
+        setting says: the cap exists so that one address cannot take them all."""
+        fitted = max(16, open_files // 4)
+        if fitted < self.limits.per_source:
+            self.limits.per_source = fitted
+
     def abort_waiting(self) -> None:
         """Drop every connection still waiting for its headers (the hub is stopping)."""
         for connection in list(self.waiting):
@@ -173,6 +189,7 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
         _waiting = False
         _header_bytes = 0
         _deadline: asyncio.TimerHandle | None = None
+        _due = 0.0
         _ignore_input = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -193,10 +210,14 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
                 return
             self._waiting = True
             guard.waiting.add(self)
-            self._deadline = self.loop.call_later(guard.header_timeout_s, self._headers_late)
 
         def data_received(self, data: bytes) -> None:
             if self._waiting:
+                if self._deadline is None:
+                    # From the first byte: a client that has not started yet (its own loop
+                    # busy in a connect storm) is not slow, and one sending nothing at all
+                    # is bounded by the per-source cap and handshake_timeout_s.
+                    self._arm(guard.header_timeout_s)
                 self._header_bytes += len(data)
                 if self._header_bytes > guard.max_header_bytes:
                     self._stop_waiting()
@@ -224,9 +245,16 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
             self._stop_waiting()
             super().connection_lost(exc)
 
+        def _arm(self, delay_s: float) -> None:
+            self._due = self.loop.time() + delay_s
+            self._deadline = self.loop.call_later(delay_s, self._headers_late)
+
         def _headers_late(self) -> None:
             self._deadline = None
             if not self._waiting:
+                return
+            if self.loop.time() - self._due > LOOP_LAG_TOLERANCE_S:
+                self._arm(LAG_RECHECK_S)  # the loop is behind: let it read the socket first
                 return
             self._stop_waiting()
             guard.counts.header_timeouts += 1

@@ -107,7 +107,8 @@ class Hub:
     async def start(self) -> Server:
         """Listen for devices and start watching the registry."""
         s = self.settings
-        raise_file_limit(s.max_connections)
+        if (files := raise_file_limit(s.max_connections)) is not None:
+            self.strangers.fit_to(files.soft)
         self._server = await serve(
             self._session,
             s.host,

@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     auth_failures_burst: Annotated[int, Field(ge=0)] = 10
     auth_failures_per_min: PositiveFloat = 6.0
     auth_block_s: PositiveFloat = 300.0
-    max_unauthenticated_per_source: PositiveInt = 128
+    max_unauthenticated_per_source: PositiveInt = 4096
     max_request_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
 
     # Security

@@ -20,6 +20,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from device_sim.local_servers import LocalServer
+from hub.registry import Registry
 from tests.attack_support import (
     WAIT_S,
     AttackedHub,
@@ -281,3 +282,37 @@ async def test_valid_token_gets_in_from_a_blocked_address(
         assert metrics["hub_handshake_blocks_total"] == 1
         assert metrics["hub_handshakes_refused_while_blocked_total"] == 2
         await hub.stop_within()
+
+
+# --- Not an attack: a connect storm from one address --------------------------------------------
+
+STORM = 1000
+
+
+async def test_connect_storm_from_one_address_is_not_an_attack(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """1000 devices behind one address connecting at once all get in with the default
+    limits: neither the per-source cap nor the header deadline takes a storm for an attack."""
+    state = tmp_path / "state"
+    registry = Registry(state / "registry.sqlite3")
+    try:
+        tokens = registry.add_many([f"storm-{n:04d}" for n in range(STORM)])
+    finally:
+        registry.close()
+    hub = AttackedHub(state, influxdb, influx_db_name)
+    await hub.start()
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(status_of(hub.url + "/v1/ws", token) for token in tokens), return_exceptions=True
+        )
+        print(f"storm of {STORM} from one address: {time.monotonic() - started:.2f} s")
+        assert [r for r in results if r != (101, None)] == []
+        metrics = await hub.metrics()
+        assert metrics['hub_unauthenticated_dropped_total{reason="source_cap"}'] == 0
+        assert metrics['hub_unauthenticated_dropped_total{reason="header_timeout"}'] == 0
+        await hub.stop_within()
+    finally:
+        if hub.process is not None and hub.process.poll() is None:
+            await hub.kill()

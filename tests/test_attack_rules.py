@@ -10,12 +10,13 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from http import HTTPStatus
 from pathlib import Path
 
 import pytest
 
-from hub.admission import StrangerCounts, StrangerLimits, StrangerLog
+from hub.admission import StrangerCounts, StrangerGuard, StrangerLimits, StrangerLog
 from hub.cli_check import toml_value
 from hub.filelimit import FD_HEADROOM, FileLimit, shortfall_warning
 from hub.handshake import MAX_TOKEN_CHARS, HandshakeRefused, read_credentials
@@ -148,6 +149,18 @@ def test_leaving_more_than_entered_never_goes_negative() -> None:
     limits = StrangerLimits(per_source=1)
     limits.leave("10.0.0.1")
     assert limits.open_from("10.0.0.1") == 0 and len(limits) == 0
+
+
+def test_the_per_source_cap_never_exceeds_a_quarter_of_the_file_limit() -> None:
+    """With a soft limit of 1024, one source may hold at most 256 unauthenticated sockets."""
+    counts = StrangerCounts()
+    guard = StrangerGuard(
+        4096, 3.0, 16384, StrangerLog(logging.getLogger("t"), counts, time.monotonic), counts
+    )
+    guard.fit_to(1024)
+    assert guard.limits.per_source == 256
+    guard.fit_to(1_000_000)  # never raised above the setting
+    assert guard.limits.per_source == 256
 
 
 def test_stranger_log_lines_are_budgeted_and_counted(caplog: pytest.LogCaptureFixture) -> None:
