@@ -43,6 +43,8 @@ def open_registry(config: Path | None, state_dir: Path | None) -> Registry:
     settings = settings_from(config, state_dir=state_dir)
     try:
         return Registry(settings.registry_path)
+    except HubError as exc:
+        fail(str(exc))
     except OSError as exc:
         fail(f"cannot open the registry in {settings.state_dir}: {exc.strerror}")
 

@@ -10,6 +10,8 @@ from urllib.parse import parse_qs, urlsplit
 from hub.errors import HubError
 from schemas.codes import DEFAULT_PRECISION, QUERY_PRECISIONS, WEBSOCKET_PATH
 
+MAX_TOKEN_CHARS = 256
+
 
 @dataclass(frozen=True, slots=True)
 class Handshake:
@@ -40,8 +42,11 @@ def read_credentials(
 ) -> tuple[str, int]:
     """The token and the precision (ns per unit) a handshake asks for; pure, raises refusals.
 
-    A request with an `Origin` header comes from a browser page: it must be one of
-    `allowed_origins` ("*" allows any). Devices send no Origin and are not affected.
+    The checks run in the contract's order (clarification 6): path (404), query string and
+    `precision` (400), the token's form and header/query agreement (400), its presence
+    (401). An `Origin` header is checked only when the operator configured an allowlist
+    (`allowed_origins`, "*" allowing any): our tokens are not ambient credentials, and
+    device libraries such as uwebsockets send `Origin: http://localhost`.
     """
     url = urlsplit(path)
     if url.path != WEBSOCKET_PATH:
@@ -49,7 +54,12 @@ def read_credentials(
             HTTPStatus.NOT_FOUND, f"no such path; devices connect to {WEBSOCKET_PATH}"
         )
     origin = _single(headers, "Origin")
-    if origin is not None and origin not in allowed_origins and "*" not in allowed_origins:
+    if (
+        allowed_origins
+        and origin is not None
+        and origin not in allowed_origins
+        and "*" not in allowed_origins
+    ):
         raise HandshakeRefused(HTTPStatus.FORBIDDEN, "this Origin is not allowed")
     try:
         query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
@@ -77,6 +87,9 @@ def read_credentials(
             HTTPStatus.BAD_REQUEST, "the token query parameter and the Authorization header differ"
         )
     token = header_token or query_token
+    if token is not None and len(token) > MAX_TOKEN_CHARS:
+        # Bounded before it is hashed; hub tokens are 48 characters.
+        raise HandshakeRefused(HTTPStatus.BAD_REQUEST, "the token is too long to be one")
     if not token:
         raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
     return token, QUERY_PRECISIONS[precision]

@@ -8,8 +8,10 @@ a field of JSON lines, and `DeviceLineLimit` keeps a broken device from flooding
 
 Tokens must never reach a log line. The hub never logs one on purpose, and the redacting
 filter below is the second line of defence: it masks anything shaped like a token, a
-`token=` query parameter or a bearer header in every record, including those of libraries
-(websockets logs request lines at debug level).
+`token=` query parameter, an `Authorization` value or URL credentials in every record,
+including those of libraries (websockets logs request lines at debug level). The same
+filter is the one place where device-supplied text is made safe: control characters are
+escaped, so that no device can end a line or forge the next one, in any format.
 """
 
 from __future__ import annotations
@@ -28,25 +30,55 @@ from typing import TextIO
 from hub.registry import TOKEN_PREFIX
 
 _SECRET = re.compile(
+    # a hub token anywhere: how `hub.registry.new_token` mints them
     rf"({re.escape(TOKEN_PREFIX)}[A-Za-z0-9_-]+)"
+    # a secret query parameter
     r"|((?:token|password|p)=)[^&\s'\"]+"
-    r"|((?:Bearer|Basic|Token)\s+)[^\s'\"]+"
-    r"|(://)[^/@\s'\"]+(?=@)",  # user:password@ in a URL
+    # an Authorization header's value, whatever its scheme (the scheme is kept)
+    r"|(\bAuthorization[\"']?\s*[:=]\s*[\"']?(?:[A-Za-z][\w.+-]*[ \t]+)?)[^\s'\",]+"
+    # a bearer or basic credential outside a header
+    r"|(\b(?:Bearer|Basic)[ \t]+)[^\s'\"]+"
+    # URL credentials: everything between :// and the last @ of the URL, since a password
+    # may hold unencoded @ and / (over-masking a path with an @ is the safe mistake)
+    r"|(://)[^\s'\"]*@",
     re.IGNORECASE,
 )
 
 
 def redact(text: str) -> str:
     """`text` with every token-like secret replaced by `***`."""
-    return _SECRET.sub(lambda m: (m.group(2) or m.group(3) or m.group(4) or "") + "***", text)
+    return _SECRET.sub(_mask, text)
+
+
+def _mask(match: re.Match[str]) -> str:
+    if match.group(5):
+        return "://***@"
+    return (match.group(2) or match.group(3) or match.group(4) or "") + "***"
+
+
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters (and Unicode line separators) written as escapes, so
+    that text a device chose can neither end a log line nor forge the next one."""
+    return text.translate(_CONTROL)
 
 
 class RedactingFilter(logging.Filter):
-    """Masks secrets in the final message of every record passing through a handler."""
+    """Masks secrets in, and escapes control characters of, the final message of every
+    record passing through a handler: the one place where device text is made safe for a
+    log line, whatever the format (tracebacks keep their line feeds, secrets masked)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = redact(message)
+        cleaned = escape_control(redact(message))
         if cleaned != message or record.exc_info:
             record.msg, record.args = cleaned, None
             if record.exc_info:

@@ -9,7 +9,10 @@ pending readings, the pipeline's counters, the spool) is read at scrape time by
 Label values are a small fixed set each:
 
 * `hub_handshakes_refused_total{reason}`: the HTTP answer, `unauthorized`, `bad_request`,
-  `not_found`, `service_unavailable` (draining or at `max_connections`), ...;
+  `not_found`, `forbidden`, `too_many_requests` (a blocked address),
+  `service_unavailable` (draining or at `max_connections`), ...;
+* `hub_unauthenticated_dropped_total{reason}`: connections dropped before their handshake
+  was answered, `source_cap`, `header_timeout`, `headers_too_large`, `handshake_error`;
 * `hub_readings_rejected_total{reason}`: the part of a reading that broke its schema,
   `name`, `fields`, `tags`, `time`, or `unknown_measurement`, `undecodable` (a Telegraf
   metric cut short), `invalid` (anything else, such as text InfluxDB cannot store);
@@ -47,7 +50,14 @@ ACK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 _SCHEMA_PARTS = frozenset({"name", "fields", "tags", "time"})
 # Label values shown at 0 from the start, so that rates and alerts work before the first one.
 _KNOWN_LABELS = {
-    "handshakes_refused": ("unauthorized", "bad_request", "not_found", "service_unavailable"),
+    "handshakes_refused": (
+        "unauthorized",
+        "bad_request",
+        "not_found",
+        "forbidden",
+        "too_many_requests",
+        "service_unavailable",
+    ),
     "readings_rejected": (
         *sorted(_SCHEMA_PARTS),
         "unknown_measurement",
@@ -218,7 +228,43 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         hub = self._hub
         pipeline = hub.pipeline
-        yield _gauge("hub_connections", "Open device connections.", len(hub.live_devices))
+        yield _gauge("hub_connections", "Open device connections.", hub.connections)
+        failed = hub.failed_handshakes.counters
+        yield _counter(
+            "hub_handshake_failures", "Handshakes with a bad or missing token.", failed.failures
+        )
+        yield _counter(
+            "hub_handshake_blocks", "Source addresses blocked for failed handshakes.", failed.blocks
+        )
+        yield _counter(
+            "hub_handshakes_refused_while_blocked",
+            "Handshakes answered 429 because their address is blocked.",
+            failed.refused_while_blocked,
+        )
+        strangers = hub.stranger_counts
+        yield _gauge(
+            "hub_unauthenticated_connections",
+            "Connections still sending their request headers.",
+            len(hub.strangers.limits),
+        )
+        dropped = CounterMetricFamily(
+            "hub_unauthenticated_dropped",
+            "Connections dropped before their handshake was answered, by why.",
+            labels=["reason"],
+        )
+        for reason, count in (
+            ("source_cap", strangers.over_source_cap),
+            ("header_timeout", strangers.header_timeouts),
+            ("headers_too_large", strangers.headers_too_large),
+            ("handshake_error", strangers.handshake_errors),
+        ):
+            dropped.add_metric([reason], float(count))
+        yield dropped
+        yield _counter(
+            "hub_unauthenticated_log_lines_suppressed",
+            "Log lines about unauthenticated clients left out (rate limit).",
+            strangers.log_lines_suppressed,
+        )
         yield _gauge("hub_accepting", "1 while new devices are let in.", hub.accepting)
         yield _gauge("hub_pending_readings", "Readings not yet durable.", pipeline.pending)
         yield _gauge("hub_influx_healthy", "1 while writes to InfluxDB succeed.", pipeline.healthy)

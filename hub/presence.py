@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass
 
 from hub.lineprotocol import format_point
+from hub.logs import escape_control
 from hub.registry import Presence, Registry
 
 log = logging.getLogger("hub.presence")
 
 CONNECTION_MEASUREMENT = "hub_device_connection"
+MAX_REASON_CHARS = 200
 
 
 @dataclass(slots=True)
@@ -60,7 +62,9 @@ class PresenceTracker:
             self._mark(device_id, live, online=True)
 
     def disconnected(self, device_id: str, reason: str) -> None:
-        """A device's connection ended, for `reason`."""
+        """A device's connection ended, for `reason` (which may hold the device's own close
+        reason: escaped and cut here, since a line feed cannot be stored)."""
+        reason = escape_control(reason)[:MAX_REASON_CHARS]
         live = self._live.pop(device_id, None)
         if live is None:
             return

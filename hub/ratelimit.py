@@ -59,10 +59,17 @@ class FailureCounters:
     refused_while_blocked: int = 0
 
 
+BLOCKED_CHECKS_PER_S = 10.0
+BLOCKED_CHECKS_BURST = 50.0
+"""Tokens looked up per second (and at once) for one blocked source: a NAT site's valid
+devices still get in, while a guesser's hashes and lookups stay bounded."""
+
+
 @dataclass
 class _Source:
     bucket: TokenBucket
     blocked_until: float = 0.0
+    checks: TokenBucket | None = None
 
 
 @dataclass
@@ -70,8 +77,12 @@ class FailedHandshakeLimiter:
     """Failed handshakes (bad or missing token) per source: a token bucket each.
 
     A source may fail `burst` times at once, then `per_s` times a second; one more failure
-    blocks it for `block_s`, during which every handshake from it is refused, valid token or
-    not (otherwise a correct guess would still be told apart). `burst` 0 turns it off.
+    blocks it for `block_s`. While blocked, a wrong token from it gets 429 (not 401), so that
+    guessing stays slowed and a wrong guess is not told from a blocked one; a valid token is
+    let in, so one broken board behind a NAT does not lock out its neighbours. Looking a
+    token up costs a hash and a query, so a blocked source may have at most
+    `BLOCKED_CHECKS_PER_S` looked up (burst `BLOCKED_CHECKS_BURST`); past that its handshakes
+    get 429 unchecked. `burst` 0 turns it off.
     Memory is bounded: past `max_sources`, the source that failed longest ago is forgotten.
     """
 
@@ -86,12 +97,25 @@ class FailedHandshakeLimiter:
         return len(self._sources)
 
     def blocked_for(self, source: str, now: float) -> float:
-        """Seconds `source` stays blocked (0 if it is not); counts a refusal when blocked."""
+        """Seconds `source` stays blocked (0 if it is not)."""
         state = self._sources.get(source)
         if state is None or state.blocked_until <= now:
             return 0.0
-        self.counters.refused_while_blocked += 1
         return state.blocked_until - now
+
+    def may_check(self, source: str, now: float) -> bool:
+        """Whether a token from `source` may be looked up now (always, unless it is blocked
+        and has used its budget of lookups)."""
+        state = self._sources.get(source)
+        if state is None or state.blocked_until <= now:
+            return True
+        if state.checks is None:
+            state.checks = TokenBucket(BLOCKED_CHECKS_PER_S, BLOCKED_CHECKS_BURST, updated=now)
+        return state.checks.take(1, now)
+
+    def refused_while_blocked(self) -> None:
+        """Count a handshake answered 429 because its source is blocked."""
+        self.counters.refused_while_blocked += 1
 
     def failed(self, source: str, now: float) -> bool:
         """Record a failed handshake from `source`; True if that failure blocks it."""

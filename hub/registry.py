@@ -173,11 +173,26 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
     return dict(labels)
 
 
+def secure_state_dir(directory: Path) -> Path:
+    """Create the state directory if needed and force its mode to 0700 (an existing one
+    keeps no looser mode): it holds token hashes, the spool and dead letters."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if directory.stat().st_mode & 0o777 != 0o700:
+        try:
+            directory.chmod(0o700)
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot make the state directory {directory} private (mode 0700): "
+                f"{exc.strerror}; it must belong to the hub's user"
+            ) from None
+    return directory
+
+
 class Registry:
     """Devices and token hashes in one SQLite file, shared by the hub and the CLI."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure_state_dir(path.parent)
         self.path = path
         # Autocommit mode: every change goes through _transaction. WAL lets the CLI write
         # while the hub reads.
@@ -270,8 +285,9 @@ class Registry:
     def rotate(self, device_id: str, grace_s: float) -> str:
         """Give the device a new token; the old one keeps working for `grace_s` seconds.
 
-        Returns the new token (the only time it is visible). A token retired by an earlier
-        rotation keeps its own expiry.
+        Returns the new token (the only time it is visible). With a grace period, a token
+        retired by an earlier rotation keeps its own expiry; `grace_s` 0 ends every grace
+        period of the device at once (the hub then closes connections using one with 4001).
         """
         if grace_s < 0:
             raise RegistryError("the grace period cannot be negative")
@@ -286,7 +302,9 @@ class Registry:
             if row[1] is not None:
                 raise RegistryError(f"device {device_id!r} is revoked")
             db.execute("DELETE FROM retired_tokens WHERE expires_at <= ?", (now,))
-            if grace_s > 0:
+            if grace_s == 0:
+                db.execute("DELETE FROM retired_tokens WHERE device_id = ?", (device_id,))
+            else:
                 db.execute(
                     "INSERT INTO retired_tokens (token_hash, device_id, expires_at)"
                     " VALUES (?, ?, ?)",

@@ -24,15 +24,26 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from hub.activation import take_device_socket
+from hub.admission import (
+    ConnectionSlots,
+    StrangerCounts,
+    StrangerGuard,
+    StrangerLog,
+    guarded_connection,
+    peer_of,
+    source_of,
+)
 from hub.errors import ConfigError
+from hub.filelimit import raise_file_limit
 from hub.handshake import Handshake, HandshakeRefused, read_credentials
 from hub.logs import RedactingFilter, device_extra
 from hub.measurements import MeasurementSchemas, ReadingLimits, ReadingsValidator
 from hub.metrics import refusal_reason
 from hub.pipeline import Pipeline
 from hub.presence import PresenceTracker
-from hub.ratelimit import FailedHandshakeLimiter, source_key
+from hub.ratelimit import FailedHandshakeLimiter
 from hub.registry import Registry, hash_token
+from hub.rotation import ROTATED_OUT_REASON, RotationWatch
 from hub.session import DeviceSession
 from hub.settings import Settings
 from schemas.codes import CloseCode
@@ -41,6 +52,8 @@ log = logging.getLogger("hub.server")
 
 RETRY_AFTER_S = 5
 LISTEN_BACKLOG = 4096
+STOP_GRACE_S = 0.5
+"""After the deadline: how long the handlers of dropped connections get to finish."""
 
 
 class Hub:
@@ -60,14 +73,23 @@ class Hub:
         self.metrics = pipeline.metrics
         self.presence = PresenceTracker(registry)
         self.draining = False
-        self._handshakes: dict[ServerConnection, Handshake] = {}
+        self.slots = ConnectionSlots()
+        self.rotation = RotationWatch(registry)
+        self.stranger_counts = StrangerCounts()
+        self.stranger_log = StrangerLog(log, self.stranger_counts, time.monotonic)
+        self.strangers = StrangerGuard(
+            settings.max_unauthenticated_per_source,
+            settings.request_header_timeout_s,
+            settings.max_request_header_bytes,
+            self.stranger_log,
+            self.stranger_counts,
+        )
         self._sessions: dict[str, DeviceSession] = {}
         self._server: Server | None = None
         self._socket_from_systemd = False
         self._bound: Any = None  # (host, port, ...) of the device socket, once listening
         self._background: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._rotated_out: dict[ServerConnection, asyncio.Task[None]] = {}
         self._validators: dict[int, ReadingsValidator] = {}
         self.failed_handshakes = FailedHandshakeLimiter(
             settings.auth_failures_burst,
@@ -80,9 +102,16 @@ class Hub:
         """Devices with an open connection."""
         return set(self._sessions)
 
+    @property
+    def connections(self) -> int:
+        """Admitted connections still open (what `max_connections` bounds)."""
+        return len(self.slots)
+
     async def start(self) -> Server:
         """Listen for devices and start watching the registry."""
         s = self.settings
+        if (files := raise_file_limit(s.max_connections)) is not None:
+            self.strangers.fit_to(files.soft)
         listener = take_device_socket()  # hub.socket's, or None: bind host:port as always
         self._socket_from_systemd = listener is not None
         where: dict[str, Any] = (
@@ -97,8 +126,9 @@ class Hub:
             compression="deflate" if s.compression else None,
             # HTTP
             process_request=self._process_request,
-            process_response=self._process_response,
             server_header=None,
+            # Strangers: per-source cap, header deadline and size (hub.admission)
+            create_connection=guarded_connection(self.strangers),
             # Timeouts
             open_timeout=s.handshake_timeout_s,
             ping_interval=s.ping_interval_s,
@@ -132,17 +162,38 @@ class Hub:
         """Wait until every session has answered every message it received."""
         await asyncio.gather(*(session.acks_sent() for session in list(self._sessions.values())))
 
-    async def stop(self) -> None:
-        """Stop listening, close every connection with 1001, record everyone offline."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop listening, close every connection with 1001, record everyone offline; all
+        within `timeout_s` (default `shutdown_timeout_s`), dropping what is still open then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (
+            self.settings.shutdown_timeout_s if timeout_s is None else timeout_s
+        )
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
-        for loop in self._loops:
-            loop.cancel()
+            self.strangers.abort_waiting()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), max(0.1, deadline - loop.time()))
+            except TimeoutError:
+                self._drop_connections(self._server)
+                with contextlib.suppress(TimeoutError):  # their handlers' cleanup, briefly
+                    await asyncio.wait_for(self._server.wait_closed(), STOP_GRACE_S)
+        for loop_task in self._loops:
+            loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         # Bounded: with the pipeline full (InfluxDB gone, spool full) submit would wait forever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._record_presence(), self.settings.shutdown_timeout_s)
+            await asyncio.wait_for(self._record_presence(), max(0.1, deadline - loop.time()))
+
+    def _drop_connections(self, server: Server) -> None:
+        log.warning(
+            "shutdown: %d connection(s) did not close in time; dropping them",
+            len(server.handler_tasks),
+        )
+        for connection in list(server.all_connections):
+            connection.transport.abort()
+        for task in list(server.handler_tasks):
+            task.cancel()
 
     @property
     def listening(self) -> bool:
@@ -153,9 +204,7 @@ class Hub:
     def accepting(self) -> bool:
         """Whether new devices are let in: listening, not draining, below max_connections."""
         return (
-            self.listening
-            and not self.draining
-            and len(self._handshakes) < self.settings.max_connections
+            self.listening and not self.draining and len(self.slots) < self.settings.max_connections
         )
 
     def reconfigure(self, settings: Settings, schemas: MeasurementSchemas) -> None:
@@ -188,44 +237,66 @@ class Hub:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         # Never log request.path: its query string may hold the token.
-        source = source_key(_host(connection))
-        now = time.monotonic()
         try:
-            if blocked_s := self.failed_handshakes.blocked_for(source, now):
-                raise HandshakeRefused(
-                    HTTPStatus.TOO_MANY_REQUESTS,
-                    "too many failed handshakes from this address; retry later",
-                    retry_after=blocked_s,
-                )
+            return self._admit(connection, request)
+        except Exception as exc:  # e.g. the client reset the connection: one line, no traceback
+            self.stranger_counts.handshake_errors += 1
+            self.stranger_log.line(
+                logging.WARNING,
+                "handshake from %s failed: %s",
+                source_of(connection),
+                type(exc).__name__,
+            )
+            return connection.respond(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "the hub could not answer this handshake\n"
+            )
+
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        source = source_of(connection)
+        limiter = self.failed_handshakes
+        now = time.monotonic()
+        blocked_s = limiter.blocked_for(source, now)
+        try:
             token, ns_per_unit = read_credentials(
                 request.path, request.headers, self.settings.allowed_origins
             )
-            if self.draining or len(self._handshakes) >= self.settings.max_connections:
+            if self.draining or len(self.slots) >= self.settings.max_connections:
                 raise HandshakeRefused(
                     HTTPStatus.SERVICE_UNAVAILABLE,
                     "the hub is not accepting connections now",
                     retry_after=RETRY_AFTER_S,
                 )
+            if blocked_s and not limiter.may_check(source, now):
+                raise _blocked(blocked_s)
             credential = self.registry.credential(hash_token(token))
             if credential is None:
                 raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
-        except HandshakeRefused as refusal:
-            self.metrics.handshakes_refused.labels(refusal_reason(refusal.status)).inc()
-            if refusal.status == HTTPStatus.UNAUTHORIZED:
+        except HandshakeRefused as refused:
+            refusal = refused
+            if refusal.status == HTTPStatus.UNAUTHORIZED and blocked_s:
+                refusal = _blocked(blocked_s)  # a wrong guess looks like any other while blocked
+            elif refusal.status == HTTPStatus.UNAUTHORIZED:
                 self._handshake_failed(source, now)
+            if refusal.status == HTTPStatus.TOO_MANY_REQUESTS:
+                limiter.refused_while_blocked()
+            self.metrics.handshakes_refused.labels(refusal_reason(refusal.status)).inc()
             response = connection.respond(refusal.status, refusal.message + "\n")
             if refusal.retry_after is not None:
                 response.headers["Retry-After"] = str(math.ceil(refusal.retry_after))
             return response
-        self._handshakes[connection] = Handshake(
-            credential.device_id, ns_per_unit, credential.token_hash, credential.expires_at
+        self.slots.admit(
+            connection,
+            Handshake(
+                credential.device_id, ns_per_unit, credential.token_hash, credential.expires_at
+            ),
         )
         return None
 
     def _handshake_failed(self, source: str, now: float) -> None:
         limiter = self.failed_handshakes
         if limiter.failed(source, now):
-            log.warning(
+            self.stranger_log.line(
+                logging.WARNING,
                 "handshakes from %s refused for %g s: more failed handshakes (bad or missing "
                 "token) than %d at once or %g a minute",
                 source,
@@ -234,19 +305,14 @@ class Hub:
                 self.settings.auth_failures_per_min,
             )
         else:
-            log.info("handshake from %s refused: invalid or missing token", source)
-
-    def _process_response(
-        self, connection: ServerConnection, request: Request, response: Response
-    ) -> None:
-        # The upgrade can still fail after `_process_request` admitted the device (a plain
-        # GET without Upgrade, a bad Sec-WebSocket-Key...). No session will run then, so
-        # free its connection slot here.
-        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
-            self._handshakes.pop(connection, None)
+            self.stranger_log.line(
+                logging.INFO, "handshake from %s refused: invalid or missing token", source
+            )
 
     async def _session(self, connection: ServerConnection) -> None:
-        handshake = self._handshakes[connection]
+        handshake = self.slots.get(connection)
+        if handshake is None:  # lost before its handler ran: nothing to serve
+            return
         device_id = handshake.device_id
         session = DeviceSession(self, connection, handshake)
         previous = self._sessions.get(device_id)
@@ -266,21 +332,18 @@ class Hub:
             if device is None or not device.active:
                 # Revoked between the handshake and now: the watcher could not see us yet.
                 await session.revoke()
+            elif not self.rotation.token_works(connection, device_id, handshake.token_hash):
+                await session.revoke(ROTATED_OUT_REASON)
             else:
-                self._close_when_rotated_out(session, handshake.expires_at)
                 await session.run()
         finally:
-            if (retire := self._rotated_out.pop(connection, None)) is not None:
-                retire.cancel()
-            del self._handshakes[connection]
+            self.rotation.forget(connection)
+            reason = _close_reason(connection)
             if self._sessions.get(device_id) is session:
                 del self._sessions[device_id]
-                self.presence.disconnected(device_id, _close_reason(connection))
+                self.presence.disconnected(device_id, reason)
             log.info(
-                "device %s disconnected (%s)",
-                device_id,
-                _close_reason(connection),
-                extra=device_extra(device_id),
+                "device %s disconnected (%s)", device_id, reason, extra=device_extra(device_id)
             )
 
     async def _watch_registry(self) -> None:
@@ -308,35 +371,7 @@ class Hub:
                     continue
                 if change.config_version > session.config_sent:
                     self._spawn(session.push_config())
-                self._recheck_token(session)
-
-    def _recheck_token(self, session: DeviceSession) -> None:
-        """After an operator change: has the session's token been rotated out meanwhile?"""
-        handshake = self._handshakes.get(session.connection)
-        if handshake is None:
-            return
-        credential = self.registry.credential(handshake.token_hash)
-        self._close_when_rotated_out(
-            session, time.time() if credential is None else credential.expires_at
-        )
-
-    def _close_when_rotated_out(self, session: DeviceSession, expires_at: float | None) -> None:
-        """Close the session with 4001 at `expires_at`, when its old token stops working."""
-        if expires_at is None or session.connection in self._rotated_out:
-            return
-
-        async def close_at_expiry() -> None:
-            await asyncio.sleep(max(0.0, expires_at - time.time()))
-            del self._rotated_out[session.connection]  # closing now: no longer to cancel
-            log.warning(
-                "device %s: its token was rotated out, closing the connection",
-                session.device_id,
-                extra=device_extra(session.device_id),
-            )
-            with contextlib.suppress(ConnectionClosed):
-                await session.connection.close(CloseCode.REVOKED, "token rotated out")
-
-        self._rotated_out[session.connection] = asyncio.create_task(close_at_expiry())
+                self.rotation.recheck(session.connection, session.device_id, session.token_hash)
 
     async def _keep_presence(self) -> None:
         while True:
@@ -356,6 +391,14 @@ class Hub:
         task = asyncio.create_task(_quietly(work))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _blocked(blocked_s: float) -> HandshakeRefused:
+    return HandshakeRefused(
+        HTTPStatus.TOO_MANY_REQUESTS,
+        "too many failed handshakes from this address; retry later",
+        retry_after=blocked_s,
+    )
 
 
 async def _quietly(work: Coroutine[Any, Any, None]) -> None:
@@ -393,14 +436,9 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def _host(connection: ServerConnection) -> str:
-    address: Any = connection.remote_address
-    return str(address[0]) if isinstance(address, tuple) else str(address)
-
-
 def _address(connection: ServerConnection) -> str:
-    address: Any = connection.remote_address
-    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+    peer = peer_of(connection)
+    return f"{peer[0]}:{peer[1]}" if peer is not None else "an unknown address"
 
 
 def _close_reason(connection: ServerConnection) -> str:

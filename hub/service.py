@@ -23,7 +23,7 @@ from hub.logs import set_level
 from hub.measurements import MeasurementSchemas, load_schema_file
 from hub.metrics import HubMetrics
 from hub.pipeline import Pipeline
-from hub.registry import Registry
+from hub.registry import Registry, secure_state_dir
 from hub.runtime import tune_garbage_collector
 from hub.sdnotify import Notifier
 from hub.server import Hub
@@ -74,7 +74,7 @@ class HubService:
         """Open the registry and InfluxDB sink, start writing and listening."""
         settings = self.settings
         schemas = MeasurementSchemas(load_schema_file(settings.schemas))
-        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure_state_dir(settings.state_dir)
         registry = Registry(settings.registry_path)
         spool = Spool(settings.spool_dir, settings.spool_max_bytes)
         sink = self._sink
@@ -135,7 +135,7 @@ class HubService:
 
         await within_deadline(hub.pipeline.drain())
         await within_deadline(hub.acks_sent())
-        await hub.stop()
+        await hub.stop(max(0.1, deadline - loop.time()))
         await within_deadline(hub.pipeline.drain())  # the disconnect events
         await hub.pipeline.close()
         hub.registry.close()

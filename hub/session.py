@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -19,7 +19,10 @@ from websockets.exceptions import ConnectionClosed
 from hub.errors import HubError, Overloaded, ProtocolError, RateLimited, UnsupportedData
 from hub.handshake import Handshake
 from hub.logs import device_extra
-from hub.metrics import error_label
+from hub.measurements import ReadingsValidator
+from hub.metrics import HubMetrics, error_label
+from hub.pipeline import Pipeline
+from hub.presence import PresenceTracker
 from hub.protocol import (
     DeviceEvent,
     ReadingsFrame,
@@ -30,12 +33,10 @@ from hub.protocol import (
 )
 from hub.ratelimit import TokenBucket
 from hub.readings import PreparedReadings, prepare_readings
+from hub.registry import Registry
 from hub.settings import Settings
 from schemas.codes import CloseCode
 from schemas.messages import Config, ConfigAck, ErrorMessage, Rejection
-
-if TYPE_CHECKING:
-    from hub.server import Hub
 
 log = logging.getLogger("hub.session")
 
@@ -46,13 +47,32 @@ ACK_GRACE_S = 10.0
 """How long acks of earlier messages may take before a protocol-error close."""
 
 
+class SessionHost(Protocol):
+    """What a session uses of the hub that runs it (`hub.server.Hub`), named here so that
+    this module does not import the server."""
+
+    settings: Settings
+    registry: Registry
+    metrics: HubMetrics
+    pipeline: Pipeline
+    presence: PresenceTracker
+    draining: bool
+
+    def validator(self, ns_per_unit: int) -> ReadingsValidator:
+        """The readings validator for one precision."""
+        ...
+
+
 class DeviceSession:
     """One device connection, from the upgrade to the close."""
 
-    def __init__(self, hub: Hub, connection: ServerConnection, handshake: Handshake) -> None:
+    def __init__(
+        self, hub: SessionHost, connection: ServerConnection, handshake: Handshake
+    ) -> None:
         self.hub = hub
         self.connection = connection
         self.device_id = handshake.device_id
+        self.token_hash = handshake.token_hash
         self.ns_per_unit = handshake.ns_per_unit
         self.config_sent = 0
         settings = hub.settings
@@ -83,9 +103,11 @@ class DeviceSession:
         """Serve the connection until it closes."""
         try:
             await self.push_config()
-            await self._receive()
+            if not await self._receive():
+                return  # the device closed: what it did not see acked, it resends
             # The hub is draining: ack what was received, then say goodbye with 1001.
-            await self.acks_sent()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.acks_sent(), self.hub.settings.shutdown_timeout_s)
             await self._close(CloseCode.GOING_AWAY, "hub shutting down")
         except ProtocolError as exc:
             # Messages before the bad frame were fine: ack them before saying goodbye.
@@ -113,25 +135,33 @@ class DeviceSession:
             )
 
     async def acks_sent(self) -> None:
-        """Wait until every message received so far has been answered."""
-        if self._acks is not None:
-            await self._acks.join()
+        """Wait until every message received so far has been answered, or can no longer be
+        (the connection is gone and the ack sender has stopped)."""
+        if self._acks is None or self._sender is None or self._sender.done():
+            return
+        joined = asyncio.ensure_future(self._acks.join())
+        try:
+            await asyncio.wait((joined, self._sender), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
 
-    async def revoke(self) -> None:
-        """Close the connection because the device's token was revoked."""
+    async def revoke(self, reason: str = "token revoked") -> None:
+        """Close the connection with 4001: the device's token was revoked or rotated out."""
         log.warning(
-            "device %s: token revoked, closing the connection", self.device_id, extra=self._log
+            "device %s: %s, closing the connection", self.device_id, reason, extra=self._log
         )
-        await self.connection.close(CloseCode.REVOKED, "token revoked")
+        await self.connection.close(CloseCode.REVOKED, reason)
 
-    async def _receive(self) -> None:
+    async def _receive(self) -> bool:
+        """Handle frames until the connection closes (False) or the hub drains (True)."""
         async for frame in self.connection:
             if self.hub.draining:
-                return  # not processed, so not acked: the device sends it again later
+                return True  # not processed, so not acked: the device sends it again later
             # A method of its own so that the decoded frame is freed as soon as it is handled,
             # while its memory is still in the CPU's cache: freed at the next frame instead,
             # after every other connection's turn, it cost a tenth of the hub's time.
             await self._handle(frame)
+        return False
 
     async def _handle(self, frame: str | bytes) -> None:
         if isinstance(frame, str):
@@ -160,6 +190,9 @@ class DeviceSession:
         if self._acks is None:
             self._acks = asyncio.Queue(self.hub.settings.max_unacked_messages)
             self._sender = asyncio.create_task(self._send_acks(self._acks))
+        elif self._sender is not None and self._sender.done():
+            # Nothing would ever ack it (the connection is going, or the hub stopping).
+            raise Overloaded("the hub cannot acknowledge readings now; retry later")
         await self._acks.put((event.seq, prepared.accepted, prepared.rejected, durable))
 
     async def _telegraf(self, event: TelegrafFrame, arrival_ns: int) -> None:
@@ -267,6 +300,11 @@ class DeviceSession:
                 self.hub.presence.stored(self.device_id, accepted)
             except (ConnectionClosed, HubError, RuntimeError):
                 # The device is gone or the hub is stopping: what is unacked, it resends.
+                # Nothing queued will be answered: empty the queue, so that a reader
+                # waiting for room or for `join` is not held forever.
+                while not acks.empty():
+                    acks.get_nowait()
+                    acks.task_done()
                 return
             finally:
                 acks.task_done()

@@ -117,6 +117,8 @@ class Settings(BaseSettings):
     auth_failures_burst: Annotated[int, Field(ge=0)] = 10
     auth_failures_per_min: PositiveFloat = 6.0
     auth_block_s: PositiveFloat = 300.0
+    max_unauthenticated_per_source: PositiveInt = 4096
+    max_request_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
 
     # Security
     allowed_origins: list[str] = []
@@ -128,6 +130,7 @@ class Settings(BaseSettings):
     ping_interval_s: PositiveFloat = 20.0
     ping_timeout_s: PositiveFloat = 20.0
     handshake_timeout_s: PositiveFloat = 10.0
+    request_header_timeout_s: PositiveFloat = 3.0
     shutdown_timeout_s: PositiveFloat = 10.0
 
     # Fleet

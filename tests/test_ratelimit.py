@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from hub.ratelimit import FailedHandshakeLimiter, TokenBucket, source_key
+from hub.ratelimit import (
+    BLOCKED_CHECKS_BURST,
+    BLOCKED_CHECKS_PER_S,
+    FailedHandshakeLimiter,
+    TokenBucket,
+    source_key,
+)
 
 SOURCE = "192.0.2.7"
 
@@ -70,8 +76,18 @@ def test_refusals_while_blocked_are_counted() -> None:
     guard = limiter(burst=1)
     fail_times(guard, 2)
     for _ in range(3):
-        guard.blocked_for(SOURCE, 1.0)
+        guard.refused_while_blocked()
     assert (guard.counters.failures, guard.counters.refused_while_blocked) == (2, 3)
+
+
+def test_token_lookups_of_a_blocked_source_are_bounded() -> None:
+    """A blocked source gets BLOCKED_CHECKS_BURST lookups at once, then BLOCKED_CHECKS_PER_S."""
+    guard = limiter(burst=1)
+    fail_times(guard, 2)
+    allowed = sum(guard.may_check(SOURCE, 1.0) for _ in range(1000))
+    assert allowed == BLOCKED_CHECKS_BURST
+    assert sum(guard.may_check(SOURCE, 2.0) for _ in range(1000)) == BLOCKED_CHECKS_PER_S
+    assert all(guard.may_check("192.0.2.8", 1.0) for _ in range(1000))  # not blocked
 
 
 def test_burst_zero_turns_the_limiter_off() -> None:
