@@ -235,7 +235,8 @@ class Pipeline:
         assert self.sink is not None
         started = time.monotonic()
         try:
-            await asyncio.wait_for(self.sink.write(body), self.settings.write_deadline_s)
+            async with asyncio.timeout(self.settings.write_deadline_s):
+                await self.sink.write(body)
         except TimeoutError:
             self.metrics.influx_error("timeout")
             raise TransientWriteError(
@@ -336,7 +337,8 @@ class Pipeline:
     async def _write_again(self, body: bytes) -> None:
         """One write of part of a refused batch, to find what InfluxDB refuses."""
         assert self.sink is not None
-        await asyncio.wait_for(self.sink.write(body), self.settings.write_deadline_s)
+        async with asyncio.timeout(self.settings.write_deadline_s):
+            await self.sink.write(body)
 
     def _learn_conflicts(self, parts: list[RefusedPart]) -> None:
         # A refusal names one conflict: exact where the part is one refused point.

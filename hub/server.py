@@ -173,17 +173,20 @@ class Hub:
             self._server.close()
             self.strangers.abort_waiting()
             try:
-                await asyncio.wait_for(self._server.wait_closed(), max(0.1, deadline - loop.time()))
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    await self._server.wait_closed()
             except TimeoutError:
                 self._drop_connections(self._server)
                 with contextlib.suppress(TimeoutError):  # their handlers' cleanup, briefly
-                    await asyncio.wait_for(self._server.wait_closed(), STOP_GRACE_S)
+                    async with asyncio.timeout(STOP_GRACE_S):
+                        await self._server.wait_closed()
         for loop_task in self._loops:
             loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         # Bounded: with the pipeline full (InfluxDB gone, spool full) submit would wait forever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._record_presence(), max(0.1, deadline - loop.time()))
+            async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                await self._record_presence()
 
     def _drop_connections(self, server: Server) -> None:
         log.warning(

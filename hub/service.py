@@ -129,7 +129,8 @@ class HubService:
 
         async def within_deadline(step: Awaitable[None]) -> None:
             try:
-                await asyncio.wait_for(step, max(0.1, deadline - loop.time()))
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    await step
             except TimeoutError:
                 log.warning("shutdown: giving up waiting; unacked readings will be resent")
 

@@ -107,13 +107,15 @@ class DeviceSession:
                 return  # the device closed: what it did not see acked, it resends
             # The hub is draining: ack what was received, then say goodbye with 1001.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.acks_sent(), self.hub.settings.shutdown_timeout_s)
+                async with asyncio.timeout(self.hub.settings.shutdown_timeout_s):
+                    await self.acks_sent()
             await self._close(CloseCode.GOING_AWAY, "hub shutting down")
         except ProtocolError as exc:
             # Messages before the bad frame were fine: ack them before saying goodbye.
             with contextlib.suppress(TimeoutError):
                 if exc.acks_first:
-                    await asyncio.wait_for(self.acks_sent(), ACK_GRACE_S)
+                    async with asyncio.timeout(ACK_GRACE_S):
+                        await self.acks_sent()
             await self._refuse(exc)
         except ConnectionClosed:
             pass
@@ -270,7 +272,8 @@ class DeviceSession:
             return pipeline.submit_nowait(lines, count)
         limit = self.hub.settings.overload_close_s
         try:
-            return await asyncio.wait_for(pipeline.submit(lines, count), limit)
+            async with asyncio.timeout(limit):
+                return await pipeline.submit(lines, count)
         except TimeoutError:
             raise Overloaded(f"the hub is overloaded (waited {limit:g} s); retry later") from None
 

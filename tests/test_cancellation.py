@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.pipeline import DeadLetterFile, Pipeline
+from hub.deadletters import DeadLetterFile
+from hub.pipeline import Pipeline
 from tests.support import hub_settings
 
 pytestmark = pytest.mark.unit
@@ -43,7 +44,7 @@ async def test_close_as_a_write_completes_stops_every_task(tmp_path: Path, turns
     """Closing the pipeline `turns` loop turns after a write completed stops every task."""
     settings = hub_settings(tmp_path, "http://127.0.0.1:1", max_inflight_writes=1)
     sink = GatedSink()
-    pipeline = Pipeline(sink, DeadLetterFile(tmp_path / "dead.jsonl"), settings)
+    pipeline = Pipeline(sink, DeadLetterFile(tmp_path / "dead.jsonl", 2**20), settings)
     pipeline.start()
     durable = pipeline.submit_nowait("m v=1 1", 1)
     pipeline.flush()
