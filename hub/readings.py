@@ -26,7 +26,20 @@ class PreparedReadings:
 
     lines: str
     accepted: int
-    rejected: list[Rejection]
+    reasons: dict[int, list[str]]
+    """Why each rejected reading (by index in its message) was rejected, unbounded."""
+
+    @property
+    def rejected(self) -> list[Rejection]:
+        """The rejections in index order, their text bounded (`rejections`)."""
+        return rejections(self.reasons)
+
+    def shifted(self, first_index: int) -> PreparedReadings:
+        """The same, for readings that start at `first_index` of their message."""
+        if not first_index or not self.reasons:
+            return self
+        reasons = {index + first_index: errors for index, errors in self.reasons.items()}
+        return PreparedReadings(self.lines, self.accepted, reasons)
 
 
 def prepare_readings(
@@ -82,9 +95,7 @@ def prepare_readings(
             reasons[index] = [str(exc)]
     if unchecked:
         check_readings_depth(readings, unchecked, max_depth)
-    return PreparedReadings(
-        lines="\n".join(lines), accepted=len(lines), rejected=rejections(reasons)
-    )
+    return PreparedReadings(lines="\n".join(lines), accepted=len(lines), reasons=reasons)
 
 
 def rejections(reasons: dict[int, list[str]]) -> list[Rejection]:

@@ -14,10 +14,10 @@ from hub.errors import InvalidMessage
 from hub.protocol import (
     ReadingsFrame,
     TelegrafFrame,
-    _plain_readings_envelope,
     decode_frame,
     encode,
     encode_ack,
+    plain_readings_envelope,
 )
 from schemas.messages import Ack, ConfigAck, ReadingsMessage, Rejection
 
@@ -138,7 +138,7 @@ def test_plain_envelope_check_accepts_what_the_model_accepts(
         model = ReadingsMessage[Any].model_validate(message)
     except ValidationError:
         model = None
-    plain = _plain_readings_envelope(message)
+    plain = plain_readings_envelope(message)
     if model is None:
         assert plain is None
     else:

@@ -1,0 +1,358 @@
+"""Frames that could be expensive: read by their msgpack headers, decoded a slice at a time.
+
+No I/O here. Decoding, validating and freeing cost about a quarter of a microsecond per
+msgpack object, and a frame of N bytes holds at most N objects (every object takes at least
+one byte). So a frame of at most `FAST_PATH_BYTES` costs a few milliseconds whatever it
+holds, and goes to `hub.protocol.decode_frame` whole, as it always did: the usual message,
+tens of readings, pays nothing here.
+
+A larger frame is scanned first, and nothing in it is built yet: the message map key by key
+(values the protocol wants as scalars are skipped, not decoded, when they are containers),
+then each reading (or Telegraf metric) as a byte span found by `Unpacker.skip()`, which walks
+an object in C without building it (~10 ns an object). `read_map_header` and
+`read_array_header` raise `ValueError` on a type mismatch without consuming anything, but
+consume the header when they succeed, so the kind of the next object is read from its first
+byte instead (`_kind`).
+
+The readings are then decoded and validated in slices of at most `SLICE_BYTES`
+(`prepare_in_slices`), yielding between slices so that the caller can let the event loop run:
+
+- a reading that is a msgpack array is refused as the container it is: the validator sees an
+  empty list in its place, so it is rejected with the same reason as in a small frame, and
+  none of its contents is built;
+- a reading larger than `SLICE_BYTES` has its headers walked first, and is rejected without
+  being built if it holds more than `MAX_READING_OBJECTS` objects (a smaller reading cannot,
+  since objects never outnumber bytes);
+- every decoded slice is counted and depth-checked in one breadth-first pass; past
+  `max_objects` objects in the frame, it is refused (`InvalidMessage`, close 1007).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from hub.errors import InvalidMessage
+from hub.protocol import (
+    DEFAULT_MAX_DEPTH,
+    DeviceEvent,
+    ReadingsFrame,
+    TelegrafFrame,
+    decode_frame,
+    decoder_limits,
+    describe_decoder_error,
+    plain_readings_envelope,
+    validate_envelope,
+)
+from hub.readings import PreparedReadings
+from schemas.messages import ConfigAck
+
+FAST_PATH_BYTES = 16 * 1024
+"""Frames up to this size are decoded whole: at most this many objects, a few ms of work."""
+SLICE_BYTES = FAST_PATH_BYTES
+"""Readings decoded and validated between two yields: the same bound, for the same reason."""
+MAX_READING_OBJECTS = SLICE_BYTES
+"""A reading holding more msgpack objects is rejected without being built. The largest
+valid reading holds about 300 (100 fields, 32 tags); keys the hub ignores make up the rest."""
+WALK_YIELD_OBJECTS = 4096
+"""Objects a header walk visits between two yields."""
+
+READING_TOO_BIG = f"a reading may hold at most {MAX_READING_OBJECTS} msgpack objects"
+
+_MAP_HEADERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+_ARRAY_HEADERS = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+_STR_HEADERS = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLimits:
+    """What one device frame may hold; the settings of the same meaning."""
+
+    max_readings: int
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_objects: int = 2**18
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSpans:
+    """Readings (or metrics) of a frame, not decoded: item i is `frame[bounds[i]:bounds[i + 1]]`."""
+
+    frame: bytes
+    bounds: list[int]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SlicedReadings:
+    """A large `readings` message whose envelope is valid; readings still undecoded."""
+
+    seq: int
+    readings: ItemSpans
+
+
+@dataclass(frozen=True, slots=True)
+class SlicedTelegraf:
+    """A large Telegraf frame; `undecodable` counts a trailing part that was not a metric."""
+
+    metrics: ItemSpans
+    undecodable: int = 0
+
+
+FrameEvent = DeviceEvent | SlicedReadings | SlicedTelegraf
+
+
+def decode_device_frame(frame: bytes, limits: FrameLimits) -> FrameEvent:
+    """Decode a frame, or scan a large one; `InvalidMessage` if it breaks the protocol."""
+    if len(frame) <= min(FAST_PATH_BYTES, limits.max_objects):
+        return decode_frame(frame, limits.max_readings, limits.max_depth)
+    return _scan(frame, limits)
+
+
+def event_items(event: FrameEvent) -> int:
+    """How many readings (or metrics) an event carries, decoded or not; 0 for a `config_ack`."""
+    if isinstance(event, ReadingsFrame | SlicedReadings):
+        return len(event.readings)
+    if isinstance(event, TelegrafFrame | SlicedTelegraf):
+        return len(event.metrics)
+    return 0
+
+
+class _Skipped:
+    """Stands for a container skipped where the protocol wants a scalar (the model refuses it)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<container>"
+
+
+def _kind(frame: bytes, offset: int) -> str:
+    """'map', 'array', 'str' or 'other': what the object starting at `offset` is."""
+    header = frame[offset]
+    if header in _MAP_HEADERS:
+        return "map"
+    if header in _ARRAY_HEADERS:
+        return "array"
+    return "str" if header in _STR_HEADERS else "other"
+
+
+def _unpacker(frame: bytes, max_readings: int) -> Any:
+    unpacker = msgpack.Unpacker(max_buffer_size=len(frame), **decoder_limits(frame, max_readings))
+    unpacker.feed(frame)
+    return unpacker
+
+
+def _scan(frame: bytes, limits: FrameLimits) -> FrameEvent:
+    try:
+        return _scan_or_raise(frame, limits)
+    except msgpack.OutOfData:
+        raise InvalidMessage("empty or truncated msgpack") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise InvalidMessage(
+            f"not valid msgpack: {describe_decoder_error(exc, limits.max_readings)}"
+        ) from None
+
+
+def _scan_or_raise(frame: bytes, limits: FrameLimits) -> FrameEvent:
+    unpacker = _unpacker(frame, limits.max_readings)
+    first = _kind(frame, 0)
+    if first != "map":
+        kind = "list" if first == "array" else type(unpacker.unpack()).__name__
+        raise InvalidMessage(f"a frame must be a msgpack map, not {kind}")
+    message: dict[str, Any] = {}
+    spans: list[int] | None = None
+    for _ in range(unpacker.read_map_header()):
+        if _kind(frame, unpacker.tell()) != "str":
+            raise InvalidMessage("not valid msgpack: map keys must be strings")
+        key = unpacker.unpack()
+        where = unpacker.tell()
+        value_kind = _kind(frame, where)
+        if key == "readings" and value_kind == "array":
+            count = unpacker.read_array_header()
+            if count > limits.max_readings:
+                raise InvalidMessage(
+                    f"readings: {count} readings, at most {limits.max_readings} a message"
+                )
+            spans = _spans(unpacker, count)
+            message[key] = spans
+        elif value_kind in ("map", "array"):
+            unpacker.skip()
+            message[key] = _Skipped()
+        else:
+            message[key] = unpacker.unpack()
+    if "type" not in message:
+        if "name" in message and "fields" in message:
+            return _telegraf(frame, limits)
+        raise InvalidMessage("the map has no 'type' key")
+    if unpacker.tell() != len(frame):
+        raise InvalidMessage("trailing bytes after the message map")
+    kind = message["type"]
+    if kind == "readings":
+        if spans is not None and plain_readings_envelope(message) is not None:
+            return SlicedReadings(message["seq"], ItemSpans(frame, spans))
+        validate_envelope(message)  # explains what is wrong, as for a small frame
+        raise InvalidMessage("readings: Input should be a valid list")
+    if kind == "config_ack":
+        return validate_envelope(message, ConfigAck)
+    if isinstance(kind, str):
+        raise InvalidMessage(f"unknown message type {kind[:100]!r}")
+    raise InvalidMessage(f"'type' must be a string, not {type(kind).__name__}")
+
+
+def _spans(unpacker: Any, count: int) -> list[int]:
+    bounds = [unpacker.tell()]
+    for _ in range(count):
+        unpacker.skip()  # C, builds nothing; msgpack's own stack limit still applies
+        bounds.append(unpacker.tell())
+    return bounds
+
+
+def _telegraf(frame: bytes, limits: FrameLimits) -> SlicedTelegraf:
+    unpacker = _unpacker(frame, limits.max_readings)
+    bounds = [0]
+    undecodable = 0
+    while bounds[-1] < len(frame):
+        if len(bounds) > limits.max_readings:
+            raise InvalidMessage(f"Telegraf frame holds more than {limits.max_readings} metrics")
+        try:
+            unpacker.skip()
+        except (ValueError, TypeError, msgpack.UnpackException):
+            undecodable = 1  # a truncated or broken tail: the metrics before it still count
+            break
+        bounds.append(unpacker.tell())
+    return SlicedTelegraf(ItemSpans(frame, bounds), undecodable)
+
+
+PrepareSlice = Callable[[list[Any], int], PreparedReadings]
+"""Validate and format decoded readings, the first of which has the given index in its
+message (for time-less readings' stamps); reasons indexed from 0 within the slice."""
+
+
+def prepare_in_slices(
+    items: ItemSpans, prepare: PrepareSlice, limits: FrameLimits
+) -> Generator[None, None, PreparedReadings]:
+    """Decode, check and prepare `items` a slice at a time; yields between slices.
+
+    The result is what `prepare` would return for all of them at once. Raises
+    `InvalidMessage` when the frame holds more than `limits.max_objects` objects or nests
+    deeper than `limits.max_depth`.
+    """
+    parts: list[PreparedReadings] = []
+    objects = 0
+    for first, last, kind in _slices(items):
+        if kind == "array":
+            readings: list[Any] = [[]]  # refused as a container: nothing in it is built
+            objects += 1
+        elif kind == "big":
+            walked = yield from _walk(items, first, MAX_READING_OBJECTS)
+            if walked is None:
+                parts.append(_too_big(first))  # indexed in the message already
+                objects += MAX_READING_OBJECTS
+                continue
+            readings = _decode(items, first, last, limits.max_readings)
+        else:
+            readings = _decode(items, first, last, limits.max_readings)
+        objects += check_depth_counting(readings, limits.max_depth)
+        if objects > limits.max_objects:
+            raise InvalidMessage(f"a frame may hold at most {limits.max_objects} msgpack objects")
+        parts.append(prepare(readings, first).shifted(first))
+        del readings  # freed here, while it is still in the CPU's cache
+        yield
+    return merge_prepared(parts)
+
+
+def _slices(items: ItemSpans) -> Iterable[tuple[int, int, str]]:
+    """(first, end, kind) in index order: runs of map readings of at most `SLICE_BYTES` to
+    decode together ('maps'), and alone each reading that is an array or larger than that."""
+    frame, bounds = items.frame, items.bounds
+    run: int | None = None
+    for index in range(len(items)):
+        start, end = bounds[index], bounds[index + 1]
+        big = "big" if end - start > SLICE_BYTES else ""
+        lone = "array" if _kind(frame, start) == "array" else big
+        if run is not None and (lone or end - bounds[run] > SLICE_BYTES):
+            yield run, index, "maps"
+            run = None
+        if lone:
+            yield index, index + 1, lone
+        elif run is None:
+            run = index
+    if run is not None:
+        yield run, len(items), "maps"
+
+
+def _decode(items: ItemSpans, first: int, end: int, max_readings: int) -> list[Any]:
+    body = items.frame[items.bounds[first] : items.bounds[end]]
+    packed = b"\xdd" + (end - first).to_bytes(4, "big") + body  # array 32 around the slice
+    decoded: list[Any] = msgpack.unpackb(packed, **decoder_limits(packed, max_readings))
+    return decoded
+
+
+def _walk(items: ItemSpans, index: int, most: int) -> Generator[None, None, int | None]:
+    """Objects in item `index`, counted from its headers; None past `most`. Yields now and then."""
+    body = items.frame[items.bounds[index] : items.bounds[index + 1]]
+    unpacker = _unpacker(body, max(len(body), 1))
+    pending = 1  # objects still to visit
+    seen = 0
+    while pending:
+        pending -= 1
+        seen += 1
+        if seen > most:
+            return None
+        kind = _kind(body, unpacker.tell())
+        if kind == "map":
+            pending += 2 * unpacker.read_map_header()
+        elif kind == "array":
+            pending += unpacker.read_array_header()
+        else:
+            unpacker.skip()
+        if seen % WALK_YIELD_OBJECTS == 0:
+            yield
+    return seen
+
+
+def _too_big(index: int) -> PreparedReadings:
+    return PreparedReadings(lines="", accepted=0, reasons={index: [READING_TOO_BIG]})
+
+
+def check_depth_counting(readings: list[Any], max_depth: int) -> int:
+    """Objects in `readings`, the list itself not counted; `InvalidMessage` if they nest
+    deeper than a frame may (`max_depth`), the list sitting at level 2 as in a message.
+
+    Breadth first like `hub.protocol.check_depth`: every value looked at once, no recursion.
+    """
+    count = len(readings)
+    level: list[Any] = [item for item in readings if type(item) is dict or type(item) is list]
+    for _ in range(max_depth - 2):  # readings are level 3; levels 3 .. max_depth may nest
+        if not level:
+            return count
+        count += sum(2 * len(c) if type(c) is dict else len(c) for c in level)
+        level = [
+            item
+            for container in level
+            for item in (container.values() if type(container) is dict else container)
+            if type(item) is dict or type(item) is list
+        ]
+    if level:
+        raise InvalidMessage(f"maps and arrays nest deeper than {max_depth} levels")
+    return count
+
+
+def merge_prepared(parts: list[PreparedReadings]) -> PreparedReadings:
+    """Parts of one message's readings, prepared slice by slice, as one `PreparedReadings`;
+    each part's reasons indexed within the whole message."""
+    if len(parts) == 1:
+        return parts[0]
+    reasons: dict[int, list[str]] = {}
+    for part in parts:
+        reasons.update(part.reasons)
+    return PreparedReadings(
+        lines="\n".join(part.lines for part in parts if part.lines),
+        accepted=sum(part.accepted for part in parts),
+        reasons=reasons,
+    )
