@@ -29,7 +29,7 @@ The readings are then decoded and validated in slices of at most `SLICE_BYTES`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +110,7 @@ def decode_device_frame(frame: bytes, limits: FrameLimits) -> FrameEvent:
     """Decode a frame, or scan a large one; `InvalidMessage` if it breaks the protocol."""
     if len(frame) <= min(FAST_PATH_BYTES, limits.max_objects):
         return decode_frame(frame, limits.max_readings, limits.max_depth)
-    return _scan(frame, limits)
+    return scan_frame(frame, limits)
 
 
 def event_items(event: FrameEvent) -> int:
@@ -132,7 +132,10 @@ class _Skipped:
 
 
 def _kind(frame: bytes, offset: int) -> str:
-    """'map', 'array', 'str' or 'other': what the object starting at `offset` is."""
+    """'map', 'array', 'str' or 'other': what the object starting at `offset` is ('other'
+    past the end, where reading it raises `OutOfData`)."""
+    if offset >= len(frame):
+        return "other"
     header = frame[offset]
     if header in _MAP_HEADERS:
         return "map"
@@ -147,7 +150,13 @@ def _unpacker(frame: bytes, max_readings: int) -> Any:
     return unpacker
 
 
-def _scan(frame: bytes, limits: FrameLimits) -> FrameEvent:
+def scan_frame(frame: bytes, limits: FrameLimits) -> FrameEvent:
+    """A frame's event, its readings (or metrics) left undecoded as byte spans, and its
+    envelope read without building any container; `InvalidMessage` as `decode_frame`.
+
+    `decode_device_frame` uses it for frames over `FAST_PATH_BYTES`; it gives the same
+    answer for any frame (tests/test_frame_scan.py compares them).
+    """
     try:
         return _scan_or_raise(frame, limits)
     except msgpack.OutOfData:
@@ -179,7 +188,7 @@ def _scan_or_raise(frame: bytes, limits: FrameLimits) -> FrameEvent:
                     f"readings: {count} readings, at most {limits.max_readings} a message"
                 )
             spans = _spans(unpacker, count)
-            message[key] = spans
+            message[key] = spans[1:]  # a list as long as the readings, for the envelope checks
         elif value_kind in ("map", "array"):
             unpacker.skip()
             message[key] = _Skipped()
@@ -236,7 +245,8 @@ message (for time-less readings' stamps); reasons indexed from 0 within the slic
 def prepare_in_slices(
     items: ItemSpans, prepare: PrepareSlice, limits: FrameLimits
 ) -> Generator[None, None, PreparedReadings]:
-    """Decode, check and prepare `items` a slice at a time; yields between slices.
+    """Decode, check and prepare `items` a slice at a time (`slice_plan`); yields between
+    slices, and while walking a large reading.
 
     The result is what `prepare` would return for all of them at once. Raises
     `InvalidMessage` when the frame holds more than `limits.max_objects` objects or nests
@@ -244,59 +254,90 @@ def prepare_in_slices(
     """
     parts: list[PreparedReadings] = []
     objects = 0
-    for first, last, kind in _slices(items):
-        if kind == "array":
-            readings: list[Any] = [[]]  # refused as a container: nothing in it is built
-            objects += 1
-        elif kind == "big":
-            walked = yield from _walk(items, first, MAX_READING_OBJECTS)
-            if walked is None:
-                parts.append(_too_big(first))  # indexed in the message already
-                objects += MAX_READING_OBJECTS
-                continue
-            readings = _decode(items, first, last, limits.max_readings)
-        else:
-            readings = _decode(items, first, last, limits.max_readings)
+    for part in slice_plan(items):
+        try:
+            if part.big:
+                walked = yield from _walk(items, part.first, limits.max_readings)
+                if walked is None:
+                    parts.append(_too_big(part.first))  # indexed in the message already
+                    objects += MAX_READING_OBJECTS
+                    continue
+            readings = _decode(items, part, limits.max_readings)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            detail = describe_decoder_error(exc, limits.max_readings)
+            raise InvalidMessage(f"not valid msgpack: {detail}") from None
         objects += check_depth_counting(readings, limits.max_depth)
         if objects > limits.max_objects:
             raise InvalidMessage(f"a frame may hold at most {limits.max_objects} msgpack objects")
-        parts.append(prepare(readings, first).shifted(first))
+        parts.append(prepare(readings, part.first).shifted(part.first))
         del readings  # freed here, while it is still in the CPU's cache
         yield
     return merge_prepared(parts)
 
 
-def _slices(items: ItemSpans) -> Iterable[tuple[int, int, str]]:
-    """(first, end, kind) in index order: runs of map readings of at most `SLICE_BYTES` to
-    decode together ('maps'), and alone each reading that is an array or larger than that."""
+SLICE_ITEMS = 1024
+"""Readings in one slice at most: array readings cost no decoding, but each is validated."""
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """Readings `first` to `end` (exclusive) of a message, prepared between two yields."""
+
+    first: int
+    end: int
+    big: bool = False
+    """One reading larger than `SLICE_BYTES`: its headers are walked before it is decoded."""
+    arrays: tuple[int, ...] = ()
+    """Indices of its readings that are arrays: refused as they are, never decoded."""
+
+
+def slice_plan(items: ItemSpans) -> Iterator[Slice]:
+    """Slices covering `items` in order: at most `SLICE_BYTES` of readings to decode and
+    `SLICE_ITEMS` readings each, or one reading larger than `SLICE_BYTES` alone."""
     frame, bounds = items.frame, items.bounds
-    run: int | None = None
+    first = decoded = 0
+    arrays: list[int] = []
     for index in range(len(items)):
-        start, end = bounds[index], bounds[index + 1]
-        big = "big" if end - start > SLICE_BYTES else ""
-        lone = "array" if _kind(frame, start) == "array" else big
-        if run is not None and (lone or end - bounds[run] > SLICE_BYTES):
-            yield run, index, "maps"
-            run = None
-        if lone:
-            yield index, index + 1, lone
-        elif run is None:
-            run = index
-    if run is not None:
-        yield run, len(items), "maps"
+        size = bounds[index + 1] - bounds[index]
+        is_array = _kind(frame, bounds[index]) == "array"
+        big = not is_array and size > SLICE_BYTES
+        cost = 0 if is_array else size
+        if index > first and (big or decoded + cost > SLICE_BYTES or index - first >= SLICE_ITEMS):
+            yield Slice(first, index, arrays=tuple(arrays))
+            first, decoded, arrays = index, 0, []
+        if big:
+            yield Slice(index, index + 1, big=True)
+            first = index + 1
+            continue
+        decoded += cost
+        if is_array:
+            arrays.append(index)
+    if first < len(items):
+        yield Slice(first, len(items), arrays=tuple(arrays))
 
 
-def _decode(items: ItemSpans, first: int, end: int, max_readings: int) -> list[Any]:
-    body = items.frame[items.bounds[first] : items.bounds[end]]
-    packed = b"\xdd" + (end - first).to_bytes(4, "big") + body  # array 32 around the slice
-    decoded: list[Any] = msgpack.unpackb(packed, **decoder_limits(packed, max_readings))
-    return decoded
+def _decode(items: ItemSpans, part: Slice, max_readings: int) -> list[Any]:
+    """The readings of `part`, decoded, with an empty list standing for each array reading:
+    the validator refuses it as it would the array, whose contents are never built."""
+    readings: list[Any] = []
+    start = part.first
+    for stop in (*part.arrays, part.end):
+        if start < stop:
+            body = items.frame[items.bounds[start] : items.bounds[stop]]
+            packed = b"\xdd" + (stop - start).to_bytes(4, "big") + body  # array 32 of them
+            readings += msgpack.unpackb(packed, **decoder_limits(packed, max_readings))
+        if stop < part.end:
+            readings.append([])
+        start = stop + 1
+    return readings
 
 
-def _walk(items: ItemSpans, index: int, most: int) -> Generator[None, None, int | None]:
-    """Objects in item `index`, counted from its headers; None past `most`. Yields now and then."""
+def _walk(items: ItemSpans, index: int, max_readings: int) -> Generator[None, None, int | None]:
+    """Objects in item `index`, counted from its headers; None past `MAX_READING_OBJECTS`.
+    Yields every `WALK_YIELD_OBJECTS` objects."""
     body = items.frame[items.bounds[index] : items.bounds[index + 1]]
-    unpacker = _unpacker(body, max(len(body), 1))
+    unpacker = _unpacker(body, max_readings)
+    most = MAX_READING_OBJECTS
     pending = 1  # objects still to visit
     seen = 0
     while pending:
