@@ -42,7 +42,7 @@ MS = 10**6
 ARRIVAL_NS = 1_700_000_000 * 10**9
 LIMITS = FrameLimits(max_readings=5000)
 VALIDATOR = MeasurementSchemas().validator(MS, ReadingLimits.defaults())
-GOOD = {"name": "env", "tags": {"room": "hall"}, "fields": {"t": 21.5}}
+GOOD: dict[str, Any] = {"name": "env", "tags": {"room": "hall"}, "fields": {"t": 21.5}}
 
 
 def pack(obj: object) -> bytes:
@@ -267,7 +267,7 @@ def test_frames_within_the_cap_in_bytes_take_the_fast_path() -> None:
 
 def test_object_count_is_exact() -> None:
     """check_depth_counting counts every key, value, map and array below the list."""
-    readings = [GOOD, [1, [2]], {"a": {"b": []}}, None]
+    readings: list[Any] = [GOOD, [1, [2]], {"a": {"b": []}}, None]
     # GOOD: map + 3 keys + "env" + tags map + 1 pair + fields map + 1 pair = 1+3+1+1+2+1+2
     assert check_depth_counting(readings, 8) == 11 + 4 + 5 + 1
     with pytest.raises(InvalidMessage, match="nest deeper than 4"):
