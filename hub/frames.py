@@ -243,14 +243,15 @@ message (for time-less readings' stamps); reasons indexed from 0 within the slic
 
 
 def prepare_in_slices(
-    items: ItemSpans, prepare: PrepareSlice, limits: FrameLimits
+    items: ItemSpans, prepare: PrepareSlice, limits: FrameLimits, *, stream: bool = False
 ) -> Generator[None, None, PreparedReadings]:
     """Decode, check and prepare `items` a slice at a time (`slice_plan`); yields between
     slices, and while walking a large reading.
 
     The result is what `prepare` would return for all of them at once. Raises
-    `InvalidMessage` when the frame holds more than `limits.max_objects` objects or nests
-    deeper than `limits.max_depth`.
+    `InvalidMessage` when the frame holds more than `limits.max_objects` objects, nests
+    deeper than `limits.max_depth`, or does not decode; in a Telegraf `stream` an
+    undecodable metric ends it instead, counted in `undecodable`, as `decode_frame` does.
     """
     parts: list[PreparedReadings] = []
     objects = 0
@@ -263,16 +264,39 @@ def prepare_in_slices(
                     objects += MAX_READING_OBJECTS
                     continue
             readings = _decode(items, part, limits.max_readings)
+            broken = False
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            detail = describe_decoder_error(exc, limits.max_readings)
-            raise InvalidMessage(f"not valid msgpack: {detail}") from None
+            readings = [] if part.big else _decodable_prefix(items, part, limits.max_readings)
+            if not stream or part.first + len(readings) == 0:  # a frame's first map must decode
+                detail = describe_decoder_error(exc, limits.max_readings)
+                raise InvalidMessage(f"not valid msgpack: {detail}") from None
+            broken = True
         objects += check_depth_counting(readings, limits.max_depth)
         if objects > limits.max_objects:
             raise InvalidMessage(f"a frame may hold at most {limits.max_objects} msgpack objects")
-        parts.append(prepare(readings, part.first).shifted(part.first))
+        if readings:
+            parts.append(prepare(readings, part.first).shifted(part.first))
         del readings  # freed here, while it is still in the CPU's cache
+        if broken:
+            parts.append(PreparedReadings("", 0, {}, undecodable=1))
+            break
         yield
     return merge_prepared(parts)
+
+
+def _decodable_prefix(items: ItemSpans, part: Slice, max_readings: int) -> list[Any]:
+    """The readings of `part` before the first that does not decode, one at a time."""
+    readings: list[Any] = []
+    for index in range(part.first, part.end):
+        if index in part.arrays:
+            readings.append([])
+            continue
+        body = items.frame[items.bounds[index] : items.bounds[index + 1]]
+        try:
+            readings.append(msgpack.unpackb(body, **decoder_limits(body, max_readings)))
+        except (ValueError, TypeError, msgpack.UnpackException):
+            break
+    return readings
 
 
 SLICE_ITEMS = 1024
@@ -396,4 +420,5 @@ def merge_prepared(parts: list[PreparedReadings]) -> PreparedReadings:
         lines="\n".join(part.lines for part in parts if part.lines),
         accepted=sum(part.accepted for part in parts),
         reasons=reasons,
+        undecodable=sum(part.undecodable for part in parts),
     )

@@ -28,6 +28,8 @@ class PreparedReadings:
     accepted: int
     reasons: dict[int, list[str]]
     """Why each rejected reading (by index in its message) was rejected, unbounded."""
+    undecodable: int = 0
+    """Telegraf metrics that could not be decoded (a stream ends at the first)."""
 
     @property
     def rejected(self) -> list[Rejection]:

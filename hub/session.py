@@ -187,14 +187,17 @@ class DeviceSession:
     async def _telegraf(
         self, event: TelegrafFrame | SlicedTelegraf, arrival_ns: int, limits: FrameLimits
     ) -> None:
-        prepared = await self._prepare(event.metrics, arrival_ns, limits)
-        self.hub.metrics.traffic.readings_received += len(event.metrics) + event.undecodable
-        if prepared.reasons or event.undecodable:
-            self.hub.metrics.count_rejections(prepared.rejected, event.undecodable)
+        prepared = await self._prepare(event.metrics, arrival_ns, limits, stream=True)
+        # A large stream finds an undecodable metric only while preparing (hub.frames).
+        undecodable = event.undecodable or prepared.undecodable
+        received = prepared.accepted + len(prepared.reasons) + undecodable  # up to the break
+        self.hub.metrics.traffic.readings_received += received
+        if prepared.reasons or undecodable:
+            self.hub.metrics.count_rejections(prepared.rejected, undecodable)
         if prepared.accepted:
             stored = await self._submit(prepared.lines, prepared.accepted)
             stored.add_done_callback(functools.partial(self._count_stored, prepared.accepted))
-        invalid = len(prepared.reasons) + event.undecodable
+        invalid = len(prepared.reasons) + undecodable
         if invalid:
             reasons = prepared.reasons
             first = reasons[min(reasons)][0] if reasons else "truncated metric"
@@ -265,7 +268,11 @@ class DeviceSession:
             raise Overloaded(f"the hub is overloaded (waited {limit:g} s); retry later") from None
 
     async def _prepare(
-        self, readings: list[Any] | ItemSpans, arrival_ns: int, limits: FrameLimits
+        self,
+        readings: list[Any] | ItemSpans,
+        arrival_ns: int,
+        limits: FrameLimits,
+        stream: bool = False,
     ) -> PreparedReadings:
         # Looked up per message so that a SIGHUP reload applies to open connections too.
         validator = self.hub.validator(self.ns_per_unit)
@@ -285,7 +292,7 @@ class DeviceSession:
         if isinstance(readings, list):
             return prepare(readings, 0)
         # A large frame: a slice at a time, letting every other connection have its turn.
-        steps = prepare_in_slices(readings, prepare, limits)
+        steps = prepare_in_slices(readings, prepare, limits, stream=stream)
         while True:
             try:
                 next(steps)
