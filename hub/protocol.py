@@ -266,18 +266,36 @@ def config_frame_problem(config: dict[str, Any], max_depth: int = DEFAULT_MAX_DE
 
 def _index_ranges(indices: list[int], room: int) -> list[list[int]]:
     """`indices` (increasing) as [first, last] runs, as many as `room` bytes hold packed
-    (an array 32 header and each range counted at their largest)."""
+    (with the key and the largest array header)."""
     ranges: list[list[int]] = []
     room -= len(msgpack.packb("rejected_ranges")) + 5
     for index in indices:
         if ranges and ranges[-1][1] == index - 1:
+            room -= _uint_size(index) - _uint_size(index - 1)
+            if room < 0:
+                break
             ranges[-1][1] = index
             continue
-        room -= 1 + 2 * 9  # fixarray of two uint64: more than any index needs
+        room -= 1 + 2 * _uint_size(index)  # a fixarray of two
         if room < 0:
             break
         ranges.append([index, index])
     return ranges
+
+
+def _uint_size(value: int) -> int:
+    """Bytes msgpack takes for a non-negative integer."""
+    return (
+        1
+        if value < 2**7
+        else 2
+        if value < 2**8
+        else 3
+        if value < 2**16
+        else 5
+        if value < 2**32
+        else 9
+    )
 
 
 def _telegraf(
