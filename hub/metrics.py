@@ -33,8 +33,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from schemas.messages import Rejection
-
 if TYPE_CHECKING:
     from hub.server import Hub
 
@@ -114,9 +112,10 @@ class HubMetrics:
         """Expose the state of `hub` and its pipeline and spool, read at scrape time."""
         self.registry.register(StateCollector(hub))
 
-    def count_rejections(self, rejected: Iterable[Rejection], undecodable: int = 0) -> None:
-        """Count rejected readings by reason (one call per message)."""
-        tally = Tally(rejection_reason(r.errors) for r in rejected)
+    def count_rejections(self, reasons: Iterable[list[str]], undecodable: int = 0) -> None:
+        """Count rejected readings by reason, given each one's reasons (one call per message,
+        or per slice of a large one)."""
+        tally = Tally(rejection_reason(errors) for errors in reasons)
         if undecodable:
             tally["undecodable"] += undecodable
         for reason, count in tally.items():

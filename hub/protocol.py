@@ -16,7 +16,7 @@ reading twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -30,7 +30,6 @@ from schemas.messages import (
     UINT64_MAX,
     ConfigAck,
     ReadingsMessage,
-    Rejection,
 )
 
 
@@ -212,56 +211,47 @@ def encode(message: BaseModel) -> bytes:
     return packed
 
 
-def encode_ack(seq: int, accepted: int, rejected: list[Rejection]) -> bytes:
-    """The `ack` of message `seq`, at most `MAX_HUB_FRAME_BYTES` long however many readings
-    were rejected: entries of `rejected` while they fit in `ACK_LISTED_BYTES`, then the
-    other rejected indices as `rejected_ranges` while the frame has room (see `Ack`).
+MAX_REASONS_PER_READING = 5
+MAX_REASON_CHARS = 300
+"""What an ack says about one rejected reading at most: its first reasons, each cut."""
 
-    `encode(Ack(...))` would give the same bytes when everything is listed; this builds no
-    model: one of these goes out for every readings message.
+
+def cut_reasons(errors: list[str]) -> list[str]:
+    """A rejected reading's reasons as an ack carries them (see the constants above)."""
+    return [
+        error if len(error) <= MAX_REASON_CHARS else error[: MAX_REASON_CHARS - 1] + "…"
+        for error in errors[:MAX_REASONS_PER_READING]
+    ]
+
+
+def encode_ack(seq: int, accepted: int, reasons: Mapping[int, list[str]]) -> bytes:
+    """The `ack` of message `seq` whose rejected readings (by index) had `reasons`.
+
+    At most `MAX_HUB_FRAME_BYTES` long however many readings were rejected: `rejected`
+    entries in index order while they fit in `ACK_LISTED_BYTES`, then the other rejected
+    indices as `rejected_ranges` while the frame has room (see `Ack`). When everything is
+    listed these are the bytes of `encode(Ack(...))`; no model is built, since one of these
+    goes out for every readings message.
     """
     message: dict[str, Any] = {"type": "ack", "seq": seq, "accepted": accepted, "rejected": []}
-    if not rejected:
+    if not reasons:
         packed: bytes = msgpack.packb(message, use_bin_type=True)
         return packed
     listed = message["rejected"]
     used = 5  # the largest array header (array 32), whatever the count turns out to be
-    for position, rejection in enumerate(rejected):
-        entry = {"index": rejection.index, "errors": rejection.errors}
+    indices = sorted(reasons)
+    for position, index in enumerate(indices):
+        entry = {"index": index, "errors": cut_reasons(reasons[index])}
         used += len(msgpack.packb(entry, use_bin_type=True))
         if used > ACK_LISTED_BYTES:
             message["rejected_ranges"] = _index_ranges(
-                [r.index for r in rejected[position:]],
+                indices[position:],
                 MAX_HUB_FRAME_BYTES - len(msgpack.packb(message, use_bin_type=True)) - 4,
             )
             break
         listed.append(entry)
     packed = msgpack.packb(message, use_bin_type=True)
     return packed
-
-
-def config_frame_problem(config: dict[str, Any], max_depth: int = DEFAULT_MAX_DEPTH) -> str | None:
-    """Why `config` cannot go to a device in a `config` message, or None if it can.
-
-    The frame must fit in `MAX_HUB_FRAME_BYTES` (with the largest version number) and nest
-    no deeper than a device frame may (`max_depth`, the message map counting as a level):
-    a device that parses what it sends can parse what it receives.
-    """
-    message = {"type": "config", "version": UINT64_MAX, "config": config}
-    try:
-        size = len(msgpack.packb(message, use_bin_type=True))
-    except (ValueError, OverflowError, TypeError) as exc:
-        return f"msgpack cannot carry it: {exc}"
-    if size > MAX_HUB_FRAME_BYTES:
-        return f"its frame would be {size} bytes; at most {MAX_HUB_FRAME_BYTES}"
-    try:
-        check_depth(message, max_depth)
-    except InvalidMessage:
-        return (
-            f"it nests deeper than the {max_depth} levels a device frame may "
-            "(max_nesting_depth), counting the message map and the config itself"
-        )
-    return None
 
 
 def _index_ranges(indices: list[int], room: int) -> list[list[int]]:
@@ -296,6 +286,30 @@ def _uint_size(value: int) -> int:
         if value < 2**32
         else 9
     )
+
+
+def config_frame_problem(config: dict[str, Any], max_depth: int = DEFAULT_MAX_DEPTH) -> str | None:
+    """Why `config` cannot go to a device in a `config` message, or None if it can.
+
+    The frame must fit in `MAX_HUB_FRAME_BYTES` (with the largest version number) and nest
+    no deeper than a device frame may (`max_depth`, the message map counting as a level):
+    a device that parses what it sends can parse what it receives.
+    """
+    message = {"type": "config", "version": UINT64_MAX, "config": config}
+    try:
+        size = len(msgpack.packb(message, use_bin_type=True))
+    except (ValueError, OverflowError, TypeError) as exc:
+        return f"msgpack cannot carry it: {exc}"
+    if size > MAX_HUB_FRAME_BYTES:
+        return f"its frame would be {size} bytes; at most {MAX_HUB_FRAME_BYTES}"
+    try:
+        check_depth(message, max_depth)
+    except InvalidMessage:
+        return (
+            f"it nests deeper than the {max_depth} levels a device frame may "
+            "(max_nesting_depth), counting the message map and the config itself"
+        )
+    return None
 
 
 def _telegraf(

@@ -7,13 +7,15 @@ from typing import Any
 
 from hub.lineprotocol import format_point
 from hub.measurements import ReadingsValidator
-from hub.protocol import DEFAULT_MAX_DEPTH, check_readings_depth
+from hub.protocol import (
+    DEFAULT_MAX_DEPTH,
+    check_readings_depth,
+    cut_reasons,
+)
 from schemas.messages import Rejection
 
 DEVICE_TAG = "device"
 
-MAX_REASONS_PER_READING = 5
-MAX_REASON_CHARS = 300
 REASONS_BUDGET_CHARS = 64 * 1024
 """Reason text one ack may carry; rejections past it get `REASONS_OMITTED`, so that an ack
 stays small next to the message it answers however many readings were wrong."""
@@ -33,7 +35,8 @@ class PreparedReadings:
 
     @property
     def rejected(self) -> list[Rejection]:
-        """The rejections in index order, their text bounded (`rejections`)."""
+        """The rejections in index order, their text bounded (`rejections`); as models, for
+        tests and tools: the hub encodes acks from `reasons` (`hub.protocol.encode_ack`)."""
         return rejections(self.reasons)
 
     def shifted(self, first_index: int) -> PreparedReadings:
@@ -101,15 +104,13 @@ def prepare_readings(
 
 
 def rejections(reasons: dict[int, list[str]]) -> list[Rejection]:
-    """The ack's `rejected` list, in index order, with its text bounded (see the constants)."""
+    """`Rejection`s in index order, their text bounded: each reading's by `cut_reasons`, and
+    past `REASONS_BUDGET_CHARS` in all to `REASONS_OMITTED`."""
     budget = REASONS_BUDGET_CHARS
     result = []
     for index, errors in sorted(reasons.items()):
         if budget > 0:
-            kept = [
-                error if len(error) <= MAX_REASON_CHARS else error[: MAX_REASON_CHARS - 1] + "…"
-                for error in errors[:MAX_REASONS_PER_READING]
-            ]
+            kept = cut_reasons(errors)
             budget -= sum(map(len, kept))
         else:
             kept = [REASONS_OMITTED]

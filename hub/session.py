@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from hub.errors import HubError, Overloaded, ProtocolError, RateLimited, UnsupportedData
 from hub.frames import (
+    SLICE_ITEMS,
     FrameEvent,
     FrameLimits,
     ItemSpans,
@@ -26,6 +27,7 @@ from hub.frames import (
     decode_device_frame,
     event_items,
     prepare_in_slices,
+    prepare_list_in_slices,
 )
 from hub.handshake import Handshake
 from hub.logs import device_extra
@@ -35,15 +37,15 @@ from hub.ratelimit import TokenBucket
 from hub.readings import PreparedReadings, prepare_readings
 from hub.settings import Settings
 from schemas.codes import CloseCode
-from schemas.messages import Config, ConfigAck, ErrorMessage, Rejection
+from schemas.messages import Config, ConfigAck, ErrorMessage
 
 if TYPE_CHECKING:
     from hub.server import Hub
 
 log = logging.getLogger("hub.session")
 
-_PendingAck = tuple[int, int, list[Rejection], "asyncio.Future[None] | None"]
-"""A message's seq, accepted count, rejections, and what to wait for before its ack."""
+_PendingAck = tuple[int, int, dict[int, list[str]], "asyncio.Future[None] | None"]
+"""A message's seq, accepted count, rejection reasons, and what to wait for before its ack."""
 
 ACK_GRACE_S = 10.0
 """How long acks of earlier messages may take before a protocol-error close."""
@@ -173,16 +175,13 @@ class DeviceSession:
     ) -> None:
         prepared = await self._prepare(event.readings, arrival_ns, limits)
         self.hub.metrics.traffic.readings_received += len(event.readings)
-        rejected = prepared.rejected
-        if rejected:
-            self.hub.metrics.count_rejections(rejected)
         durable = None
         if prepared.accepted:
             durable = await self._submit(prepared.lines, prepared.accepted)
         if self._acks is None:
             self._acks = asyncio.Queue(self.hub.settings.max_unacked_messages)
             self._sender = asyncio.create_task(self._send_acks(self._acks))
-        await self._acks.put((event.seq, prepared.accepted, rejected, durable))
+        await self._acks.put((event.seq, prepared.accepted, prepared.reasons, durable))
 
     async def _telegraf(
         self, event: TelegrafFrame | SlicedTelegraf, arrival_ns: int, limits: FrameLimits
@@ -192,8 +191,8 @@ class DeviceSession:
         undecodable = event.undecodable or prepared.undecodable
         received = prepared.accepted + len(prepared.reasons) + undecodable  # up to the break
         self.hub.metrics.traffic.readings_received += received
-        if prepared.reasons or undecodable:
-            self.hub.metrics.count_rejections(prepared.rejected, undecodable)
+        if undecodable:
+            self.hub.metrics.count_rejections((), undecodable)
         if prepared.accepted:
             stored = await self._submit(prepared.lines, prepared.accepted)
             stored.add_done_callback(functools.partial(self._count_stored, prepared.accepted))
@@ -277,9 +276,10 @@ class DeviceSession:
         # Looked up per message so that a SIGHUP reload applies to open connections too.
         validator = self.hub.validator(self.ns_per_unit)
         multiline_strings = self.hub.pipeline.multiline_strings
+        metrics = self.hub.metrics
 
         def prepare(part: list[Any], first_index: int) -> PreparedReadings:
-            return prepare_readings(
+            prepared = prepare_readings(
                 part,
                 validator,
                 self.device_id,
@@ -288,11 +288,18 @@ class DeviceSession:
                 multiline_strings,
                 limits.max_depth,
             )
+            if prepared.reasons:  # counted slice by slice: 5000 at once is a stall
+                metrics.count_rejections(prepared.reasons.values())
+            return prepared
 
+        if isinstance(readings, list) and len(readings) <= SLICE_ITEMS:
+            return prepare(readings, 0)  # the usual message, in one go
+        # Many readings, or a large frame: a slice at a time, every other connection having
+        # its turn in between.
         if isinstance(readings, list):
-            return prepare(readings, 0)
-        # A large frame: a slice at a time, letting every other connection have its turn.
-        steps = prepare_in_slices(readings, prepare, limits, stream=stream)
+            steps = prepare_list_in_slices(readings, prepare)
+        else:
+            steps = prepare_in_slices(readings, prepare, limits, stream=stream)
         while True:
             try:
                 next(steps)
@@ -304,12 +311,12 @@ class DeviceSession:
     async def _send_acks(self, acks: asyncio.Queue[_PendingAck]) -> None:
         traffic = self.hub.metrics.traffic
         while True:
-            seq, accepted, rejected, durable = await acks.get()
+            seq, accepted, reasons, durable = await acks.get()
             try:
                 if durable is not None:
                     await durable
                 traffic.readings_stored += accepted
-                await self.connection.send(encode_ack(seq, accepted, rejected))
+                await self.connection.send(encode_ack(seq, accepted, reasons))
                 traffic.acks += 1
                 self.hub.presence.stored(self.device_id, accepted)
             except (ConnectionClosed, HubError, RuntimeError):

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from hub.frames import FrameLimits, SlicedReadings, decode_device_frame, prepare_in_slices
 from hub.measurements import MeasurementSchemas, ReadingLimits
-from hub.protocol import ReadingsFrame, encode, encode_ack
-from hub.readings import PreparedReadings, prepare_readings, rejections
+from hub.protocol import ReadingsFrame, cut_reasons, encode, encode_ack
+from hub.readings import PreparedReadings, prepare_readings
 from schemas.messages import ACK_LISTED_BYTES, MAX_HUB_FRAME_BYTES, Ack, Rejection
 
 MS = 10**6
@@ -45,7 +45,7 @@ def ack_for(readings: list[Any]) -> tuple[bytes, int]:
             limits,
         )
         prepared = drive(steps)
-    return encode_ack(7, prepared.accepted, prepared.rejected), len(frame)
+    return encode_ack(7, prepared.accepted, prepared.reasons), len(frame)
 
 
 def drive(steps: Any) -> PreparedReadings:
@@ -89,8 +89,7 @@ def test_small_rejections_are_listed_whole_without_ranges() -> None:
 def test_long_unicode_reasons_stay_within_the_frame_bound() -> None:
     """Five 300-character reasons of 4-byte characters per reading, 5,000 readings."""
     reason = "\U0001f600" * 400
-    rejected = rejections({index: [reason] * 9 for index in range(5000)})
-    packed = encode_ack(2**64 - 1, 0, rejected)
+    packed = encode_ack(2**64 - 1, 0, {index: [reason] * 9 for index in range(5000)})
     ack = Ack.model_validate(msgpack.unpackb(packed))
     assert len(packed) <= MAX_HUB_FRAME_BYTES
     assert covered(ack) == list(range(5000))
@@ -114,7 +113,7 @@ def test_ranges_that_do_not_fit_are_cut_and_what_is_sent_is_true(count: int) -> 
     """With max_readings_per_message raised far, ranges stop at the bound: the ack stays
     within 64 KiB, names only rejected readings, in order, and `accepted` stays exact."""
     reasons = {index: ["fields.x: bad"] for index in range(0, count, 2)}
-    packed = encode_ack(1, count // 2, rejections(reasons))
+    packed = encode_ack(1, count // 2, reasons)
     ack = Ack.model_validate(msgpack.unpackb(packed))
     assert len(packed) <= MAX_HUB_FRAME_BYTES
     named = covered(ack)
@@ -125,7 +124,8 @@ def test_ranges_that_do_not_fit_are_cut_and_what_is_sent_is_true(count: int) -> 
 def test_everything_listed_is_the_models_encoding() -> None:
     """When every rejection fits, the ack is exactly the `Ack` model's encoding."""
     rejected = [Rejection(index=1, errors=["a"]), Rejection(index=4, errors=["b", "ü"])]
-    assert encode_ack(3, 5, rejected) == encode(Ack(seq=3, accepted=5, rejected=rejected))
+    reasons = {1: ["a"], 4: ["b", "ü"]}
+    assert encode_ack(3, 5, reasons) == encode(Ack(seq=3, accepted=5, rejected=rejected))
 
 
 @settings(max_examples=200, deadline=None)
@@ -139,10 +139,10 @@ def test_everything_listed_is_the_models_encoding() -> None:
 def test_any_rejections_give_a_bounded_true_ack(reasons: dict[int, list[str]]) -> None:
     """For any rejections: within 64 KiB; listed entries are the first ones, exact; every
     index named in a range was rejected; ranges come after the listed ones, in order."""
-    rejected = rejections(reasons)
-    packed = encode_ack(2**64 - 1, 0, rejected)
+    packed = encode_ack(2**64 - 1, 0, reasons)
     ack = Ack.model_validate(msgpack.unpackb(packed))
     assert len(packed) <= MAX_HUB_FRAME_BYTES
-    assert ack.rejected == rejected[: len(ack.rejected)]
+    expected = [Rejection(index=i, errors=cut_reasons(reasons[i])) for i in sorted(reasons)]
+    assert ack.rejected == expected[: len(ack.rejected)]
     named = covered(ack)
     assert named == sorted(set(named)) and set(named) <= set(reasons)

@@ -29,6 +29,7 @@ from hub.frames import (
     check_depth_counting,
     decode_device_frame,
     prepare_in_slices,
+    prepare_list_in_slices,
     scan_frame,
     slice_plan,
 )
@@ -353,6 +354,20 @@ def test_preparing_a_large_frame_yields_between_slices() -> None:
     items = spans(message(readings))
     prepared, yields = run(prepare_in_slices(items, prepare, LIMITS))
     assert yields >= len(items.frame) // SLICE_BYTES
+    whole = prepare(readings, 0)
+    assert (prepared.lines, prepared.accepted, prepared.reasons) == (
+        whole.lines,
+        whole.accepted,
+        whole.reasons,
+    )
+
+
+def test_many_small_readings_are_prepared_in_slices_too() -> None:
+    """A small frame of 5,000 one-byte readings is prepared SLICE_ITEMS at a time, with the
+    result of one call."""
+    readings: list[Any] = [None, GOOD, {"name": "env", "fields": {"t": 2.0}}] * 1700
+    prepared, yields = run(prepare_list_in_slices(readings, prepare))
+    assert yields == (len(readings) - 1) // SLICE_ITEMS
     whole = prepare(readings, 0)
     assert (prepared.lines, prepared.accepted, prepared.reasons) == (
         whole.lines,

@@ -17,9 +17,8 @@ import pytest
 
 from hub.errors import InvalidMessage
 from hub.measurements import MeasurementSchemas, ReadingLimits, load_schema_file
-from hub.protocol import ReadingsFrame, decode_frame
+from hub.protocol import MAX_REASON_CHARS, ReadingsFrame, decode_frame
 from hub.readings import (
-    MAX_REASON_CHARS,
     REASONS_BUDGET_CHARS,
     REASONS_OMITTED,
     prepare_readings,

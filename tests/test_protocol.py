@@ -105,7 +105,8 @@ def test_encode_ack_is_the_ack_models_encoding(
 ) -> None:
     """The hot path's ack encoder gives exactly the bytes of the `Ack` model's encoding."""
     model = Ack(seq=seq, accepted=accepted, rejected=rejected)
-    assert encode_ack(seq, accepted, rejected) == encode(model)
+    reasons = {rejection.index: rejection.errors for rejection in rejected}
+    assert encode_ack(seq, accepted, reasons) == encode(model)
 
 
 _MISSING = object()
