@@ -53,15 +53,17 @@ def shapes() -> dict[str, bytes]:
     """Frame shapes within every default limit (1 MiB, 5000 readings, depth 8)."""
     valid = {"name": "environment", "time": 1_700_000_000_000, "tags": {"room": "kitchen"},
              "fields": {"temperature": 21.5, "humidity": 48.25, "pressure": 1013.2}}  # fmt: skip
-    junk = {"name": "m", "fields": {"x": None}, "junk": [None] * 190}
+    junk = {"name": "m", "fields": {"x": None}, "junk": [None] * 180}
+    small_junk = {"name": "m", "fields": {"x": None}, "junk": [None] * 40}
     return {
         "issue 16: 5000 arrays of 205 empty maps": readings([[{}] * 205] * 5000),
-        "5000 rejected maps, 190 nils under an unknown key": readings([junk] * 5000),
+        "5000 rejected maps, 180 nils under an unknown key": readings([junk] * 5000),
+        "5000 rejected maps, 40 nils (within the object cap)": readings([small_junk] * 5000),
         "5000 nil readings": readings([None] * 5000),
         "one reading, 1M nils under an unknown key": readings(
             [{"name": "m", "fields": {"x": 1.0}, "junk": [[None] * 4000] * 250}]
         ),
-        "Telegraf: 5000 metrics of 190 nils": b"".join(pack(junk) for _ in range(5000)),
+        "Telegraf: 5000 metrics of 180 nils": b"".join(pack(junk) for _ in range(5000)),
         "valid: 5000 readings of 3 fields": readings([valid] * 5000),
     }
 
