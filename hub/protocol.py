@@ -351,12 +351,20 @@ def validate_envelope(data: dict[str, Any], model: type[BaseModel] = _ENVELOPE) 
         raise InvalidMessage(format_validation_error(exc, limit=3)) from None
 
 
+MAX_ERROR_CHARS = 1000
+"""The longest `error` message text: a location may hold a device's key of any length."""
+
+
 def format_validation_error(exc: ValidationError, limit: int = 10) -> str:
-    """One line per problem, `path: message`, at most `limit` of them."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+    """One line per problem, `path: message`, at most `limit` of them, each path part cut
+    to 100 characters and the whole to `MAX_ERROR_CHARS`."""
+    text = "; ".join(
+        f"{'.'.join(str(part)[:100] for part in err['loc'])}: {err['msg']}"
+        if err["loc"]
+        else err["msg"]
         for err in exc.errors(include_url=False)[:limit]
     )
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
 def describe_decoder_error(exc: Exception, max_readings: int) -> str:

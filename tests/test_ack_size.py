@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hub.errors import InvalidMessage
 from hub.frames import FrameLimits, SlicedReadings, decode_device_frame, prepare_in_slices
 from hub.measurements import MeasurementSchemas, ReadingLimits
-from hub.protocol import ReadingsFrame, cut_reasons, encode, encode_ack
+from hub.protocol import MAX_ERROR_CHARS, ReadingsFrame, cut_reasons, encode, encode_ack
 from hub.readings import PreparedReadings, prepare_readings
-from schemas.messages import ACK_LISTED_BYTES, MAX_HUB_FRAME_BYTES, Ack, Rejection
+from schemas.messages import ACK_LISTED_BYTES, MAX_HUB_FRAME_BYTES, Ack, ErrorMessage, Rejection
 
 MS = 10**6
 VALIDATOR = MeasurementSchemas().validator(MS, ReadingLimits.defaults())
@@ -146,3 +147,16 @@ def test_any_rejections_give_a_bounded_true_ack(reasons: dict[int, list[str]]) -
     assert ack.rejected == expected[: len(ack.rejected)]
     named = covered(ack)
     assert named == sorted(set(named)) and set(named) <= set(reasons)
+
+
+def test_error_messages_are_bounded_whatever_key_the_device_sent() -> None:
+    """A message map with a 500,000-character unknown key: the `error` text the hub sends
+    before 1007 stays within MAX_ERROR_CHARS (it named the whole key before)."""
+    key = "k" * 500_000
+    frame = pack({"type": "readings", "seq": 1, "readings": [None], key: 1})
+    with pytest.raises(InvalidMessage) as refused:
+        decode_device_frame(frame, FrameLimits(max_readings=10))
+    assert "Extra inputs are not permitted" in refused.value.message
+    assert len(refused.value.message) <= MAX_ERROR_CHARS
+    sent = encode(ErrorMessage(code="invalid_message", message=refused.value.message))
+    assert len(sent) <= 4 * MAX_ERROR_CHARS + 64
