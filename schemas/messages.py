@@ -152,6 +152,13 @@ class Ack(_Message):
         ),
     ] = []
 
+    def rejected_indices(self) -> set[int]:
+        """Every reading index the ack names as rejected, listed or in a range."""
+        indices = {rejection.index for rejection in self.rejected}
+        for first, last in self.rejected_ranges:
+            indices.update(range(first, last + 1))
+        return indices
+
 
 class Config(_Message):
     """`config`: the device's whole desired configuration at `version`."""

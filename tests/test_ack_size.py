@@ -60,10 +60,12 @@ def drive(steps: Any) -> PreparedReadings:
 
 
 def covered(ack: Ack) -> list[int]:
-    """Every index the ack says was rejected, listed or in a range, in order."""
+    """Every index the ack says was rejected, listed or in a range, in order (each once:
+    `rejected_indices` is a set, the list shows there is no overlap)."""
     indices = [r.index for r in ack.rejected]
     for first, last in ack.rejected_ranges:
         indices.extend(range(first, last + 1))
+    assert set(indices) == ack.rejected_indices()
     return indices
 
 
