@@ -7,7 +7,7 @@ messages of `--batch` readings with four float fields and one tag, as the simula
 validated against the simulator's measurement schema (what `device-sim bench` gives the
 hub), or with `--no-schema` by the general rules alone. "whole core" takes the session's
 path: `decode_device_frame` (frames over 16 KiB, from about 120 readings, are scanned and
-prepared a slice at a time, `hub.frames`), then the ack.
+prepared a slice at a time, `hub.frames` and `hub.slices`), then the ack.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from collections.abc import Callable
 import msgpack
 
 from device_sim.sensors import SCHEMA_TOML
-from hub.frames import FrameLimits, SlicedReadings, decode_device_frame, prepare_in_slices
+from hub.frames import FrameLimits, SlicedReadings, decode_device_frame
 from hub.measurements import MeasurementSchemas, SchemaFile
 from hub.protocol import ReadingsFrame, decode_frame, encode_ack
 from hub.readings import PreparedReadings, prepare_readings
+from hub.slices import prepare_in_slices
 
 
 def message(batch: int) -> bytes:

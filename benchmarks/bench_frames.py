@@ -1,5 +1,5 @@
 """How long one hostile frame holds the event loop: before (decoded and prepared in one
-call) and after (`hub.frames`: scanned, then prepared a slice at a time).
+call) and after (`hub.frames` scans it, `hub.slices` prepares it a slice at a time).
 
     python benchmarks/bench_frames.py [--rounds 5]
 
@@ -21,17 +21,11 @@ from typing import Any
 
 import msgpack
 
-from hub.frames import (
-    FrameLimits,
-    SlicedReadings,
-    SlicedTelegraf,
-    decode_device_frame,
-    prepare_in_slices,
-    prepare_list_in_slices,
-)
+from hub.frames import FrameLimits, SlicedReadings, SlicedTelegraf, decode_device_frame
 from hub.measurements import MeasurementSchemas, ReadingLimits
 from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame, encode_ack
 from hub.readings import PreparedReadings, prepare_readings
+from hub.slices import prepare_in_slices, prepare_list_in_slices
 
 MS = 10**6
 LIMITS = FrameLimits(max_readings=5000)

@@ -18,7 +18,6 @@ from websockets.exceptions import ConnectionClosed
 
 from hub.errors import HubError, Overloaded, ProtocolError, RateLimited, UnsupportedData
 from hub.frames import (
-    SLICE_ITEMS,
     FrameEvent,
     FrameLimits,
     ItemSpans,
@@ -26,8 +25,6 @@ from hub.frames import (
     SlicedTelegraf,
     decode_device_frame,
     event_items,
-    prepare_in_slices,
-    prepare_list_in_slices,
 )
 from hub.handshake import Handshake
 from hub.logs import device_extra
@@ -36,6 +33,7 @@ from hub.protocol import ReadingsFrame, TelegrafFrame, encode, encode_ack
 from hub.ratelimit import TokenBucket
 from hub.readings import PreparedReadings, prepare_readings
 from hub.settings import Settings
+from hub.slices import SLICE_ITEMS, prepare_in_slices, prepare_list_in_slices
 from schemas.codes import CloseCode
 from schemas.messages import Config, ConfigAck, ErrorMessage
 
@@ -154,13 +152,9 @@ class DeviceSession:
         arrival_ns = time.time_ns()
         # Looked up per frame so that a SIGHUP reload applies to open connections too.
         settings = self.hub.settings
-        limits = FrameLimits(
-            settings.max_readings_per_message,
-            settings.max_nesting_depth,
-            settings.max_objects_per_message,
-        )
+        limits = FrameLimits.of(settings)
         # A small frame is decoded here; a large one only scanned (hub.frames): its
-        # readings are decoded in _prepare, a slice at a time.
+        # readings are decoded in _prepare, a slice at a time (hub.slices).
         event = decode_device_frame(frame, limits)
         self._check_rate(event, len(frame), time.monotonic())
         if isinstance(event, ReadingsFrame | SlicedReadings):
@@ -187,7 +181,7 @@ class DeviceSession:
         self, event: TelegrafFrame | SlicedTelegraf, arrival_ns: int, limits: FrameLimits
     ) -> None:
         prepared = await self._prepare(event.metrics, arrival_ns, limits, stream=True)
-        # A large stream finds an undecodable metric only while preparing (hub.frames).
+        # A large stream finds an undecodable metric only while preparing (hub.slices).
         undecodable = event.undecodable or prepared.undecodable
         received = prepared.accepted + len(prepared.reasons) + undecodable  # up to the break
         self.hub.metrics.traffic.readings_received += received

@@ -1,8 +1,9 @@
 """Large frames, read by their msgpack headers and prepared a slice at a time; no sockets.
 
-`hub.frames` must give the answer the one-call decoder gives (same readings stored, same
-rejections, same refusals), while never building a reading that is an array, never decoding
-more than a slice between two yields, and refusing a frame past its object cap.
+`hub.frames` and `hub.slices` must give the answer the one-call decoder gives (same readings
+stored, same rejections, same refusals), while never building a reading that is an array,
+never decoding more than a slice between two yields, and refusing a frame past its object
+cap.
 """
 
 from __future__ import annotations
@@ -18,24 +19,26 @@ from hypothesis import HealthCheck, given, settings
 from hub.errors import InvalidMessage
 from hub.frames import (
     FAST_PATH_BYTES,
-    MAX_READING_OBJECTS,
-    READING_TOO_BIG,
-    SLICE_BYTES,
-    SLICE_ITEMS,
     FrameLimits,
     ItemSpans,
     SlicedReadings,
     SlicedTelegraf,
-    check_depth_counting,
     decode_device_frame,
-    prepare_in_slices,
-    prepare_list_in_slices,
     scan_frame,
-    slice_plan,
 )
 from hub.measurements import MeasurementSchemas, ReadingLimits
 from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame, decoder_limits
 from hub.readings import PreparedReadings, prepare_readings
+from hub.slices import (
+    MAX_READING_OBJECTS,
+    READING_TOO_BIG,
+    SLICE_BYTES,
+    SLICE_ITEMS,
+    check_depth_counting,
+    prepare_in_slices,
+    prepare_list_in_slices,
+    slice_plan,
+)
 from schemas.messages import ConfigAck
 from tests.test_fuzz import frames as fuzz_frames
 
