@@ -1,5 +1,6 @@
 """The per-device bytes-per-second limit (`device_bytes_per_s`), beside the message and
-reading limits: error `rate_limited`, then close 1008; live on SIGHUP like them.
+reading limits: error `rate_limited`, then close 1008; live on SIGHUP like them. And the
+object cap (`max_objects_per_message`) as a running hub answers it: error, then 1007.
 
 Against a running hub and a real InfluxDB, with the bad-input table's helpers: a
 well-behaved device stays connected throughout and is still acked afterwards.
@@ -97,3 +98,23 @@ async def test_sighup_applies_a_lower_byte_rate_to_an_open_connection(
             await refused
     assert code == 1008
     assert "bytes a second" in (reason or "")
+
+
+async def test_frame_over_the_object_cap_gets_an_error_then_close_1007(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """A 42 KB frame of 200 readings each dragging 200 nils, with max_objects_per_message
+    20,000: acks for the messages before it, then error invalid_message, then 1007."""
+    settings = hub_settings(
+        tmp_path, influxdb.url, influx_bucket=influx_db_name, influx_api="v1",
+        max_objects_per_message=20_000,
+    )  # fmt: skip
+    crowded = [{**reading(n), "junk": [None] * 200} for n in range(200)]
+    frames = [readings_message(1, [reading(1)]), readings_message(2, crowded)]
+    async with hub_with_devices(settings) as hub:
+        outcome = await misbehave(hub, *frames)
+        assert outcome.kinds == ["ack", "error"], outcome.messages
+        assert outcome.messages[1]["code"] == "invalid_message"
+        assert "at most 20000 msgpack objects" in outcome.messages[1]["message"]
+        assert outcome.close_code == 1007
+        await assert_good_device_still_acked(hub)
