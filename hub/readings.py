@@ -17,8 +17,9 @@ from schemas.messages import Rejection
 DEVICE_TAG = "device"
 
 REASONS_BUDGET_CHARS = 64 * 1024
-"""Reason text one ack may carry; rejections past it get `REASONS_OMITTED`, so that an ack
-stays small next to the message it answers however many readings were wrong."""
+"""Reason text kept per message; rejections past it get `REASONS_OMITTED`, so that what waits
+for an ack stays small however many readings were wrong (the ack itself lists only the first
+40 KiB of entries: `hub.protocol.encode_ack`)."""
 REASONS_OMITTED = "too many errors to list"
 
 
@@ -103,16 +104,26 @@ def prepare_readings(
     return PreparedReadings(lines="\n".join(lines), accepted=len(lines), reasons=reasons)
 
 
-def rejections(reasons: dict[int, list[str]]) -> list[Rejection]:
-    """`Rejection`s in index order, their text bounded: each reading's by `cut_reasons`, and
-    past `REASONS_BUDGET_CHARS` in all to `REASONS_OMITTED`."""
+def bounded_reasons(reasons: dict[int, list[str]]) -> dict[int, list[str]]:
+    """`reasons` in index order, their text bounded: each reading's by `cut_reasons`, and
+    past `REASONS_BUDGET_CHARS` in all to `REASONS_OMITTED` (what a queued ack holds, up to
+    `max_unacked_messages` of them per connection)."""
     budget = REASONS_BUDGET_CHARS
-    result = []
+    omitted = [REASONS_OMITTED]  # one list shared by every reading past the budget
+    result = {}
     for index, errors in sorted(reasons.items()):
         if budget > 0:
             kept = cut_reasons(errors)
             budget -= sum(map(len, kept))
         else:
-            kept = [REASONS_OMITTED]
-        result.append(Rejection.model_construct(index=index, errors=kept))
+            kept = omitted
+        result[index] = kept
     return result
+
+
+def rejections(reasons: dict[int, list[str]]) -> list[Rejection]:
+    """The `Rejection`s of `bounded_reasons(reasons)`."""
+    return [
+        Rejection.model_construct(index=index, errors=list(errors))
+        for index, errors in bounded_reasons(reasons).items()
+    ]

@@ -31,7 +31,7 @@ from hub.logs import device_extra
 from hub.metrics import error_label
 from hub.protocol import ReadingsFrame, TelegrafFrame, encode, encode_ack
 from hub.ratelimit import TokenBucket
-from hub.readings import PreparedReadings, prepare_readings
+from hub.readings import PreparedReadings, bounded_reasons, prepare_readings
 from hub.settings import Settings
 from hub.slices import SLICE_ITEMS, prepare_in_slices, prepare_list_in_slices
 from schemas.codes import CloseCode
@@ -175,7 +175,8 @@ class DeviceSession:
         if self._acks is None:
             self._acks = asyncio.Queue(self.hub.settings.max_unacked_messages)
             self._sender = asyncio.create_task(self._send_acks(self._acks))
-        await self._acks.put((event.seq, prepared.accepted, prepared.reasons, durable))
+        reasons = bounded_reasons(prepared.reasons) if prepared.reasons else {}
+        await self._acks.put((event.seq, prepared.accepted, reasons, durable))
 
     async def _telegraf(
         self, event: TelegrafFrame | SlicedTelegraf, arrival_ns: int, limits: FrameLimits
