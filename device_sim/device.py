@@ -415,7 +415,7 @@ class SimulatedDevice:
         if self._unacked.pop(number, None) is None:
             self.stats.in_flight -= count
             return
-        rejected = {r.index for r in ack.rejected}
+        rejected = ack.rejected_indices()
         if self.options.record_times:
             for index, stamp in enumerate(message.times):
                 (self._rejected_times if index in rejected else self._acked_times).append(stamp)

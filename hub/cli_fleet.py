@@ -39,6 +39,8 @@ def parse_assignments(pairs: list[str], *, json_values: bool) -> dict[str, Any]:
                 result[key] = json.loads(value)
             except ValueError:
                 result[key] = value
+            except RecursionError:  # far deeper than any device may receive
+                raise typer.BadParameter(f"{key}: the value nests too deep") from None
         else:
             result[key] = value
     return result
@@ -80,6 +82,8 @@ def config_set(
     labels = parse_assignments(label or [], json_values=False)
     if sum((device_id is not None, everyone, bool(labels))) != 1:
         fail("name one device, or use --all, or --label key=value")
+    # Configs go to devices no deeper than devices may send (the hub's max_nesting_depth).
+    max_depth = settings_from(config, state_dir=state_dir).max_nesting_depth
     registry = open_registry(config, state_dir)
     try:
         targets = registry.select(
@@ -87,7 +91,9 @@ def config_set(
         )
         if not targets:
             fail("no active device matches")
-        versions = registry.set_config(targets, updates=updates, replace=replace)
+        versions = registry.set_config(
+            targets, updates=updates, replace=replace, max_depth=max_depth
+        )
         typer.echo(f"config set for {len(versions)} device(s)", err=True)
         for target, version in sorted(versions.items()):
             typer.echo(f"{target}\tversion {version}")
@@ -106,6 +112,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         fail(f"cannot read {path}: {exc.strerror}")
     except ValueError as exc:
         fail(f"{path} is not valid JSON: {exc}")
+    except RecursionError:  # far deeper than any device may receive
+        fail(f"{path} nests too deep")
     if not isinstance(data, dict):
         fail(f"{path} must hold a JSON object")
     return data

@@ -39,7 +39,6 @@ from prometheus_client.registry import Collector
 
 from hub.fieldtypes import CONFLICT_MARK
 from hub.measurements import RESERVED_REASON
-from schemas.messages import Rejection
 
 if TYPE_CHECKING:
     from hub.server import Hub
@@ -142,9 +141,10 @@ class HubMetrics:
         """Expose the state of `hub` and its pipeline and spool, read at scrape time."""
         self.registry.register(StateCollector(hub))
 
-    def count_rejections(self, rejected: Iterable[Rejection], undecodable: int = 0) -> None:
-        """Count rejected readings by reason (one call per message)."""
-        tally = Tally(rejection_reason(r.errors) for r in rejected)
+    def count_rejections(self, reasons: Iterable[list[str]], undecodable: int = 0) -> None:
+        """Count rejected readings by reason, given each one's reasons (one call per message,
+        or per slice of a large one)."""
+        tally = Tally(rejection_reason(errors) for errors in reasons)
         if undecodable:
             tally["undecodable"] += undecodable
         for reason, count in tally.items():

@@ -16,15 +16,21 @@ reading twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgpack
 from pydantic import BaseModel, ValidationError
 
 from hub.errors import InvalidMessage
-from schemas.messages import UINT64_MAX, ConfigAck, ReadingsMessage, Rejection
+from schemas.messages import (
+    ACK_LISTED_BYTES,
+    MAX_HUB_FRAME_BYTES,
+    UINT64_MAX,
+    ConfigAck,
+    ReadingsMessage,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +57,10 @@ _ENVELOPE = ReadingsMessage[Any]
 DEFAULT_MAX_DEPTH = 8
 
 
-def decode_frame(
-    frame: bytes, max_readings: int, max_depth: int = DEFAULT_MAX_DEPTH
-) -> DeviceEvent:
-    """Decode one binary frame; raise `InvalidMessage` when it breaks the protocol."""
+def decoder_limits(frame: bytes, max_readings: int) -> dict[str, Any]:
+    """msgpack-python options that bound what decoding `frame` may allocate (see above)."""
     size = max(len(frame), 1)
-    limits: dict[str, Any] = {
+    return {
         "raw": False,
         "strict_map_key": True,
         "timestamp": 0,
@@ -67,6 +71,18 @@ def decode_frame(
         "max_map_len": size // 2,
         "max_ext_len": TIMESTAMP_MAX_BYTES,
     }
+
+
+def decode_frame(
+    frame: bytes, max_readings: int, max_depth: int = DEFAULT_MAX_DEPTH
+) -> DeviceEvent:
+    """Decode one binary frame; raise `InvalidMessage` when it breaks the protocol.
+
+    It builds every object of the frame in one call: `hub.frames.decode_device_frame` sends
+    only small frames here, and scans larger ones first.
+    """
+    size = max(len(frame), 1)
+    limits = decoder_limits(frame, max_readings)
     try:
         # The usual frame: one message map, nothing after it. unpackb is cheaper than an
         # Unpacker; anything else (a Telegraf stream, trailing bytes, an error to describe)
@@ -85,7 +101,9 @@ def decode_frame(
         except msgpack.OutOfData:
             raise InvalidMessage("empty or truncated msgpack") from None
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise InvalidMessage(f"not valid msgpack: {_describe(exc, max_readings)}") from None
+            raise InvalidMessage(
+                f"not valid msgpack: {describe_decoder_error(exc, max_readings)}"
+            ) from None
     if not isinstance(first, dict):
         raise InvalidMessage(f"a frame must be a msgpack map, not {type(first).__name__}")
     if first.get("type") == "readings" and type(first.get("readings")) is list:
@@ -102,9 +120,9 @@ def decode_frame(
         raise InvalidMessage("trailing bytes after the message map")
     kind = first["type"]
     if kind == "readings":
-        frame_readings = _plain_readings_envelope(first)
+        frame_readings = plain_readings_envelope(first)
         if frame_readings is None:  # something to explain: the model says what
-            envelope = _validate(_ENVELOPE, first)
+            envelope = validate_envelope(first)
             frame_readings = ReadingsFrame(seq=envelope.seq, readings=envelope.readings)
         if len(frame_readings.readings) > max_readings:
             raise InvalidMessage(
@@ -113,13 +131,13 @@ def decode_frame(
             )
         return frame_readings
     if kind == "config_ack":
-        return _validate(ConfigAck, first)
+        return validate_envelope(first, ConfigAck)
     if isinstance(kind, str):
         raise InvalidMessage(f"unknown message type {kind[:100]!r}")
     raise InvalidMessage(f"'type' must be a string, not {type(kind).__name__}")
 
 
-def _plain_readings_envelope(message: dict[str, Any]) -> ReadingsFrame | None:
+def plain_readings_envelope(message: dict[str, Any]) -> ReadingsFrame | None:
     """The envelope of a `readings` map that `ReadingsMessage` accepts as it is, or None.
 
     Every readings message passes here, so the usual shape (exactly `type`, an unsigned
@@ -177,7 +195,9 @@ def check_readings_depth(
     """
     for index in indices:
         reading = readings[index]
-        if type(reading) is dict or type(reading) is list:
+        # A reading that is not a map is rejected as it is, without looking inside: a large
+        # frame's scan (`hub.frames`) never builds one, so its depth is not known there.
+        if type(reading) is dict:
             check_depth(reading, max_depth - READING_LEVEL + 1)
 
 
@@ -191,19 +211,105 @@ def encode(message: BaseModel) -> bytes:
     return packed
 
 
-def encode_ack(seq: int, accepted: int, rejected: list[Rejection]) -> bytes:
-    """`encode(Ack(seq=seq, accepted=accepted, rejected=rejected))`, the same bytes, without
-    building and dumping a model: one of these goes out for every readings message."""
-    packed: bytes = msgpack.packb(
-        {
-            "type": "ack",
-            "seq": seq,
-            "accepted": accepted,
-            "rejected": [{"index": r.index, "errors": r.errors} for r in rejected],
-        },
-        use_bin_type=True,
-    )
+MAX_REASONS_PER_READING = 5
+MAX_REASON_CHARS = 300
+"""What an ack says about one rejected reading at most: its first reasons, each cut."""
+
+
+def cut_reasons(errors: list[str]) -> list[str]:
+    """A rejected reading's reasons as an ack carries them (see the constants above)."""
+    return [
+        error if len(error) <= MAX_REASON_CHARS else error[: MAX_REASON_CHARS - 1] + "…"
+        for error in errors[:MAX_REASONS_PER_READING]
+    ]
+
+
+def encode_ack(seq: int, accepted: int, reasons: Mapping[int, list[str]]) -> bytes:
+    """The `ack` of message `seq` whose rejected readings (by index) had `reasons`.
+
+    At most `MAX_HUB_FRAME_BYTES` long however many readings were rejected: `rejected`
+    entries in index order while they fit in `ACK_LISTED_BYTES`, then the other rejected
+    indices as `rejected_ranges` while the frame has room (see `Ack`). When everything is
+    listed these are the bytes of `encode(Ack(...))`; no model is built, since one of these
+    goes out for every readings message.
+    """
+    message: dict[str, Any] = {"type": "ack", "seq": seq, "accepted": accepted, "rejected": []}
+    if not reasons:
+        packed: bytes = msgpack.packb(message, use_bin_type=True)
+        return packed
+    listed = message["rejected"]
+    used = 5  # the largest array header (array 32), whatever the count turns out to be
+    indices = sorted(reasons)
+    for position, index in enumerate(indices):
+        entry = {"index": index, "errors": cut_reasons(reasons[index])}
+        used += len(msgpack.packb(entry, use_bin_type=True))
+        if used > ACK_LISTED_BYTES:
+            message["rejected_ranges"] = _index_ranges(
+                indices[position:],
+                MAX_HUB_FRAME_BYTES - len(msgpack.packb(message, use_bin_type=True)) - 4,
+            )
+            break
+        listed.append(entry)
+    packed = msgpack.packb(message, use_bin_type=True)
     return packed
+
+
+def _index_ranges(indices: list[int], room: int) -> list[list[int]]:
+    """`indices` (increasing) as [first, last] runs, as many as `room` bytes hold packed
+    (with the key and the largest array header)."""
+    ranges: list[list[int]] = []
+    room -= len(msgpack.packb("rejected_ranges")) + 5
+    for index in indices:
+        if ranges and ranges[-1][1] == index - 1:
+            room -= _uint_size(index) - _uint_size(index - 1)
+            if room < 0:
+                break
+            ranges[-1][1] = index
+            continue
+        room -= 1 + 2 * _uint_size(index)  # a fixarray of two
+        if room < 0:
+            break
+        ranges.append([index, index])
+    return ranges
+
+
+def _uint_size(value: int) -> int:
+    """Bytes msgpack takes for a non-negative integer."""
+    return (
+        1
+        if value < 2**7
+        else 2
+        if value < 2**8
+        else 3
+        if value < 2**16
+        else 5
+        if value < 2**32
+        else 9
+    )
+
+
+def config_frame_problem(config: dict[str, Any], max_depth: int = DEFAULT_MAX_DEPTH) -> str | None:
+    """Why `config` cannot go to a device in a `config` message, or None if it can.
+
+    The frame must fit in `MAX_HUB_FRAME_BYTES` (with the largest version number) and nest
+    no deeper than a device frame may (`max_depth`, the message map counting as a level):
+    a device that parses what it sends can parse what it receives.
+    """
+    message = {"type": "config", "version": UINT64_MAX, "config": config}
+    try:
+        size = len(msgpack.packb(message, use_bin_type=True))
+    except (ValueError, OverflowError, TypeError) as exc:
+        return f"msgpack cannot carry it: {exc}"
+    if size > MAX_HUB_FRAME_BYTES:
+        return f"its frame would be {size} bytes; at most {MAX_HUB_FRAME_BYTES}"
+    try:
+        check_depth(message, max_depth)
+    except InvalidMessage:
+        return (
+            f"it nests deeper than the {max_depth} levels a device frame may "
+            "(max_nesting_depth), counting the message map and the config itself"
+        )
+    return None
 
 
 def _telegraf(
@@ -215,7 +321,7 @@ def _telegraf(
     try:
         for metric in unpacker:
             consumed = unpacker.tell()
-            if type(metric) is dict or type(metric) is list:
+            if type(metric) is dict:  # not a map: rejected without a look inside, as readings
                 check_depth(metric, max_depth)
             metrics.append(metric)
             if len(metrics) > max_readings:
@@ -233,22 +339,36 @@ def _telegraf(
 M = TypeVar("M", bound=BaseModel)
 
 
-def _validate(model: type[M], data: dict[str, Any]) -> M:
+@overload
+def validate_envelope(data: dict[str, Any]) -> ReadingsMessage[Any]: ...
+@overload
+def validate_envelope(data: dict[str, Any], model: type[M]) -> M: ...
+def validate_envelope(data: dict[str, Any], model: type[BaseModel] = _ENVELOPE) -> BaseModel:
+    """`data` as `model` (the readings envelope by default), or `InvalidMessage` saying why."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidMessage(format_validation_error(exc, limit=3)) from None
 
 
+MAX_ERROR_CHARS = 1000
+"""The longest `error` message text: a location may hold a device's key of any length."""
+
+
 def format_validation_error(exc: ValidationError, limit: int = 10) -> str:
-    """One line per problem, `path: message`, at most `limit` of them."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+    """One line per problem, `path: message`, at most `limit` of them, each path part cut
+    to 100 characters and the whole to `MAX_ERROR_CHARS`."""
+    text = "; ".join(
+        f"{'.'.join(str(part)[:100] for part in err['loc'])}: {err['msg']}"
+        if err["loc"]
+        else err["msg"]
         for err in exc.errors(include_url=False)[:limit]
     )
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
-def _describe(exc: Exception, max_readings: int) -> str:
+def describe_decoder_error(exc: Exception, max_readings: int) -> str:
+    """What a msgpack decoding error means for a device, in one line."""
     text = str(exc)
     if "exceeds max_array_len" in text:
         # The only array the protocol has is the readings list.

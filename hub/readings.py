@@ -8,16 +8,19 @@ from typing import Any
 from hub.fieldtypes import FieldTypes
 from hub.lineprotocol import format_point
 from hub.measurements import ReadingsValidator
-from hub.protocol import DEFAULT_MAX_DEPTH, check_readings_depth
+from hub.protocol import (
+    DEFAULT_MAX_DEPTH,
+    check_readings_depth,
+    cut_reasons,
+)
 from schemas.messages import Rejection
 
 DEVICE_TAG = "device"
 
-MAX_REASONS_PER_READING = 5
-MAX_REASON_CHARS = 300
 REASONS_BUDGET_CHARS = 64 * 1024
-"""Reason text one ack may carry; rejections past it get `REASONS_OMITTED`, so that an ack
-stays small next to the message it answers however many readings were wrong."""
+"""Reason text kept per message; rejections past it get `REASONS_OMITTED`, so that what waits
+for an ack stays small however many readings were wrong (the ack itself lists only the first
+40 KiB of entries: `hub.protocol.encode_ack`)."""
 REASONS_OMITTED = "too many errors to list"
 
 
@@ -27,7 +30,23 @@ class PreparedReadings:
 
     lines: str
     accepted: int
-    rejected: list[Rejection]
+    reasons: dict[int, list[str]]
+    """Why each rejected reading (by index in its message) was rejected, unbounded."""
+    undecodable: int = 0
+    """Telegraf metrics that could not be decoded (a stream ends at the first)."""
+
+    @property
+    def rejected(self) -> list[Rejection]:
+        """The rejections in index order, their text bounded (`rejections`); as models, for
+        tests and tools: the hub encodes acks from `reasons` (`hub.protocol.encode_ack`)."""
+        return rejections(self.reasons)
+
+    def shifted(self, first_index: int) -> PreparedReadings:
+        """The same, for readings that start at `first_index` of their message."""
+        if not first_index or not self.reasons:
+            return self
+        reasons = {index + first_index: errors for index, errors in self.reasons.items()}
+        return PreparedReadings(self.lines, self.accepted, reasons)
 
 
 def prepare_readings(
@@ -94,23 +113,29 @@ def prepare_readings(
         lines.append(line)
     if unchecked:
         check_readings_depth(readings, unchecked, max_depth)
-    return PreparedReadings(
-        lines="\n".join(lines), accepted=len(lines), rejected=rejections(reasons)
-    )
+    return PreparedReadings(lines="\n".join(lines), accepted=len(lines), reasons=reasons)
+
+
+def bounded_reasons(reasons: dict[int, list[str]]) -> dict[int, list[str]]:
+    """`reasons` in index order, their text bounded: each reading's by `cut_reasons`, and
+    past `REASONS_BUDGET_CHARS` in all to `REASONS_OMITTED` (what a queued ack holds, up to
+    `max_unacked_messages` of them per connection)."""
+    budget = REASONS_BUDGET_CHARS
+    omitted = [REASONS_OMITTED]  # one list shared by every reading past the budget
+    result = {}
+    for index, errors in sorted(reasons.items()):
+        if budget > 0:
+            kept = cut_reasons(errors)
+            budget -= sum(map(len, kept))
+        else:
+            kept = omitted
+        result[index] = kept
+    return result
 
 
 def rejections(reasons: dict[int, list[str]]) -> list[Rejection]:
-    """The ack's `rejected` list, in index order, with its text bounded (see the constants)."""
-    budget = REASONS_BUDGET_CHARS
-    result = []
-    for index, errors in sorted(reasons.items()):
-        if budget > 0:
-            kept = [
-                error if len(error) <= MAX_REASON_CHARS else error[: MAX_REASON_CHARS - 1] + "…"
-                for error in errors[:MAX_REASONS_PER_READING]
-            ]
-            budget -= sum(map(len, kept))
-        else:
-            kept = [REASONS_OMITTED]
-        result.append(Rejection.model_construct(index=index, errors=kept))
-    return result
+    """The `Rejection`s of `bounded_reasons(reasons)`."""
+    return [
+        Rejection.model_construct(index=index, errors=list(errors))
+        for index, errors in bounded_reasons(reasons).items()
+    ]

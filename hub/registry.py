@@ -28,14 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
+from hub.protocol import DEFAULT_MAX_DEPTH, config_frame_problem
 
 TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-MAX_CONFIG_BYTES = 64 * 1024
 _LOOKUP_CHUNK = 500  # ids per `IN (...)`, well below SQLite's limit on bound parameters
 
 # Each entry upgrades the database by one version (PRAGMA user_version).
@@ -393,10 +391,13 @@ class Registry:
         *,
         updates: Mapping[str, Any] | None = None,
         replace: Mapping[str, Any] | None = None,
+        max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> dict[str, int]:
         """Give devices a new desired config version: `updates` merged in, or `replace`d whole.
 
-        Returns each device's new version. Versions only grow, across restarts too.
+        Returns each device's new version. Versions only grow, across restarts too. A config
+        whose `config` frame would be too large, or nest deeper than `max_depth` (the hub's
+        `max_nesting_depth`), raises `RegistryError` (see `config_frame_problem`).
         """
         with self._transaction() as db:
             seq = self._next_change(db)
@@ -409,9 +410,7 @@ class Registry:
                     raise UnknownDevice(device_id)
                 config = dict(replace) if replace is not None else json.loads(row[0])
                 config.update(updates or {})
-                text = _config_text(device_id, config)
-                if len(text) > MAX_CONFIG_BYTES:
-                    raise RegistryError(f"config of {device_id!r} is over {MAX_CONFIG_BYTES} bytes")
+                text = _config_text(device_id, config, max_depth)
                 versions[device_id] = row[1] + 1
                 db.execute(
                     "UPDATE devices SET config = ?, config_version = ?, changed_seq = ?"
@@ -538,17 +537,20 @@ class Registry:
         return {row[0]: Presence(row[0], bool(row[1]), *row[2:]) for row in rows}
 
 
-def _config_text(device_id: str, config: dict[str, Any]) -> str:
-    """The config as stored (JSON), refused if JSON or msgpack cannot carry it to the device.
+def _config_text(device_id: str, config: dict[str, Any], max_depth: int) -> str:
+    """The config as stored (JSON), refused if JSON cannot store it or the hub could not send
+    it (`config_frame_problem`: msgpack, size, nesting).
 
     NaN and infinities are not JSON; integers outside -2**63 .. 2**64-1 are not msgpack, and
     the hub could never send them (each connection of the device would end in an error).
     """
     try:
         text = json.dumps(config, sort_keys=True, allow_nan=False)
-        msgpack.packb(config, use_bin_type=True)
     except (ValueError, OverflowError, TypeError) as exc:
         raise RegistryError(f"config of {device_id!r} cannot be sent to a device: {exc}") from None
+    problem = config_frame_problem(config, max_depth)
+    if problem is not None:
+        raise RegistryError(f"config of {device_id!r} cannot be sent to a device: {problem}")
     return text
 
 

@@ -17,31 +17,34 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from hub.errors import HubError, Overloaded, ProtocolError, RateLimited, UnsupportedData
+from hub.frames import (
+    FrameEvent,
+    FrameLimits,
+    ItemSpans,
+    SlicedReadings,
+    SlicedTelegraf,
+    decode_device_frame,
+    event_items,
+)
 from hub.handshake import Handshake
 from hub.logs import device_extra
 from hub.measurements import ReadingsValidator
 from hub.metrics import HubMetrics, error_label
 from hub.pipeline import Pipeline
 from hub.presence import PresenceTracker
-from hub.protocol import (
-    DeviceEvent,
-    ReadingsFrame,
-    TelegrafFrame,
-    decode_frame,
-    encode,
-    encode_ack,
-)
+from hub.protocol import ReadingsFrame, TelegrafFrame, encode, encode_ack
 from hub.ratelimit import TokenBucket
-from hub.readings import PreparedReadings, prepare_readings
+from hub.readings import PreparedReadings, bounded_reasons, prepare_readings
 from hub.registry import Registry
 from hub.settings import Settings
+from hub.slices import SLICE_ITEMS, prepare_in_slices, prepare_list_in_slices
 from schemas.codes import CloseCode
-from schemas.messages import Config, ConfigAck, ErrorMessage, Rejection
+from schemas.messages import Config, ConfigAck, ErrorMessage
 
 log = logging.getLogger("hub.session")
 
-_PendingAck = tuple[int, int, list[Rejection], "asyncio.Future[None] | None"]
-"""A message's seq, accepted count, rejections, and what to wait for before its ack."""
+_PendingAck = tuple[int, int, dict[int, list[str]], "asyncio.Future[None] | None"]
+"""A message's seq, accepted count, rejection reasons, and what to wait for before its ack."""
 
 ACK_GRACE_S = 10.0
 """How long acks of earlier messages may take before a protocol-error close."""
@@ -61,6 +64,12 @@ class SessionHost(Protocol):
     def validator(self, ns_per_unit: int) -> ReadingsValidator:
         """The readings validator for one precision."""
         ...
+
+
+def _byte_burst(settings: Settings) -> float:
+    """The byte bucket's size: `device_burst_s` of traffic, and never less than one frame of
+    `max_message_bytes`, which could otherwise never pass."""
+    return max(settings.device_bytes_per_s * settings.device_burst_s, settings.max_message_bytes)
 
 
 class DeviceSession:
@@ -83,6 +92,7 @@ class DeviceSession:
         self._reading_rate = TokenBucket(
             settings.device_readings_per_s, settings.device_readings_per_s * burst
         )
+        self._byte_rate = TokenBucket(settings.device_bytes_per_s, _byte_burst(settings))
         # Made on the first readings message: an idle connection then costs neither.
         self._acks: asyncio.Queue[_PendingAck] | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -98,6 +108,9 @@ class DeviceSession:
             bucket.rate = rate
             bucket.burst = rate * settings.device_burst_s
             bucket.tokens = min(bucket.tokens, bucket.burst)
+        self._byte_rate.rate = settings.device_bytes_per_s
+        self._byte_rate.burst = _byte_burst(settings)
+        self._byte_rate.tokens = min(self._byte_rate.tokens, self._byte_rate.burst)
 
     async def run(self) -> None:
         """Serve the connection until it closes."""
@@ -171,20 +184,23 @@ class DeviceSession:
         arrival_ns = time.time_ns()
         # Looked up per frame so that a SIGHUP reload applies to open connections too.
         settings = self.hub.settings
-        event = decode_frame(frame, settings.max_readings_per_message, settings.max_nesting_depth)
-        self._check_rate(event, time.monotonic())
-        if isinstance(event, ReadingsFrame):
-            await self._readings(event, arrival_ns)
-        elif isinstance(event, TelegrafFrame):
-            await self._telegraf(event, arrival_ns)
+        limits = FrameLimits.of(settings)
+        # A small frame is decoded here; a large one only scanned (hub.frames): its
+        # readings are decoded in _prepare, a slice at a time (hub.slices).
+        event = decode_device_frame(frame, limits)
+        self._check_rate(event, len(frame), time.monotonic())
+        if isinstance(event, ReadingsFrame | SlicedReadings):
+            await self._readings(event, arrival_ns, limits)
+        elif isinstance(event, TelegrafFrame | SlicedTelegraf):
+            await self._telegraf(event, arrival_ns, limits)
         elif isinstance(event, ConfigAck):
             self._config_answered(event)
 
-    async def _readings(self, event: ReadingsFrame, arrival_ns: int) -> None:
-        prepared = self._prepare(event.readings, arrival_ns)
+    async def _readings(
+        self, event: ReadingsFrame | SlicedReadings, arrival_ns: int, limits: FrameLimits
+    ) -> None:
+        prepared = await self._prepare(event.readings, arrival_ns, limits)
         self.hub.metrics.traffic.readings_received += len(event.readings)
-        if prepared.rejected:
-            self.hub.metrics.count_rejections(prepared.rejected)
         durable = None
         if prepared.accepted:
             durable = await self._submit(prepared.lines, prepared.accepted)
@@ -195,19 +211,26 @@ class DeviceSession:
         elif self._sender is not None and self._sender.done():
             # Nothing would ever ack it (the connection is going, or the hub stopping).
             raise Overloaded("the hub cannot acknowledge readings now; retry later")
-        await self._acks.put((event.seq, prepared.accepted, prepared.rejected, durable))
+        reasons = bounded_reasons(prepared.reasons) if prepared.reasons else {}
+        await self._acks.put((event.seq, prepared.accepted, reasons, durable))
 
-    async def _telegraf(self, event: TelegrafFrame, arrival_ns: int) -> None:
-        prepared = self._prepare(event.metrics, arrival_ns)
-        self.hub.metrics.traffic.readings_received += len(event.metrics) + event.undecodable
-        if prepared.rejected or event.undecodable:
-            self.hub.metrics.count_rejections(prepared.rejected, event.undecodable)
+    async def _telegraf(
+        self, event: TelegrafFrame | SlicedTelegraf, arrival_ns: int, limits: FrameLimits
+    ) -> None:
+        prepared = await self._prepare(event.metrics, arrival_ns, limits, stream=True)
+        # A large stream finds an undecodable metric only while preparing (hub.slices).
+        undecodable = event.undecodable or prepared.undecodable
+        received = prepared.accepted + len(prepared.reasons) + undecodable  # up to the break
+        self.hub.metrics.traffic.readings_received += received
+        if undecodable:
+            self.hub.metrics.count_rejections((), undecodable)
         if prepared.accepted:
             stored = await self._submit(prepared.lines, prepared.accepted)
             stored.add_done_callback(functools.partial(self._count_stored, prepared.accepted))
-        invalid = len(prepared.rejected) + event.undecodable
+        invalid = len(prepared.reasons) + undecodable
         if invalid:
-            first = prepared.rejected[0].errors[0] if prepared.rejected else "truncated metric"
+            reasons = prepared.reasons
+            first = reasons[min(reasons)][0] if reasons else "truncated metric"
             log.warning(
                 "device %s: %d invalid Telegraf metric(s) not stored, first: %s",
                 self.device_id,
@@ -250,17 +273,15 @@ class DeviceSession:
                 extra=self._log,
             )
 
-    def _check_rate(self, event: DeviceEvent, now: float) -> None:
+    def _check_rate(self, event: FrameEvent, size: int, now: float) -> None:
+        settings = self.hub.settings
         if not self._message_rate.take(1, now):
-            raise RateLimited(
-                f"more than {self.hub.settings.device_messages_per_s:g} messages a second"
-            )
-        if isinstance(event, ReadingsFrame | TelegrafFrame):
-            count = len(event.readings if isinstance(event, ReadingsFrame) else event.metrics)
-            if not self._reading_rate.take(count, now):
-                raise RateLimited(
-                    f"more than {self.hub.settings.device_readings_per_s:g} readings a second"
-                )
+            raise RateLimited(f"more than {settings.device_messages_per_s:g} messages a second")
+        if not self._byte_rate.take(size, now):
+            raise RateLimited(f"more than {settings.device_bytes_per_s:g} bytes a second")
+        count = event_items(event)
+        if count and not self._reading_rate.take(count, now):
+            raise RateLimited(f"more than {settings.device_readings_per_s:g} readings a second")
 
     async def _submit(self, lines: str, count: int) -> asyncio.Future[None]:
         # The pipeline makes devices wait while it is full (backpressure). One that is still
@@ -277,28 +298,59 @@ class DeviceSession:
         except TimeoutError:
             raise Overloaded(f"the hub is overloaded (waited {limit:g} s); retry later") from None
 
-    def _prepare(self, readings: list[Any], arrival_ns: int) -> PreparedReadings:
-        return prepare_readings(
-            readings,
-            # Looked up per message so that a SIGHUP reload applies to open connections too.
-            self.hub.validator(self.ns_per_unit),
-            self.device_id,
-            self.ns_per_unit,
-            arrival_ns,
-            self.hub.pipeline.multiline_strings,
-            self.hub.settings.max_nesting_depth,
-            self.hub.pipeline.field_types,
-        )
+    async def _prepare(
+        self,
+        readings: list[Any] | ItemSpans,
+        arrival_ns: int,
+        limits: FrameLimits,
+        stream: bool = False,
+    ) -> PreparedReadings:
+        # Looked up per message so that a SIGHUP reload applies to open connections too.
+        validator = self.hub.validator(self.ns_per_unit)
+        multiline_strings = self.hub.pipeline.multiline_strings
+        metrics = self.hub.metrics
+        field_types = self.hub.pipeline.field_types
+
+        def prepare(part: list[Any], first_index: int) -> PreparedReadings:
+            prepared = prepare_readings(
+                part,
+                validator,
+                self.device_id,
+                self.ns_per_unit,
+                arrival_ns + first_index,  # time-less readings: arrival + index in the message
+                multiline_strings,
+                limits.max_depth,
+                field_types,
+            )
+            if prepared.reasons:  # counted slice by slice: 5000 at once is a stall
+                metrics.count_rejections(prepared.reasons.values())
+            return prepared
+
+        if isinstance(readings, list) and len(readings) <= SLICE_ITEMS:
+            return prepare(readings, 0)  # the usual message, in one go
+        # Many readings, or a large frame: a slice at a time, every other connection having
+        # its turn in between.
+        if isinstance(readings, list):
+            steps = prepare_list_in_slices(readings, prepare)
+        else:
+            steps = prepare_in_slices(readings, prepare, limits, stream=stream)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: PreparedReadings = done.value
+                return result
+            await asyncio.sleep(0)
 
     async def _send_acks(self, acks: asyncio.Queue[_PendingAck]) -> None:
         traffic = self.hub.metrics.traffic
         while True:
-            seq, accepted, rejected, durable = await acks.get()
+            seq, accepted, reasons, durable = await acks.get()
             try:
                 if durable is not None:
                     await durable
                 traffic.readings_stored += accepted
-                await self.connection.send(encode_ack(seq, accepted, rejected))
+                await self.connection.send(encode_ack(seq, accepted, reasons))
                 traffic.acks += 1
                 self.hub.presence.stored(self.device_id, accepted)
             except (ConnectionClosed, HubError, RuntimeError):

@@ -43,9 +43,11 @@ LIVE_SETTINGS = frozenset(
         "log_level",
         "max_connections",
         "max_readings_per_message",
+        "max_objects_per_message",
         "max_pending_readings",
         "device_messages_per_s",
         "device_readings_per_s",
+        "device_bytes_per_s",
         "device_burst_s",
     }
 )
@@ -103,6 +105,7 @@ class Settings(BaseSettings):
     # Limits
     max_message_bytes: PositiveInt = 2**20
     max_readings_per_message: PositiveInt = 5000
+    max_objects_per_message: PositiveInt = 2**18
     max_fields_per_reading: PositiveInt = 100
     max_tags_per_reading: PositiveInt = 32
     max_name_chars: PositiveInt = 256
@@ -112,6 +115,7 @@ class Settings(BaseSettings):
     max_unacked_messages: PositiveInt = 64
     device_messages_per_s: PositiveFloat = 100.0
     device_readings_per_s: PositiveFloat = 50_000.0
+    device_bytes_per_s: PositiveFloat = 4.0 * 2**20
     device_burst_s: PositiveFloat = 2.0
     overload_close_s: PositiveFloat = 15.0
     auth_failures_burst: Annotated[int, Field(ge=0)] = 10

@@ -117,10 +117,13 @@ def _schema(message: _Message) -> dict[str, Any]:
     schema: dict[str, Any] = TypeAdapter(message.target).json_schema(mode=message.mode)
     if message.mode == "serialization":
         # Defaults make pydantic list `type` and `rejected` as optional, but the hub dumps every
-        # field, so a device can rely on all of them being present.
+        # field, so a device can rely on all of them being present: all but those the model
+        # leaves out when empty (`exclude_if`, as the ack's `rejected_ranges`).
+        fields = getattr(message.target, "model_fields", {})
+        optional = {name for name, info in fields.items() if info.exclude_if is not None}
         for sub in _objects(schema):
             if isinstance(sub.get("properties"), dict):
-                sub["required"] = list(sub["properties"])
+                sub["required"] = [key for key in sub["properties"] if key not in optional]
     notes = [message.summary, f"Device protocol v{PROTOCOL_VERSION}, {message.direction}."]
     notes.append(_MSGPACK_NOTE)
     if message.whole_frame:

@@ -117,13 +117,47 @@ class Rejection(_Message):
     errors: list[StrictStr]
 
 
+MAX_HUB_FRAME_BYTES = 64 * 1024
+"""The largest frame the hub sends a device (an `ack`, a `config`), in bytes."""
+ACK_LISTED_BYTES = 40 * 1024
+"""Of an ack, what its `rejected` entries may take; past it, rejections go to
+`rejected_ranges`, which the rest of `MAX_HUB_FRAME_BYTES` holds."""
+
+IndexRange = Annotated[
+    tuple[Annotated[StrictInt, Field(ge=0)], Annotated[StrictInt, Field(ge=0)]],
+    Field(description="[first, last]: readings first to last (inclusive) were rejected"),
+]
+
+
 class Ack(_Message):
-    """`ack`: every accepted reading of message `seq` is durable."""
+    """`ack`: every accepted reading of message `seq` is durable.
+
+    `rejected` lists the first rejected readings with their reasons, each entry exact; when
+    they would not fit in `ACK_LISTED_BYTES`, the other rejected readings are given by index
+    in `rejected_ranges` (sent only then), as many ranges as fit in `MAX_HUB_FRAME_BYTES`.
+    `accepted` is always exact: a message of n readings had n - accepted rejected.
+    """
 
     type: Literal["ack"] = "ack"
     seq: Uint64
     accepted: Annotated[StrictInt, Field(ge=0)]
     rejected: list[Rejection] = []
+    rejected_ranges: Annotated[
+        list[IndexRange],
+        Field(
+            description="rejected readings not listed in `rejected`, as index ranges in "
+            "order; present only when `rejected` could not list them all",
+            # The usual ack stays the four keys every v1 device knows.
+            exclude_if=lambda ranges: not ranges,
+        ),
+    ] = []
+
+    def rejected_indices(self) -> set[int]:
+        """Every reading index the ack names as rejected, listed or in a range."""
+        indices = {rejection.index for rejection in self.rejected}
+        for first, last in self.rejected_ranges:
+            indices.update(range(first, last + 1))
+        return indices
 
 
 class Config(_Message):

@@ -40,8 +40,14 @@ from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, influxql
 from hub.errors import InvalidMessage
 from hub.measurements import MeasurementSchemas, ReadingLimits
-from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame
-from hub.readings import MAX_REASON_CHARS, MAX_REASONS_PER_READING, prepare_readings
+from hub.protocol import (
+    MAX_REASON_CHARS,
+    MAX_REASONS_PER_READING,
+    ReadingsFrame,
+    TelegrafFrame,
+    decode_frame,
+)
+from hub.readings import prepare_readings
 from schemas.messages import Ack
 from tests.support import HubProcess, add_device, hub_settings
 

@@ -17,9 +17,8 @@ import pytest
 
 from hub.errors import InvalidMessage
 from hub.measurements import MeasurementSchemas, ReadingLimits, load_schema_file
-from hub.protocol import ReadingsFrame, decode_frame
+from hub.protocol import MAX_REASON_CHARS, ReadingsFrame, decode_frame
 from hub.readings import (
-    MAX_REASON_CHARS,
     REASONS_BUDGET_CHARS,
     REASONS_OMITTED,
     prepare_readings,
@@ -100,7 +99,7 @@ GOOD_READING = {"name": "m", "fields": {"x": 1.0}}
 @pytest.mark.parametrize(
     ("where", "depth"),
     # The least depth too deep for 4 levels in each place; the reading itself is level 3.
-    [("reading", 3), ("field", 1), ("tags", 1), ("other_key", 2)],
+    [("field", 1), ("tags", 1), ("other_key", 2)],
 )
 def test_deep_reading_makes_the_frame_invalid(where: str, depth: int) -> None:
     """A reading nesting past the frame's limit refuses the frame, wherever the nesting is.
@@ -109,7 +108,6 @@ def test_deep_reading_makes_the_frame_invalid(where: str, depth: int) -> None:
     the refusal comes from there; the frame's other keys are checked while decoding.
     """
     bad: Any = {
-        "reading": nested(depth),
         "field": {"name": "m", "fields": {"x": nested(depth)}},
         "tags": {"name": "m", "tags": {"t": nested(depth)}, "fields": {"x": 1.0}},
         "other_key": {**GOOD_READING, "extra": nested(depth)},
@@ -120,6 +118,12 @@ def test_deep_reading_makes_the_frame_invalid(where: str, depth: int) -> None:
     # ignores, accepted), and the good one accepted.
     expected = (2, []) if where == "other_key" else (1, [1])
     assert decode_and_prepare(message(GOOD_READING, bad), max_depth=5) == expected
+
+
+def test_reading_that_is_a_deep_array_is_rejected_not_looked_into() -> None:
+    """A reading that is an array is rejected as it is, however deep it nests (up to what
+    msgpack decodes): a large frame's scan never builds one, so its depth is not known."""
+    assert decode_and_prepare(message(GOOD_READING, nested(50)), max_depth=4) == (1, [1])
 
 
 def test_reading_deeper_than_msgpack_builds_is_invalid_while_decoding() -> None:

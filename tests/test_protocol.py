@@ -14,10 +14,10 @@ from hub.errors import InvalidMessage
 from hub.protocol import (
     ReadingsFrame,
     TelegrafFrame,
-    _plain_readings_envelope,
     decode_frame,
     encode,
     encode_ack,
+    plain_readings_envelope,
 )
 from schemas.messages import Ack, ConfigAck, ReadingsMessage, Rejection
 
@@ -105,7 +105,8 @@ def test_encode_ack_is_the_ack_models_encoding(
 ) -> None:
     """The hot path's ack encoder gives exactly the bytes of the `Ack` model's encoding."""
     model = Ack(seq=seq, accepted=accepted, rejected=rejected)
-    assert encode_ack(seq, accepted, rejected) == encode(model)
+    reasons = {rejection.index: rejection.errors for rejection in rejected}
+    assert encode_ack(seq, accepted, reasons) == encode(model)
 
 
 _MISSING = object()
@@ -138,7 +139,7 @@ def test_plain_envelope_check_accepts_what_the_model_accepts(
         model = ReadingsMessage[Any].model_validate(message)
     except ValidationError:
         model = None
-    plain = _plain_readings_envelope(message)
+    plain = plain_readings_envelope(message)
     if model is None:
         assert plain is None
     else:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from hub.errors import RegistryError, UnknownDevice
-from hub.registry import MAX_CONFIG_BYTES, DeviceChange, Presence, Registry
+from hub.registry import DeviceChange, Presence, Registry
+from schemas.messages import MAX_HUB_FRAME_BYTES
 
 
 @pytest.fixture
@@ -95,8 +96,8 @@ def test_unknown_device_changes_nobody(registry: Registry) -> None:
 
 def test_oversized_config_is_refused(registry: Registry) -> None:
     """A config over the size limit is refused and the version stays."""
-    with pytest.raises(RegistryError, match="over"):
-        registry.set_config(["a"], updates={"blob": "x" * MAX_CONFIG_BYTES})
+    with pytest.raises(RegistryError, match="at most 65536"):
+        registry.set_config(["a"], updates={"blob": "x" * MAX_HUB_FRAME_BYTES})
     assert registry.config_state("a").version == 0
 
 

@@ -186,6 +186,15 @@ def test_ack_schema_requires_every_key_the_hub_sends() -> None:
     assert set(_committed("ack.schema.json")["required"]) == set(sent)
 
 
+def test_ack_schema_has_rejected_ranges_as_optional() -> None:
+    """`rejected_ranges` is described, and optional: the hub sends it only when needed."""
+    schema = _committed("ack.schema.json")
+    assert "rejected_ranges" in schema["properties"]
+    assert "rejected_ranges" not in schema["required"]
+    with_ranges = Ack(seq=1, accepted=0, rejected_ranges=[(0, 4)]).model_dump()
+    assert with_ranges["rejected_ranges"] == [(0, 4)]
+
+
 def test_check_lists_missing_files_and_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
