@@ -11,6 +11,12 @@ spool instead of waiting on it. A replayer writes the spool back in order, with 
 beside the live writers, so neither a backlog nor live traffic starves the other. Batches
 InfluxDB refuses for good (400, 422, ...) go to the dead-letter file.
 
+Each batch remembers the dialect its lines were formatted for (`hub.dialects`), in the spool
+too. One written to a server of another kind (a spool replayed after the hub was pointed
+elsewhere, or lines formatted before the server first answered) is re-checked first
+(`hub.reformat`): each point is spelled for that server, and the points it cannot store
+exactly go to the dead-letter file with the reason, never to the server as other points.
+
 Without a spool (or while it is full) a failed batch is retried with capped exponential
 backoff and jitter and stays unacknowledged. `submit` waits while the pipeline holds
 `max_pending_readings`, which stops connections from reading: memory stays bounded, and
@@ -28,9 +34,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hub.dialects import Dialect
 from hub.errors import PermanentWriteError, TransientWriteError, WriteError
 from hub.influx import Sink
 from hub.metrics import HubMetrics
+from hub.reformat import reformat_batch
 from hub.settings import Settings
 from hub.spool import Spool
 
@@ -51,9 +59,14 @@ class PipelineCounters:
 
 @dataclass(eq=False)
 class _Batch:
+    dialect: Dialect = Dialect.STRICT
     chunks: list[str] = field(default_factory=list)
     count: int = 0
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+_Lines = tuple[bytes, int, Dialect | None]
+"""A batch's body, its points, and the dialect it is formatted for (None: not known here)."""
 
 
 class DeadLetterFile:
@@ -117,9 +130,9 @@ class Pipeline:
         return self._healthy
 
     @property
-    def multiline_strings(self) -> bool:
-        """Whether string field values may hold line feeds (only when the server is InfluxDB)."""
-        return self.sink is not None and self.sink.multiline_strings
+    def dialect(self) -> Dialect:
+        """The dialect to format lines in: the server's, STRICT while it is not known."""
+        return self.sink.dialect if self.sink is not None else Dialect.STRICT
 
     def start(self) -> None:
         """Start the write workers, and the replayer when there is a spool and a sink."""
@@ -134,25 +147,36 @@ class Pipeline:
         """Whether `submit` of `count` points would go through now, without waiting."""
         return self._pending == 0 or self._pending + count <= self.settings.max_pending_readings
 
-    async def submit(self, lines: str, count: int) -> asyncio.Future[None]:
-        """Queue `count` points (newline-separated `lines`); the future completes when durable.
+    async def submit(
+        self, lines: str, count: int, dialect: Dialect | None = None
+    ) -> asyncio.Future[None]:
+        """Queue `count` points (newline-separated `lines`, formatted for `dialect`, by
+        default `self.dialect`); the future completes when durable.
 
         Waits while the pipeline is full. One message larger than the whole limit is let in
         alone rather than never.
         """
+        if dialect is None:  # the dialect the lines were formatted with, before any wait
+            dialect = self.dialect
         if not self.has_room(count):  # the lock and its wait only when full
             async with self._room:
                 await self._room.wait_for(lambda: self.has_room(count))
-        return self.submit_nowait(lines, count)
+        return self.submit_nowait(lines, count, dialect)
 
-    def submit_nowait(self, lines: str, count: int) -> asyncio.Future[None]:
+    def submit_nowait(
+        self, lines: str, count: int, dialect: Dialect | None = None
+    ) -> asyncio.Future[None]:
         """`submit` when `has_room(count)`, without waiting (the caller checked)."""
         self._pending += count
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         batch = self._current
+        dialect = dialect or self.dialect
+        if batch is not None and batch.dialect is not dialect:  # one dialect a batch
+            self._seal_if_current(batch)
+            batch = None
         if batch is None:
-            batch = self._current = _Batch()
+            batch = self._current = _Batch(dialect)
             loop.call_later(self.settings.flush_interval_s, self._seal_if_current, batch)
         batch.chunks.append(lines)
         batch.count += count
@@ -210,7 +234,7 @@ class Pipeline:
             self._room.notify_all()
 
     async def _make_durable(self, batch: _Batch) -> None:
-        body = "\n".join(batch.chunks).encode("utf-8")
+        lines: _Lines = ("\n".join(batch.chunks).encode("utf-8"), batch.count, batch.dialect)
         attempt = 0
         spool_refused = False
         while True:
@@ -219,16 +243,18 @@ class Pipeline:
             # spool cannot take this batch either: then nobody else would try InfluxDB.
             if self.sink is not None and (self._healthy or self.spool is None or spool_refused):
                 try:
-                    await self._write(body, batch.count)
+                    lines = await self._for_server(lines)
+                    if lines[1]:
+                        await self._write(lines[0], lines[1])
                     return
                 except TransientWriteError as exc:
                     retry_after = exc.retry_after
                     self._unhealthy(exc)
                 except PermanentWriteError as exc:
-                    self._dead_letter(body, batch.count, exc)
+                    self._dead_letter(lines[0], lines[1], exc)
                     return
             if self.spool is not None:
-                if await self._to_spool(body, batch.count):
+                if await self._to_spool(*lines):
                     return
                 spool_refused = True
             self.counters.retries += 1
@@ -257,11 +283,13 @@ class Pipeline:
         self._healthy_again()
         log.debug("wrote %d points in %.1f ms", count, (time.monotonic() - started) * 1000)
 
-    async def _to_spool(self, body: bytes, count: int) -> bool:
+    async def _to_spool(self, body: bytes, count: int, dialect: Dialect | None) -> bool:
         assert self.spool is not None
         try:
             async with self._spool_lock:
-                stored = await asyncio.to_thread(self.spool.append, body, count)
+                stored = await asyncio.to_thread(
+                    self.spool.append, body, count, dialect or Dialect.STRICT
+                )
         except OSError as exc:  # a full or failing disk: keep the batch, acks wait
             log.error("cannot write to the spool at %s: %s", self.spool.directory, exc)
             stored = False
@@ -276,6 +304,7 @@ class Pipeline:
     async def _replay(self) -> None:
         assert self.spool is not None
         attempt = 0
+        checked: tuple[tuple[int, int], _Lines] | None = None  # re-checked once, not per retry
         while True:
             self._spooled.clear()
             try:
@@ -290,22 +319,49 @@ class Pipeline:
                 await self._spooled.wait()
                 continue
             try:
-                await self._write(batch.body, batch.points)
+                if checked is None or checked[0] != (batch.segment, batch.offset):
+                    lines = (batch.body, batch.points, batch.dialect)
+                    checked = ((batch.segment, batch.offset), await self._for_server(lines))
+                body, points, _ = checked[1]
+                if points:
+                    await self._write(body, points)
             except TransientWriteError as exc:
                 self._unhealthy(exc)
                 await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 attempt += 1
                 continue
             except PermanentWriteError as exc:
-                self._dead_letter(batch.body, batch.points, exc)
+                self._dead_letter(body, points, exc)
             else:
-                self.counters.points_replayed += batch.points
+                self.counters.points_replayed += points
             attempt = 0
             try:
                 async with self._spool_lock:
                     await asyncio.to_thread(self.spool.written, batch)
             except OSError as exc:  # the batch is in InfluxDB; only its file lingers
                 log.error("cannot delete a replayed spool segment: %s", exc)
+
+    async def _for_server(self, lines: _Lines) -> _Lines:
+        """The batch as the server must get it: re-checked if formatted for another kind of
+        server (see the module docstring); what it cannot store goes to the dead letters."""
+        assert self.sink is not None
+        await self.sink.detect()  # TransientWriteError while the server cannot be reached
+        body, count, source = lines
+        target = self.sink.dialect
+        if source is target:
+            return lines
+        if source is None:
+            reason = "formatted for a kind of server this hub does not know; not re-checked"
+            self._dead_letter(body, count, PermanentWriteError(reason))
+            return b"", 0, target
+        result = reformat_batch(body, source, target)
+        by_reason: dict[str, list[str]] = {}
+        for line, reason in result.refused:
+            by_reason.setdefault(reason, []).append(line)
+        for reason, refused in by_reason.items():
+            error = PermanentWriteError(f"not written: {reason}")
+            self._dead_letter("\n".join(refused).encode("utf-8"), len(refused), error)
+        return result.body, result.points, target
 
     def _dead_letter(self, body: bytes, count: int, exc: PermanentWriteError) -> None:
         self._dead_letters.append(body, exc)

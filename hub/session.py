@@ -29,7 +29,7 @@ from hub.protocol import (
     encode_ack,
 )
 from hub.ratelimit import TokenBucket
-from hub.readings import PreparedReadings, prepare_readings
+from hub.readings import PreparedReadings, TimeLimits, prepare_readings
 from hub.settings import Settings
 from schemas.codes import CloseCode
 from schemas.messages import Config, ConfigAck, ErrorMessage, Rejection
@@ -248,8 +248,9 @@ class DeviceSession:
             self.device_id,
             self.ns_per_unit,
             arrival_ns,
-            self.hub.pipeline.multiline_strings,
+            self.hub.pipeline.dialect,
             self.hub.settings.max_nesting_depth,
+            TimeLimits.of(self.hub.settings),
         )
 
     async def _send_acks(self, acks: asyncio.Queue[_PendingAck]) -> None:
