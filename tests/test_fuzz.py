@@ -38,10 +38,10 @@ from websockets.exceptions import ConnectionClosed
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, influxql
+from hub.dialects import Dialect
 from hub.errors import InvalidMessage
 from hub.measurements import MeasurementSchemas, ReadingLimits
 from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame
-from hub.dialects import Dialect
 from hub.readings import MAX_REASON_CHARS, MAX_REASONS_PER_READING, TimeLimits, prepare_readings
 from hub.settings import Settings
 from schemas.messages import Ack
