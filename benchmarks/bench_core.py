@@ -18,9 +18,11 @@ from collections.abc import Callable
 import msgpack
 
 from device_sim.sensors import SCHEMA_TOML
+from hub.dialects import Dialect
 from hub.measurements import MeasurementSchemas, SchemaFile
-from hub.protocol import ReadingsFrame, decode_frame
-from hub.readings import prepare_readings
+from hub.protocol import DEFAULT_MAX_DEPTH, ReadingsFrame, decode_frame
+from hub.readings import TimeLimits, prepare_readings
+from hub.settings import Settings
 
 
 def message(batch: int) -> bytes:
@@ -71,6 +73,8 @@ def main() -> None:
     decoded = decode_frame(frame, 5000)
     assert isinstance(decoded, ReadingsFrame)
     readings = decoded.readings
+    # As the hub runs against InfluxDB 1.x with default settings: its dialect and time limits.
+    dialect, limits = Dialect.INFLUXDB_1, TimeLimits.of(Settings())
 
     def decode() -> object:
         return decode_frame(frame, 5000)
@@ -79,12 +83,23 @@ def main() -> None:
         return validator.validate(readings)
 
     def prepare() -> object:
-        return prepare_readings(readings, validator, "dev-1", 10**6, time.time_ns())
+        return prepare_readings(
+            readings, validator, "dev-1", 10**6, time.time_ns(), dialect, DEFAULT_MAX_DEPTH, limits
+        )
 
     def whole() -> object:
         event = decode_frame(frame, 5000)
         assert isinstance(event, ReadingsFrame)
-        return prepare_readings(event.readings, validator, "dev-1", 10**6, time.time_ns())
+        return prepare_readings(
+            event.readings,
+            validator,
+            "dev-1",
+            10**6,
+            time.time_ns(),
+            dialect,
+            DEFAULT_MAX_DEPTH,
+            limits,
+        )
 
     schema = "no schema" if args.no_schema else "the simulator's schema"
     print(f"{args.batch} readings a message, {len(frame)} bytes, {schema}")
