@@ -8,6 +8,9 @@ The hub writes to one server, and knows which kind (`hub.influx` asks its `/ping
 * `VICTORIA_METRICS`: VictoriaMetrics (the v2 API, the server says it is VictoriaMetrics).
 * `STRICT`: a server of unknown kind, or none yet (spool-only mode): the union of the
   InfluxDB 1.6.7 and VictoriaMetrics rules, so that its text reads back exactly on both.
+* `LEGACY`: never formatted for, only read: spool records of hubs before dialects, which
+  followed the strict rules but let line feeds into string values when the server was
+  InfluxDB.
 
 Each dialect has a spelling (how text is escaped) and its refusals. Two spellings exist:
 
@@ -43,6 +46,8 @@ influxdata/line-protocol's test corpus (tests/test_dialect_influxdb2.py). `R` = 
   \ before = or "           R             R in measurements same              -
                                           and (") field keys
 
+LEGACY has STRICT's column, except that it allows a line feed in a string value.
+
 In an INFLUXDB_1 field key InfluxDB's scanner pairs up backslashes while its unescaping
 does not: an even run of backslashes before a space, comma or `=` reads back exactly, an
 odd one splits the key. An empty tag value is left out in every dialect (InfluxDB refuses
@@ -60,6 +65,7 @@ class Dialect(enum.Enum):
     """The kind of server line protocol is written for (see the module docstring)."""
 
     STRICT = "strict"
+    LEGACY = "legacy"
     INFLUXDB_1 = "influxdb1"
     INFLUXDB_2 = "influxdb2"
     VICTORIA_METRICS = "victoriametrics"
@@ -72,7 +78,14 @@ class Dialect(enum.Enum):
     @property
     def multiline_strings(self) -> bool:
         """Whether a line feed inside a string field value is stored as text."""
-        return self in (Dialect.INFLUXDB_1, Dialect.INFLUXDB_2)
+        return self in (Dialect.INFLUXDB_1, Dialect.INFLUXDB_2, Dialect.LEGACY)
+
+    def reads_as(self, other: Dialect) -> bool:
+        """Whether every line formatted for this dialect is accepted by `other` and means the
+        same point there as written: the same dialect, or strict text for InfluxDB 1.x or
+        VictoriaMetrics (strict refuses all either refuses, and every backslash it lets
+        through comes before a character neither escapes)."""
+        return self is other or other in _READS_AS.get(self, ())
 
     @property
     def code(self) -> int:
@@ -90,10 +103,16 @@ _CODES = {
     Dialect.INFLUXDB_1: 1,
     Dialect.INFLUXDB_2: 2,
     Dialect.VICTORIA_METRICS: 3,
+    Dialect.LEGACY: 4,
 }
 _DIALECTS = {code: dialect for dialect, code in _CODES.items()}
 
-_INFLUX = (Dialect.STRICT, Dialect.INFLUXDB_1, Dialect.INFLUXDB_2)
+_READS_AS = {
+    Dialect.STRICT: (Dialect.INFLUXDB_1, Dialect.VICTORIA_METRICS),
+    Dialect.LEGACY: (Dialect.INFLUXDB_1,),  # its line feeds in strings split on VictoriaMetrics
+}
+_STRICT = (Dialect.STRICT, Dialect.LEGACY)
+_INFLUX = (Dialect.STRICT, Dialect.LEGACY, Dialect.INFLUXDB_1, Dialect.INFLUXDB_2)
 _BAD_AFTER_BACKSLASH = {"\\": "another backslash", " ": "a space", ",": "a comma"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A run of backslashes right before a space, comma or `=` (INFLUXDB_1 field keys).
@@ -128,7 +147,7 @@ def unrepresentable(text: str, dialect: Dialect = Dialect.STRICT) -> str | None:
         return None
     if text.endswith("\\"):
         return "ends with a backslash, which would escape the separator after it"
-    if dialect is Dialect.STRICT:
+    if dialect in _STRICT:
         start = text.find("\\")
         while start != -1:
             if (after := _BAD_AFTER_BACKSLASH.get(text[start + 1])) is not None:
@@ -155,7 +174,7 @@ def measurement_problem(name: str, dialect: Dialect = Dialect.STRICT) -> str | N
     if dialect in _INFLUX and "\\" in name:
         if "\\=" in name or '\\"' in name:
             return "has a backslash before '=' or '\"', which InfluxDB drops in a measurement"
-        if dialect is not Dialect.STRICT and ("\\ " in name or "\\," in name):
+        if dialect not in _STRICT and ("\\ " in name or "\\," in name):
             return "has a backslash before a space or comma, which splits an InfluxDB measurement"
     return None
 
@@ -173,11 +192,11 @@ def key_problem(key: str, what: str, dialect: Dialect = Dialect.STRICT) -> str |
     if field:
         if key[0] == "\t" and dialect in _INFLUX:
             return "starts with a tab, which InfluxDB strips"
-        if '"' in key and dialect in (Dialect.STRICT, Dialect.VICTORIA_METRICS):
+        if '"' in key and dialect in (*_STRICT, Dialect.VICTORIA_METRICS):
             return "contains '\"', which VictoriaMetrics misreads in a field key"
     if problem := unrepresentable(key, dialect):
         return problem
-    if dialect is Dialect.STRICT:
+    if dialect in _STRICT:
         if "\\=" in key:
             return f"has a backslash before '=', which does not read back exactly in a {what}"
     elif field and dialect is not Dialect.VICTORIA_METRICS and "\\" in key:

@@ -172,7 +172,7 @@ class Pipeline:
         done: asyncio.Future[None] = loop.create_future()
         batch = self._current
         dialect = dialect or self.dialect
-        if batch is not None and batch.dialect is not dialect:  # one dialect a batch
+        if batch is not None and not dialect.reads_as(batch.dialect):  # one dialect a batch
             self._seal_if_current(batch)
             batch = None
         if batch is None:
@@ -348,7 +348,7 @@ class Pipeline:
         await self.sink.detect()  # TransientWriteError while the server cannot be reached
         body, count, source = lines
         target = self.sink.dialect
-        if source is target:
+        if source is not None and source.reads_as(target):
             return lines
         if source is None:
             reason = "formatted for a kind of server this hub does not know; not re-checked"

@@ -23,6 +23,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from hub.dialects import Dialect
 from hub.errors import ConfigError
 from hub.handshake import Handshake, HandshakeRefused, read_credentials
 from hub.logs import RedactingFilter, device_extra
@@ -327,7 +328,8 @@ class Hub:
             self.presence.flush()
             events = self.presence.take_events()
             if events:
-                await self.pipeline.submit("\n".join(events), len(events))
+                # Formatted with format_point's default, the strict dialect.
+                await self.pipeline.submit("\n".join(events), len(events), Dialect.STRICT)
         except Exception:  # presence must never stop the hub
             log.exception("recording presence failed")
 

@@ -236,7 +236,9 @@ class DeviceSession:
             return pipeline.submit_nowait(lines, count)
         limit = self.hub.settings.overload_close_s
         try:
-            return await asyncio.wait_for(pipeline.submit(lines, count), limit)
+            # The dialect the lines were just formatted in, taken now: the task starts later.
+            submitted = pipeline.submit(lines, count, pipeline.dialect)
+            return await asyncio.wait_for(submitted, limit)
         except TimeoutError:
             raise Overloaded(f"the hub is overloaded (waited {limit:g} s); retry later") from None
 

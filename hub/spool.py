@@ -9,8 +9,8 @@ its whole segment has been written to InfluxDB. Each record is
 little-endian, the CRC covering points, time, dialect and payload. The dialect is the kind
 of server the payload was formatted for (`Dialect.code`), so that a batch replayed to a
 server of another kind is re-checked first (`hub.reformat`). Records of older hubs, magic
-"HSP1" without the dialect byte, still replay: they were formatted with the strict rules
-(`Dialect.STRICT`, line feeds in string values allowed when the server was InfluxDB).
+"HSP1" without the dialect byte, still replay: they were formatted with the strict rules,
+line feeds in string values allowed when the server was InfluxDB (`Dialect.LEGACY`).
 
 On open every segment is scanned; a record that is cut short or fails its CRC (a torn write
 at power loss) ends that segment: it is reported once with the bytes skipped, and the
@@ -41,7 +41,7 @@ _HEADER = struct.Struct("<4sIIIdB")
 _CHECKED = struct.Struct("<IdB")
 _LEGACY_HEADER = struct.Struct("<4sIIId")
 _LEGACY_CHECKED = struct.Struct("<Id")
-_LEGACY_CODE = Dialect.STRICT.code
+_LEGACY_CODE = Dialect.LEGACY.code
 
 _Record = tuple[int, int, int, float, int, int]
 """(offset, payload length, points, written_at, header size, dialect code) of a record."""

@@ -143,3 +143,41 @@ def test_same_dialect_is_unchanged() -> None:
     body = "\n".join(format_point(*point, Dialect.INFLUXDB_1) for point in points).encode()
     result = reformat_batch(body, Dialect.INFLUXDB_1, Dialect.INFLUXDB_1)
     assert (result.body, result.points, result.refused) == (body, 50, [])
+
+
+READS_AS = [(a, b) for a, b in PAIRS if a is not b and a.reads_as(b)]
+
+
+@pytest.mark.parametrize(("source", "target"), READS_AS, ids=lambda d: d.value)
+def test_text_is_accepted_as_it_is_where_the_dialect_says_it_reads_as_it(
+    source: Dialect, target: Dialect
+) -> None:
+    """Why the pipeline writes such lines unchanged: the target accepts each of them in the
+    same spelling or one it reads as the same points (see the strict test above)."""
+    points = accepted(source, 150, seed=3)
+    for point in points:
+        format_point(*point, target)  # raises ValueError if refused
+    for point in points:
+        parsed, _ = parse_point(format_point(*point, source), 0, target)
+        assert (parsed.measurement, parsed.tags, parsed.fields, parsed.time_ns) == written(point)
+
+
+def test_only_strict_text_reads_as_another_dialect() -> None:
+    """Every other pair is re-checked: InfluxDB 2.x refuses names strict lets through, and
+    VictoriaMetrics splits the line feeds legacy spool records may hold."""
+    pairs = {(a, b) for a, b in PAIRS if a is not b and a.reads_as(b)}
+    assert pairs == {
+        (Dialect.STRICT, Dialect.INFLUXDB_1),
+        (Dialect.STRICT, Dialect.VICTORIA_METRICS),
+        (Dialect.LEGACY, Dialect.INFLUXDB_1),
+    }
+    assert refusal_free(Dialect.STRICT, "a\tb") and not refusal_free(Dialect.INFLUXDB_2, "a\tb")
+
+
+def refusal_free(dialect: Dialect, measurement: str) -> bool:
+    """Whether `dialect` accepts `measurement` as a measurement name."""
+    try:
+        format_point(measurement, {}, {"f": 1.0}, T, dialect)
+    except ValueError:
+        return False
+    return True

@@ -56,7 +56,8 @@ def test_a_batch_comes_back_with_its_dialect(tmp_path: Path) -> None:
 
 
 def test_old_spool_files_without_a_dialect_still_replay(tmp_path: Path) -> None:
-    """HSP1 records (no dialect byte) replay as strict, beside new records in one segment."""
+    """HSP1 records (no dialect byte) replay as legacy (strict rules, line feeds in strings),
+    beside new records in one segment."""
     old = legacy_record(b"m f=1 1", 1, 100.0) + legacy_record(b"m f=2 2\nm f=3 3", 2, 101.0)
     write_segment(tmp_path, 1, old)
     status = read_status(tmp_path)
@@ -73,8 +74,8 @@ def test_old_spool_files_without_a_dialect_still_replay(tmp_path: Path) -> None:
         batches.append((batch.body, batch.points, batch.dialect))
         spool.written(batch)
     assert batches == [
-        (b"m f=1 1", 1, Dialect.STRICT),
-        (b"m f=2 2\nm f=3 3", 2, Dialect.STRICT),
+        (b"m f=1 1", 1, Dialect.LEGACY),
+        (b"m f=2 2\nm f=3 3", 2, Dialect.LEGACY),
         (b"m f=4 4", 1, Dialect.INFLUXDB_1),
     ]
 
