@@ -70,6 +70,10 @@ class Dialect(enum.Enum):
     INFLUXDB_2 = "influxdb2"
     VICTORIA_METRICS = "victoriametrics"
 
+    # Members are singletons compared by identity; Enum's own __hash__ is Python code, and
+    # format_point looks its caches up by dialect once per point.
+    __hash__ = object.__hash__
+
     @property
     def doubles_backslashes(self) -> bool:
         """Whether this dialect writes every backslash in a name as two."""
