@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import itertools
 import random
-from typing import Any
 
 import pytest
 
@@ -16,6 +15,7 @@ from hub.reformat import parse_point, reformat_batch
 T = 1_700_000_000_000_000_000
 ALPHABET = "ab ,=\"'\\\t#_ü温😀\r\n\0"
 PAIRS = list(itertools.product(Dialect, Dialect))
+Point = tuple[str, dict[str, str], dict[str, FieldValue], int]
 
 
 def random_point(rng: random.Random) -> tuple[str, dict[str, str], dict[str, FieldValue]]:
@@ -35,11 +35,12 @@ def random_point(rng: random.Random) -> tuple[str, dict[str, str], dict[str, Fie
 
 
 @functools.cache
-def accepted(dialect: Dialect, count: int, seed: int) -> list[tuple[Any, ...]]:
+def accepted(dialect: Dialect, count: int, seed: int) -> list[Point]:
     """`count` random points `dialect` accepts, with their times (made once per arguments)."""
-    rng, points = random.Random(seed), []
+    rng, points = random.Random(seed), list[Point]()
     while len(points) < count:
-        point = (*random_point(rng), T + len(points))
+        measurement, tags, fields = random_point(rng)
+        point: Point = (measurement, tags, fields, T + len(points))
         try:
             format_point(*point, dialect)
         except ValueError:
@@ -48,7 +49,7 @@ def accepted(dialect: Dialect, count: int, seed: int) -> list[tuple[Any, ...]]:
     return points
 
 
-def written(point: tuple[Any, ...]) -> tuple[Any, ...]:
+def written(point: Point) -> Point:
     """The point as it is stored: empty tag values are left out."""
     measurement, tags, fields, time_ns = point
     return measurement, {k: v for k, v in tags.items() if v}, fields, time_ns
