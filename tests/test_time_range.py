@@ -4,6 +4,9 @@ set?") or more than `max_future_s` ahead of the hub's clock ("in the future").""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -220,3 +223,16 @@ async def test_a_reload_changes_the_limits_for_an_open_connection(
     assert [row["time"] // MS for row in points(influxdb, influx_db_name, "unset")] == [
         Y2000_MS + n for n in range(3)
     ]
+
+
+def test_hub_serve_takes_them_as_flags_and_names_a_bad_one(tmp_path: Path) -> None:
+    """`hub serve --min-time yesterday` stops before serving, saying what is wrong."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "hub", "serve", "--state-dir", str(tmp_path), "--port", "0",
+         "--min-time", "yesterday", "--max-future-s", "60"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "min_time" in done.stderr and "not an RFC 3339 time" in done.stderr
+    assert load_settings(state_dir=tmp_path, min_time="", max_future_s=60.0).max_future_s == 60
