@@ -215,7 +215,7 @@ async def test_hostile_string_values_read_back_exactly(
 
 INJECTION = "x\nevil,device=other v=1 1"
 REFUSED = {
-    # A line feed ends the line; no escape exists (R5).
+    # A line feed ends the line; no escape exists.
     "lf_in_measurement": ("measurement", "a\nb"),
     "lf_in_tag_key": ("tag_key", "a\nb"),
     "lf_in_tag_value": ("tag_value", "a\nb"),
@@ -226,7 +226,7 @@ REFUSED = {
     "injection_in_field_key": ("field_key", "v=1 1\nevil,device=other v"),
     # A backslash before `"` in a field key.
     "backslash_dquote_in_field_key": ("field_key", 'a\\"b'),
-    # A trailing backslash escapes the separator after it (R2).
+    # A trailing backslash escapes the separator after it.
     "trailing_backslash_in_measurement": ("measurement", "a\\"),
     "trailing_backslash_in_tag_key": ("tag_key", "a\\"),
     "trailing_backslash_in_tag_value": ("tag_value", "a\\"),
@@ -240,12 +240,12 @@ REFUSED = {
     "backslash_equals_in_field_key": ("field_key", "a\\=b"),
     "backslash_space_in_field_key": ("field_key", "C:\\ dir"),
     "three_backslashes_comma_in_field_key": ("field_key", "a\\\\\\,b"),
-    # InfluxQL cannot quote CR or NUL (R7).
+    # InfluxQL cannot quote CR or NUL.
     "cr_in_measurement": ("measurement", "a\rb"),
     "cr_in_tag_value": ("tag_value", "a\rb"),
     "nul_in_tag_key": ("tag_key", "a\0b"),
     "nul_in_field_key": ("field_key", "a\0b"),
-    # Leading tab stripped (R8), leading `#` a comment (R9), empty (R10), `time` (R11).
+    # Leading tab stripped, leading `#` a comment, empty names, `time` refused or dropped.
     "leading_tab_in_measurement": ("measurement", "\tm"),
     "leading_tab_in_field_key": ("field_key", "\tf"),
     "leading_hash_in_measurement": ("measurement", "#m"),
