@@ -345,7 +345,11 @@ class Pipeline:
         """The batch as the server must get it: re-checked if formatted for another kind of
         server (see the module docstring); what it cannot store goes to the dead letters."""
         assert self.sink is not None
-        await self.sink.detect()  # TransientWriteError while the server cannot be reached
+        try:
+            await self.sink.detect()  # learns the kind of server on first contact
+        except WriteError as exc:  # counted as the write it stands for would have been
+            self.metrics.influx_error(exc.status)
+            raise
         body, count, source = lines
         target = self.sink.dialect
         if source is not None and source.reads_as(target):
