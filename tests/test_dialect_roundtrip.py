@@ -9,15 +9,29 @@ trips through both servers are in tests/test_lineprotocol_roundtrip.py.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from device_sim.local_servers import LocalServer, ServerError, http_request, influx_write
+from device_sim.client import DeviceClient
+from device_sim.local_servers import (
+    LocalServer,
+    ServerError,
+    http_request,
+    influx_write,
+    influxql,
+    vm_export,
+)
 from hub.dialects import Dialect
 from hub.lineprotocol import escape_measurement, escape_tag, format_field_value, format_point
+from hub.settings import Settings
+from schemas.messages import Ack
+from tests.support import add_device, hub_settings, running_hub
 from tests.test_lineprotocol_roundtrip import (
     POSITIONS,
     SAMPLES,
@@ -216,3 +230,46 @@ def test_victoria_metrics_random_texts_read_back_exactly(
     body = "\n".join(format_point(*p, t, Dialect.VICTORIA_METRICS) for p, t in timed)
     vm_write(victoria_metrics, api, db, body)
     assert vm_series(victoria_metrics, db) == expected_vm_series(timed, db)
+
+
+# --- through a running hub that picks the dialect itself ------------------------------------
+
+TRICKY_TAGS = ["C:\\ dir\\,x\\=y", "C:\\", "a\\\\b", 'v a,l=u"e\\ é']
+
+
+async def store_tricky(settings: Settings, measurement: str) -> Ack:
+    """One device sends a reading per tricky tag value; the ack."""
+    token = add_device(settings, "tricky")
+    now_ms = time.time_ns() // 10**6
+    readings = [
+        {"name": measurement, "time": now_ms + n, "tags": {"path": text}, "fields": {"v": n}}
+        for n, text in enumerate(TRICKY_TAGS)
+    ]
+    async with running_hub(settings) as service, DeviceClient(service.url, token) as device:
+        return await asyncio.wait_for(device.store(readings), 20)
+
+
+async def test_a_hub_on_victoria_metrics_stores_every_backslash_exactly(
+    tmp_path: Path, victoria_metrics: LocalServer
+) -> None:
+    """With influx_api auto the hub learns it writes to VictoriaMetrics and follows its rules:
+    all four values, a trailing backslash too, come back exactly."""
+    measurement = f"tricky_{uuid.uuid4().hex[:8]}"
+    ack = await store_tricky(hub_settings(tmp_path, victoria_metrics.url), measurement)
+    assert (ack.accepted, ack.rejected) == (len(TRICKY_TAGS), [])
+    series = vm_export(victoria_metrics.url, f'{{__name__="{measurement}_v"}}')
+    assert sorted(s["metric"]["path"] for s in series) == sorted(TRICKY_TAGS)
+
+
+async def test_a_hub_on_influxdb_1_stores_what_it_can_and_says_why_not_the_rest(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """On InfluxDB 1.6.7 the same readings are stored exactly but for the trailing backslash,
+    which is rejected in the ack with the reason."""
+    settings = hub_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name)
+    ack = await store_tricky(settings, "tricky")
+    assert ack.accepted == 3
+    ((index, errors),) = [(r.index, r.errors) for r in ack.rejected]
+    assert index == 1 and "ends with a backslash" in errors[0]
+    stored = influxql(influxdb.url, influx_db_name, 'SELECT "path", "v" FROM "tricky"')
+    assert sorted(row["path"] for row in stored) == sorted(t for t in TRICKY_TAGS if t != "C:\\")
