@@ -115,8 +115,13 @@ _READS_AS = {
     Dialect.STRICT: (Dialect.INFLUXDB_1, Dialect.VICTORIA_METRICS),
     Dialect.LEGACY: (Dialect.INFLUXDB_1,),  # its line feeds in strings split on VictoriaMetrics
 }
-_STRICT = (Dialect.STRICT, Dialect.LEGACY)
-_INFLUX = (Dialect.STRICT, Dialect.LEGACY, Dialect.INFLUXDB_1, Dialect.INFLUXDB_2)
+# Module constants and frozensets: attribute access on an Enum class and Enum properties are
+# Python code, and these rules run for every name not seen before.
+_VM = Dialect.VICTORIA_METRICS
+_V2 = Dialect.INFLUXDB_2
+_STRICT = frozenset({Dialect.STRICT, Dialect.LEGACY})
+_INFLUX = frozenset({Dialect.STRICT, Dialect.LEGACY, Dialect.INFLUXDB_1, Dialect.INFLUXDB_2})
+_QUOTE_IN_FIELD_KEY = frozenset({Dialect.STRICT, Dialect.LEGACY, Dialect.VICTORIA_METRICS})
 _BAD_AFTER_BACKSLASH = {"\\": "another backslash", " ": "a space", ",": "a comma"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A run of backslashes right before a space, comma or `=` (INFLUXDB_1 field keys).
@@ -126,8 +131,9 @@ _RUN_BEFORE_SEPARATOR = re.compile(r"(\\+)[ ,=]")
 def unrepresentable(text: str, dialect: Dialect = Dialect.STRICT) -> str | None:
     """Why `text` cannot be written exactly in any name position for `dialect`, or None.
 
-    These rules hold for measurements, tag keys, tag values and field keys alike; the
-    position rules are in `measurement_problem` and `key_problem`.
+    These rules hold for measurements, tag keys, tag values and field keys alike, and are
+    all the rules of a (non-empty) tag value; the other positions add theirs in
+    `measurement_problem` and `key_problem`.
     """
     if text.isascii() and text.isprintable():
         # Fast path: only the backslash rules can apply.
@@ -141,13 +147,13 @@ def unrepresentable(text: str, dialect: Dialect = Dialect.STRICT) -> str | None:
                 return "contains a carriage return, which InfluxQL cannot quote"
             if "\0" in text:
                 return "contains a NUL character, which InfluxQL cannot quote"
-        if dialect is Dialect.INFLUXDB_2 and _CONTROL.search(text):
+        if dialect is _V2 and _CONTROL.search(text):
             return "contains a control character, which InfluxDB 2 does not allow in names"
         try:
             text.encode()
         except UnicodeEncodeError:
             return "is not valid Unicode (lone surrogate)"
-    if dialect is Dialect.VICTORIA_METRICS or "\\" not in text:
+    if dialect is _VM or "\\" not in text:
         return None
     if text.endswith("\\"):
         return "ends with a backslash, which would escape the separator after it"
@@ -167,19 +173,20 @@ def measurement_problem(name: str, dialect: Dialect = Dialect.STRICT) -> str | N
     """Why `name` cannot be a measurement in `dialect`, or None."""
     if not name:
         return "is empty"
-    if name[0] == "#":
+    first = name[0]
+    if first == "#":
         return "starts with '#', which makes the line a comment that is silently dropped"
-    if name[0] == "\t" and dialect in _INFLUX:
+    if first == "\t" and dialect in _INFLUX:
         return "starts with a tab, which InfluxDB strips"
-    if name[0] == "_" and dialect is Dialect.INFLUXDB_2:
+    if first == "_" and dialect is _V2:
         return "starts with '_', which InfluxDB 2 reserves for its own names"
-    if problem := unrepresentable(name, dialect):
+    problem = unrepresentable(name, dialect)
+    if problem or "\\" not in name or dialect not in _INFLUX:
         return problem
-    if dialect in _INFLUX and "\\" in name:
-        if "\\=" in name or '\\"' in name:
-            return "has a backslash before '=' or '\"', which InfluxDB drops in a measurement"
-        if dialect not in _STRICT and ("\\ " in name or "\\," in name):
-            return "has a backslash before a space or comma, which splits an InfluxDB measurement"
+    if "\\=" in name or '\\"' in name:
+        return "has a backslash before '=' or '\"', which InfluxDB drops in a measurement"
+    if dialect not in _STRICT and ("\\ " in name or "\\," in name):
+        return "has a backslash before a space or comma, which splits an InfluxDB measurement"
     return None
 
 
@@ -187,23 +194,24 @@ def key_problem(key: str, what: str, dialect: Dialect = Dialect.STRICT) -> str |
     """Why `key` cannot be a `what` ("tag key" or "field key") in `dialect`, or None."""
     if not key:
         return "is empty"
-    if dialect is not Dialect.VICTORIA_METRICS:
+    if dialect is not _VM:
         if key == "time":
             return f"is 'time', which InfluxDB does not accept as a {what}"
-        if key[0] == "_" and dialect is Dialect.INFLUXDB_2:
+        if dialect is _V2 and key[0] == "_":
             return "starts with '_', which InfluxDB 2 reserves for its own names"
     field = what == "field key"
     if field:
         if key[0] == "\t" and dialect in _INFLUX:
             return "starts with a tab, which InfluxDB strips"
-        if '"' in key and dialect in (*_STRICT, Dialect.VICTORIA_METRICS):
+        if '"' in key and dialect in _QUOTE_IN_FIELD_KEY:
             return "contains '\"', which VictoriaMetrics misreads in a field key"
-    if problem := unrepresentable(key, dialect):
+    problem = unrepresentable(key, dialect)
+    if problem or "\\" not in key or dialect is _VM:
         return problem
     if dialect in _STRICT:
         if "\\=" in key:
             return f"has a backslash before '=', which does not read back exactly in a {what}"
-    elif field and dialect is not Dialect.VICTORIA_METRICS and "\\" in key:
+    elif field:
         if '\\"' in key:
             return "has a backslash before '\"', which InfluxDB drops in a field key"
         for run in _RUN_BEFORE_SEPARATOR.finditer(key):
@@ -213,11 +221,6 @@ def key_problem(key: str, what: str, dialect: Dialect = Dialect.STRICT) -> str |
                     "which splits an InfluxDB field key"
                 )
     return None
-
-
-def tag_value_problem(value: str, dialect: Dialect = Dialect.STRICT) -> str | None:
-    """Why `value` (not empty) cannot be a tag value in `dialect`, or None."""
-    return unrepresentable(value, dialect)
 
 
 def string_problem(value: str, dialect: Dialect = Dialect.STRICT) -> str | None:
