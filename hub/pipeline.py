@@ -358,7 +358,8 @@ class Pipeline:
             reason = "formatted for a kind of server this hub does not know; not re-checked"
             self._dead_letter(body, count, PermanentWriteError(reason))
             return b"", 0, target
-        result = reformat_batch(body, source, target)
+        # Rare (a change of server) but up to batch_size points: off the event loop.
+        result = await asyncio.to_thread(reformat_batch, body, source, target)
         by_reason: dict[str, list[str]] = {}
         for line, reason in result.refused:
             by_reason.setdefault(reason, []).append(line)
