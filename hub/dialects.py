@@ -43,8 +43,12 @@ influxdata/line-protocol's test corpus (tests/test_dialect_influxdb2.py). `R` = 
   \ before \ , or space     R (disagree)  - in tags; R in   same as           -
                                           measurements; in  INFLUXDB_1
                                           field keys, see below
-  \ before = or "           R             R in measurements same              -
-                                          and (") field keys
+  \ before =                R but in tag  R in measure-     same as           -
+                            values        ments; field      INFLUXDB_1
+                                          keys: see below
+  \ before "                R in measure- R in measurements same as           -
+                            ments, field  and field keys    INFLUXDB_1
+                            keys
 
 LEGACY has STRICT's column, except that it allows a line feed in a string value.
 
