@@ -46,17 +46,19 @@ influxdata/line-protocol's test corpus (tests/test_dialect_influxdb2.py). `R` = 
   \ before =                R but in tag  R in measure-     same as           -
                             values        ments; field      INFLUXDB_1
                                           keys: see below
-  \ before "                R in measure- R in measurements same as           -
-                            ments, field  and field keys    INFLUXDB_1
-                            keys
+  \ before "                R in measure- R in measure-     R in measure-     -
+                            ments, field  ments (field      ments and
+                            keys          keys: `\\"`)      field keys
 
 LEGACY has STRICT's column, except that it allows a line feed in a string value.
 
 In an INFLUXDB_1 field key InfluxDB's scanner pairs up backslashes while its unescaping
 does not: an even run of backslashes before a space, comma or `=` reads back exactly, an
-odd one splits the key. An empty tag value is left out in every dialect (InfluxDB refuses
-`t=`; a missing tag matches `WHERE t = ''`). String values are always quoted with `\` and
-`"` escaped, which every server reads back exactly.
+odd one splits the key. Its field keys unescape `\"`, so INFLUXDB_1 writes a `"` in a field
+key as `\"` (measured: `a\"b` reads back only when written `a\\"b`). An empty tag value is
+left out in every dialect (InfluxDB refuses `t=`; a missing tag matches `WHERE t = ''`).
+String values are always quoted with `\` and `"` escaped, which every server reads back
+exactly.
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class Dialect(enum.Enum):
     def doubles_backslashes(self) -> bool:
         """Whether this dialect writes every backslash in a name as two."""
         return self is Dialect.VICTORIA_METRICS
+
+    @property
+    def escapes_quotes_in_field_keys(self) -> bool:
+        """Whether this dialect writes `"` in a field key as `\\"` (InfluxDB 1.x unescapes it)."""
+        return self is Dialect.INFLUXDB_1
 
     @property
     def multiline_strings(self) -> bool:
@@ -216,8 +223,8 @@ def key_problem(key: str, what: str, dialect: Dialect = Dialect.STRICT) -> str |
         if "\\=" in key:
             return f"has a backslash before '=', which does not read back exactly in a {what}"
     elif field:
-        if '\\"' in key:
-            return "has a backslash before '\"', which InfluxDB drops in a field key"
+        if '\\"' in key and dialect is _V2:
+            return "has a backslash before '\"', which InfluxDB 2 parsers read differently"
         for run in _RUN_BEFORE_SEPARATOR.finditer(key):
             if len(run.group(1)) % 2:
                 return (

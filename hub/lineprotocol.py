@@ -27,6 +27,7 @@ __all__ = [
     "CACHE_LIMIT",
     "Dialect",
     "FieldValue",
+    "escape_field_key",
     "escape_measurement",
     "escape_tag",
     "format_field_value",
@@ -53,6 +54,7 @@ _CACHES: dict[Dialect, _Caches] = {dialect: ({}, {}, {}) for dialect in Dialect}
 
 
 _DOUBLING = Dialect.VICTORIA_METRICS  # Dialect.doubles_backslashes, without the property call
+_QUOTING = Dialect.INFLUXDB_1  # Dialect.escapes_quotes_in_field_keys, likewise
 
 
 def escape_measurement(name: str, dialect: Dialect = Dialect.STRICT) -> str:
@@ -73,6 +75,15 @@ def escape_tag(text: str, dialect: Dialect = Dialect.STRICT) -> str:
     if " " in text or "," in text or "=" in text:
         return text.translate(_TAG_ESCAPES)
     return text
+
+
+def escape_field_key(key: str, dialect: Dialect = Dialect.STRICT) -> str:
+    """Escape a field key: as a tag key, and for InfluxDB 1.x `"` too, which its field keys
+    unescape (so `a\\"b` can only be written as `a\\\\"b`)."""
+    escaped = escape_tag(key, dialect)
+    if dialect is _QUOTING and '"' in key:
+        return escaped.replace('"', '\\"')
+    return escaped
 
 
 def format_field_value(value: FieldValue) -> str:
@@ -140,7 +151,7 @@ def _escaped_tag_set(items: tuple[tuple[str, str], ...], dialect: Dialect) -> st
 def _escaped_field_key(key: str, dialect: Dialect) -> str:
     if problem := key_problem(key, "field key", dialect):
         raise ValueError(f"field key {key!r} {problem}")
-    return _cache_put(_CACHES[dialect][2], key, escape_tag(key, dialect) + "=")
+    return _cache_put(_CACHES[dialect][2], key, escape_field_key(key, dialect) + "=")
 
 
 def format_point(

@@ -21,6 +21,7 @@ from hub.lineprotocol import FieldValue, format_point
 
 _MEASUREMENT_ESCAPABLE = frozenset(", ")
 _KEY_ESCAPABLE = frozenset(", =")
+_QUOTED_FIELD_KEY_ESCAPABLE = frozenset(', ="')  # Dialect.escapes_quotes_in_field_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,9 @@ def _point_args(point: ParsedPoint) -> tuple[str, dict[str, str], dict[str, Fiel
 def parse_point(text: str, position: int, dialect: Dialect) -> tuple[ParsedPoint, int]:
     """The point of the line at `position` in `text`, and where that line ends."""
     doubled = dialect.doubles_backslashes
+    field_keys = (
+        _QUOTED_FIELD_KEY_ESCAPABLE if dialect.escapes_quotes_in_field_keys else _KEY_ESCAPABLE
+    )
     measurement, position = _name(text, position, _MEASUREMENT_ESCAPABLE, ", ", doubled)
     tags: dict[str, str] = {}
     while _at(text, position) == ",":
@@ -84,7 +88,7 @@ def parse_point(text: str, position: int, dialect: Dialect) -> tuple[ParsedPoint
     fields: dict[str, FieldValue] = {}
     separator = " "
     while _at(text, position) == separator:
-        key, position = _name(text, position + 1, _KEY_ESCAPABLE, "=", doubled)
+        key, position = _name(text, position + 1, field_keys, "=", doubled)
         _expect(text, position, "=")
         fields[key], position = _field_value(text, position + 1)
         separator = ","

@@ -66,7 +66,7 @@ def test_influxdb_1_refuses_a_trailing_backslash_everywhere(value: str) -> None:
         ("a\\\\,b", False),
         ("a\\=b", True),
         ("a\\\\=b", False),
-        ('a\\"b', True),
+        ('a\\"b', False),
         ('a"b', False),
         ("a\\\\b", False),
     ],

@@ -28,7 +28,13 @@ from device_sim.local_servers import (
     vm_export,
 )
 from hub.dialects import Dialect
-from hub.lineprotocol import escape_measurement, escape_tag, format_field_value, format_point
+from hub.lineprotocol import (
+    escape_field_key,
+    escape_measurement,
+    escape_tag,
+    format_field_value,
+    format_point,
+)
 from hub.settings import Settings
 from schemas.messages import Ack
 from tests.support import add_device, hub_settings, running_hub
@@ -73,7 +79,7 @@ def naive_line(point: Point, time_ns: int, dialect: Dialect) -> str:
     )
     tag_text = "".join(f",{k}={v}" for k, v in sorted(tags, key=lambda kv: kv[0].encode()))
     fields = ",".join(
-        f"{escape_tag(k, dialect)}={format_field_value(v)}" for k, v in point.fields.items()
+        f"{escape_field_key(k, dialect)}={format_field_value(v)}" for k, v in point.fields.items()
     )
     return f"{escape_measurement(point.measurement, dialect)}{tag_text} {fields} {time_ns}"
 

@@ -60,7 +60,16 @@ ROUND_TRIP = {
     # One reading holds them all: at most max_tags_per_reading (32) with `device`.
     "tag_key": [*EVERYWHERE, *DQUOTE, *IN_TAGS, "#lead", "\tlead", 'a\\"b'],
     "tag_value": [*EVERYWHERE, *DQUOTE, *BACKSLASHES, *IN_TAGS, "#lead", "\tlead", 'a\\"b', "time"],
-    "field_key": [*EVERYWHERE, *DQUOTE, *BACKSLASHES, "#lead", "a\\\\ b", "a\\\\,b"],
+    "field_key": [
+        *EVERYWHERE,
+        *DQUOTE,
+        *BACKSLASHES,
+        "#lead",
+        "a\\\\ b",
+        "a\\\\,b",
+        'a\\"b',
+        '\\"',
+    ],
     "string_value": [
         *EVERYWHERE,
         *DQUOTE,
@@ -224,8 +233,6 @@ REFUSED = {
     "injection_in_tag_key": ("tag_key", INJECTION),
     "injection_in_measurement": ("measurement", "m v=1 1\nevil,device=other v=1"),
     "injection_in_field_key": ("field_key", "v=1 1\nevil,device=other v"),
-    # A backslash before `"` in a field key.
-    "backslash_dquote_in_field_key": ("field_key", 'a\\"b'),
     # A trailing backslash escapes the separator after it.
     "trailing_backslash_in_measurement": ("measurement", "a\\"),
     "trailing_backslash_in_tag_key": ("tag_key", "a\\"),
