@@ -25,11 +25,13 @@ from collections.abc import Callable
 import msgpack
 
 from device_sim.sensors import SCHEMA_TOML
+from hub.dialects import Dialect
 from hub.fieldtypes import FieldTypes
 from hub.frames import FrameLimits, SlicedReadings, decode_device_frame
 from hub.measurements import MeasurementSchemas, SchemaFile
-from hub.protocol import ReadingsFrame, decode_frame, encode_ack
-from hub.readings import PreparedReadings, prepare_readings
+from hub.protocol import DEFAULT_MAX_DEPTH, ReadingsFrame, decode_frame, encode_ack
+from hub.readings import PreparedReadings, TimeLimits, prepare_readings
+from hub.settings import Settings
 from hub.slices import prepare_in_slices
 
 
@@ -92,6 +94,8 @@ def main() -> None:
     assert isinstance(decoded, ReadingsFrame)
     readings = decoded.readings
     field_types = None if args.no_field_types else FieldTypes()
+    # As the hub runs against InfluxDB 1.x with default settings: its dialect and time limits.
+    dialect, limits = Dialect.INFLUXDB_1, TimeLimits.of(Settings())
 
     def decode() -> object:
         return decode_frame(frame, 5000)
@@ -101,27 +105,41 @@ def main() -> None:
 
     def prepare() -> object:
         return prepare_readings(
-            readings, validator, "dev-1", 10**6, time.time_ns(), field_types=field_types
+            readings,
+            validator,
+            "dev-1",
+            10**6,
+            time.time_ns(),
+            dialect,
+            DEFAULT_MAX_DEPTH,
+            limits,
+            field_types,
         )
 
-    limits = FrameLimits(max_readings=5000)
+    frame_limits = FrameLimits(max_readings=5000)
 
     def whole() -> object:
         arrival_ns = time.time_ns()
-        event = decode_device_frame(frame, limits)
-        if isinstance(event, ReadingsFrame):
-            prepared = prepare_readings(
-                event.readings, validator, "dev-1", 10**6, arrival_ns, field_types=field_types
+        event = decode_device_frame(frame, frame_limits)
+
+        def part(items: list[object], first: int) -> PreparedReadings:
+            return prepare_readings(
+                items,
+                validator,
+                "dev-1",
+                10**6,
+                arrival_ns + first,
+                dialect,
+                DEFAULT_MAX_DEPTH,
+                limits,
+                field_types,
             )
+
+        if isinstance(event, ReadingsFrame):
+            prepared = part(event.readings, 0)
         else:
             assert isinstance(event, SlicedReadings)
-
-            def part(items: list[object], first: int) -> PreparedReadings:
-                return prepare_readings(
-                    items, validator, "dev-1", 10**6, arrival_ns + first, field_types=field_types
-                )
-
-            steps = prepare_in_slices(event.readings, part, limits)
+            steps = prepare_in_slices(event.readings, part, frame_limits)
             while True:
                 try:
                     next(steps)

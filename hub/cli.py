@@ -65,6 +65,13 @@ def serve(
         InfluxApi | None, typer.Option(help="Write API: auto asks /ping [auto].")
     ] = None,
     schemas: Annotated[Path | None, typer.Option(help="Measurement schema file (TOML).")] = None,
+    min_time: Annotated[
+        str | None,
+        typer.Option(help='Refuse readings timed earlier (RFC 3339; "" for none) [2015-01-01].'),
+    ] = None,
+    max_future_s: Annotated[
+        float | None, typer.Option(help="Refuse readings timed further ahead, in s [3600].")
+    ] = None,
     log_level: Annotated[LogLevel | None, typer.Option(help="Log level [INFO].")] = None,
     log_format: Annotated[
         LogFormat | None, typer.Option(help="Log lines as text or JSON [text].")
@@ -95,6 +102,8 @@ def serve(
         "influx_token": influx_token,
         "influx_api": influx_api,
         "schemas": schemas,
+        "min_time": min_time,
+        "max_future_s": max_future_s,
         "log_level": log_level,
         "log_format": log_format,
         "health_host": health_host,

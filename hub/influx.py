@@ -17,6 +17,7 @@ from influxdb_client.client.exceptions import InfluxDBError
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.domain.write_precision import WritePrecision
 
+from hub.dialects import Dialect
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.settings import Settings
 
@@ -36,9 +37,11 @@ class Sink(Protocol):
         """Which API it writes with."""
 
     @property
-    def multiline_strings(self) -> bool:
-        """Whether the server reads a line feed inside a string field value as text (InfluxDB
-        does; some servers speaking its protocol end the line there)."""
+    def dialect(self) -> Dialect:
+        """The kind of server, whose rules the lines written to it must follow."""
+
+    async def detect(self) -> None:
+        """Learn the kind of server if not known yet; TransientWriteError while unreachable."""
 
     async def write(self, body: bytes) -> None:
         """Store one batch of newline-separated points with nanosecond timestamps."""
@@ -74,7 +77,7 @@ class V1Sink:
     """InfluxDB 1.x `/write` (database and optional retention policy)."""
 
     name = "v1"
-    multiline_strings = True  # only InfluxDB 1.x serves this API
+    dialect = Dialect.INFLUXDB_1  # only InfluxDB 1.x serves this API
 
     def __init__(self, settings: Settings) -> None:
         assert settings.influx_url is not None
@@ -91,6 +94,9 @@ class V1Sink:
             self._auth = aiohttp.BasicAuth(user, password)
         self._timeout = aiohttp.ClientTimeout(total=settings.influx_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+
+    async def detect(self) -> None:
+        """Nothing to learn: the v1 API means InfluxDB 1.x."""
 
     async def write(self, body: bytes) -> None:
         """POST the batch to `/write`."""
@@ -118,8 +124,8 @@ class V2Sink:
 
     name = "v2"
 
-    def __init__(self, settings: Settings, server_is_influxdb: bool = False) -> None:
-        self.multiline_strings = server_is_influxdb
+    def __init__(self, settings: Settings, dialect: Dialect = Dialect.STRICT) -> None:
+        self.dialect = dialect
         assert settings.influx_url is not None
         self._bucket = settings.influx_bucket
         self._org = settings.influx_org
@@ -127,6 +133,9 @@ class V2Sink:
         self._token = settings.influx_token
         self._timeout_ms = int(settings.influx_timeout_s * 1000)
         self._client: InfluxDBClientAsync | None = None
+
+    async def detect(self) -> None:
+        """Nothing to learn: the kind of server was given."""
 
     async def write(self, body: bytes) -> None:
         """Write the batch with `WriteApiAsync.write`."""
@@ -157,19 +166,36 @@ class V2Sink:
             await self._client.close()  # type: ignore[no-untyped-call]
 
 
-async def detect_api(url: str, timeout_s: float = 5.0) -> tuple[str, bool]:
-    """From `/ping`: `v1` for InfluxDB before 1.8 (no /api/v2/write), else `v2`; and
-    whether the server is InfluxDB itself (it names its version)."""
+async def detect_server(url: str, timeout_s: float = 5.0) -> tuple[str, Dialect]:
+    """The write API and the kind of server at `url`, from its `/ping` (and `/`).
+
+    `v1` for InfluxDB before 1.8 (no /api/v2/write), else `v2`. The dialect: InfluxDB 1.x
+    for v1; InfluxDB 2.x when `/ping` names an InfluxDB version or build (2.x, 3.x, Cloud,
+    1.8+); VictoriaMetrics when its start page says so (its `/ping` names nothing); else
+    STRICT, for a server of unknown kind.
+    """
+    base = url.rstrip("/")
     try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
-            session.get(url.rstrip("/") + "/ping") as response,
-        ):
-            version = response.headers.get("X-Influxdb-Version", "")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(base + "/ping") as response:
+                version = response.headers.get("X-Influxdb-Version", "")
+                build = response.headers.get("X-Influxdb-Build", "")
+            if version or build:
+                match = re.match(r"v?1\.(\d+)", version)
+                if match and int(match.group(1)) < 8:
+                    return "v1", Dialect.INFLUXDB_1
+                return "v2", Dialect.INFLUXDB_2
+            async with session.get(base + "/") as response:
+                start_page = await response.content.read(_START_PAGE_BYTES)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise TransientWriteError(f"cannot reach {url}/ping: {type(exc).__name__}") from None
-    match = re.match(r"v?1\.(\d+)", version)
-    return ("v1" if match and int(match.group(1)) < 8 else "v2"), bool(version)
+    if b"VictoriaMetrics" in start_page:
+        return "v2", Dialect.VICTORIA_METRICS
+    return "v2", Dialect.STRICT
+
+
+_START_PAGE_BYTES = 4096
+"""How much of a server's start page is read to see whether it names VictoriaMetrics."""
 
 
 class AutoSink:
@@ -188,18 +214,21 @@ class AutoSink:
         return self._inner.name if self._inner else "auto"
 
     @property
-    def multiline_strings(self) -> bool:
-        """As the detected sink says; False until the server has answered."""
-        return self._inner is not None and self._inner.multiline_strings
+    def dialect(self) -> Dialect:
+        """As the detected sink says; STRICT until the server has answered."""
+        return self._inner.dialect if self._inner is not None else Dialect.STRICT
 
     async def detect(self) -> None:
         """Ask `/ping` now; raises TransientWriteError while the server cannot be reached."""
         if self._inner is None:
-            api, is_influxdb = await detect_api(self._url)
-            self._inner = (
-                V1Sink(self._settings) if api == "v1" else V2Sink(self._settings, is_influxdb)
+            api, dialect = await detect_server(self._url)
+            self._inner = V1Sink(self._settings) if api == "v1" else V2Sink(self._settings, dialect)
+            log.info(
+                "InfluxDB at %s speaks the %s write API; lines follow the %s dialect",
+                self._url,
+                api,
+                dialect.value,
             )
-            log.info("InfluxDB at %s speaks the %s write API", self._url, api)
 
     async def write(self, body: bytes) -> None:
         """Detect if not done yet, then write."""
@@ -220,12 +249,12 @@ async def open_sink(settings: Settings) -> Sink:
     if settings.influx_api == "v1":
         return V1Sink(settings)
     if settings.influx_api == "v2":
-        # Only to learn whether the server is InfluxDB; not knowing is the cautious answer.
+        # Only to learn the kind of server; not knowing (STRICT) is the cautious answer.
         try:
-            _, is_influxdb = await detect_api(settings.influx_url)
+            _, dialect = await detect_server(settings.influx_url)
         except TransientWriteError:
-            is_influxdb = False
-        return V2Sink(settings, is_influxdb)
+            dialect = Dialect.STRICT
+        return V2Sink(settings, dialect)
     sink = AutoSink(settings)
     try:
         await sink.detect()

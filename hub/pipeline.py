@@ -15,6 +15,12 @@ which stores the rest, only the refused ones (see `hub.deadletters`).
 The pipeline also keeps the hub-wide `FieldTypes` that sessions check readings against, and
 asks InfluxDB once (in the background, never on a session's path) which types it holds.
 
+Each batch remembers the dialect its lines were formatted for (`hub.dialects`), in the spool
+too. One written to a server of another kind (a spool replayed after the hub was pointed
+elsewhere, or lines formatted before the server first answered) is re-checked first
+(`hub.reformat`): each point is spelled for that server, and the points it cannot store
+exactly go to the dead-letter file with the reason, never to the server as other points.
+
 Without a spool (or while it is full) a failed batch is retried with capped exponential
 backoff and jitter and stays unacknowledged. `submit` waits while the pipeline holds
 `max_pending_readings`, which stops connections from reading: memory stays bounded, and
@@ -30,11 +36,13 @@ import time
 from dataclasses import dataclass, field
 
 from hub.deadletters import DeadLetterFile, RefusedPart, describe, find_refused, lines_of
+from hub.dialects import Dialect
 from hub.errors import PermanentWriteError, TransientWriteError, WriteError
 from hub.fieldtypes import FieldTypes, parse_conflict
 from hub.influx import Sink
 from hub.influx_fields import fetch_field_types
 from hub.metrics import HubMetrics
+from hub.reformat import reformat_batch
 from hub.settings import Settings
 from hub.spool import Spool
 
@@ -56,9 +64,14 @@ class PipelineCounters:
 
 @dataclass(eq=False)
 class _Batch:
+    dialect: Dialect = Dialect.STRICT
     chunks: list[str] = field(default_factory=list)
     count: int = 0
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+_Lines = tuple[bytes, int, Dialect | None]
+"""A batch's body, its points, and the dialect it is formatted for (None: not known here)."""
 
 
 class Pipeline:
@@ -103,15 +116,15 @@ class Pipeline:
         return self._healthy
 
     @property
-    def multiline_strings(self) -> bool:
-        """Whether string field values may hold line feeds (only when the server is InfluxDB)."""
-        return self.sink is not None and self.sink.multiline_strings
+    def dialect(self) -> Dialect:
+        """The dialect to format lines in: the server's, STRICT while it is not known."""
+        return self.sink.dialect if self.sink is not None else Dialect.STRICT
 
     @property
     def field_types(self) -> FieldTypes | None:
         """The field types to check readings against, while the server is known to be
         InfluxDB (the only one of the servers the hub writes to that has field types)."""
-        return self.field_catalog if self.multiline_strings else None
+        return self.field_catalog if self.dialect.has_field_types else None
 
     def start(self) -> None:
         """Start the write workers, the replayer when there is a spool and a sink, and the
@@ -129,25 +142,36 @@ class Pipeline:
         """Whether `submit` of `count` points would go through now, without waiting."""
         return self._pending == 0 or self._pending + count <= self.settings.max_pending_readings
 
-    async def submit(self, lines: str, count: int) -> asyncio.Future[None]:
-        """Queue `count` points (newline-separated `lines`); the future completes when durable.
+    async def submit(
+        self, lines: str, count: int, dialect: Dialect | None = None
+    ) -> asyncio.Future[None]:
+        """Queue `count` points (newline-separated `lines`, formatted for `dialect`, by
+        default `self.dialect`); the future completes when durable.
 
         Waits while the pipeline is full. One message larger than the whole limit is let in
         alone rather than never.
         """
+        if dialect is None:  # the dialect the lines were formatted with, before any wait
+            dialect = self.dialect
         if not self.has_room(count):  # the lock and its wait only when full
             async with self._room:
                 await self._room.wait_for(lambda: self.has_room(count))
-        return self.submit_nowait(lines, count)
+        return self.submit_nowait(lines, count, dialect)
 
-    def submit_nowait(self, lines: str, count: int) -> asyncio.Future[None]:
+    def submit_nowait(
+        self, lines: str, count: int, dialect: Dialect | None = None
+    ) -> asyncio.Future[None]:
         """`submit` when `has_room(count)`, without waiting (the caller checked)."""
         self._pending += count
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         batch = self._current
+        dialect = dialect or self.dialect
+        if batch is not None and not dialect.reads_as(batch.dialect):  # one dialect a batch
+            self._seal_if_current(batch)
+            batch = None
         if batch is None:
-            batch = self._current = _Batch()
+            batch = self._current = _Batch(dialect)
             loop.call_later(self.settings.flush_interval_s, self._seal_if_current, batch)
         batch.chunks.append(lines)
         batch.count += count
@@ -205,7 +229,7 @@ class Pipeline:
             self._room.notify_all()
 
     async def _make_durable(self, batch: _Batch) -> None:
-        body = "\n".join(batch.chunks).encode("utf-8")
+        lines: _Lines = ("\n".join(batch.chunks).encode("utf-8"), batch.count, batch.dialect)
         attempt = 0
         spool_refused = False
         while True:
@@ -214,16 +238,18 @@ class Pipeline:
             # spool cannot take this batch either: then nobody else would try InfluxDB.
             if self.sink is not None and (self._healthy or self.spool is None or spool_refused):
                 try:
-                    await self._write(body, batch.count)
+                    lines = await self._for_server(lines)
+                    if lines[1]:
+                        await self._write(lines[0], lines[1])
                     return
                 except TransientWriteError as exc:
                     retry_after = exc.retry_after
                     self._unhealthy(exc)
                 except PermanentWriteError as exc:
-                    await self._refused(body, exc)
+                    await self._refused(lines[0], exc)
                     return
             if self.spool is not None:
-                if await self._to_spool(body, batch.count):
+                if await self._to_spool(*lines):
                     return
                 spool_refused = True
             self.counters.retries += 1
@@ -253,11 +279,13 @@ class Pipeline:
         self._healthy_again()
         log.debug("wrote %d points in %.1f ms", count, (time.monotonic() - started) * 1000)
 
-    async def _to_spool(self, body: bytes, count: int) -> bool:
+    async def _to_spool(self, body: bytes, count: int, dialect: Dialect | None) -> bool:
         assert self.spool is not None
         try:
             async with self._spool_lock:
-                stored = await asyncio.to_thread(self.spool.append, body, count)
+                stored = await asyncio.to_thread(
+                    self.spool.append, body, count, dialect or Dialect.STRICT
+                )
         except OSError as exc:  # a full or failing disk: keep the batch, acks wait
             log.error("cannot write to the spool at %s: %s", self.spool.directory, exc)
             stored = False
@@ -272,6 +300,7 @@ class Pipeline:
     async def _replay(self) -> None:
         assert self.spool is not None
         attempt = 0
+        checked: tuple[tuple[int, int], _Lines] | None = None  # re-checked once, not per retry
         while True:
             self._spooled.clear()
             try:
@@ -286,17 +315,22 @@ class Pipeline:
                 await self._spooled.wait()
                 continue
             try:
-                await self._write(batch.body, batch.points)
+                if checked is None or checked[0] != (batch.segment, batch.offset):
+                    lines = (batch.body, batch.points, batch.dialect)
+                    checked = ((batch.segment, batch.offset), await self._for_server(lines))
+                body, points, _ = checked[1]
+                if points:
+                    await self._write(body, points)
             except TransientWriteError as exc:
                 self._unhealthy(exc)
                 await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 attempt += 1
                 continue
             except PermanentWriteError as exc:
-                stored = await self._refused(batch.body, exc)
+                stored = await self._refused(body, exc)
                 self.counters.points_replayed += stored
             else:
-                self.counters.points_replayed += batch.points
+                self.counters.points_replayed += points
             attempt = 0
             try:
                 async with self._spool_lock:
@@ -316,14 +350,7 @@ class Pipeline:
         parts = [part for part in parts if part.dropped]
         refused = min(len(lines), sum(part.dropped for part in parts))
         self._learn_conflicts(parts)
-        async with self._dead_letter_lock:
-            try:
-                for part in parts:
-                    await asyncio.to_thread(self.dead_letters.append, part)
-            except OSError as exc:  # a full disk must not hold acks: counted and logged
-                self.dead_letters.discarded_points += refused
-                log.error("cannot write dead letters to %s: %s", self.dead_letters.path, exc)
-        self.counters.dead_lettered_points += refused
+        await self._keep(parts, refused)
         self.counters.points_written += len(lines) - refused
         log.error(
             "InfluxDB refused %d of %d points for good (%s); kept in %s",
@@ -333,6 +360,49 @@ class Pipeline:
             self.dead_letters.path,
         )
         return len(lines) - refused
+
+    async def _dead_letter(self, lines: list[str], reason: str) -> None:
+        """Keep `lines`, never written, in the dead letters with `reason`."""
+        await self._keep([RefusedPart(lines, PermanentWriteError(reason), len(lines))], len(lines))
+        log.error(
+            "%d points not written (%s); kept in %s", len(lines), reason, self.dead_letters.path
+        )
+
+    async def _keep(self, parts: list[RefusedPart], refused: int) -> None:
+        async with self._dead_letter_lock:
+            try:
+                for part in parts:
+                    await asyncio.to_thread(self.dead_letters.append, part)
+            except OSError as exc:  # a full disk must not hold acks: counted and logged
+                self.dead_letters.discarded_points += refused
+                log.error("cannot write dead letters to %s: %s", self.dead_letters.path, exc)
+        self.counters.dead_lettered_points += refused
+
+    async def _for_server(self, lines: _Lines) -> _Lines:
+        """The batch as the server must get it: re-checked if formatted for another kind of
+        server (see the module docstring); what it cannot store goes to the dead letters."""
+        assert self.sink is not None
+        try:
+            await self.sink.detect()  # learns the kind of server on first contact
+        except WriteError as exc:  # counted as the write it stands for would have been
+            self.metrics.influx_error(exc.status)
+            raise
+        body, _, source = lines
+        target = self.sink.dialect
+        if source is not None and source.reads_as(target):
+            return lines
+        if source is None:
+            reason = "formatted for a kind of server this hub does not know; not re-checked"
+            await self._dead_letter(lines_of(body), reason)
+            return b"", 0, target
+        # Rare (a change of server) but up to batch_size points: off the event loop.
+        result = await asyncio.to_thread(reformat_batch, body, source, target)
+        by_reason: dict[str, list[str]] = {}
+        for line, reason in result.refused:
+            by_reason.setdefault(reason, []).append(line)
+        for reason, refused in by_reason.items():
+            await self._dead_letter(refused, f"not written: {reason}")
+        return result.body, result.points, target
 
     async def _write_again(self, body: bytes) -> None:
         """One write of part of a refused batch, to find what InfluxDB refuses."""
@@ -355,9 +425,9 @@ class Pipeline:
         assert self.sink is not None
         attempt = 0
         while True:
-            if self.sink.name != "auto" and not self.sink.multiline_strings:
+            if self.sink.name != "auto" and not self.sink.dialect.has_field_types:
                 return  # not InfluxDB: no field types to conflict with
-            if self.sink.multiline_strings:
+            if self.sink.dialect.has_field_types:
                 try:
                     found = await fetch_field_types(self.settings, self.sink.name)
                 except TransientWriteError as exc:

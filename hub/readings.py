@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from hub.dialects import Dialect
 from hub.fieldtypes import FieldTypes
 from hub.lineprotocol import format_point
 from hub.measurements import ReadingsValidator
-from hub.protocol import (
-    DEFAULT_MAX_DEPTH,
-    check_readings_depth,
-    cut_reasons,
-)
-from schemas.messages import Rejection
+from hub.protocol import DEFAULT_MAX_DEPTH, check_readings_depth, cut_reasons
+from hub.settings import Settings, parse_rfc3339_ns
+from schemas.messages import TIME_MIN_NS, Rejection
 
 DEVICE_TAG = "device"
 
@@ -49,22 +49,70 @@ class PreparedReadings:
         return PreparedReadings(self.lines, self.accepted, reasons)
 
 
+@dataclass(frozen=True, slots=True)
+class TimeLimits:
+    """Times no working clock produces: before `earliest_ns` (None: no such bound), or more
+    than `max_future_ns` after the hub's clock (settings `min_time`, `max_future_s`)."""
+
+    earliest_ns: int | None
+    max_future_ns: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> TimeLimits:
+        """The limits `settings` set (cached: looked up for every message)."""
+        return _time_limits(settings.min_time, settings.max_future_s)
+
+    def problem(self, time_ns: int, now_ns: int) -> str | None:
+        """Why a reading stamped `time_ns` is refused when the hub's clock says `now_ns`."""
+        if self.earliest_ns is not None and time_ns < self.earliest_ns:
+            return (
+                f"time: {_rfc3339(time_ns)} is before {_rfc3339(self.earliest_ns)}, "
+                "the earliest accepted (clock not set?)"
+            )
+        if time_ns > now_ns + self.max_future_ns:
+            return (
+                f"time: {_rfc3339(time_ns)} is more than {self.max_future_ns / 1e9:g} s "
+                f"after the hub's clock ({_rfc3339(now_ns)}): in the future"
+            )
+        return None
+
+
+NO_TIME_LIMITS = TimeLimits(None, 2**63)
+"""Only InfluxDB's own range, which the validator checks."""
+
+
+@functools.lru_cache(maxsize=8)
+def _time_limits(min_time: str, max_future_s: float) -> TimeLimits:
+    return TimeLimits(parse_rfc3339_ns(min_time) if min_time else None, int(max_future_s * 1e9))
+
+
+def _rfc3339(time_ns: int) -> str:
+    seconds, ns = divmod(time_ns, 1_000_000_000)
+    try:
+        text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # beyond datetime's years 1-9999
+        return f"{time_ns} ns"
+    return f"{text}.{ns:09d}Z".replace(".000000000Z", "Z")
+
+
 def prepare_readings(
     readings: list[Any],
     validator: ReadingsValidator,
     device_id: str,
     ns_per_unit: int,
     arrival_ns: int,
-    multiline_strings: bool = False,
+    dialect: Dialect = Dialect.STRICT,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    time_limits: TimeLimits = NO_TIME_LIMITS,
     field_types: FieldTypes | None = None,
 ) -> PreparedReadings:
     """Validate readings and format the valid ones as points of `device_id`.
 
-    Readings whose text InfluxDB cannot store exactly are rejected too (see
-    `hub.lineprotocol`). A reading without `time` is stamped `arrival_ns + its index`: the
-    arrival time, kept distinct so that time-less readings of one series in one message do
-    not overwrite each other in InfluxDB.
+    Readings whose text the server (of kind `dialect`) cannot store exactly are rejected
+    too (see `hub.dialects`), and so are readings whose `time` is outside `time_limits`
+    (measured from `arrival_ns`, the hub's clock). A reading without `time` is stamped
+    `arrival_ns + its index`: the arrival time, kept distinct so that time-less readings of
+    one series in one message do not overwrite each other in InfluxDB.
 
     Rejected readings, and accepted ones with keys validation ignored, are checked against
     `max_depth` (the frame's nesting limit), which `decode_frame` leaves to this step; one
@@ -83,16 +131,20 @@ def prepare_readings(
     # keys the validator ignored (it leaves out unknown keys). Raises InvalidMessage.
     unchecked = list(reasons)
     lines = []
+    # Refused outside [earliest, latest]; one comparison per reading on the hot path.
+    earliest = TIME_MIN_NS if time_limits.earliest_ns is None else time_limits.earliest_ns
+    latest = arrival_ns + time_limits.max_future_ns
     for index, reading in zip(indices, valid, strict=True):
         if len(reading) != len(readings[index]):
             unchecked.append(index)
         stamp = reading.get("time")
         if stamp is None:
             time_ns = arrival_ns + index
-        elif type(stamp) is int:
-            time_ns = stamp * ns_per_unit
         else:
-            time_ns = stamp.to_unix_nano()
+            time_ns = stamp * ns_per_unit if type(stamp) is int else stamp.to_unix_nano()
+            if not earliest <= time_ns <= latest:
+                reasons[index] = [time_limits.problem(time_ns, arrival_ns) or "time"]
+                continue
         tags = reading.get("tags")
         if tags:
             tags[DEVICE_TAG] = device_id
@@ -100,7 +152,7 @@ def prepare_readings(
             tags = {DEVICE_TAG: device_id}
         try:
             line = format_point(
-                reading["name"], tags, reading["fields"], time_ns, multiline_strings
+                reading["name"], tags, reading["fields"], time_ns, dialect
             )
         except ValueError as exc:  # text line protocol cannot carry exactly
             reasons[index] = [str(exc)]

@@ -33,6 +33,7 @@ from hub.admission import (
     peer_of,
     source_of,
 )
+from hub.dialects import Dialect
 from hub.errors import ConfigError
 from hub.filelimit import raise_file_limit
 from hub.handshake import Handshake, HandshakeRefused, read_credentials
@@ -386,7 +387,8 @@ class Hub:
             self.presence.flush()
             events = self.presence.take_events()
             if events:
-                await self.pipeline.submit("\n".join(events), len(events))
+                # Formatted with format_point's default, the strict dialect.
+                await self.pipeline.submit("\n".join(events), len(events), Dialect.STRICT)
         except Exception:  # presence must never stop the hub
             log.exception("recording presence failed")
 

@@ -34,7 +34,7 @@ from hub.pipeline import Pipeline
 from hub.presence import PresenceTracker
 from hub.protocol import ReadingsFrame, TelegrafFrame, encode, encode_ack
 from hub.ratelimit import TokenBucket
-from hub.readings import PreparedReadings, bounded_reasons, prepare_readings
+from hub.readings import PreparedReadings, TimeLimits, bounded_reasons, prepare_readings
 from hub.registry import Registry
 from hub.settings import Settings
 from hub.slices import SLICE_ITEMS, prepare_in_slices, prepare_list_in_slices
@@ -293,8 +293,10 @@ class DeviceSession:
             return pipeline.submit_nowait(lines, count)
         limit = self.hub.settings.overload_close_s
         try:
+            # The dialect the lines were just formatted in, taken now: the task starts later.
+            submitted = pipeline.submit(lines, count, pipeline.dialect)
             async with asyncio.timeout(limit):
-                return await pipeline.submit(lines, count)
+                return await submitted
         except TimeoutError:
             raise Overloaded(f"the hub is overloaded (waited {limit:g} s); retry later") from None
 
@@ -307,7 +309,8 @@ class DeviceSession:
     ) -> PreparedReadings:
         # Looked up per message so that a SIGHUP reload applies to open connections too.
         validator = self.hub.validator(self.ns_per_unit)
-        multiline_strings = self.hub.pipeline.multiline_strings
+        dialect = self.hub.pipeline.dialect
+        time_limits = TimeLimits.of(self.hub.settings)
         metrics = self.hub.metrics
         field_types = self.hub.pipeline.field_types
 
@@ -318,8 +321,9 @@ class DeviceSession:
                 self.device_id,
                 self.ns_per_unit,
                 arrival_ns + first_index,  # time-less readings: arrival + index in the message
-                multiline_strings,
+                dialect,
                 limits.max_depth,
+                time_limits,
                 field_types,
             )
             if prepared.reasons:  # counted slice by slice: 5000 at once is a stall

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -49,6 +50,8 @@ LIVE_SETTINGS = frozenset(
         "device_readings_per_s",
         "device_bytes_per_s",
         "device_burst_s",
+        "min_time",
+        "max_future_s",
     }
 )
 """Settings a SIGHUP reload applies without a restart (to open connections too)."""
@@ -124,6 +127,12 @@ class Settings(BaseSettings):
     max_unauthenticated_per_source: PositiveInt = 4096
     max_request_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
 
+    # Times no working clock produces (rejected in the ack)
+    min_time: str = "2015-01-01T00:00:00Z"
+    """RFC 3339; a reading timestamped before it is refused ("clock not set?"); empty: off."""
+    max_future_s: PositiveFloat = 3600.0
+    """A reading timestamped more than this ahead of the hub's clock is refused."""
+
     # Security
     allowed_origins: list[str] = []
     tls_cert: Path | None = None
@@ -166,6 +175,13 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
+    @field_validator("min_time")
+    @classmethod
+    def _rfc3339(cls, value: str) -> str:
+        if value.strip():
+            parse_rfc3339_ns(value)  # raises ValueError with the reason
+        return value.strip()
+
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -186,6 +202,22 @@ class Settings(BaseSettings):
     def dead_letter_path(self) -> Path:
         """Batches InfluxDB refused for good, one JSON object a line."""
         return self.state_dir / "dead-letters.jsonl"
+
+
+def parse_rfc3339_ns(text: str) -> int:
+    """Nanoseconds since the epoch of an RFC 3339 time (`2015-01-01T00:00:00Z`, an offset
+    is required); ValueError saying what is wrong otherwise."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an RFC 3339 time like 2015-01-01T00:00:00Z") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone: end it with Z or an offset like +02:00")
+    since = moment - _EPOCH  # exact, unlike the float of moment.timestamp()
+    return (since.days * 86_400 + since.seconds) * 1_000_000_000 + since.microseconds * 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:

@@ -3,11 +3,18 @@
 A batch is appended and fsynced before the readings in it are acked, and deleted only once
 its whole segment has been written to InfluxDB. Each record is
 
-    magic "HSP1" | payload length u32 | crc32 u32 | points u32 | written at f64 | payload
+    magic "HSP2" | payload length u32 | crc32 u32 | points u32 | written at f64 |
+    dialect u8 | payload
 
-little-endian, the CRC covering points, time and payload. On open every segment is scanned;
-a record that is cut short or fails its CRC (a torn write at power loss) ends that segment:
-it is reported once with the bytes skipped, and the segments after it replay normally.
+little-endian, the CRC covering points, time, dialect and payload. The dialect is the kind
+of server the payload was formatted for (`Dialect.code`), so that a batch replayed to a
+server of another kind is re-checked first (`hub.reformat`). Records of older hubs, magic
+"HSP1" without the dialect byte, still replay: they were formatted with the strict rules,
+line feeds in string values allowed when the server was InfluxDB (`Dialect.LEGACY`).
+
+On open every segment is scanned; a record that is cut short or fails its CRC (a torn write
+at power loss) ends that segment: it is reported once with the bytes skipped, and the
+segments after it replay normally.
 Appends always go to a fresh segment after a restart, never after a damaged tail.
 
 The methods do blocking file I/O; the pipeline calls them from a worker thread, one at a time.
@@ -24,11 +31,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hub.dialects import Dialect
+
 log = logging.getLogger("hub.spool")
 
-MAGIC = b"HSP1"
-_HEADER = struct.Struct("<4sIIId")
-_CHECKED = struct.Struct("<Id")
+MAGIC = b"HSP2"
+LEGACY_MAGIC = b"HSP1"
+_HEADER = struct.Struct("<4sIIIdB")
+_CHECKED = struct.Struct("<IdB")
+_LEGACY_HEADER = struct.Struct("<4sIIId")
+_LEGACY_CHECKED = struct.Struct("<Id")
+_LEGACY_CODE = Dialect.LEGACY.code
+
+_Record = tuple[int, int, int, float, int, int]
+"""(offset, payload length, points, written_at, header size, dialect code) of a record."""
 SEGMENT_SUFFIX = ".seg"
 
 
@@ -41,6 +57,8 @@ class SpooledBatch:
     body: bytes
     points: int
     written_at: float
+    dialect: Dialect | None = Dialect.STRICT
+    """The kind of server `body` was formatted for; None for a code this hub does not know."""
 
 
 @dataclass
@@ -48,8 +66,8 @@ class _Segment:
     number: int
     path: Path
     size: int = 0
-    records: list[tuple[int, int, int, float]] = field(default_factory=list)
-    """(offset, payload length, points, written_at) of each intact record."""
+    records: list[_Record] = field(default_factory=list)
+    """Each intact record."""
     replayed: int = 0
     """How many of `records`, from the start, are already in InfluxDB."""
 
@@ -66,28 +84,35 @@ class SpoolStatus:
     skipped_bytes: int
 
 
-def encode_record(body: bytes, points: int, written_at: float) -> bytes:
+def encode_record(
+    body: bytes, points: int, written_at: float, dialect: Dialect = Dialect.STRICT
+) -> bytes:
     """One record, header and payload, as it is stored."""
-    checked = _CHECKED.pack(points, written_at)
+    checked = _CHECKED.pack(points, written_at, dialect.code)
     crc = zlib.crc32(body, zlib.crc32(checked))
-    return _HEADER.pack(MAGIC, len(body), crc, points, written_at) + body
+    return _HEADER.pack(MAGIC, len(body), crc, points, written_at, dialect.code) + body
 
 
-def scan_segment(data: bytes) -> tuple[list[tuple[int, int, int, float]], int]:
+def scan_segment(data: bytes) -> tuple[list[_Record], int]:
     """The intact records of a segment's bytes, and how many bytes after them are damaged."""
-    records = []
+    records: list[_Record] = []
     offset = 0
-    while offset + _HEADER.size <= len(data):
-        magic, length, crc, points, written_at = _HEADER.unpack_from(data, offset)
-        start = offset + _HEADER.size
-        body = data[start : start + length]
-        if (
-            magic != MAGIC
-            or len(body) != length
-            or zlib.crc32(body, zlib.crc32(_CHECKED.pack(points, written_at))) != crc
-        ):
+    while offset + _LEGACY_HEADER.size <= len(data):
+        magic = data[offset : offset + 4]
+        if magic == MAGIC and offset + _HEADER.size <= len(data):
+            _, length, crc, points, written_at, code = _HEADER.unpack_from(data, offset)
+            checked = _CHECKED.pack(points, written_at, code)
+            start = offset + _HEADER.size
+        elif magic == LEGACY_MAGIC:
+            _, length, crc, points, written_at = _LEGACY_HEADER.unpack_from(data, offset)
+            checked, code = _LEGACY_CHECKED.pack(points, written_at), _LEGACY_CODE
+            start = offset + _LEGACY_HEADER.size
+        else:
             break
-        records.append((offset, length, points, written_at))
+        body = data[start : start + length]
+        if len(body) != length or zlib.crc32(body, zlib.crc32(checked)) != crc:
+            break
+        records.append((offset, length, points, written_at, start - offset, code))
         offset = start + length
     return records, len(data) - offset
 
@@ -124,17 +149,18 @@ class Spool:
 
     # Appending
 
-    def append(self, body: bytes, points: int) -> bool:
-        """Store a batch durably (fsync); False, storing nothing, when the spool is full."""
+    def append(self, body: bytes, points: int, dialect: Dialect = Dialect.STRICT) -> bool:
+        """Store a batch formatted for `dialect` durably (fsync); False, storing nothing,
+        when the spool is full."""
         now = time.time()
-        record = encode_record(body, points, now)
+        record = encode_record(body, points, now, dialect)
         if self.size + len(record) > self.max_bytes:
             return False
         segment = self._writable(len(record))
         assert self._fd is not None
         os.write(self._fd, record)
         os.fsync(self._fd)
-        segment.records.append((segment.size, len(body), points, now))
+        segment.records.append((segment.size, len(body), points, now, _HEADER.size, dialect.code))
         segment.size += len(record)
         return True
 
@@ -166,11 +192,13 @@ class Spool:
         """The oldest batch not yet written to InfluxDB, if any."""
         for segment in self._segments:
             if segment.replayed < len(segment.records):
-                offset, length, points, written_at = segment.records[segment.replayed]
+                offset, length, points, written_at, header, code = segment.records[segment.replayed]
                 with segment.path.open("rb") as handle:
-                    handle.seek(offset + _HEADER.size)
+                    handle.seek(offset + header)
                     body = handle.read(length)
-                return SpooledBatch(segment.number, offset, body, points, written_at)
+                return SpooledBatch(
+                    segment.number, offset, body, points, written_at, Dialect.from_code(code)
+                )
         return None
 
     def written(self, batch: SpooledBatch) -> None:
@@ -215,9 +243,7 @@ def read_status(directory: Path) -> SpoolStatus:
     )
 
 
-def _status(
-    segments: int, size: int, waiting: list[tuple[int, int, int, float]], skipped: int
-) -> SpoolStatus:
+def _status(segments: int, size: int, waiting: list[_Record], skipped: int) -> SpoolStatus:
     return SpoolStatus(
         segments=segments,
         bytes=size,
@@ -228,9 +254,7 @@ def _status(
     )
 
 
-def _segments_in(
-    directory: Path,
-) -> Iterator[tuple[int, Path, int, list[tuple[int, int, int, float]], int]]:
+def _segments_in(directory: Path) -> Iterator[tuple[int, Path, int, list[_Record], int]]:
     """(number, path, size, intact records, damaged bytes) of each segment, oldest first."""
     for path in sorted(directory.glob("*" + SEGMENT_SUFFIX)):
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hub.deadletters import DeadLetterFile
+from hub.dialects import Dialect
 from hub.pipeline import Pipeline
 from tests.support import hub_settings
 
@@ -24,7 +25,7 @@ class GatedSink:
     """A sink whose writes complete when the test opens the gate."""
 
     name = "gated"
-    multiline_strings = True
+    dialect = Dialect.INFLUXDB_1
 
     def __init__(self) -> None:
         self.gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -34,6 +35,9 @@ class GatedSink:
         """Wait for the gate."""
         self.writing.set()
         await self.gate
+
+    async def detect(self) -> None:
+        """Nothing to learn."""
 
     async def close(self) -> None:
         """Nothing to release."""

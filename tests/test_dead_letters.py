@@ -25,6 +25,7 @@ from hub.deadletters import (
     RefusedPart,
     find_refused,
 )
+from hub.dialects import Dialect
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.influx import V1Sink, classify
 from hub.pipeline import Pipeline
@@ -223,10 +224,13 @@ class FakeSink:
     """A sink answering like `PartialWriter`, for the pipeline."""
 
     name = "v1"
-    multiline_strings = False
+    dialect = Dialect.STRICT  # a server of no known kind: no field types checked first
 
     def __init__(self) -> None:
         self.writer = PartialWriter()
+
+    async def detect(self) -> None:
+        """Nothing to learn."""
 
     async def write(self, body: bytes) -> None:
         """As InfluxDB 1.x would."""

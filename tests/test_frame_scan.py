@@ -16,6 +16,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from hub.dialects import Dialect
 from hub.errors import InvalidMessage
 from hub.frames import (
     FAST_PATH_BYTES,
@@ -84,7 +85,8 @@ def answer(frame: bytes, decode: Callable[[bytes, FrameLimits], Any], limits: Fr
         if isinstance(event, ReadingsFrame | TelegrafFrame):
             raw = event.readings if isinstance(event, ReadingsFrame) else event.metrics
             depth = limits.max_depth
-            prepared = prepare_readings(raw, VALIDATOR, "dev", MS, ARRIVAL_NS, False, depth)
+            strict = Dialect.STRICT
+            prepared = prepare_readings(raw, VALIDATOR, "dev", MS, ARRIVAL_NS, strict, depth)
         elif isinstance(event, SlicedReadings):
             prepared, _ = run(prepare_in_slices(event.readings, prepare, limits))
         elif isinstance(event, SlicedTelegraf):

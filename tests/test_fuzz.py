@@ -38,6 +38,7 @@ from websockets.exceptions import ConnectionClosed
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, influxql
+from hub.dialects import Dialect
 from hub.errors import InvalidMessage
 from hub.measurements import MeasurementSchemas, ReadingLimits
 from hub.protocol import (
@@ -47,7 +48,8 @@ from hub.protocol import (
     TelegrafFrame,
     decode_frame,
 )
-from hub.readings import prepare_readings
+from hub.readings import TimeLimits, prepare_readings
+from hub.settings import Settings
 from schemas.messages import Ack
 from tests.support import HubProcess, add_device, hub_settings
 
@@ -336,12 +338,16 @@ def line_protocol_points(lines: str) -> list[tuple[str, dict[str, str], dict[str
 _VALIDATOR = MeasurementSchemas().validator(MS, LIMITS)
 
 
-def expected_answer(frame: bytes, multiline_strings: bool = False) -> Answer:
+_TIME_LIMITS = TimeLimits.of(Settings())  # the default min_time and max_future_s
+
+
+def expected_answer(frame: bytes, dialect: Dialect = Dialect.STRICT) -> Answer:
     """The pure core's answer to `frame`, after checking every promise it makes.
 
-    With `multiline_strings` (a hub writing to InfluxDB itself), string values may hold line
-    feeds; points are then counted, not parsed back, which the strict mode does.
+    In a dialect whose string values may hold line feeds (a hub writing to InfluxDB
+    itself), points are counted, not parsed back, which the strict mode does.
     """
+    multiline_strings = dialect.multiline_strings
     if len(frame) > MAX_BYTES:
         return Answer(close_code=1009)
     try:
@@ -352,8 +358,10 @@ def expected_answer(frame: bytes, multiline_strings: bool = False) -> Answer:
     if not isinstance(event, ReadingsFrame | TelegrafFrame):
         return Answer()
     raw = event.readings if isinstance(event, ReadingsFrame) else event.metrics
-    arrival_ns = 1_700_000_000 * 10**9
-    prepared = prepare_readings(raw, _VALIDATOR, DEVICE, MS, arrival_ns, multiline_strings)
+    arrival_ns = time.time_ns()  # as the hub's clock, for the times it refuses
+    prepared = prepare_readings(
+        raw, _VALIDATOR, DEVICE, MS, arrival_ns, dialect, MAX_DEPTH, _TIME_LIMITS
+    )
     indices = [rejection.index for rejection in prepared.rejected]
     assert indices == sorted(set(indices)) and all(0 <= i < len(raw) for i in indices)
     assert prepared.accepted + len(indices) == len(raw)
@@ -567,7 +575,7 @@ def test_a_real_hub_answers_every_frame_as_promised_and_keeps_serving(
     )
     @given(frame=frames())
     def one_frame(frame: bytes) -> None:
-        answer = expected_answer(frame, multiline_strings=True)  # the hub writes to InfluxDB
+        answer = expected_answer(frame, Dialect.INFLUXDB_1)  # the hub writes to InfluxDB 1.6
         check_seen(asyncio.run(send_one(f"{process.url}/v1/ws", token, frame)), answer)
         good_device.store_reading()
         memory.append(rss_mib(pid))

@@ -18,8 +18,9 @@ from device_sim.local_servers import (
     quote_ident,
     vm_export,
 )
+from hub.dialects import Dialect
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
-from hub.influx import V1Sink, V2Sink, classify, detect_api, open_sink, parse_retry_after
+from hub.influx import V1Sink, V2Sink, classify, detect_server, open_sink, parse_retry_after
 from hub.settings import Settings
 
 
@@ -179,20 +180,20 @@ async def test_v2_sink_reports_an_unreachable_server_as_transient(tmp_path: Path
 # --- Detecting the API -------------------------------------------------------------------------
 
 
-async def test_detect_api_says_v1_for_influxdb_1_6(influxdb: LocalServer) -> None:
-    """InfluxDB 1.6.7 (X-Influxdb-Version 1.6.7~rc0) is InfluxDB itself, without the v2 API."""
-    assert await detect_api(influxdb.url) == ("v1", True)
+async def test_detect_server_says_v1_for_influxdb_1_6(influxdb: LocalServer) -> None:
+    """InfluxDB 1.6.7 (X-Influxdb-Version 1.6.7~rc0) is InfluxDB 1.x, without the v2 API."""
+    assert await detect_server(influxdb.url) == ("v1", Dialect.INFLUXDB_1)
 
 
-async def test_detect_api_says_v2_for_victoria_metrics(victoria_metrics: LocalServer) -> None:
-    """VictoriaMetrics names no InfluxDB version: taken to speak v2, and not to be InfluxDB."""
-    assert await detect_api(victoria_metrics.url) == ("v2", False)
+async def test_detect_server_says_v2_for_victoria_metrics(victoria_metrics: LocalServer) -> None:
+    """VictoriaMetrics names no InfluxDB version; its start page names VictoriaMetrics."""
+    assert await detect_server(victoria_metrics.url) == ("v2", Dialect.VICTORIA_METRICS)
 
 
-async def test_detect_api_of_an_unreachable_server_is_transient() -> None:
+async def test_detect_server_of_an_unreachable_server_is_transient() -> None:
     """A /ping nobody answers is a TransientWriteError, so open_sink keeps asking."""
     with pytest.raises(TransientWriteError):
-        await detect_api(f"http://127.0.0.1:{free_port()}", timeout_s=2.0)
+        await detect_server(f"http://127.0.0.1:{free_port()}", timeout_s=2.0)
 
 
 async def test_open_sink_auto_picks_v1_for_influxdb_1_6(
@@ -201,7 +202,7 @@ async def test_open_sink_auto_picks_v1_for_influxdb_1_6(
     """With influx_api=auto, the sink writes with the v1 API to InfluxDB 1.6.7."""
     sink = await open_sink(sink_settings(tmp_path, influxdb.url, influx_api="auto"))
     try:
-        assert (sink.name, sink.multiline_strings) == ("v1", True)
+        assert (sink.name, sink.dialect) == ("v1", Dialect.INFLUXDB_1)
     finally:
         await sink.close()
 
@@ -212,8 +213,7 @@ async def test_open_sink_auto_picks_v2_for_victoria_metrics(
     """With influx_api=auto, the sink writes with v2 to VictoriaMetrics, not as to InfluxDB."""
     sink = await open_sink(sink_settings(tmp_path, victoria_metrics.url, influx_api="auto"))
     try:
-        assert sink.name == "v2"
-        assert not sink.multiline_strings
+        assert (sink.name, sink.dialect) == ("v2", Dialect.VICTORIA_METRICS)
     finally:
         await sink.close()
 
@@ -281,7 +281,7 @@ async def test_auto_sink_starts_while_the_server_is_away(
         open_sink(sink_settings(tmp_path, f"http://127.0.0.1:{port}", influx_api="auto")), 10
     )
     try:
-        assert sink.name == "auto" and not sink.multiline_strings
+        assert (sink.name, sink.dialect) == ("auto", Dialect.STRICT)
         with pytest.raises(TransientWriteError):
             await sink.write(b"m f=1 1")
     finally:

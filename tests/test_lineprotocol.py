@@ -8,6 +8,7 @@ import pytest
 
 from hub import lineprotocol
 from hub.lineprotocol import (
+    Dialect,
     FieldValue,
     escape_measurement,
     escape_tag,
@@ -246,12 +247,12 @@ def test_refusal_names_position_and_text() -> None:
         format_point("m", {"t": "a\\"}, {"f": 1}, T)
 
 
-def test_multiline_strings_allow_line_feeds_in_string_values_only() -> None:
+def test_influxdb_allows_line_feeds_in_string_values_only() -> None:
     """For InfluxDB itself a string value may hold a line feed; names and tags still may not."""
-    line = format_point("m", {}, {"s": "a\nb"}, T, multiline_strings=True)
+    line = format_point("m", {}, {"s": "a\nb"}, T, Dialect.INFLUXDB_1)
     assert line == 'm s="a\nb" ' + str(T)
     with pytest.raises(ValueError, match="line feed"):
-        format_point("m", {"t": "a\nb"}, {"f": 1}, T, multiline_strings=True)
+        format_point("m", {"t": "a\nb"}, {"f": 1}, T, Dialect.INFLUXDB_1)
 
 
 def test_refused_text_is_refused_again() -> None:
@@ -306,7 +307,7 @@ def test_caches_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lineprotocol, "CACHE_LIMIT", 16)
     for i in range(100):
         format_point(f"m{i}", {"t": str(i)}, {f"f{i}": i}, T)
-    for cache in (lineprotocol._measurements, lineprotocol._tag_sets, lineprotocol._field_keys):
+    for cache in lineprotocol._CACHES[Dialect.STRICT]:
         assert len(cache) <= 16
 
 

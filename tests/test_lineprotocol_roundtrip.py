@@ -3,6 +3,10 @@
 Every character class is tried in every position. Accepted text must read back exactly
 with no extra point; refused text must be shown to go wrong on at least one server when
 written with the plain escaping, so that no refusal is a guess.
+
+These are the strict dialect's (format_point's default, for a server of unknown kind): what
+it accepts must read back exactly on both servers. Each server's own dialect is tested in
+tests/test_dialect_roundtrip.py.
 """
 
 from __future__ import annotations

@@ -74,8 +74,16 @@ async def bounded(awaitable: Awaitable[T]) -> T:
 
 @pytest.fixture
 def settings(tmp_path: Path, influxdb: LocalServer, influx_db_name: str) -> Settings:
-    """Hub settings writing to a fresh database."""
-    return hub_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name, influx_api="v1")
+    """Hub settings writing to a fresh database, with no clock limits on `time`: the
+    timestamp tests send times from before 1970 to after 2106 (see tests/test_time_range.py)."""
+    return hub_settings(
+        tmp_path,
+        influxdb.url,
+        influx_bucket=influx_db_name,
+        influx_api="v1",
+        min_time="",
+        max_future_s=1e10,
+    )
 
 
 @pytest.fixture
