@@ -37,13 +37,26 @@ def pack(message: BaseModel | dict[str, Any]) -> bytes:
 def parse_ack(message: dict[str, Any]) -> Ack:
     """An `ack` as the model, ignoring keys it does not know in the message and in its
     `rejected` entries (a later hub may add some; the contract tells devices to ignore them).
+    `Ack.rejected_indices()` names every rejected reading, `rejected_ranges` included.
     """
     rejected = [
         Rejection(index=entry["index"], errors=entry.get("errors") or [])
         for entry in message.get("rejected") or []
         if isinstance(entry, dict) and isinstance(entry.get("index"), int)
     ]
-    return Ack(seq=message["seq"], accepted=message["accepted"], rejected=rejected)
+    ranges = [
+        (entry[0], entry[1])
+        for entry in message.get("rejected_ranges") or []
+        if isinstance(entry, list | tuple)
+        and len(entry) == 2
+        and all(isinstance(bound, int) for bound in entry)
+    ]
+    return Ack(
+        seq=message["seq"],
+        accepted=message["accepted"],
+        rejected=rejected,
+        rejected_ranges=ranges,
+    )
 
 
 def device_url(base: str, precision: Precision | None = None, token: str | None = None) -> str:
