@@ -379,10 +379,11 @@ async def connect_in_a_loop(
     """Connect, store one reading, close, over and over, until `stop`."""
     token = booted.token(device_id)
     number = 0
+    base_ms = time.time_ns() // 10**6  # times of now: the hub refuses readings from the future
     while not stop.is_set():
         number += 1
         value = float(number % 50)
-        reading = {"name": "environment", "time": 1_800_000_000_000 + number,
+        reading = {"name": "environment", "time": base_ms + number,
                    "fields": {"temperature": value}, "tags": {"run": device_id}}  # fmt: skip
         during = restarting.is_set()
         try:
@@ -416,14 +417,18 @@ def test_restart_refuses_no_device_and_loses_nothing_acked(booted: Booted) -> No
             asyncio.create_task(connect_in_a_loop(booted, d, stop, restarting, seen[d]))
             for d in devices
         ]
-        while min(len(s.acked) for s in seen.values()) < 5:
-            await asyncio.sleep(0.05)
+        async def until(condition: Callable[[], bool]) -> None:
+            while not condition():
+                if failed := [loop for loop in loops if loop.done()]:
+                    await failed[0]  # a device loop ended early: say why, at once
+                await asyncio.sleep(0.05)
+
+        await until(lambda: min(len(s.acked) for s in seen.values()) >= 5)
         restarting.set()
         await asyncio.to_thread(booted.systemctl, "restart", "hub.service")
         restarting.clear()
         after = {d: len(s.acked) for d, s in seen.items()}
-        while any(len(seen[d].acked) < after[d] + 5 for d in devices):
-            await asyncio.sleep(0.05)
+        await until(lambda: all(len(seen[d].acked) >= after[d] + 5 for d in devices))
         stop.set()
         await asyncio.gather(*loops)
 
