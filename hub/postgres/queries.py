@@ -343,11 +343,13 @@ ORDER BY o.seq, o.device_id
 """
 """Changes to devices node $1 owns after position ($2 seq, $3 device id), at most $4 rows.
 
-Every row carries `latest`, the newest sequence committed in the same snapshot; with no
-change to report there is one row with `latest` and NULLs. A full page: ask again from its
-last (seq, device_id). Otherwise the hub is caught up to `latest` and starts from
-(`latest`, '') next time.
+$3 NULL means after all of sequence $2 (row comparison stops at the first unequal pair, and a
+NULL one matches nothing): start from (0, NULL). Every row carries `latest`, the newest
+sequence committed in the same snapshot; with no change to report there is one row with
+`latest` and NULLs. A full page: ask again from its last (seq, device_id). Otherwise the hub
+is caught up to `latest` and asks from (`latest`, NULL) next time.
 """
+
 
 PRUNE_CHANGES = """
 DELETE FROM changes WHERE created_at < now() - make_interval(secs => $1::float8)
