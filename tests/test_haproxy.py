@@ -40,7 +40,8 @@ class Backend:
     async def echo(self, ws: ServerConnection) -> None:
         self.forwarded_for.append(ws.request.headers.get("X-Forwarded-For") if ws.request else None)
         async for message in ws:
-            await ws.send(f"{self.name}:".encode() + bytes(message))
+            data = message.encode() if isinstance(message, str) else message
+            await ws.send(f"{self.name}:".encode() + data)
 
     def health(self, ws: ServerConnection, request: Request) -> Response | None:
         if request.path == HEALTH_PATH:
