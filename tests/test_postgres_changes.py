@@ -156,11 +156,26 @@ async def test_a_revocation_rings_the_owner_and_the_safety_net_finds_it(
     assert await db.fetchrow(q.REVOKE_DEVICE, "d3") is None  # already revoked
     assert await db.fetchrow(q.REVOKE_DEVICE, "ghost") is None
     epoch = await db.fetchval("SELECT epoch FROM connections WHERE device_id = 'd3'")
-    stale = await db.fetch(q.STALE_SESSIONS, "hub-b", ["d3", "ghost"], [epoch, 1])
+    stale = await db.fetch(q.STALE_SESSIONS, "hub-b", ["d3", "ghost"], [epoch, 1], [0, 0])
     assert [(r["device_id"], r["reason"]) for r in stale] == [
         ("d3", "revoked"),
         ("ghost", "revoked"),
     ]
+
+
+async def test_the_safety_net_finds_a_push_whose_doorbell_rang_the_old_owner(
+    db: asyncpg.Connection,
+) -> None:
+    """A session behind on its config is listed `config` with the version to send."""
+    epochs = dict(await db.fetch("SELECT device_id, epoch FROM connections"))
+    sessions = (["d1", "d2"], [epochs["d1"], epochs["d2"]], [0, 0])
+    assert await db.fetch(q.STALE_SESSIONS, "hub-a", *sessions) == []
+    await db.fetch(q.PUSH_CONFIG, ["d2"], '{"a": 1}', None)
+    behind = await db.fetch(q.STALE_SESSIONS, "hub-a", *sessions)
+    assert [(r["device_id"], r["reason"], r["config_version"]) for r in behind] == [
+        ("d2", "config", 1)
+    ]
+    assert await db.fetch(q.STALE_SESSIONS, "hub-a", ["d2"], [epochs["d2"]], [1]) == []
 
 
 async def test_concurrent_pushes_get_distinct_sequences_in_commit_order(

@@ -24,6 +24,7 @@ pytest_plugins = ["tests.servers.fixtures"]
 RUNNERS = 8
 PROCESS_RUNNERS = 4
 PROCESS_TIMEOUT_S = 60.0
+WAIT_S = 30.0
 REGISTRY_TABLES = {
     "changes",
     "change_seq",
@@ -212,3 +213,31 @@ async def test_the_lock_is_released_after_a_failure(pg: asyncpg.Connection) -> N
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
     )
     assert held == 0
+
+
+async def test_a_runner_that_dies_holding_the_lock_does_not_block_the_next(
+    postgres_db: PostgresDatabase,
+) -> None:
+    """The lock is the session's: a hub whose connection dies mid-migration frees it."""
+    holder, waiter, admin = [await postgres_db.connect() for _ in range(3)]
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        await holder.execute("BEGIN; CREATE TABLE half_done (id int)")
+        running = asyncio.ensure_future(migrate(waiter, lock_timeout_s=WAIT_S))
+        tried = (
+            "SELECT count(*) > 0 FROM pg_stat_activity"
+            " WHERE pid = $1 AND query LIKE '%pg_try_advisory_lock%'"
+        )
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while not await admin.fetchval(tried, waiter.get_server_pid()):
+            assert asyncio.get_running_loop().time() < deadline, "the runner never tried the lock"
+            await asyncio.sleep(0.02)
+        assert not running.done()
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", holder.get_server_pid())
+        result = await asyncio.wait_for(running, WAIT_S)
+        assert result.applied == tuple(m.version for m in bundled_migrations())
+        assert "half_done" not in await _tables(admin)
+    finally:
+        holder.terminate()
+        await waiter.close()
+        await admin.close()

@@ -8,7 +8,8 @@ trip, and takes its row locks in one place:
   `CLAIM_CONNECTION`, which raises the epoch by one and returns it; every later action of
   that session (`TOUCH_CONNECTIONS`, `RECORD_CONFIG_ACK`, `RELEASE_CONNECTION`) names the
   epoch and matches no row once another handshake took the device: a stale owner's late
-  write loses. `STALE_SESSIONS` is the periodic safety net a hub runs over its own sessions.
+  write loses. `STALE_SESSIONS` is the periodic safety net a hub runs over its own sessions
+  (revoked, taken over, or behind on its config).
 * Nodes. `REGISTER_NODE` at start, `HEARTBEAT` about every second; a node is live while its
   lease has not expired, and a device is online while a live node owns it
   (`DEVICE_PRESENCE`), so a dead hub's devices go offline with its lease, with no clean-up.
@@ -143,18 +144,25 @@ Returns the devices it still owns; a session missing from the result was taken o
 STALE_SESSIONS = """
 SELECT s.device_id, s.epoch,
        CASE WHEN d.device_id IS NULL OR d.revoked_at IS NOT NULL THEN 'revoked'
-            ELSE 'taken_over' END AS reason
-FROM unnest($2::text[], $3::bigint[]) AS s(device_id, epoch)
+            WHEN c.owner_node IS DISTINCT FROM $1 OR c.epoch <> s.epoch THEN 'taken_over'
+            ELSE 'config' END AS reason,
+       d.config_version
+FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS s(device_id, epoch, config_version)
 LEFT JOIN devices AS d ON d.device_id = s.device_id
 LEFT JOIN connections AS c ON c.device_id = s.device_id
 WHERE d.device_id IS NULL OR d.revoked_at IS NOT NULL
    OR c.owner_node IS DISTINCT FROM $1 OR c.epoch <> s.epoch
+   OR d.config_version > s.config_version
 ORDER BY s.device_id
 """
-"""The safety net: which of node $1's sessions (ids $2, epochs $3) must close, and why.
+"""The safety net: which of node $1's sessions (ids $2, epochs $3, config versions sent $4)
+need acting on, and why.
 
-`revoked` closes with 4001, `taken_over` with 4000. Run periodically, it bounds how long a
-lost doorbell can leave a revoked or moved device connected.
+`revoked`: close with 4001; `taken_over`: close with 4000; `config`: send `config_version`.
+The last covers a push that committed while its device moved: its doorbell rang the old
+owner, which no longer holds the device, and the new owner read the config before the push.
+Run periodically, it bounds how long a lost doorbell can leave a revoked or moved device
+connected or a device on an old config.
 """
 
 DEVICE_PRESENCE = """
