@@ -211,11 +211,13 @@ async def test_an_answer_racing_a_takeover_is_ordered_by_the_row_lock(
 async def test_presence_follows_the_owners_lease(db: asyncpg.Connection) -> None:
     """A device is online with its hub while that hub's lease lives, offline once it expires."""
     await add_devices(db, "d1", "d2")
-    incarnation = await register(db, "hub-a", lease_s=SHORT_LEASE_S)
+    incarnation = await register(db, "hub-a")
     await claim(db, "d1", "hub-a")
     now = await presence(db)
     assert (now["d1"]["online"], now["d1"]["hub"]) == (True, "hub-a")
     assert (now["d2"]["online"], now["d2"]["hub"]) == (False, None)
+    # Its last heartbeat before it froze: a short lease, so the test need not wait long.
+    assert await db.fetchrow(q.HEARTBEAT, "hub-a", incarnation, SHORT_LEASE_S, 1) is not None
     await until(db, "SELECT NOT live FROM (" + q.NODES + ") AS n WHERE node_id = 'hub-a'")
     expired = await presence(db)
     assert (expired["d1"]["online"], expired["d1"]["hub"]) == (False, None)
