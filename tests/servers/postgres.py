@@ -10,7 +10,8 @@ postgres process is started with `Popen(user=...)` rather than through `runuser`
 runuser forks and waits: its pid would not be the postmaster's, and SIGSTOP cannot be
 forwarded.
 
-The server runs in its own session, so its pid is its process group: `pause()` freezes the
+The server runs in its own session, and each backend makes itself a process group leader, so
+signals go to the postmaster's tree (tests/servers/processes.py): `pause()` freezes the
 postmaster *and* every backend (a frozen postmaster alone would leave open connections
 answering), and `kill()` leaves no orphaned backend holding the shared memory that a restart
 on the same data directory needs.
@@ -109,7 +110,7 @@ class PostgresServer:
 
     @property
     def pid(self) -> int:
-        """The postmaster's process id (also its process group)."""
+        """The postmaster's process id."""
         if self._proc is None:
             raise ServerError("postgres was never started")
         return self._proc.pid
@@ -137,8 +138,7 @@ class PostgresServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 **_as_user(_run_as()),
-                # Its own session: the pid is the group of every backend, and a Ctrl-C
-                # meant for pytest does not reach it first.
+                # Its own session: a Ctrl-C meant for pytest does not reach it first.
                 start_new_session=True,
                 env=_clean_env(),
             )
@@ -149,7 +149,7 @@ class PostgresServer:
             raise
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Fast shutdown (SIGINT), then SIGKILL of the whole group after `timeout` s."""
+        """Fast shutdown (SIGINT), then SIGKILL of every process after `timeout` s."""
         stop_tree(self._proc, signal.SIGINT, timeout)
 
     def kill(self) -> None:
