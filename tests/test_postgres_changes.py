@@ -128,7 +128,7 @@ async def test_pushes_ring_each_owning_hub_once(
         rows = await db.fetch(q.PUSH_CONFIG, ["d1", "d2", "d3", "d4"], '{"a": 1}', None)
         assert rows[0]["notified_nodes"] == 2
         got = {await asyncio.wait_for(heard.get(), WAIT_S) for _ in range(2)}
-        payload = f"change:{rows[0]['seq']}"
+        payload = q.CHANGE_PAYLOAD_PREFIX + str(rows[0]["seq"])
         assert got == {(q.node_channel("hub-a"), payload), (q.node_channel("hub-b"), payload)}
         offline = await db.fetch(q.PUSH_CONFIG, ["d4"], '{"a": 2}', None)
         assert offline[0]["notified_nodes"] == 0
@@ -150,7 +150,9 @@ async def test_a_revocation_rings_the_owner_and_the_safety_net_finds_it(
         )
         row = await db.fetchrow(q.REVOKE_DEVICE, "d3")
         assert row["notified_nodes"] == 1
-        assert await asyncio.wait_for(heard.get(), WAIT_S) == f"change:{row['seq']}"
+        assert await asyncio.wait_for(heard.get(), WAIT_S) == q.CHANGE_PAYLOAD_PREFIX + str(
+            row["seq"]
+        )
     finally:
         await listener.close()
     assert await db.fetchrow(q.REVOKE_DEVICE, "d3") is None  # already revoked

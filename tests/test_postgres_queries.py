@@ -124,7 +124,7 @@ async def test_the_previous_owner_hears_the_takeover_on_its_channel(
         await claim(db, "d1", "hub-a")
         await claim(db, "d1", "hub-b")
         channel, payload = await asyncio.wait_for(heard.get(), WAIT_S)
-        assert (channel, payload) == (q.node_channel("hub-a"), "takeover:d1")
+        assert (channel, payload) == (q.node_channel("hub-a"), q.TAKEOVER_PAYLOAD_PREFIX + "d1")
         await listener.execute("SELECT 1")  # any notification still queued arrives with this
         assert heard.empty()
     finally:
