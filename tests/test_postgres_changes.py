@@ -245,3 +245,46 @@ async def test_pruning_forgets_only_old_changes(db: asyncpg.Connection) -> None:
     assert await db.execute(q.PRUNE_CHANGES, 3600.0) == "DELETE 1"
     _, left = await changes_since(db, "hub-a", 0)
     assert [c[1] for c in left] == ["d2"]
+
+
+async def test_labels_are_set_removed_and_select_active_devices(db: asyncpg.Connection) -> None:
+    """SET_LABELS merges and removes; SELECT_BY_LABELS finds active devices with all labels."""
+    labels = await db.fetchval(q.SET_LABELS, "d1", '{"room": "lab", "floor": "2"}', ["site"])
+    assert labels == '{"room": "lab", "floor": "2"}'
+    await db.fetchval(q.SET_LABELS, "d2", '{"room": "lab"}', [])
+    assert await db.fetchval(q.SET_LABELS, "ghost", "{}", []) is None
+    await db.fetchrow(q.REVOKE_DEVICE, "d3")
+
+    async def selected(wanted: str) -> list[str]:
+        return [row["device_id"] for row in await db.fetch(q.SELECT_BY_LABELS, wanted)]
+
+    assert await selected('{"room": "lab"}') == ["d1", "d2"]
+    assert await selected('{"room": "lab", "floor": "2"}') == ["d1"]
+    assert await selected('{"site": "north"}') == ["d2", "d4"]  # d1 lost it, d3 is revoked
+    assert await selected("{}") == ["d1", "d2", "d4"]
+
+
+async def test_config_states_report_the_desired_version_and_the_last_answer(
+    db: asyncpg.Connection,
+) -> None:
+    """CONFIG_STATES gives config, version and answer per device, unknown ids left out."""
+    await db.fetch(q.PUSH_CONFIG, ["d1", "d2"], '{"a": 1}', None)
+    epoch = await db.fetchval("SELECT epoch FROM connections WHERE device_id = 'd1'")
+    assert await db.fetchrow(q.RECORD_CONFIG_ACK, "d1", 1, False, None, "hub-a", epoch)
+    rows = await db.fetch(q.CONFIG_STATES, ["d2", "ghost", "d1"])
+    states = [
+        (
+            r["device_id"],
+            r["config"],
+            r["config_version"],
+            r["acked_version"],
+            r["ack_ok"],
+            r["ack_error"],
+        )
+        for r in rows
+    ]
+    assert states == [
+        ("d1", '{"a": 1}', 1, 1, False, ""),
+        ("d2", '{"a": 1}', 1, None, None, None),
+    ]
+    assert rows[0]["acked_at"] is not None

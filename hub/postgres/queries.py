@@ -222,6 +222,34 @@ LIMIT 1
 The caller compares the returned hash with `hmac.compare_digest` as the SQLite registry does.
 """
 
+SET_LABELS = """
+UPDATE devices SET labels = (labels || $2::jsonb) - $3::text[]
+WHERE device_id = $1
+RETURNING labels
+"""
+"""Set labels $2 (an object) and remove the names $3 on device $1; returns its labels after.
+
+No row: the device is unknown.
+"""
+
+SELECT_BY_LABELS = """
+SELECT device_id FROM devices
+WHERE revoked_at IS NULL AND labels @> $1::jsonb
+ORDER BY device_id
+"""
+"""Active devices carrying every label of $1 (`--label k=v`; '{}' selects them all).
+
+Containment uses the GIN index `devices_labels`.
+"""
+
+CONFIG_STATES = """
+SELECT device_id, config, config_version, acked_version, ack_ok, ack_error, acked_at
+FROM devices
+WHERE device_id = ANY($1::text[])
+ORDER BY device_id
+"""
+"""Desired config, version and last answer of devices $1 (unknown ids are left out)."""
+
 RECORD_CONFIG_ACK = """
 UPDATE devices AS d SET
     acked_version = $2,
