@@ -71,8 +71,8 @@ async def test_a_push_merges_or_replaces_and_versions_only_grow(db: asyncpg.Conn
 async def test_a_config_over_the_size_limit_is_refused_by_the_schema(
     db: asyncpg.Connection,
 ) -> None:
-    """The schema's check stops a config above 64 KiB even if a caller forgot to."""
-    big = '{"blob": "' + "x" * 70_000 + '"}'
+    """The schema's backstop stops a config above 1 MiB of JSON even if a caller forgot to."""
+    big = '{"blob": "' + "x" * 1_100_000 + '"}'
     with pytest.raises(asyncpg.CheckViolationError):
         await db.fetch(q.PUSH_CONFIG, ["d1"], big, None)
     assert await db.fetchval("SELECT config_version FROM devices WHERE device_id = 'd1'") == 0
@@ -158,7 +158,8 @@ async def test_a_revocation_rings_the_owner_and_the_safety_net_finds_it(
     assert await db.fetchrow(q.REVOKE_DEVICE, "d3") is None  # already revoked
     assert await db.fetchrow(q.REVOKE_DEVICE, "ghost") is None
     epoch = await db.fetchval("SELECT epoch FROM connections WHERE device_id = 'd3'")
-    stale = await db.fetch(q.STALE_SESSIONS, "hub-b", ["d3", "ghost"], [epoch, 1], [0, 0])
+    tokens = [hash_token("token-d3"), hash_token("token-ghost")]
+    stale = await db.fetch(q.STALE_SESSIONS, "hub-b", ["d3", "ghost"], [epoch, 1], [0, 0], tokens)
     assert [(r["device_id"], r["reason"]) for r in stale] == [
         ("d3", "revoked"),
         ("ghost", "revoked"),
@@ -170,14 +171,15 @@ async def test_the_safety_net_finds_a_push_whose_doorbell_rang_the_old_owner(
 ) -> None:
     """A session behind on its config is listed `config` with the version to send."""
     epochs = dict(await db.fetch("SELECT device_id, epoch FROM connections"))
-    sessions = (["d1", "d2"], [epochs["d1"], epochs["d2"]], [0, 0])
+    tokens = [hash_token("token-d1"), hash_token("token-d2")]
+    sessions = (["d1", "d2"], [epochs["d1"], epochs["d2"]], [0, 0], tokens)
     assert await db.fetch(q.STALE_SESSIONS, "hub-a", *sessions) == []
     await db.fetch(q.PUSH_CONFIG, ["d2"], '{"a": 1}', None)
     behind = await db.fetch(q.STALE_SESSIONS, "hub-a", *sessions)
     assert [(r["device_id"], r["reason"], r["config_version"]) for r in behind] == [
         ("d2", "config", 1)
     ]
-    assert await db.fetch(q.STALE_SESSIONS, "hub-a", ["d2"], [epochs["d2"]], [1]) == []
+    assert await db.fetch(q.STALE_SESSIONS, "hub-a", ["d2"], [epochs["d2"]], [1], tokens[1:]) == []
 
 
 async def test_concurrent_pushes_get_distinct_sequences_in_commit_order(
@@ -206,24 +208,66 @@ async def test_a_rotated_token_works_through_its_grace_and_not_after(
     db: asyncpg.Connection,
 ) -> None:
     """After rotation the new hash works, the old one until its expiry; revoking ends both."""
-    old, new, newer = (hash_token(t) for t in ("token-d1", "rotated-1", "rotated-2"))
-    rotated = await db.fetchrow(q.ROTATE_TOKEN, "d1", new, 3600.0)
-    assert rotated is not None
+    old, new, newer, newest = (
+        hash_token(t) for t in ("token-d1", "rotated-1", "rotated-2", "rotated-3")
+    )
+    assert await db.fetchrow(q.ROTATE_TOKEN, "d1", new, 3600.0) is not None
     current = await db.fetchrow(q.CREDENTIAL, new)
     assert current["device_id"] == "d1" and current["expires_at"] is None
     assert hmac.compare_digest(current["token_hash"], new)
     retired = await db.fetchrow(q.CREDENTIAL, old)
     assert retired["device_id"] == "d1" and retired["expires_at"] is not None
-    assert await db.fetchrow(q.ROTATE_TOKEN, "d1", newer, 0.0) is not None  # no grace
+    # A second rotation with a grace: each retired token keeps its own expiry.
+    assert await db.fetchrow(q.ROTATE_TOKEN, "d1", newer, 60.0) is not None
+    expiries = {r: (await db.fetchrow(q.CREDENTIAL, r))["expires_at"] for r in (old, new)}
+    assert expiries[old] == retired["expires_at"] > expiries[new]
+    await db.execute(
+        "UPDATE retired_tokens SET expires_at = now() - interval '1 s' WHERE token_hash = $1",
+        new,
+    )
     assert await db.fetchrow(q.CREDENTIAL, new) is None
-    assert (await db.fetchrow(q.CREDENTIAL, old))["device_id"] == "d1"  # keeps its own expiry
-    await db.execute("UPDATE retired_tokens SET expires_at = now() - interval '1 s'")
+    assert await db.fetchrow(q.CREDENTIAL, old) is not None
+    # No grace: every retired token of the device stops working at once.
+    assert await db.fetchrow(q.ROTATE_TOKEN, "d1", newest, 0.0) is not None
     assert await db.fetchrow(q.CREDENTIAL, old) is None
-    _, log = await changes_since(db, "hub-a", 0)
-    assert [(c[1], c[2]) for c in log] == [("d1", "rotate"), ("d1", "rotate")]
-    await db.fetchrow(q.REVOKE_DEVICE, "d1")
     assert await db.fetchrow(q.CREDENTIAL, newer) is None
+    assert await db.fetchval("SELECT count(*) FROM retired_tokens") == 0
+    _, log = await changes_since(db, "hub-a", 0)
+    assert [(c[1], c[2]) for c in log] == [("d1", "rotate")] * 3
+    await db.fetchrow(q.REVOKE_DEVICE, "d1")
+    assert await db.fetchrow(q.CREDENTIAL, newest) is None
     assert await db.fetchrow(q.ROTATE_TOKEN, "d1", new, 10.0) is None  # revoked: refused
+
+
+async def test_a_session_on_a_token_past_its_grace_is_found_and_its_hub_rung(
+    postgres_db: PostgresDatabase, db: asyncpg.Connection
+) -> None:
+    """A rotation rings the owner; the safety net lists sessions whose token no longer works."""
+    epoch = await db.fetchval("SELECT epoch FROM connections WHERE device_id = 'd1'")
+    old, new = hash_token("token-d1"), hash_token("rotated-1")
+
+    async def check(token_hash: str) -> list[str]:
+        rows = await db.fetch(q.STALE_SESSIONS, "hub-a", ["d1"], [epoch], [0], [token_hash])
+        return [row["reason"] for row in rows]
+
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener = await postgres_db.connect()
+    try:
+        await listener.add_listener(
+            q.node_channel("hub-a"), lambda _c, _p, _ch, payload: heard.put_nowait(payload)
+        )
+        graced = await db.fetchrow(q.ROTATE_TOKEN, "d1", new, 3600.0)
+        assert graced["notified_nodes"] == 1
+        assert await asyncio.wait_for(heard.get(), WAIT_S) == q.CHANGE_PAYLOAD_PREFIX + str(
+            graced["seq"]
+        )
+    finally:
+        await listener.close()
+    assert await check(old) == []  # in its grace
+    assert await check(new) == []
+    await db.fetchrow(q.ROTATE_TOKEN, "d1", hash_token("rotated-2"), 0.0)
+    assert await check(old) == ["token_retired"]
+    assert await check(new) == ["token_retired"]
 
 
 async def test_a_duplicate_device_is_a_unique_violation(db: asyncpg.Connection) -> None:

@@ -161,7 +161,8 @@ async def test_a_stale_owners_late_writes_lose_to_the_newer_epoch(db: asyncpg.Co
     assert await db.fetchrow(q.RECORD_CONFIG_ACK, "d1", *ack, "hub-a", old) is None
     assert await db.fetch(q.TOUCH_CONNECTIONS, "hub-a", ["d1"], [old]) == []
     assert await db.fetchrow(q.RELEASE_CONNECTION, "d1", "hub-a", old) is None
-    stale = await db.fetch(q.STALE_SESSIONS, "hub-a", ["d1"], [old], [version])
+    token = [hash_token("token-d1")]
+    stale = await db.fetch(q.STALE_SESSIONS, "hub-a", ["d1"], [old], [version], token)
     assert [(r["device_id"], r["reason"]) for r in stale] == [("d1", "taken_over")]
     state = await db.fetchrow(
         "SELECT acked_version, owner_node FROM devices JOIN connections"
@@ -172,7 +173,7 @@ async def test_a_stale_owners_late_writes_lose_to_the_newer_epoch(db: asyncpg.Co
     assert await db.fetchrow(q.RECORD_CONFIG_ACK, "d1", version, True, None, "hub-b", new)
     assert await db.fetchrow(q.RECORD_CONFIG_ACK, "d1", version, True, None, "hub-b", new) is None
     assert [r["device_id"] for r in await db.fetch(q.TOUCH_CONNECTIONS, "hub-b", ["d1"], [new])]
-    assert await db.fetch(q.STALE_SESSIONS, "hub-b", ["d1"], [new], [version]) == []
+    assert await db.fetch(q.STALE_SESSIONS, "hub-b", ["d1"], [new], [version], token) == []
     assert await db.fetchrow(q.RELEASE_CONNECTION, "d1", "hub-b", new) is not None
     assert (await presence(db))["d1"]["online"] is False
 
@@ -244,7 +245,8 @@ async def test_registering_again_replaces_the_incarnation_and_its_sessions(
     assert await db.fetchrow(q.HEARTBEAT, "hub-a", first, LEASE_S, 1) is None
     assert await db.fetchrow(q.HEARTBEAT, "hub-a", second, LEASE_S, 0) is not None
     assert (await presence(db))["d1"]["online"] is False
-    stale = await db.fetch(q.STALE_SESSIONS, "hub-a", ["d1"], [epoch], [0])
+    token = [hash_token("token-d1")]
+    stale = await db.fetch(q.STALE_SESSIONS, "hub-a", ["d1"], [epoch], [0], token)
     assert [r["reason"] for r in stale] == ["taken_over"]
     assert (await claim(db, "d1", "hub-a"))["epoch"] == epoch + 1
 

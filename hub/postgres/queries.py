@@ -9,7 +9,7 @@ trip, and takes its row locks in one place:
   that session (`TOUCH_CONNECTIONS`, `RECORD_CONFIG_ACK`, `RELEASE_CONNECTION`) names the
   epoch and matches no row once another handshake took the device: a stale owner's late
   write loses. `STALE_SESSIONS` is the periodic safety net a hub runs over its own sessions
-  (revoked, taken over, or behind on its config).
+  (revoked, taken over, token rotated out, or behind on its config).
 * Nodes. `REGISTER_NODE` at start, `HEARTBEAT` about every second; a node is live while its
   lease has not expired, and a device is online while a live node owns it
   (`DEVICE_PRESENCE`), so a dead hub's devices go offline with its lease, with no clean-up.
@@ -142,27 +142,36 @@ Returns the devices it still owns; a session missing from the result was taken o
 """
 
 STALE_SESSIONS = """
-SELECT s.device_id, s.epoch,
-       CASE WHEN d.device_id IS NULL OR d.revoked_at IS NOT NULL THEN 'revoked'
-            WHEN c.owner_node IS DISTINCT FROM $1 OR c.epoch <> s.epoch THEN 'taken_over'
-            ELSE 'config' END AS reason,
-       d.config_version
-FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS s(device_id, epoch, config_version)
-LEFT JOIN devices AS d ON d.device_id = s.device_id
-LEFT JOIN connections AS c ON c.device_id = s.device_id
-WHERE d.device_id IS NULL OR d.revoked_at IS NOT NULL
-   OR c.owner_node IS DISTINCT FROM $1 OR c.epoch <> s.epoch
-   OR d.config_version > s.config_version
-ORDER BY s.device_id
+SELECT device_id, epoch, reason, config_version
+FROM (
+    SELECT s.device_id, s.epoch, d.config_version,
+           CASE WHEN d.device_id IS NULL OR d.revoked_at IS NOT NULL THEN 'revoked'
+                WHEN c.owner_node IS DISTINCT FROM $1 OR c.epoch <> s.epoch THEN 'taken_over'
+                WHEN d.token_hash <> s.token_hash AND NOT EXISTS (
+                    SELECT 1 FROM retired_tokens AS r
+                    WHERE r.token_hash = s.token_hash AND r.device_id = s.device_id
+                      AND r.expires_at > now()
+                ) THEN 'token_retired'
+                WHEN d.config_version > s.config_version THEN 'config'
+           END AS reason
+    FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::text[])
+         AS s(device_id, epoch, config_version, token_hash)
+    LEFT JOIN devices AS d ON d.device_id = s.device_id
+    LEFT JOIN connections AS c ON c.device_id = s.device_id
+) AS checked
+WHERE reason IS NOT NULL
+ORDER BY device_id
 """
-"""The safety net: which of node $1's sessions (ids $2, epochs $3, config versions sent $4)
-need acting on, and why.
+"""The safety net: which of node $1's sessions need acting on, and why.
 
-`revoked`: close with 4001; `taken_over`: close with 4000; `config`: send `config_version`.
-The last covers a push that committed while its device moved: its doorbell rang the old
-owner, which no longer holds the device, and the new owner read the config before the push.
-Run periodically, it bounds how long a lost doorbell can leave a revoked or moved device
-connected or a device on an old config.
+Each session is given as its device ($2), epoch ($3), the config version it last sent ($4)
+and the hash of the token it authenticated with ($5). `revoked`: close with 4001;
+`taken_over`: close with 4000; `token_retired`: its token was rotated out and its grace is
+over (or was ended by a rotation with no grace), close with 4001; `config`: send
+`config_version`. The last covers a push that committed while its device moved: its doorbell
+rang the old owner, which no longer holds the device, and the new owner had read the config
+before the push. Run periodically, it bounds how long a lost doorbell can leave a revoked or
+moved device connected or a device on an old config.
 """
 
 DEVICE_PRESENCE = """
@@ -338,8 +347,10 @@ WITH current AS (
 seq AS (
     UPDATE change_seq SET value = value + 1 RETURNING value
 ),
-expired AS (
-    DELETE FROM retired_tokens WHERE expires_at <= now()
+ended AS (
+    -- Expired grace periods go; a rotation with no grace ends the device's others too.
+    DELETE FROM retired_tokens
+    WHERE expires_at <= now() OR (device_id = $1 AND $3::float8 = 0)
 ),
 retired AS (
     INSERT INTO retired_tokens (token_hash, device_id, expires_at)
@@ -350,16 +361,26 @@ rotated AS (
     UPDATE devices AS d SET token_hash = $2
     FROM current WHERE d.device_id = current.device_id
     RETURNING d.device_id
+),
+logged AS (
+    INSERT INTO changes (seq, device_id, kind)
+    SELECT seq.value, rotated.device_id, 'rotate' FROM seq, rotated
+    RETURNING seq, device_id
+),
+rung AS (
+    SELECT pg_notify(hub_node_channel(c.owner_node), 'change:' || logged.seq)
+    FROM logged JOIN connections AS c ON c.device_id = logged.device_id
+    WHERE c.owner_node IS NOT NULL
 )
-INSERT INTO changes (seq, device_id, kind)
-SELECT seq.value, rotated.device_id, 'rotate' FROM seq, rotated
-RETURNING seq
+SELECT logged.seq, (SELECT count(*) FROM rung) AS notified_nodes FROM logged
 """  # noqa: S105 (a statement, not a password)
-"""Give device $1 the token hash $2; the old one keeps working for $3 s (0: not at all).
+"""Give device $1 the token hash $2; the old one keeps working for $3 s.
 
-No row: the device is unknown or revoked. Logged for the change feed, with no doorbell: a
-rotation asks nothing of the hub holding the device.
+$3 = 0 ends every grace period of the device at once, as the SQLite registry does: the hub
+holding it then closes a session that used a retired token with 4001 (`STALE_SESSIONS`
+says `token_retired`), so the owner is rung. No row: the device is unknown or revoked.
 """
+
 
 # --- Change feed --------------------------------------------------------------------------
 

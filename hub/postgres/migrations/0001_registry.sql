@@ -13,9 +13,12 @@ CREATE TABLE devices (
     created_at      timestamptz NOT NULL DEFAULT now(),
     revoked_at      timestamptz,
     labels          jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(labels) = 'object'),
-    -- hub/registry.py's MAX_CONFIG_BYTES bounds the config the operator sets.
+    -- The hub refuses a config whose `config` frame would not fit the protocol's 64 KiB
+    -- (hub/protocol.py's config_frame_problem). Its JSON text can be several times larger
+    -- (escapes, floats), so this bound is far above that and only stops a caller that
+    -- skipped the check.
     config          jsonb NOT NULL DEFAULT '{}'
-                    CHECK (jsonb_typeof(config) = 'object' AND octet_length(config::text) <= 65536),
+                    CHECK (jsonb_typeof(config) = 'object' AND octet_length(config::text) <= 1048576),
     -- Versions only grow: each push adds one.
     config_version  bigint NOT NULL DEFAULT 0 CHECK (config_version >= 0),
     acked_version   bigint CHECK (acked_version >= 0),
