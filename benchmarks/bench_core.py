@@ -25,14 +25,14 @@ from collections.abc import Callable
 import msgpack
 
 from device_sim.sensors import SCHEMA_TOML
-from hub.dialects import Dialect
-from hub.fieldtypes import FieldTypes
-from hub.frames import FrameLimits, SlicedReadings, decode_device_frame
-from hub.measurements import MeasurementSchemas, SchemaFile
-from hub.protocol import DEFAULT_MAX_DEPTH, ReadingsFrame, decode_frame, encode_ack
-from hub.readings import PreparedReadings, TimeLimits, prepare_readings
+from hub.core.dialects import Dialect
+from hub.core.fieldtypes import FieldTypes
+from hub.core.frames import FrameLimits, SlicedReadings, decode_device_frame
+from hub.core.measurements import MeasurementSchemas, SchemaFile
+from hub.core.protocol import DEFAULT_MAX_DEPTH, ReadingsFrame, decode_frame, encode_ack
+from hub.core.readings import PreparedReadings, TimeLimits, prepare_readings
+from hub.core.slices import prepare_in_slices
 from hub.settings import Settings
-from hub.slices import prepare_in_slices
 
 
 def message(batch: int) -> bytes:

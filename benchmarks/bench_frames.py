@@ -21,11 +21,11 @@ from typing import Any
 
 import msgpack
 
-from hub.frames import FrameLimits, SlicedReadings, SlicedTelegraf, decode_device_frame
-from hub.measurements import MeasurementSchemas, ReadingLimits
-from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame, encode_ack
-from hub.readings import PreparedReadings, prepare_readings
-from hub.slices import prepare_in_slices, prepare_list_in_slices
+from hub.core.frames import FrameLimits, SlicedReadings, SlicedTelegraf, decode_device_frame
+from hub.core.measurements import MeasurementSchemas, ReadingLimits
+from hub.core.protocol import ReadingsFrame, TelegrafFrame, decode_frame, encode_ack
+from hub.core.readings import PreparedReadings, prepare_readings
+from hub.core.slices import prepare_in_slices, prepare_list_in_slices
 
 MS = 10**6
 LIMITS = FrameLimits(max_readings=5000)

@@ -15,7 +15,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hub.lineprotocol import FieldValue, format_point
+from hub.core.lineprotocol import FieldValue, format_point
 
 TAGS = {"room": "kitchen", "device": "dev-0042"}
 FIELDS: dict[str, FieldValue] = {

@@ -14,7 +14,7 @@ from rich.console import Console
 from device_sim.fleet import FleetReport, read_tokens, run_fleet
 from device_sim.live import show_live, summary_table
 from device_sim.stats import FleetStats
-from hub.runtime import run_event_loop, tune_garbage_collector
+from hub.ops.runtime import run_event_loop, tune_garbage_collector
 
 app = typer.Typer(
     help="Simulated sensor devices for demos and load tests.",

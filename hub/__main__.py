@@ -1,3 +1,3 @@
-from hub.cli import app
+from hub.cli.app import app
 
 app(prog_name="hub")

@@ -15,20 +15,20 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
 
-from hub.deadletters import DeadLetterFile
+from hub.core.measurements import MeasurementSchemas, load_schema_file
 from hub.errors import HubError
-from hub.health import HealthServer
-from hub.influx import Sink, open_sink
-from hub.logs import set_level
-from hub.measurements import MeasurementSchemas, load_schema_file
-from hub.metrics import HubMetrics
-from hub.pipeline import Pipeline
-from hub.registry import Registry, secure_state_dir
-from hub.runtime import tune_garbage_collector
-from hub.sdnotify import Notifier
-from hub.server import Hub
+from hub.gateway.server import Hub
+from hub.ingest.deadletters import DeadLetterFile
+from hub.ingest.pipeline import Pipeline
+from hub.ingest.sinks import Sink, open_sink
+from hub.ingest.spool import Spool
+from hub.ops.health import HealthServer
+from hub.ops.logs import set_level
+from hub.ops.metrics import HubMetrics
+from hub.ops.runtime import tune_garbage_collector
+from hub.ops.sdnotify import Notifier
+from hub.registry.sqlite import Registry, secure_state_dir
 from hub.settings import Settings, reload_changes
-from hub.spool import Spool
 
 log = logging.getLogger("hub")
 

@@ -30,7 +30,7 @@ from device_sim.client import DeviceClient
 from device_sim.device import Credentials
 from device_sim.hub_process import HubProcess
 from device_sim.local_servers import LocalServer
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 
 WAIT_S = 15.0
 SHUTDOWN_TIMEOUT_S = 4.0

@@ -17,7 +17,7 @@ from device_sim.local_servers import (
     start_influxdb,
     start_victoria_metrics,
 )
-from hub import registry as registry_module
+from hub.registry import sqlite as registry_module
 from tests.token_leaks import LeakWatch
 
 # --- Real database servers ------------------------------------------------------------------

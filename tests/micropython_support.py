@@ -13,7 +13,7 @@ from collections.abc import Callable
 from sensorhub import HubClient
 
 from device_sim.local_servers import LocalServer
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 from hub.service import HubService
 from tests.support import points
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from device_sim.hub_process import HubProcess
 from device_sim.local_servers import LocalServer, influxql, quote_ident
-from hub.influx import Sink
-from hub.registry import Registry
+from hub.ingest.sinks import Sink
+from hub.registry.sqlite import Registry
 from hub.service import HubService
 from hub.settings import Settings
 

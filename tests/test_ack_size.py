@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hub.core.frames import FrameLimits, SlicedReadings, decode_device_frame
+from hub.core.measurements import MeasurementSchemas, ReadingLimits
+from hub.core.protocol import MAX_ERROR_CHARS, ReadingsFrame, cut_reasons, encode, encode_ack
+from hub.core.readings import PreparedReadings, prepare_readings
+from hub.core.slices import prepare_in_slices
 from hub.errors import InvalidMessage
-from hub.frames import FrameLimits, SlicedReadings, decode_device_frame
-from hub.measurements import MeasurementSchemas, ReadingLimits
-from hub.protocol import MAX_ERROR_CHARS, ReadingsFrame, cut_reasons, encode, encode_ack
-from hub.readings import PreparedReadings, prepare_readings
-from hub.slices import prepare_in_slices
 from schemas.messages import ACK_LISTED_BYTES, MAX_HUB_FRAME_BYTES, Ack, ErrorMessage, Rejection
 
 MS = 10**6

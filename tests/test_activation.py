@@ -1,4 +1,4 @@
-"""Socket activation (hub/activation.py): the sd_listen_fds rules, and `hub serve` taking
+"""Socket activation (hub/gateway/activation.py): the sd_listen_fds rules, and `hub serve` taking
 over a socket that systemd's own `systemd-socket-activate` passes it, as hub.socket does.
 
 The restart through a real systemd is in tests/test_systemd_real.py.
@@ -20,14 +20,14 @@ from websockets.exceptions import InvalidStatus
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, create_database, free_port, start_influxdb
-from hub.activation import (
+from hub.errors import ConfigError
+from hub.gateway.activation import (
     DEVICES_FD_NAME,
     PassedFd,
     choose_device_fd,
     passed_fds,
     take_device_socket,
 )
-from hub.errors import ConfigError
 from tests.nspawn import ensure_host_tools
 from tests.support import HubProcess, add_device, hub_settings
 

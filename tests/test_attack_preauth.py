@@ -20,7 +20,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from device_sim.local_servers import LocalServer
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 from tests.attack_support import (
     WAIT_S,
     AttackedHub,

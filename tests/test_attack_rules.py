@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from hub.admission import StrangerCounts, StrangerGuard, StrangerLimits, StrangerLog
-from hub.cli_check import toml_value
-from hub.filelimit import FD_HEADROOM, FileLimit, shortfall_warning
-from hub.handshake import MAX_TOKEN_CHARS, HandshakeRefused, read_credentials
-from hub.logs import RedactingFilter, escape_control, redact
-from hub.presence import MAX_REASON_CHARS, PresenceTracker
-from hub.registry import Registry, new_token, secure_state_dir
+from hub.cli.check import toml_value
+from hub.core.handshake import MAX_TOKEN_CHARS, HandshakeRefused, read_credentials
+from hub.gateway.admission import StrangerCounts, StrangerGuard, StrangerLimits, StrangerLog
+from hub.gateway.presence import MAX_REASON_CHARS, PresenceTracker
+from hub.ops.filelimit import FD_HEADROOM, FileLimit, shortfall_warning
+from hub.ops.logs import RedactingFilter, escape_control, redact
+from hub.registry.sqlite import Registry, new_token, secure_state_dir
 
 # --- Redaction: real secrets, not the hub's own words (item 10) -------------------------------
 
@@ -97,7 +97,7 @@ def test_the_log_filter_escapes_device_text_in_every_format(
     log_format: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A line feed in a %-argument cannot start a new log line, in text or JSON format."""
-    from hub.logs import make_formatter
+    from hub.ops.logs import make_formatter
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(make_formatter(log_format, journal=False))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hub.deadletters import DeadLetterFile
-from hub.dialects import Dialect
-from hub.pipeline import Pipeline
+from hub.core.dialects import Dialect
+from hub.ingest.deadletters import DeadLetterFile
+from hub.ingest.pipeline import Pipeline
 from tests.support import hub_settings
 
 pytestmark = pytest.mark.unit

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from hub.cli_check import describe, toml_value
+from hub.cli.check import describe, toml_value
 from hub.settings import Settings
 
 RUN_TIMEOUT_S = 30.0

@@ -13,7 +13,7 @@ import pytest
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
 from hub.errors import ConfigError
-from hub.registry import TOKEN_PREFIX, Registry
+from hub.registry.sqlite import TOKEN_PREFIX, Registry
 from hub.settings import load_settings
 from tests.support import HubProcess, points
 

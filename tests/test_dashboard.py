@@ -28,7 +28,7 @@ from device_sim.local_servers import (
     http_request,
     influxql_series,
 )
-from hub.presence import CONNECTION_MEASUREMENT
+from hub.gateway.presence import CONNECTION_MEASUREMENT
 from tests.support import HubProcess, add_device, hub_settings
 
 ROOT = Path(__file__).resolve().parent.parent

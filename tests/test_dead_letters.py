@@ -18,17 +18,17 @@ import pytest
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, influx_write, influxql
-from hub.cli_check import describe as describe_settings
-from hub.deadletters import (
+from hub.cli.check import describe as describe_settings
+from hub.core.dialects import Dialect
+from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
+from hub.ingest.deadletters import (
     ROTATED_FILES,
     DeadLetterFile,
     RefusedPart,
     find_refused,
 )
-from hub.dialects import Dialect
-from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
-from hub.influx import V1Sink, classify
-from hub.pipeline import Pipeline
+from hub.ingest.pipeline import Pipeline
+from hub.ingest.sinks import V1Sink, classify
 from hub.settings import LIVE_SETTINGS, Settings, load_settings, setting_origins
 from tests.support import add_device, hub_settings, points, running_hub
 

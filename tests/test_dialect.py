@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from hub.dialects import Dialect, key_problem, measurement_problem, string_problem
-from hub.lineprotocol import FieldValue, escape_measurement, escape_tag, format_point
+from hub.core.dialects import Dialect, key_problem, measurement_problem, string_problem
+from hub.core.lineprotocol import FieldValue, escape_measurement, escape_tag, format_point
 
 T = 1_700_000_000_000_000_000
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from hub.dialects import Dialect
-from hub.influx import AutoSink, detect_server, open_sink
+from hub.core.dialects import Dialect
+from hub.ingest.sinks import AutoSink, detect_server, open_sink
 from hub.settings import Settings
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from hub.dialects import Dialect
-from hub.lineprotocol import FieldValue, format_point
-from hub.reformat import parse_point
+from hub.core.dialects import Dialect
+from hub.core.lineprotocol import FieldValue, format_point
+from hub.core.reformat import parse_point
 
 CORPUS = json.loads((Path(__file__).parent / "data" / "influxdb2_corpus.json").read_text())
 EXACT = {case["key"]: case for case in CORPUS["exact"]}
@@ -63,7 +63,7 @@ def test_influxdb_2_dialect_writes_the_corpus_point_as_its_text(key: str) -> Non
 
 @pytest.mark.parametrize("key", sorted(EXACT))
 def test_the_replay_check_reads_the_corpus_text_as_influxdb_2_does(key: str) -> None:
-    """hub.reformat reads each text back into the very point the 2.x parser made of it."""
+    """hub.core.reformat reads each text back into the very point the 2.x parser made of it."""
     case = EXACT[key]
     text = with_time(case)
     parsed, end = parse_point(text, 0, Dialect.INFLUXDB_2)

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from hub.dialects import Dialect
-from hub.lineprotocol import FieldValue, format_point
-from hub.reformat import parse_point, reformat_batch
+from hub.core.dialects import Dialect
+from hub.core.lineprotocol import FieldValue, format_point
+from hub.core.reformat import parse_point, reformat_batch
 
 T = 1_700_000_000_000_000_000
 ALPHABET = "ab ,=\"'\\\t#_ü温😀\r\n\0"

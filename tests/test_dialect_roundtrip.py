@@ -27,8 +27,8 @@ from device_sim.local_servers import (
     influxql,
     vm_export,
 )
-from hub.dialects import Dialect
-from hub.lineprotocol import (
+from hub.core.dialects import Dialect
+from hub.core.lineprotocol import (
     escape_field_key,
     escape_measurement,
     escape_tag,

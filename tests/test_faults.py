@@ -24,8 +24,8 @@ from device_sim.local_servers import (
     start_influxdb,
 )
 from device_sim.stats import FleetStats
-from hub.registry import Registry
-from hub.spool import SEGMENT_SUFFIX, read_status
+from hub.ingest.spool import SEGMENT_SUFFIX, read_status
+from hub.registry.sqlite import Registry
 from tests.support import HubProcess
 
 DB = "faults"

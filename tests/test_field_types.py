@@ -23,12 +23,12 @@ from device_sim.local_servers import (
     influx_write,
     vm_export,
 )
+from hub.core.fieldtypes import HOUR_NS, FieldTypes, conflict_reason, parse_conflict
+from hub.core.measurements import MeasurementSchemas, SchemaFile, load_schema_file
+from hub.core.readings import prepare_readings
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
-from hub.fieldtypes import HOUR_NS, FieldTypes, conflict_reason, parse_conflict
-from hub.influx_fields import fetch_field_types, field_types, parse_duration, shard_duration
-from hub.measurements import MeasurementSchemas, SchemaFile, load_schema_file
-from hub.metrics import rejection_reason
-from hub.readings import prepare_readings
+from hub.ingest.influx_fields import fetch_field_types, field_types, parse_duration, shard_duration
+from hub.ops.metrics import rejection_reason
 from tests.support import add_device, hub_settings, points, running_hub
 
 WAIT_S = 10.0

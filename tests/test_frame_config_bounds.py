@@ -18,9 +18,9 @@ from typing import Any
 import msgpack
 import pytest
 
+from hub.core.protocol import check_depth, config_frame_problem, encode
 from hub.errors import RegistryError
-from hub.protocol import check_depth, config_frame_problem, encode
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 from schemas.messages import MAX_HUB_FRAME_BYTES, UINT64_MAX, Config
 
 

@@ -16,9 +16,8 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from hub.dialects import Dialect
-from hub.errors import InvalidMessage
-from hub.frames import (
+from hub.core.dialects import Dialect
+from hub.core.frames import (
     FAST_PATH_BYTES,
     FrameLimits,
     ItemSpans,
@@ -27,10 +26,10 @@ from hub.frames import (
     decode_device_frame,
     scan_frame,
 )
-from hub.measurements import MeasurementSchemas, ReadingLimits
-from hub.protocol import ReadingsFrame, TelegrafFrame, decode_frame, decoder_limits
-from hub.readings import PreparedReadings, prepare_readings
-from hub.slices import (
+from hub.core.measurements import MeasurementSchemas, ReadingLimits
+from hub.core.protocol import ReadingsFrame, TelegrafFrame, decode_frame, decoder_limits
+from hub.core.readings import PreparedReadings, prepare_readings
+from hub.core.slices import (
     MAX_READING_OBJECTS,
     READING_TOO_BIG,
     SLICE_BYTES,
@@ -40,6 +39,7 @@ from hub.slices import (
     prepare_list_in_slices,
     slice_plan,
 )
+from hub.errors import InvalidMessage
 from schemas.messages import ConfigAck
 from tests.test_fuzz import frames as fuzz_frames
 

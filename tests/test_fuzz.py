@@ -38,18 +38,18 @@ from websockets.exceptions import ConnectionClosed
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, influxql
-from hub.dialects import Dialect
-from hub.errors import InvalidMessage
-from hub.fieldtypes import CONFLICT_MARK
-from hub.measurements import MeasurementSchemas, ReadingLimits
-from hub.protocol import (
+from hub.core.dialects import Dialect
+from hub.core.fieldtypes import CONFLICT_MARK
+from hub.core.measurements import MeasurementSchemas, ReadingLimits
+from hub.core.protocol import (
     MAX_REASON_CHARS,
     MAX_REASONS_PER_READING,
     ReadingsFrame,
     TelegrafFrame,
     decode_frame,
 )
-from hub.readings import TimeLimits, prepare_readings
+from hub.core.readings import TimeLimits, prepare_readings
+from hub.errors import InvalidMessage
 from hub.settings import Settings
 from schemas.messages import Ack
 from tests.support import HubProcess, add_device, hub_settings

@@ -19,7 +19,7 @@ from websockets.http11 import Response
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 from hub.service import HubService
 from hub.settings import Settings
 from tests.support import add_device, hub_settings, points, running_hub

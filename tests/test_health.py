@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, create_database, free_port, start_influxdb
-from hub.health import HealthInputs, assess
-from hub.registry import Registry
+from hub.ops.health import HealthInputs, assess
+from hub.registry.sqlite import Registry
 from hub.service import HubService
 from schemas.messages import Ack
 from tests.support import add_device, hub_settings, running_hub

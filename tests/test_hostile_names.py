@@ -18,7 +18,7 @@ import pytest
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, influxql, influxql_series, quote_ident
-from hub.presence import CONNECTION_MEASUREMENT
+from hub.gateway.presence import CONNECTION_MEASUREMENT
 from hub.settings import Settings
 from schemas.messages import Ack
 from tests.support import add_device, hub_settings, running_hub

@@ -18,9 +18,9 @@ from device_sim.local_servers import (
     quote_ident,
     vm_export,
 )
-from hub.dialects import Dialect
+from hub.core.dialects import Dialect
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
-from hub.influx import V1Sink, V2Sink, classify, detect_server, open_sink, parse_retry_after
+from hub.ingest.sinks import V1Sink, V2Sink, classify, detect_server, open_sink, parse_retry_after
 from hub.settings import Settings
 
 

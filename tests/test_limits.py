@@ -15,15 +15,15 @@ from typing import Any
 import msgpack
 import pytest
 
-from hub.errors import InvalidMessage
-from hub.measurements import MeasurementSchemas, ReadingLimits, load_schema_file
-from hub.protocol import MAX_REASON_CHARS, ReadingsFrame, decode_frame
-from hub.readings import (
+from hub.core.measurements import MeasurementSchemas, ReadingLimits, load_schema_file
+from hub.core.protocol import MAX_REASON_CHARS, ReadingsFrame, decode_frame
+from hub.core.readings import (
     REASONS_BUDGET_CHARS,
     REASONS_OMITTED,
     prepare_readings,
     rejections,
 )
+from hub.errors import InvalidMessage
 from hub.settings import Settings
 
 MS = 10**6
@@ -306,7 +306,7 @@ def test_reading_whose_name_is_not_a_string_is_rejected_not_raised(name: Any) ->
 @pytest.mark.parametrize("version", [2**63, 2**64 - 1])
 def test_config_ack_beyond_int64_is_ignored_not_raised(tmp_path: Path, version: int) -> None:
     """A config_ack version the hub could never have sent (over SQLite's INTEGER) is ignored."""
-    from hub.registry import Registry
+    from hub.registry.sqlite import Registry
 
     registry = Registry(tmp_path / "registry.sqlite3")
     try:

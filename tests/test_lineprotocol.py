@@ -6,8 +6,8 @@ from enum import IntEnum
 
 import pytest
 
-from hub import lineprotocol
-from hub.lineprotocol import (
+from hub.core import lineprotocol
+from hub.core.lineprotocol import (
     Dialect,
     FieldValue,
     escape_measurement,

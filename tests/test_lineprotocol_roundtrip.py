@@ -31,7 +31,7 @@ from device_sim.local_servers import (
     vm_export,
     write_lines,
 )
-from hub.lineprotocol import (
+from hub.core.lineprotocol import (
     FieldValue,
     escape_measurement,
     escape_tag,

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from hub.logs import (
+from hub.ops.logs import (
     DeviceLineLimit,
     configure_logging,
     device_extra,
     make_formatter,
     stdout_is_journal,
 )
-from hub.registry import new_token
+from hub.registry.sqlite import new_token
 
 
 class FakeClock:

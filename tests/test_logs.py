@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from hub.logs import RedactingFilter, redact
-from hub.registry import new_token
+from hub.ops.logs import RedactingFilter, redact
+from hub.registry.sqlite import new_token
 
 SECRET = "s3cr3t-Value_42"
 

@@ -8,8 +8,13 @@ from typing import Any
 import msgpack
 import pytest
 
+from hub.core.measurements import (
+    MeasurementSchemas,
+    ReadingsValidator,
+    SchemaFile,
+    load_schema_file,
+)
 from hub.errors import ConfigError
-from hub.measurements import MeasurementSchemas, ReadingsValidator, SchemaFile, load_schema_file
 
 SCHEMA_TOML = """
 accept_unknown_measurements = false

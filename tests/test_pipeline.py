@@ -26,9 +26,9 @@ from device_sim.local_servers import (
     influxql,
     start_influxdb,
 )
-from hub.deadletters import DeadLetterFile
-from hub.influx import V1Sink
-from hub.pipeline import Pipeline
+from hub.ingest.deadletters import DeadLetterFile
+from hub.ingest.pipeline import Pipeline
+from hub.ingest.sinks import V1Sink
 from hub.settings import Settings
 from tests.support import hub_settings
 

@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from device_sim.local_servers import LocalServer, create_database, start_influxdb
-from hub.deadletters import DeadLetterFile
-from hub.influx import V1Sink
-from hub.pipeline import Pipeline
+from hub.ingest.deadletters import DeadLetterFile
+from hub.ingest.pipeline import Pipeline
+from hub.ingest.sinks import V1Sink
+from hub.ingest.spool import Spool, read_status
 from hub.settings import Settings
-from hub.spool import Spool, read_status
 from tests.support import hub_settings
 from tests.test_pipeline import all_durable, count_points, eventually, reading_lines
 

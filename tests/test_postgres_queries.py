@@ -13,7 +13,7 @@ import pytest
 
 from hub.postgres import queries as q
 from hub.postgres.migrations import migrate
-from hub.registry import hash_token
+from hub.registry.sqlite import hash_token
 from tests.servers.postgres import PostgresDatabase
 
 pytest_plugins = ["tests.servers.fixtures"]

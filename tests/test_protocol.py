@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from hub.errors import InvalidMessage
-from hub.protocol import (
+from hub.core.protocol import (
     ReadingsFrame,
     TelegrafFrame,
     decode_frame,
@@ -19,6 +18,7 @@ from hub.protocol import (
     encode_ack,
     plain_readings_envelope,
 )
+from hub.errors import InvalidMessage
 from schemas.messages import Ack, ConfigAck, ReadingsMessage, Rejection
 
 

@@ -15,7 +15,7 @@ import pytest
 from sensorhub import policy as micro_policy
 
 from device_sim.local_servers import LocalServer
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 from sensorhub_client import DeviceClient, StreamingClient
 from sensorhub_client import policy as python_policy
 from tests.support import HubProcess, add_device, hub_settings, points, running_hub

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 
 
 def hub_cli(state_dir: Path, *args: str) -> None:

@@ -16,7 +16,7 @@ from sensorhub import compat, mpack, wsframe
 from sensorhub.ws import handshake_request, parse_response_head
 
 from device_sim.local_servers import LocalServer
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 from hub.service import HubService
 from tests.support import add_device, hub_settings, points, running_hub
 

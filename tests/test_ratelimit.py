@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hub.ratelimit import (
+from hub.core.ratelimit import (
     BLOCKED_CHECKS_BURST,
     BLOCKED_CHECKS_PER_S,
     FailedHandshakeLimiter,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
-from hub.registry import Registry, hash_token
+from hub.registry.sqlite import Registry, hash_token
 
 
 @pytest.fixture

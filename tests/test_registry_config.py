@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hub.errors import RegistryError, UnknownDevice
-from hub.registry import DeviceChange, Presence, Registry
+from hub.registry.sqlite import DeviceChange, Presence, Registry
 from schemas.messages import MAX_HUB_FRAME_BYTES
 
 

@@ -16,7 +16,7 @@ from websockets.exceptions import InvalidStatus
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
 from hub.errors import RegistryError, UnknownDevice
-from hub.registry import _MIGRATIONS, TOKEN_PREFIX, Registry, hash_token
+from hub.registry.sqlite import _MIGRATIONS, TOKEN_PREFIX, Registry, hash_token
 from tests.support import add_device, hub_settings, running_hub
 
 WAIT_S = 10.0

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from device_sim.local_servers import LocalServer
-from hub.runtime import event_loop_name
-from hub.sdnotify import Notifier, watchdog_interval
+from hub.ops.runtime import event_loop_name
+from hub.ops.sdnotify import Notifier, watchdog_interval
 from tests.support import HubProcess
 
 WAIT_S = 30.0

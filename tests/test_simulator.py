@@ -17,7 +17,7 @@ from device_sim.fleet import Credentials, FleetReport, run_fleet
 from device_sim.local_servers import LocalServer, influxql
 from device_sim.sensors import MEASUREMENT, SCHEMA_TOML
 from device_sim.stats import FleetStats
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 from hub.settings import Settings
 from tests.support import HubProcess, hub_settings, running_hub
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.spool import SEGMENT_SUFFIX, Spool, encode_record, read_status, scan_segment
+from hub.ingest.spool import SEGMENT_SUFFIX, Spool, encode_record, read_status, scan_segment
 
 
 @pytest.fixture

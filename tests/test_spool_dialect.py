@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from device_sim.local_servers import LocalServer, influxql_series, vm_export
-from hub.deadletters import DeadLetterFile
-from hub.dialects import Dialect
-from hub.influx import V1Sink, V2Sink
-from hub.lineprotocol import format_point
-from hub.pipeline import Pipeline
-from hub.spool import SEGMENT_SUFFIX, Spool, read_status
+from hub.core.dialects import Dialect
+from hub.core.lineprotocol import format_point
+from hub.ingest.deadletters import DeadLetterFile
+from hub.ingest.pipeline import Pipeline
+from hub.ingest.sinks import V1Sink, V2Sink
+from hub.ingest.spool import SEGMENT_SUFFIX, Spool, read_status
 from tests.support import hub_settings
 from tests.test_pipeline import all_durable, eventually
 from tests.test_pipeline_spool import spooling_pipeline

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.activation import DEVICES_FD_NAME
-from hub.server import LISTEN_BACKLOG
+from hub.gateway.activation import DEVICES_FD_NAME
+from hub.gateway.server import LISTEN_BACKLOG
 from hub.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

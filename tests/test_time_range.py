@@ -16,10 +16,10 @@ import pytest
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
-from hub.cli_check import describe
+from hub.cli.check import describe
+from hub.core.measurements import MeasurementSchemas
+from hub.core.readings import NO_TIME_LIMITS, TimeLimits, prepare_readings
 from hub.errors import ConfigError
-from hub.measurements import MeasurementSchemas
-from hub.readings import NO_TIME_LIMITS, TimeLimits, prepare_readings
 from hub.service import HubService
 from hub.settings import LIVE_SETTINGS, Settings, load_settings, parse_rfc3339_ns, reload_changes
 from tests.support import add_device, hub_settings, points

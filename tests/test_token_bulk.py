@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 
 RUN_TIMEOUT_S = 60.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from hub.registry import new_token
+from hub.registry.sqlite import new_token
 from tests.token_leaks import LeakWatch, holds_token, masked
 
 
@@ -44,7 +44,7 @@ def test_the_watch_sees_hub_records_at_debug() -> None:
 def test_tokens_issued_by_the_registry_are_remembered() -> None:
     """Tokens made by hub.registry.new_token are known to the watch."""
     watch = next(h for h in logging.getLogger().handlers if isinstance(h, LeakWatch))
-    from hub import registry
+    from hub.registry import sqlite as registry
 
     token = registry.new_token()
     assert token.removeprefix("hubt_") in watch.issued

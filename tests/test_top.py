@@ -1,4 +1,4 @@
-"""`hub top`: the numbers (hub/top.py, pure) and the screen, driving a real `hub serve`
+"""`hub top`: the numbers (hub/ops/top.py, pure) and the screen, driving a real `hub serve`
 with devices and reading the terminal through tmux (installed with apt-get if missing)."""
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from websockets.exceptions import InvalidStatus
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, free_port
-from hub.cli_top import read_presence
-from hub.registry import Presence
-from hub.top import (
+from hub.cli.top import read_presence
+from hub.ops.top import (
     Scrape,
     build_frame,
     busiest_devices,
@@ -31,6 +30,7 @@ from hub.top import (
     parse_scrape,
     silent_devices,
 )
+from hub.registry.sqlite import Presence
 from tests.support import HubProcess, add_device, hub_settings
 
 WAIT_S = 30.0

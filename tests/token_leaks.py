@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-from hub.registry import TOKEN_PREFIX
+from hub.registry.sqlite import TOKEN_PREFIX
 
 NOT_THE_HUB = ("websockets.client",)
 TOKEN_SHAPE = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_-]{16,}")

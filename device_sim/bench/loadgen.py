@@ -30,8 +30,8 @@ from device_sim.device import Credentials, DeviceOptions
 from device_sim.fleet import run_fleet
 from device_sim.sensors import MEASUREMENT, SensorProfile
 from device_sim.stats import FleetStats, LatencyHistogram
-from hub.lineprotocol import format_point  # the devices format line protocol like the hub
-from hub.runtime import run_event_loop, tune_garbage_collector
+from hub.core.lineprotocol import format_point  # the devices format line protocol like the hub
+from hub.ops.runtime import run_event_loop, tune_garbage_collector
 
 PROGRESS_S = 0.5
 STDOUT_LIMIT = 64 * 2**20

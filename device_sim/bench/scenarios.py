@@ -27,7 +27,7 @@ from device_sim.hub_process import HubProcess, provision
 from device_sim.local_servers import LocalServer, create_database, influxql
 from device_sim.sensors import MEASUREMENT
 from device_sim.stats import LatencyHistogram
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 from schemas.messages import Config
 
 SAMPLE_S = 0.5

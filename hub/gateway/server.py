@@ -23,8 +23,13 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from hub.activation import take_device_socket
-from hub.admission import (
+from hub.core.dialects import Dialect
+from hub.core.handshake import Handshake, HandshakeRefused, read_credentials
+from hub.core.measurements import MeasurementSchemas, ReadingLimits, ReadingsValidator
+from hub.core.ratelimit import FailedHandshakeLimiter
+from hub.errors import ConfigError
+from hub.gateway.activation import take_device_socket
+from hub.gateway.admission import (
     ConnectionSlots,
     StrangerCounts,
     StrangerGuard,
@@ -33,19 +38,14 @@ from hub.admission import (
     peer_of,
     source_of,
 )
-from hub.dialects import Dialect
-from hub.errors import ConfigError
-from hub.filelimit import raise_file_limit
-from hub.handshake import Handshake, HandshakeRefused, read_credentials
-from hub.logs import RedactingFilter, device_extra
-from hub.measurements import MeasurementSchemas, ReadingLimits, ReadingsValidator
-from hub.metrics import refusal_reason
-from hub.pipeline import Pipeline
-from hub.presence import PresenceTracker
-from hub.ratelimit import FailedHandshakeLimiter
-from hub.registry import Registry, hash_token
-from hub.rotation import ROTATED_OUT_REASON, RotationWatch
-from hub.session import DeviceSession
+from hub.gateway.presence import PresenceTracker
+from hub.gateway.rotation import ROTATED_OUT_REASON, RotationWatch
+from hub.gateway.session import DeviceSession
+from hub.ingest.pipeline import Pipeline
+from hub.ops.filelimit import raise_file_limit
+from hub.ops.logs import RedactingFilter, device_extra
+from hub.ops.metrics import refusal_reason
+from hub.registry.sqlite import Registry, hash_token
 from hub.settings import Settings
 from schemas.codes import CloseCode
 

@@ -5,7 +5,7 @@ and the presence the hub records in the registry, every `--interval` seconds, an
 one screen with rich: the hub's state, connections, readings/s in and stored, rejections
 and refused handshakes by reason, ack and InfluxDB write latency, the spool, dead letters,
 and the busiest and silent devices. `--once` prints a single frame (rates over one
-interval) and exits, for scripts. The numbers come from `hub/top.py`.
+interval) and exits, for scripts. The numbers come from `hub/ops/top.py`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from hub.cli_common import ConfigOption, StateDirOption, fail, parse_duration, settings_from
-from hub.registry import Presence, Registry
+from hub.cli.common import ConfigOption, StateDirOption, fail, parse_duration, settings_from
+from hub.ops.top import Frame, Latency, Scrape, build_frame, parse_scrape
+from hub.registry.sqlite import Presence, Registry
 from hub.settings import Settings
-from hub.top import Frame, Latency, Scrape, build_frame, parse_scrape
 
 FETCH_TIMEOUT_S = 5.0
 # The hub's listener on loopback: an http_proxy in the operator's environment must not get it.

@@ -35,16 +35,16 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from hub.deadletters import DeadLetterFile, RefusedPart, describe, find_refused, lines_of
-from hub.dialects import Dialect
+from hub.core.dialects import Dialect
+from hub.core.fieldtypes import FieldTypes, parse_conflict
+from hub.core.reformat import reformat_batch
 from hub.errors import PermanentWriteError, TransientWriteError, WriteError
-from hub.fieldtypes import FieldTypes, parse_conflict
-from hub.influx import Sink
-from hub.influx_fields import fetch_field_types
-from hub.metrics import HubMetrics
-from hub.reformat import reformat_batch
+from hub.ingest.deadletters import DeadLetterFile, RefusedPart, describe, find_refused, lines_of
+from hub.ingest.influx_fields import fetch_field_types
+from hub.ingest.sinks import Sink
+from hub.ingest.spool import Spool
+from hub.ops.metrics import HubMetrics
 from hub.settings import Settings
-from hub.spool import Spool
 
 log = logging.getLogger("hub.pipeline")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from hub.logs import device_extra
-from hub.registry import Registry
+from hub.ops.logs import device_extra
+from hub.registry.sqlite import Registry
 from schemas.codes import CloseCode
 
 log = logging.getLogger("hub.rotation")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hub.dialects import (
+from hub.core.dialects import (
     Dialect,
     key_problem,
     measurement_problem,

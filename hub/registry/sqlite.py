@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hub.core.protocol import DEFAULT_MAX_DEPTH, config_frame_problem
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
-from hub.protocol import DEFAULT_MAX_DEPTH, config_frame_problem
 
 TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")

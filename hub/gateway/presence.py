@@ -12,9 +12,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from hub.lineprotocol import format_point
-from hub.logs import escape_control
-from hub.registry import Presence, Registry
+from hub.core.lineprotocol import format_point
+from hub.ops.logs import escape_control
+from hub.registry.sqlite import Presence, Registry
 
 log = logging.getLogger("hub.presence")
 

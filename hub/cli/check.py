@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 from pydantic import SecretStr
 
-from hub.cli_common import ConfigOption, StateDirOption, fail, settings_from
+from hub.cli.common import ConfigOption, StateDirOption, fail, settings_from
+from hub.core.measurements import load_schema_file
 from hub.errors import HubError
-from hub.logs import redact
-from hub.measurements import load_schema_file
+from hub.ops.logs import redact
 from hub.settings import LIVE_SETTINGS, Settings, setting_origins
 
 
@@ -23,7 +23,7 @@ def check_config(config: ConfigOption = None, state_dir: StateDirOption = None) 
     try:
         load_schema_file(settings.schemas)
         if settings.influx_api == "v1":
-            from hub.influx import V1Sink
+            from hub.ingest.sinks import V1Sink
 
             V1Sink(settings)  # checks that the token is user:password
     except HubError as exc:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from hub.lineprotocol import FieldValue
+from hub.core.lineprotocol import FieldValue
 
 HOUR_NS = 3600 * 10**9
 GO_ZERO_TIME_NS = -62_135_596_800 * 10**9

@@ -9,7 +9,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from hub.errors import HubError
-from hub.registry import Registry
+from hub.registry.sqlite import Registry
 from hub.settings import Settings, load_settings
 
 ConfigOption = Annotated[

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.dialects import Dialect
+from hub.core.dialects import Dialect
 
 log = logging.getLogger("hub.spool")
 

@@ -26,8 +26,7 @@ from typing import Any
 
 import msgpack
 
-from hub.errors import InvalidMessage
-from hub.frames import (
+from hub.core.frames import (
     ARRAY_HEADERS,
     FAST_PATH_BYTES,
     FrameLimits,
@@ -35,8 +34,9 @@ from hub.frames import (
     item_unpacker,
     object_kind,
 )
-from hub.protocol import decoder_limits, describe_decoder_error
-from hub.readings import PreparedReadings
+from hub.core.protocol import decoder_limits, describe_decoder_error
+from hub.core.readings import PreparedReadings
+from hub.errors import InvalidMessage
 
 SLICE_BYTES = FAST_PATH_BYTES
 """Readings decoded and validated between two yields: the same bound, for the same reason."""

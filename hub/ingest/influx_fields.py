@@ -16,8 +16,8 @@ from typing import Any
 
 import aiohttp
 
+from hub.core.fieldtypes import TYPE_NAMES
 from hub.errors import PermanentWriteError, TransientWriteError
-from hub.fieldtypes import TYPE_NAMES
 from hub.settings import Settings
 
 MAX_ANSWER_BYTES = 32 * 2**20

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hub.errors import HubError
-from hub.server import Hub
+from hub.gateway.server import Hub
 
 
 @dataclass(frozen=True, slots=True)

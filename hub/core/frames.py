@@ -24,8 +24,7 @@ from typing import Any
 
 import msgpack
 
-from hub.errors import InvalidMessage
-from hub.protocol import (
+from hub.core.protocol import (
     DeviceEvent,
     ReadingsFrame,
     TelegrafFrame,
@@ -35,6 +34,7 @@ from hub.protocol import (
     plain_readings_envelope,
     validate_envelope,
 )
+from hub.errors import InvalidMessage
 from hub.settings import Settings
 from schemas.messages import ConfigAck
 

@@ -13,8 +13,8 @@ from typing import Annotated, TextIO
 
 import typer
 
-from hub.cli_check import check_config
-from hub.cli_common import (
+from hub.cli.check import check_config
+from hub.cli.common import (
     ConfigOption,
     StateDirOption,
     fail,
@@ -23,10 +23,10 @@ from hub.cli_common import (
     settings_from,
     when,
 )
-from hub.cli_fleet import config_app, device_app, devices_command, parse_assignments, spool_app
-from hub.cli_top import top_command
+from hub.cli.fleet import config_app, device_app, devices_command, parse_assignments, spool_app
+from hub.cli.top import top_command
 from hub.errors import HubError
-from hub.logs import configure_logging
+from hub.ops.logs import configure_logging
 from hub.settings import InfluxApi, LogFormat, LogLevel, load_settings
 
 app = typer.Typer(
@@ -114,7 +114,7 @@ def serve(
     }
     settings = settings_from(config, **flags)
     configure_logging(settings.log_level, settings.log_format)
-    from hub.runtime import run_event_loop
+    from hub.ops.runtime import run_event_loop
     from hub.service import serve as run_service
 
     # A SIGHUP reads the same sources again: the flags stay, the files may have changed.

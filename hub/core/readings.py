@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from hub.dialects import Dialect
-from hub.fieldtypes import FieldTypes
-from hub.lineprotocol import format_point
-from hub.measurements import ReadingsValidator
-from hub.protocol import DEFAULT_MAX_DEPTH, check_readings_depth, cut_reasons
+from hub.core.dialects import Dialect
+from hub.core.fieldtypes import FieldTypes
+from hub.core.lineprotocol import format_point
+from hub.core.measurements import ReadingsValidator
+from hub.core.protocol import DEFAULT_MAX_DEPTH, check_readings_depth, cut_reasons
 from hub.settings import Settings, parse_rfc3339_ns
 from schemas.messages import TIME_MIN_NS, Rejection
 

@@ -17,7 +17,7 @@ from influxdb_client.client.exceptions import InfluxDBError
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.domain.write_precision import WritePrecision
 
-from hub.dialects import Dialect
+from hub.core.dialects import Dialect
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.settings import Settings
 

@@ -1,6 +1,6 @@
 """What `hub top` shows, computed from two scrapes of `/metrics` and the registry's presence.
 
-Pure: no sockets, no files, no terminal. `hub/cli_top.py` fetches the inputs and draws the
+Pure: no sockets, no files, no terminal. `hub/cli/top.py` fetches the inputs and draws the
 frame with rich. Rates and latency quantiles are over the time between the two scrapes
 (counters are cumulative; a counter that went down means the hub restarted, and the rate
 is then taken from zero).
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from hub.registry import Presence
+from hub.registry.sqlite import Presence
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 """A sample's name and its sorted labels."""

@@ -16,8 +16,7 @@ from typing import Any, Protocol
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from hub.errors import HubError, Overloaded, ProtocolError, RateLimited, UnsupportedData
-from hub.frames import (
+from hub.core.frames import (
     FrameEvent,
     FrameLimits,
     ItemSpans,
@@ -26,18 +25,19 @@ from hub.frames import (
     decode_device_frame,
     event_items,
 )
-from hub.handshake import Handshake
-from hub.logs import device_extra
-from hub.measurements import ReadingsValidator
-from hub.metrics import HubMetrics, error_label
-from hub.pipeline import Pipeline
-from hub.presence import PresenceTracker
-from hub.protocol import ReadingsFrame, TelegrafFrame, encode, encode_ack
-from hub.ratelimit import TokenBucket
-from hub.readings import PreparedReadings, TimeLimits, bounded_reasons, prepare_readings
-from hub.registry import Registry
+from hub.core.handshake import Handshake
+from hub.core.measurements import ReadingsValidator
+from hub.core.protocol import ReadingsFrame, TelegrafFrame, encode, encode_ack
+from hub.core.ratelimit import TokenBucket
+from hub.core.readings import PreparedReadings, TimeLimits, bounded_reasons, prepare_readings
+from hub.core.slices import SLICE_ITEMS, prepare_in_slices, prepare_list_in_slices
+from hub.errors import HubError, Overloaded, ProtocolError, RateLimited, UnsupportedData
+from hub.gateway.presence import PresenceTracker
+from hub.ingest.pipeline import Pipeline
+from hub.ops.logs import device_extra
+from hub.ops.metrics import HubMetrics, error_label
+from hub.registry.sqlite import Registry
 from hub.settings import Settings
-from hub.slices import SLICE_ITEMS, prepare_in_slices, prepare_list_in_slices
 from schemas.codes import CloseCode
 from schemas.messages import Config, ConfigAck, ErrorMessage
 

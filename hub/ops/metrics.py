@@ -37,11 +37,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from hub.fieldtypes import CONFLICT_MARK
-from hub.measurements import RESERVED_REASON
+from hub.core.fieldtypes import CONFLICT_MARK
+from hub.core.measurements import RESERVED_REASON
 
 if TYPE_CHECKING:
-    from hub.server import Hub
+    from hub.gateway.server import Hub
 
 BATCH_POINTS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000)
 WRITE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hub.dialects import Dialect
-from hub.lineprotocol import FieldValue, format_point
+from hub.core.dialects import Dialect
+from hub.core.lineprotocol import FieldValue, format_point
 
 _MEASUREMENT_ESCAPABLE = frozenset(", ")
 _KEY_ESCAPABLE = frozenset(", =")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hub.cli_common import (
+from hub.cli.common import (
     ConfigOption,
     StateDirOption,
     fail,
@@ -18,8 +18,8 @@ from hub.cli_common import (
     when,
 )
 from hub.errors import HubError
-from hub.registry import ConfigState, Registry
-from hub.spool import read_status
+from hub.ingest.spool import read_status
+from hub.registry.sqlite import ConfigState, Registry
 
 config_app = typer.Typer(help="Push configuration to devices.", no_args_is_help=True)
 device_app = typer.Typer(help="Device labels.", no_args_is_help=True)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
-from hub.registry import TOKEN_PREFIX
+from hub.registry.sqlite import TOKEN_PREFIX
 
 _SECRET = re.compile(
     # a hub token anywhere: how `hub.registry.new_token` mints them

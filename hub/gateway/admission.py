@@ -32,8 +32,8 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 
-from hub.handshake import Handshake
-from hub.ratelimit import TokenBucket, source_key
+from hub.core.handshake import Handshake
+from hub.core.ratelimit import TokenBucket, source_key
 
 LOOP_LAG_TOLERANCE_S = 0.1
 """A header deadline firing later than this finds the event loop behind (a connect storm):
