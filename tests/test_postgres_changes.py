@@ -10,8 +10,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from hub.postgres import queries as q
-from hub.postgres.migrations import migrate
+from hub.registry.postgres import queries as q
+from hub.registry.postgres.migrations import migrate
 from hub.registry.sqlite import hash_token
 from tests.servers.postgres import PostgresDatabase
 

@@ -9,7 +9,7 @@ import sys
 import asyncpg
 import pytest
 
-from hub.postgres.migrations import (
+from hub.registry.postgres.migrations import (
     MIGRATION_LOCK_KEY,
     Migration,
     MigrationError,
@@ -123,7 +123,7 @@ async def test_concurrent_runners_on_one_database_apply_each_file_once(
 _RUN_ONE = """
 import asyncio, sys
 import asyncpg
-from hub.postgres.migrations import migrate
+from hub.registry.postgres.migrations import migrate
 
 async def main() -> None:
     conn = await asyncpg.connect(sys.argv[1])

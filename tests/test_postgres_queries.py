@@ -1,4 +1,4 @@
-"""The registry's named PostgreSQL statements (hub/postgres/queries.py): ownership and nodes."""
+"""The registry's named PostgreSQL statements (hub.registry.postgres.queries): ownership, nodes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from hub.postgres import queries as q
-from hub.postgres.migrations import migrate
+from hub.registry.postgres import queries as q
+from hub.registry.postgres.migrations import migrate
 from hub.registry.sqlite import hash_token
 from tests.servers.postgres import PostgresDatabase
 

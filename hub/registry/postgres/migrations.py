@@ -68,7 +68,7 @@ class MigrationResult:
 
 def bundled_migrations() -> list[Migration]:
     """The SQL files shipped in the package, checked to be numbered 1, 2, 3... without gaps."""
-    folder = resources.files("hub.postgres").joinpath("migrations")
+    folder = resources.files("hub.registry.postgres").joinpath("migrations")
     found = []
     for entry in folder.iterdir():
         if not entry.name.endswith(".sql"):
