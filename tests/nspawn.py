@@ -259,13 +259,24 @@ SERVICE_USER = "sensor-hub"
 
 
 def build_wheels(project: Path, out: Path) -> Path:
-    """The hub and its dependencies as wheels, built on the host (`pip wheel`)."""
+    """The hub and its dependencies as wheels, built on the host (`pip wheel`) from a copy of
+    the project's tracked files: setuptools' `build/` in the work tree keeps modules that were
+    moved or deleted since, and would put them in the wheel."""
+    source = out / "source"
+    listed = subprocess.run(
+        ["git", "-C", str(project), "ls-files", "-z"], capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (project / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(project / name, source / name)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(out), str(project)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(out), str(source)],
         capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False,
     )  # fmt: skip
     if result.returncode != 0:
         raise MachineError(f"pip wheel exited {result.returncode}:\n{result.stderr[-3000:]}")
+    shutil.rmtree(source)
     return out
 
 

@@ -104,8 +104,10 @@ async def hub_rounds(
         await good.fresh()
 
 
-FD_SLACK = 2
-"""Descriptors the hub may hold beyond its count before the attack (an InfluxDB socket)."""
+FD_SLACK = 6
+"""Descriptors the hub may hold beyond its count before the attack: the HTTP connections to
+InfluxDB its writers keep open grow with load, up to `max_inflight_writes` (4) and one for the
+health check. A descriptor leaked per round would show 30 (`ROUNDS`)."""
 
 
 async def no_leak(hub: AttackedHub, fds_before: int, rss_before: int) -> None:
