@@ -150,7 +150,6 @@ class HubMetrics:
         durable.add_done_callback(observe)
 
 
-
 def refusal_reason(status: int) -> str:
     """The label of a refused handshake: its HTTP reason phrase, in snake case."""
     try:
