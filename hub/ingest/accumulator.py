@@ -111,13 +111,15 @@ class Accumulator:
     async def complete(self, batch: Batch, error: BaseException | None = None) -> None:
         """`batch` is durable (or, with `error`, never will be here): settle its futures and
         make room for as many readings."""
-        for waiter in batch.waiters:
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.set_result(None)
-            else:  # a cancellation reaches the futures as an error, never as a cancellation
-                waiter.set_exception(error if isinstance(error, Exception) else RuntimeError())
+        if error is None:
+            for waiter in batch.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        else:  # a cancellation reaches the futures as an error, never as a cancellation
+            failure = error if isinstance(error, Exception) else RuntimeError()
+            for waiter in batch.waiters:
+                if not waiter.done():
+                    waiter.set_exception(failure)
         async with self._room:
             self._pending -= batch.count
             self._room.notify_all()

@@ -68,7 +68,7 @@ class Pipeline:
         self.dead_letters = dead_letters
         self.field_catalog = FieldTypes()
         """Field types InfluxDB holds or will, per shard group: see `field_types`."""
-        self._accumulator = Accumulator(settings, lambda: self.dialect)
+        self._accumulator = Accumulator(settings, self._default_dialect)
         self._buffer = BufferAccess(buffer) if buffer is not None else None
         self._writer = (
             None
@@ -100,6 +100,12 @@ class Pipeline:
         )
         self._settings = settings
         self._tasks: list[asyncio.Task[None]] = []
+        # The session's hot path, bound straight to the accumulator (no call in between):
+        # `has_room(count)`, `submit_nowait(lines, count, dialect=None)` and the awaitable
+        # `submit(lines, count, dialect=None)`, which waits while the pipeline is full.
+        self.has_room = self._accumulator.has_room
+        self.submit_nowait = self._accumulator.submit_nowait
+        self.submit = self._accumulator.submit
 
     @property
     def settings(self) -> Settings:
@@ -154,6 +160,10 @@ class Pipeline:
         InfluxDB (the only one of the servers the hub writes to that has field types)."""
         return self.field_catalog if self.dialect.has_field_types else None
 
+    def _default_dialect(self) -> Dialect:
+        sink = self._sink
+        return sink.dialect if sink is not None else Dialect.STRICT
+
     def start(self) -> None:
         """Start the write workers, the replayer when there is a buffer and a sink, and the
         question to InfluxDB about its field types."""
@@ -163,27 +173,6 @@ class Pipeline:
             self._tasks.append(asyncio.create_task(replayer.run(), name="replayer"))
         if self.sink is not None:
             self._tasks.append(asyncio.create_task(self._ask_field_types(), name="field-types"))
-
-    def has_room(self, count: int) -> bool:
-        """Whether `submit` of `count` points would go through now, without waiting."""
-        return self._accumulator.has_room(count)
-
-    async def submit(
-        self, lines: str, count: int, dialect: Dialect | None = None
-    ) -> asyncio.Future[None]:
-        """Queue `count` points (newline-separated `lines`, formatted for `dialect`, by
-        default `self.dialect`); the future completes when durable.
-
-        Waits while the pipeline is full. One message larger than the whole limit is let in
-        alone rather than never.
-        """
-        return await self._accumulator.submit(lines, count, dialect)
-
-    def submit_nowait(
-        self, lines: str, count: int, dialect: Dialect | None = None
-    ) -> asyncio.Future[None]:
-        """`submit` when `has_room(count)`, without waiting (the caller checked)."""
-        return self._accumulator.submit_nowait(lines, count, dialect)
 
     def flush(self) -> None:
         """Seal the open batch now instead of waiting for its age."""
