@@ -88,9 +88,10 @@ class HubService:
             )
         metrics = HubMetrics()
         dead_letters = DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes)
-        pipeline = Pipeline(sink, dead_letters, settings, spool, metrics)
+        pipeline = Pipeline(sink, dead_letters, settings, spool)
+        metrics.watch_writes(pipeline.write_stats)
         pipeline.start()
-        self._hub = Hub(settings, registry, schemas, pipeline)
+        self._hub = Hub(settings, registry, schemas, pipeline, metrics)
         metrics.watch(self._hub)
         if settings.health_enabled:
             self._health = HealthServer(self._hub, settings.health_host, settings.health_port)

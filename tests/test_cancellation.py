@@ -52,7 +52,8 @@ async def test_close_as_a_write_completes_stops_every_task(tmp_path: Path, turns
     pipeline.start()
     durable = pipeline.submit_nowait("m v=1 1", 1)
     pipeline.flush()
-    await asyncio.wait_for(sink.writing.wait(), 5)
+    async with asyncio.timeout(5):
+        await sink.writing.wait()
     sink.gate.set_result(None)
     for _ in range(turns):
         await asyncio.sleep(0)

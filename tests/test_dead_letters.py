@@ -256,7 +256,8 @@ async def test_pipeline_dead_letters_only_refused_points_and_acks_all(tmp_path: 
     lines = batch(200, {17, 150})
     try:
         futures = [await pipeline.submit(line, 1) for line in lines]
-        await asyncio.wait_for(asyncio.gather(*futures), WAIT_S)
+        async with asyncio.timeout(WAIT_S):
+            await asyncio.gather(*futures)
         assert pipeline.counters.dead_lettered_points == 2
         assert pipeline.counters.points_written == 198
     finally:
@@ -281,7 +282,8 @@ async def test_partial_write_to_real_influxdb_dead_letters_only_the_conflict(
     pipeline.start()
     try:
         futures = [await pipeline.submit(line, 1) for line in lines]
-        await asyncio.wait_for(asyncio.gather(*futures), WAIT_S)
+        async with asyncio.timeout(WAIT_S):
+            await asyncio.gather(*futures)
         assert pipeline.counters.dead_lettered_points == 1
         assert pipeline.counters.points_written == 49
     finally:
@@ -317,7 +319,8 @@ async def test_dead_letters_are_capped_against_real_influxdb(
             await pipeline.submit(f"m,device=d1,pad={'p' * 40} v={n}.5 {now + n}", 1)
             for n in range(3000)
         ]
-        await asyncio.wait_for(asyncio.gather(*futures), 60)
+        async with asyncio.timeout(60):
+            await asyncio.gather(*futures)
         assert pipeline.counters.dead_lettered_points == 3000
         assert pipeline.dead_letters.discarded_points > 0
         assert pipeline.dead_letters.size <= 64 * 1024
@@ -368,8 +371,10 @@ async def test_poisoned_field_flood_neither_grows_dead_letters_nor_loses_others_
                     ]
                 )
             )
-        flood_acks = await asyncio.wait_for(asyncio.gather(*flood), 60)
-        stream_acks = await asyncio.wait_for(asyncio.gather(*stream), 60)
+        async with asyncio.timeout(60):
+            flood_acks = await asyncio.gather(*flood)
+        async with asyncio.timeout(60):
+            stream_acks = await asyncio.gather(*stream)
         assert service.hub.pipeline.counters.dead_lettered_points == 0
     assert all(ack.accepted == 0 and len(ack.rejected_indices()) == 999 for ack in flood_acks)
     assert flood_acks[0].rejected[0].errors == [
@@ -402,18 +407,17 @@ async def test_unforeseeable_conflict_is_dead_lettered_alone_then_refused_in_the
         now_ms = time.time_ns() // 10**6
         influx_write(influxdb.url, influx_db_name, f'late t="x" {(now_ms - 1000) * 10**6}')
         async with DeviceClient(service.url, token) as client:
-            first = await asyncio.wait_for(
-                client.store(
+            async with asyncio.timeout(WAIT_S):
+                first = await client.store(
                     [
                         {"name": "late", "time": now_ms, "fields": {"t": 1.5}},
                         {"name": "fine", "time": now_ms, "fields": {"t": 1.5}},
                     ]
-                ),
-                WAIT_S,
-            )
-            second = await asyncio.wait_for(
-                client.store([{"name": "late", "time": now_ms + 1, "fields": {"t": 2.5}}]), WAIT_S
-            )
+                )
+            async with asyncio.timeout(WAIT_S):
+                second = await client.store(
+                    [{"name": "late", "time": now_ms + 1, "fields": {"t": 2.5}}]
+                )
         assert service.hub.pipeline.counters.dead_lettered_points == 1
     assert (first.accepted, first.rejected) == (2, [])
     assert second.accepted == 0

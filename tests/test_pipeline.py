@@ -52,7 +52,8 @@ async def eventually(condition: Callable[[], bool], what: str, timeout: float = 
 
 async def all_durable(futures: Sequence[asyncio.Future[None]]) -> None:
     """Wait (bounded) until every future has completed successfully."""
-    await asyncio.wait_for(asyncio.gather(*futures), WAIT_S)
+    async with asyncio.timeout(WAIT_S):
+        await asyncio.gather(*futures)
 
 
 def count_points(influx: LocalServer, db: str, measurement: str = "m") -> int:
@@ -194,7 +195,8 @@ async def test_oversized_message_is_let_in_alone(
         tmp_path, influxdb.url, influx_bucket=influx_db_name, max_pending_readings=10
     )
     async with running_pipeline(settings) as pipeline:
-        done = await asyncio.wait_for(pipeline.submit("\n".join(reading_lines(25)), 25), WAIT_S)
+        async with asyncio.timeout(WAIT_S):
+            done = await pipeline.submit("\n".join(reading_lines(25)), 25)
         await all_durable([done])
         assert count_points(influxdb, influx_db_name) == 25
 
@@ -234,7 +236,8 @@ async def test_submit_waits_while_max_pending_readings_are_held(tmp_path: Path) 
             assert not any(task.done() for task in blocked)
             assert pipeline.pending == 10
             fake.release.set()
-            later = await asyncio.wait_for(asyncio.gather(*blocked), WAIT_S)
+            async with asyncio.timeout(WAIT_S):
+                later = await asyncio.gather(*blocked)
             await all_durable([*admitted, *later])
             assert pipeline.pending == 0
             assert pipeline.counters.points_written == 13

@@ -44,7 +44,7 @@ from hub.gateway.session import DeviceSession
 from hub.ingest.pipeline import Pipeline
 from hub.ops.filelimit import raise_file_limit
 from hub.ops.logs import RedactingFilter, device_extra
-from hub.ops.metrics import refusal_reason
+from hub.ops.metrics import HubMetrics, refusal_reason
 from hub.registry.sqlite import Registry, hash_token
 from hub.settings import Settings
 from schemas.codes import CloseCode
@@ -66,12 +66,13 @@ class Hub:
         registry: Registry,
         schemas: MeasurementSchemas,
         pipeline: Pipeline,
+        metrics: HubMetrics,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.schemas = schemas
         self.pipeline = pipeline
-        self.metrics = pipeline.metrics
+        self.metrics = metrics
         self.presence = PresenceTracker(registry)
         self.draining = False
         self.slots = ConnectionSlots()

@@ -17,7 +17,8 @@ at power loss) ends that segment: it is reported once with the bytes skipped, an
 segments after it replay normally.
 Appends always go to a fresh segment after a restart, never after a damaged tail.
 
-The methods do blocking file I/O; the pipeline calls them from a worker thread, one at a time.
+The methods do blocking file I/O; the pipeline calls them from a worker thread, one at a time
+(`hub.ingest.buffer.BufferAccess`). `Spool` is the durable `hub.ingest.buffer.Buffer`.
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ class Spool:
                 self._segments.append(_Segment(number, path, size, records))
             else:
                 path.unlink()
+
+    @property
+    def location(self) -> str:
+        """Where batches are kept, for log lines."""
+        return f"the spool at {self.directory}"
 
     # Appending
 

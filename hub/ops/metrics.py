@@ -34,17 +34,21 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from hub.core.fieldtypes import CONFLICT_MARK
 from hub.core.measurements import RESERVED_REASON
+from hub.ingest.stats import TIMEOUT, UNREACHABLE, Distribution, WriteStats
 
 if TYPE_CHECKING:
     from hub.gateway.server import Hub
 
-BATCH_POINTS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000)
-WRITE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 ACK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SCHEMA_PARTS = frozenset({"name", "fields", "tags", "time"})
 # Label values shown at 0 from the start, so that rates and alerts work before the first one.
@@ -67,8 +71,8 @@ _KNOWN_LABELS = {
     ),
     "protocol_errors": ("invalid_message", "unsupported_data", "rate_limited"),
     "config_acks": ("applied", "refused", "ignored"),
-    "influx_errors": ("unreachable", "timeout"),
 }
+_KNOWN_INFLUX_ERRORS = (UNREACHABLE, TIMEOUT)
 
 
 class HubMetrics:
@@ -113,25 +117,7 @@ class HubMetrics:
         self.config_acks = Counter(
             "hub_config_acks", "Devices' answers to pushed configs.", ["result"], registry=r
         )
-        # InfluxDB
-        self.batch_points = Histogram(
-            "hub_batch_points",
-            "Points per batch written to InfluxDB.",
-            buckets=BATCH_POINTS_BUCKETS,
-            registry=r,
-        )
-        self.write_seconds = Histogram(
-            "hub_influx_write_duration_seconds",
-            "Time InfluxDB took to answer a write.",
-            buckets=WRITE_SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.influx_errors = Counter(
-            "hub_influx_errors",
-            "Failed writes to InfluxDB, by HTTP status.",
-            ["status"],
-            registry=r,
-        )
+        # InfluxDB: counted by the pipeline (`hub.ingest.stats`), read by `watch_writes`.
         for attribute, values in _KNOWN_LABELS.items():
             counter: Counter = getattr(self, attribute)
             for label in values:
@@ -140,6 +126,10 @@ class HubMetrics:
     def watch(self, hub: Hub) -> None:
         """Expose the state of `hub` and its pipeline and spool, read at scrape time."""
         self.registry.register(StateCollector(hub))
+
+    def watch_writes(self, stats: WriteStats) -> None:
+        """Expose the pipeline's write stats (errors, durations, batch sizes) at scrape time."""
+        self.registry.register(WriteStatsCollector(stats))
 
     def count_rejections(self, reasons: Iterable[list[str]], undecodable: int = 0) -> None:
         """Count rejected readings by reason, given each one's reasons (one call per message,
@@ -158,10 +148,6 @@ class HubMetrics:
                 self.ack_seconds.observe(max(0, time.time_ns() - arrival_ns) / 1e9)
 
         durable.add_done_callback(observe)
-
-    def influx_error(self, status: int | str | None) -> None:
-        """Count one failed write."""
-        self.influx_errors.labels(str(status) if status is not None else "unreachable").inc()
 
 
 def refusal_reason(status: int) -> str:
@@ -217,6 +203,30 @@ class TrafficCollector(Collector):
             t.readings_stored,
         )
         yield _counter("hub_acks", "Acks sent to devices.", t.acks)
+
+
+class WriteStatsCollector(Collector):
+    """The pipeline's `WriteStats` as the InfluxDB write metrics, read at scrape time."""
+
+    def __init__(self, stats: WriteStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        yield _histogram(
+            "hub_batch_points", "Points per batch written to InfluxDB.", stats.batch_points
+        )
+        yield _histogram(
+            "hub_influx_write_duration_seconds",
+            "Time InfluxDB took to answer a write.",
+            stats.write_seconds,
+        )
+        errors = CounterMetricFamily(
+            "hub_influx_errors", "Failed writes to InfluxDB, by HTTP status.", labels=["status"]
+        )
+        for status in sorted({*_KNOWN_INFLUX_ERRORS, *stats.errors}):
+            errors.add_metric([status], float(stats.errors[status]))
+        yield errors
 
 
 class StateCollector(Collector):
@@ -301,6 +311,15 @@ class StateCollector(Collector):
         yield _counter(
             "hub_spool_skipped_bytes", "Damaged spool bytes skipped at start.", status.skipped_bytes
         )
+
+
+def _histogram(name: str, documentation: str, values: Distribution) -> HistogramMetricFamily:
+    # Bucket labels spelled as prometheus_client's own Histogram spells these ("1.0", "+Inf").
+    buckets = [
+        ("+Inf" if bound == float("inf") else repr(float(bound)), float(count))
+        for bound, count in values.cumulative()
+    ]
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=values.total)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
