@@ -111,6 +111,7 @@ def exposure(output: str) -> float:
 # --- systemd-analyze ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_hub_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing to say about hub.service."""
     assert Path(sys.prefix, "bin", "hub").exists()
@@ -122,6 +123,7 @@ def test_hub_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     assert [line for line in output.splitlines() if "hub.service" in line] == []
 
 
+@pytest.mark.e2e
 def test_hub_socket_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing to say about hub.socket (with its service)."""
     installed_copy(HUB_UNIT, tmp_path)
@@ -132,6 +134,7 @@ def test_hub_socket_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     assert [line for line in output.splitlines() if "hub." in line] == []
 
 
+@pytest.mark.e2e
 def test_device_sim_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing to say about an instance of device-sim@."""
     assert Path(sys.prefix, "bin", "device-sim").exists()
@@ -142,12 +145,14 @@ def test_device_sim_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> 
     assert [line for line in output.splitlines() if "device-sim@" in line] == []
 
 
+@pytest.mark.e2e
 def test_hub_unit_exposure_is_ok(systemd_analyze: str) -> None:
     """`systemd-analyze security --offline` rates hub.service 1.5 or lower."""
     result = run(systemd_analyze, "security", "--offline=yes", "--no-pager", HUB_UNIT)
     assert exposure(result.stdout) <= MAX_EXPOSURE, result.stdout
 
 
+@pytest.mark.e2e
 def test_device_sim_unit_exposure_is_ok(systemd_analyze: str) -> None:
     """`systemd-analyze security --offline` rates device-sim@.service 1.5 or lower."""
     result = run(systemd_analyze, "security", "--offline=yes", "--no-pager", SIM_UNIT)
@@ -157,6 +162,7 @@ def test_device_sim_unit_exposure_is_ok(systemd_analyze: str) -> None:
 # --- What the hub's unit says --------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_hub_unit_is_notify_with_a_watchdog_and_reload() -> None:
     """Type=notify, the watchdog on, the main process notifying, reload by SIGHUP."""
     assert service_values(HUB_UNIT, "Type") == ["notify"]
@@ -168,6 +174,7 @@ def test_hub_unit_is_notify_with_a_watchdog_and_reload() -> None:
     assert service_values(HUB_UNIT, "Restart") == ["on-failure"]
 
 
+@pytest.mark.unit
 def test_hub_unit_gives_the_token_as_a_credential_and_holds_none() -> None:
     """The token comes from a credential file; no Environment= in the unit sets one."""
     credentials = service_values(HUB_UNIT, "LoadCredential")
@@ -175,12 +182,14 @@ def test_hub_unit_gives_the_token_as_a_credential_and_holds_none() -> None:
     assert not any("TOKEN" in value.upper() for value in service_values(HUB_UNIT, "Environment"))
 
 
+@pytest.mark.unit
 def test_hub_unit_keeps_state_in_its_state_directory() -> None:
     """StateDirectory= gives the hub /var/lib/sensor-hub, private to it."""
     assert service_values(HUB_UNIT, "StateDirectory") == ["sensor-hub"]
     assert service_values(HUB_UNIT, "StateDirectoryMode") == ["0700"]
 
 
+@pytest.mark.unit
 def test_hub_unit_limits_descriptors_tasks_and_resource_calls() -> None:
     """Issue 16 item 11: room for max_connections (20000) with headroom, a task limit, and
     no system calls that change priorities or scheduling (@resources)."""
@@ -195,6 +204,7 @@ def test_hub_unit_limits_descriptors_tasks_and_resource_calls() -> None:
     assert "@resources" in denied
 
 
+@pytest.mark.unit
 def test_hub_socket_holds_the_device_port_for_the_hub() -> None:
     """hub.socket listens on the default device address, names the descriptor as the hub
     looks for it, keeps a backlog as deep as the hub's own, and hub.service needs it."""
@@ -209,6 +219,7 @@ def test_hub_socket_holds_the_device_port_for_the_hub() -> None:
     assert "hub.socket" in unit["After"].split()
 
 
+@pytest.mark.unit
 def test_units_run_the_commands_the_package_installs() -> None:
     """ExecStart names console scripts that pyproject.toml installs into the virtualenv."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
