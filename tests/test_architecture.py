@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,3 +184,18 @@ def test_every_test_is_in_exactly_one_layer(tmp_path: Path, request: pytest.Fixt
     counts = {layer: sum(1 for m in layers.values() if m == [layer]) for layer in sorted(LAYERS)}
     print(f"tests per layer: {counts}")
     assert counts["unit"] >= 300, counts
+
+
+def test_a_unit_test_cannot_use_the_network_or_start_a_process() -> None:
+    # This test is itself a unit test: the guard of tests/layers.py is armed around it.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with pytest.raises(RuntimeError, match="used the network"):
+            sock.bind(("127.0.0.1", 0))
+        with pytest.raises(RuntimeError, match="used the network"):
+            sock.connect(("127.0.0.1", 9))
+    with pytest.raises(RuntimeError, match="started a process"):
+        subprocess.run(["true"], check=False)
+    # Local sockets stay allowed: asyncio's loop wakes itself through a socket pair.
+    left, right = socket.socketpair()
+    left.close()
+    right.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from hub.ops.top import (
     silent_devices,
 )
 from hub.registry.sqlite import Presence
+from tests.packages import install_missing
 from tests.support import HubProcess, add_device, hub_settings
 
 WAIT_S = 30.0
@@ -272,13 +272,7 @@ def test_presence_from_a_missing_registry_is_empty_and_makes_none(tmp_path: Path
 @pytest.fixture
 def tmux() -> Iterator[list[str]]:
     """tmux on a server of this test's own (`-L`), killed at the end."""
-    if shutil.which("tmux") is None:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "tmux"]
-        if subprocess.run(install, capture_output=True, env=env, check=False).returncode:
-            subprocess.run(["apt-get", "update"], capture_output=True, env=env, check=False)
-            subprocess.run(install, capture_output=True, env=env, check=False)
-    assert shutil.which("tmux"), "tmux is missing and `apt-get install tmux` did not provide it"
+    install_missing({"tmux": "tmux"})
     command = ["tmux", "-L", f"hub-top-{uuid.uuid4().hex[:8]}"]
     try:
         yield command
