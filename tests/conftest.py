@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from device_sim.local_servers import (
     start_victoria_metrics,
 )
 from hub.registry import sqlite as registry_module
-from tests.layers import LayerRecorder, UnitGuard, check_unit_item
+from tests.layers import UNIT_GUARD, LayerRecorder, check_unit_item
 from tests.packages import ensure_database_servers
 from tests.token_leaks import LeakWatch
 
@@ -71,7 +72,10 @@ _leak_watch = LeakWatch()
 
 def pytest_configure(config: pytest.Config) -> None:
     """Watch every log record; remember every token the registry issues."""
-    _unit_guard.install()
+    UNIT_GUARD.install()
+    # Its import probes for IPv6 by binding ::1 (caught when it fails, as in `unshare -n`):
+    # done here, before any unit test, so that the guard does not count it against one.
+    importlib.import_module("urllib3.util.connection")
     config.pluginmanager.register(LayerRecorder(), LayerRecorder.NAME)
     issue = registry_module.new_token
     if getattr(issue, "watched", False):
@@ -93,6 +97,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     unit test that asks for a server fails here, before the server starts."""
     if item.get_closest_marker("unit") is not None:
         check_unit_item(item)
+        UNIT_GUARD.arm(item.nodeid)
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     logging.getLogger("websockets").setLevel(logging.NOTSET)
@@ -122,19 +127,26 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 # --- The unit layer: no server, no process, no network (tests/layers.py) -------------------
-# While a test marked `unit` runs, inet sockets and new processes are refused, and asking for
-# a server fixture fails at once: so `pytest -m unit` starts no server (the session fixtures
-# above only run when a test asks for them) and passes under `unshare -n` (scripts/test.sh).
+# From a unit test's setup to its teardown, inet sockets and new processes are refused (and a
+# test fails for a refusal even if the code under test caught it); asking for a server
+# fixture fails at setup. So `pytest -m unit` starts no server (the session fixtures above
+# only run when a test asks for them) and passes under `unshare -n` (scripts/test.sh).
 
-_unit_guard = UnitGuard()
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail a unit test for anything the guard refused during its setup or call."""
+    result = yield
+    refusals = UNIT_GUARD.refusals if UNIT_GUARD.armed_for == item.nodeid else []
+    if refusals:
+        pytest.fail("; ".join(refusals[:3]), pytrace=False)
+    return result
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
-    """Arm the guard around a unit test's setup, call and teardown."""
-    if item.get_closest_marker("unit") is not None:
-        _unit_guard.armed_for = item.nodeid
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Disarm the guard once a unit test's fixtures are torn down."""
     try:
-        yield
+        return (yield)
     finally:
-        _unit_guard.armed_for = None
+        UNIT_GUARD.disarm()

@@ -48,7 +48,21 @@ class UnitGuard:
 
     def __init__(self) -> None:
         self.armed_for: str | None = None
+        self.refusals: list[str] = []
+        """What was refused since armed: the test fails even if the code under test
+        swallowed the error (a broad `except Exception` around a write, say)."""
         self._installed = False
+
+    def arm(self, test: str) -> None:
+        """Refuse from now on, on behalf of `test`."""
+        self.armed_for = test
+        self.refusals = []
+
+    def disarm(self) -> list[str]:
+        """Stop refusing; return what was refused while armed."""
+        self.armed_for = None
+        refusals, self.refusals = self.refusals, []
+        return refusals
 
     def install(self) -> None:
         """Install the hook once per process."""
@@ -60,15 +74,23 @@ class UnitGuard:
         test = self.armed_for
         if test is None:
             return
+        refusal = None
         if event in _PROCESS_EVENTS:
-            raise RuntimeError(f"unit test {test} started a process ({event}): mark it e2e")
-        if event in {"socket.connect", "socket.bind", "socket.sendto"}:
+            refusal = f"unit test {test} started a process ({event}): mark it e2e"
+        elif event in {"socket.connect", "socket.bind", "socket.sendto"}:
             sock = args[0]
             if isinstance(sock, socket.socket) and sock.family in _INET:
-                raise RuntimeError(
+                refusal = (
                     f"unit test {test} used the network ({event} {args[1]!r}): "
                     "mark it integration"
                 )
+        if refusal is not None:
+            self.refusals.append(refusal)
+            raise RuntimeError(refusal)
+
+
+UNIT_GUARD = UnitGuard()
+"""The one guard of this process (tests/conftest.py arms it around each unit test)."""
 
 
 def check_unit_item(item: pytest.Item) -> None:

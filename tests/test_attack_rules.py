@@ -205,7 +205,7 @@ def test_serve_raises_its_soft_file_limit_to_the_hard_one() -> None:
         "import resource\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
-        "from hub.filelimit import raise_file_limit\n"
+        "from hub.ops.filelimit import raise_file_limit\n"
         "limit = raise_file_limit(100)\n"
         "print(limit.soft == hard, resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)\n"
     )
