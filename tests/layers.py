@@ -137,7 +137,7 @@ def collect_layers(
     code = pytest.main(
         [
             "--collect-only",
-            "-q",
+            "-qq",
             "-p",
             "no:cacheprovider",
             "-o",

@@ -8,9 +8,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from device_sim import demo as demo_module
 from device_sim import local_servers
+from device_sim.cli import app as cli_app
 from device_sim.local_servers import ServerError, missing_packages, require_installed
 from tests.packages import install_missing
 
@@ -56,6 +58,13 @@ def test_the_demo_says_what_is_missing_and_exits_2(
     err = capsys.readouterr().err
     assert f"{no_influxd} is missing" in err
     assert "`sudo apt-get install influxdb`" in err
+
+
+def test_the_benchmark_says_what_is_missing_and_exits_2(no_influxd: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["bench", "--smoke", "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"{no_influxd} is missing" in result.output
+    assert "`sudo apt-get install influxdb`" in result.output
 
 
 def test_installed_binaries_need_no_package(
