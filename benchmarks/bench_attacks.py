@@ -32,7 +32,7 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 
 from device_sim.client import pack
-from device_sim.local_servers import create_database, ensure_installed, start_influxdb
+from device_sim.local_servers import create_database, start_influxdb
 from tests.attack_support import (
     READING,
     AttackedHub,
@@ -141,7 +141,6 @@ async def scenario(
 
 async def main(args: argparse.Namespace) -> None:
     """Every scenario, one after another."""
-    ensure_installed()
     with tempfile.TemporaryDirectory(prefix="bench-attacks-") as directory:
         base = Path(directory)
         slots = {"HUB_MAX_CONNECTIONS": "100"}

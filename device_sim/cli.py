@@ -146,6 +146,7 @@ def bench(
     from device_sim.bench.report import print_report
     from device_sim.bench.run import SCENARIOS, run_bench
     from device_sim.bench.scenarios import BenchSizes
+    from device_sim.local_servers import ServerError
 
     unknown = set(only or []) - set(SCENARIOS)
     if unknown:
@@ -163,6 +164,10 @@ def bench(
         "storm_devices": storm_devices,
     }
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
-    result = asyncio.run(run_bench(out_dir, sizes, set(only or [])))
+    try:
+        result = asyncio.run(run_bench(out_dir, sizes, set(only or [])))
+    except ServerError as exc:  # a server not installed: say which package, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     print_report(result, Console(width=max(Console().width, 120)))
     typer.echo(f"report: {out_dir / 'bench.json'}, chart: {out_dir / 'bench.png'}", err=True)

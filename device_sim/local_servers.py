@@ -47,35 +47,36 @@ VICTORIA_METRICS = Path("/usr/bin/victoria-metrics")
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 30
-_APT_PACKAGES = ("influxdb", "victoria-metrics")
 # The servers are on loopback: an http_proxy in the environment must not get these requests.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ServerError(RuntimeError):
-    """A local server could not be installed, started or queried."""
+    """A local server is not installed, or could not be started or queried."""
 
 
-def ensure_installed() -> None:
-    """Install the Debian packages of InfluxDB and VictoriaMetrics if a binary is missing."""
-    if INFLUXD.exists() and VICTORIA_METRICS.exists():
+PACKAGES = {INFLUXD: "influxdb", VICTORIA_METRICS: "victoria-metrics"}
+"""The Debian package each server binary comes from."""
+
+
+def missing_packages(*binaries: Path) -> list[str]:
+    """The Debian packages whose binary (of `binaries`, default all) is not installed."""
+    return [PACKAGES[b] for b in (binaries or tuple(PACKAGES)) if not b.exists()]
+
+
+def require_installed(binary: Path) -> None:
+    """Raise a `ServerError` naming the package and the command if `binary` is missing.
+
+    This module only starts what is installed; scripts/setup.sh (and the test suite's
+    fixtures, tests/packages.py) install what is missing.
+    """
+    if binary.exists():
         return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Not root: try sudo without a password prompt, which fails fast if it would ask.
-    sudo = ["sudo", "-n", "-E"] if os.geteuid() != 0 and shutil.which("sudo") else []
-    install = [*sudo, "apt-get", "install", "-y", "--no-install-recommends", *_APT_PACKAGES]
-    result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        # Only refresh the package lists when needed: `apt-get update` is slow and networked.
-        update = [*sudo, "apt-get", "update"]
-        subprocess.run(update, capture_output=True, env=env, check=False)
-        result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
-    missing = [str(p) for p in (INFLUXD, VICTORIA_METRICS) if not p.exists()]
-    if result.returncode != 0 or missing:
-        raise ServerError(
-            f"could not install {' '.join(_APT_PACKAGES)} (missing: {missing}); "
-            f"`{' '.join(install)}` exited {result.returncode}:\n{_tail(result.stderr)}"
-        )
+    package = PACKAGES[binary]
+    raise ServerError(
+        f"{binary} is missing: install the Debian package {package} "
+        f"(`sudo apt-get install {package}`, or run scripts/setup.sh, which installs it)"
+    )
 
 
 def free_port() -> int:
@@ -227,6 +228,7 @@ def start_influxdb(base_dir: Path | None = None, timeout: float = START_TIMEOUT_
         config.write_text(_influxdb_config(data_dir, port, free_port()))
         return [str(INFLUXD), "run", "-config", str(config)]
 
+    require_installed(INFLUXD)
     return _start("influxdb", argv, "/ping", 204, base_dir, timeout)
 
 
@@ -248,6 +250,7 @@ def start_victoria_metrics(
             *extra_args,
         ]
 
+    require_installed(VICTORIA_METRICS)
     return _start("victoria-metrics", argv, "/health", 200, base_dir, timeout)
 
 

@@ -94,7 +94,9 @@ class HubService:
         self._hub = Hub(settings, registry, schemas, pipeline, metrics)
         metrics.watch(self._hub)
         if settings.health_enabled:
-            self._health = HealthServer(self._hub, settings.health_host, settings.health_port)
+            self._health = HealthServer(
+                self._hub, metrics, settings.health_host, settings.health_port
+            )
             await self._health.start()
         try:
             await self._hub.start()

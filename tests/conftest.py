@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import uuid
 from collections.abc import Iterator
@@ -13,22 +14,24 @@ from device_sim.local_servers import (
     LocalServer,
     create_database,
     drop_database,
-    ensure_installed,
     start_influxdb,
     start_victoria_metrics,
 )
 from hub.registry import sqlite as registry_module
+from tests.layers import UNIT_GUARD, LayerRecorder, check_unit_item
+from tests.packages import ensure_database_servers
 from tests.token_leaks import LeakWatch
 
 # --- Real database servers ------------------------------------------------------------------
 # One of each per test session, on free loopback ports, files under pytest's tmp dir (kept
-# for the last few runs, so a failed run's server.log can still be read).
+# for the last few runs, so a failed run's server.log can still be read). Installed with
+# apt-get when missing (tests/packages.py); only tests that ask for one start it.
 
 
 @pytest.fixture(scope="session")
 def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     """A real InfluxDB 1.6.7 for the whole session."""
-    ensure_installed()
+    ensure_database_servers()
     server = start_influxdb(tmp_path_factory.mktemp("influxdb"))
     try:
         yield server
@@ -39,7 +42,7 @@ def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
 @pytest.fixture(scope="session")
 def victoria_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     """A real VictoriaMetrics for the whole session; write with `?db=<unique>` to isolate."""
-    ensure_installed()
+    ensure_database_servers()
     server = start_victoria_metrics(tmp_path_factory.mktemp("victoria-metrics"))
     try:
         yield server
@@ -69,19 +72,32 @@ _leak_watch = LeakWatch()
 
 def pytest_configure(config: pytest.Config) -> None:
     """Watch every log record; remember every token the registry issues."""
+    UNIT_GUARD.install()
+    # Its import probes for IPv6 by binding ::1 (caught when it fails, as in `unshare -n`):
+    # done here, before any unit test, so that the guard does not count it against one.
+    importlib.import_module("urllib3.util.connection")
+    config.pluginmanager.register(LayerRecorder(), LayerRecorder.NAME)
     issue = registry_module.new_token
+    if getattr(issue, "watched", False):
+        return  # a nested in-process session (tests/test_architecture.py collects the suite)
 
     def new_token() -> str:
         token = issue()
         _leak_watch.token_issued(token)
         return token
 
+    new_token.watched = True  # type: ignore[attr-defined]
     registry_module.new_token = new_token
     logging.getLogger().addHandler(_leak_watch)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Before each test: DEBUG everywhere, websockets included, and the watch in place."""
+    """Before each test: DEBUG everywhere, websockets included, and the watch in place; a
+    unit test that asks for a server fails here, before the server starts."""
+    if item.get_closest_marker("unit") is not None:
+        check_unit_item(item)
+        UNIT_GUARD.arm(item.nodeid)
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     logging.getLogger("websockets").setLevel(logging.NOTSET)
@@ -108,3 +124,29 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.line(f"{len(_leak_watch.leaks)} log lines hold a device token")
     else:
         terminalreporter.line(f"token leak watch: {_leak_watch.records} log records, no token")
+
+
+# --- The unit layer: no server, no process, no network (tests/layers.py) -------------------
+# From a unit test's setup to its teardown, inet sockets and new processes are refused (and a
+# test fails for a refusal even if the code under test caught it); asking for a server
+# fixture fails at setup. So `pytest -m unit` starts no server (the session fixtures above
+# only run when a test asks for them) and passes under `unshare -n` (scripts/test.sh).
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail a unit test for anything the guard refused during its setup or call."""
+    result = yield
+    refusals = UNIT_GUARD.refusals if UNIT_GUARD.armed_for == item.nodeid else []
+    if refusals:
+        pytest.fail("; ".join(refusals[:3]), pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Disarm the guard once a unit test's fixtures are torn down."""
+    try:
+        return (yield)
+    finally:
+        UNIT_GUARD.disarm()

@@ -9,10 +9,10 @@ InfluxDB.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
+
+from tests.packages import install_missing
 
 PACKAGE = "@micropython/micropython-webassembly-pyscript"
 VERSION = "1.27.0"
@@ -33,12 +33,7 @@ def ensure_micropython() -> Path:
     """The port's entry module, installed if missing; raise with the reason if it cannot be."""
     if ENTRY.exists():
         return ENTRY
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        sudo = ["sudo", "-n"] if os.geteuid() != 0 and shutil.which("sudo") else []
-        apt = [*sudo, "apt-get", "install", "-y", "--no-install-recommends", "nodejs", "npm"]
-        if _run(apt).returncode != 0:
-            _run([*sudo, "apt-get", "update"])
-            _run(apt)
+    install_missing({"node": "nodejs", "npm": "npm"})
     CACHE.mkdir(parents=True, exist_ok=True)
     result = _run(
         ["npm", "install", "--prefix", str(CACHE), "--no-audit", "--no-fund",

@@ -32,6 +32,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.packages import InstallError, install_missing
+
 CACHE_DIR = Path(os.environ.get("SENSOR_HUB_TEST_CACHE", "/var/cache/sensor-hub-tests"))
 SUITE = "bookworm"
 # What docs/deploy.md needs (python3-venv brings pip for the venv), systemd as PID 1, and
@@ -77,21 +79,10 @@ def debian_mirror(sources: Sequence[Path] | None = None) -> str:
 
 def ensure_host_tools() -> None:
     """Install debootstrap and systemd-nspawn with apt-get if missing, or fail saying so."""
-    missing = [pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None]
-    if not missing:
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
-    result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, check=False)
-        result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
-    still = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
-    if still:
-        raise MachineError(
-            f"{', '.join(still)} missing and `{' '.join(install)}` did not provide it "
-            f"(exit {result.returncode}): {result.stderr[-2000:]}"
-        )
+    try:
+        install_missing(HOST_TOOLS)
+    except InstallError as exc:
+        raise MachineError(str(exc)) from None
 
 
 def cached_tree(packages: Sequence[str] = PACKAGES) -> Path:

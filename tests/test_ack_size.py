@@ -22,6 +22,8 @@ from hub.core.slices import prepare_in_slices
 from hub.errors import InvalidMessage
 from schemas.messages import ACK_LISTED_BYTES, MAX_HUB_FRAME_BYTES, Ack, ErrorMessage, Rejection
 
+pytestmark = pytest.mark.unit
+
 MS = 10**6
 VALIDATOR = MeasurementSchemas().validator(MS, ReadingLimits.defaults())
 

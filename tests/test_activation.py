@@ -38,28 +38,33 @@ WAIT_S = 30.0
 # --- The protocol, pure -----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_no_variables_means_no_sockets() -> None:
     """Not socket-activated: nothing passed, the hub binds its own port."""
     assert passed_fds({}, PID) == []
 
 
+@pytest.mark.unit
 def test_variables_meant_for_another_process_are_ignored() -> None:
     """LISTEN_PID of another process (inherited variables): nothing passed."""
     assert passed_fds({"LISTEN_PID": "1", "LISTEN_FDS": "1"}, PID) == []
 
 
+@pytest.mark.unit
 def test_descriptors_start_at_3_with_their_names() -> None:
     """LISTEN_FDS descriptors from 3, named by LISTEN_FDNAMES in order."""
     environ = {"LISTEN_PID": str(PID), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "devices:other"}
     assert passed_fds(environ, PID) == [PassedFd(3, "devices"), PassedFd(4, "other")]
 
 
+@pytest.mark.unit
 def test_descriptors_without_names_are_unknown() -> None:
     """Without LISTEN_FDNAMES each descriptor is `unknown`, as sd_listen_fds_with_names says."""
     environ = {"LISTEN_PID": str(PID), "LISTEN_FDS": "1"}
     assert passed_fds(environ, PID) == [PassedFd(3, "unknown")]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("environ", "says"),
     [
@@ -75,24 +80,28 @@ def test_malformed_variables_are_a_clear_error(environ: dict[str, str], says: st
         passed_fds(environ, PID)
 
 
+@pytest.mark.unit
 def test_the_device_socket_is_the_one_named_devices() -> None:
     """Among several sockets, the one named `devices`."""
     fds = [PassedFd(3, "health"), PassedFd(4, DEVICES_FD_NAME)]
     assert choose_device_fd(fds) == PassedFd(4, DEVICES_FD_NAME)
 
 
+@pytest.mark.unit
 def test_a_single_socket_is_the_device_socket_whatever_its_name() -> None:
     """One socket, named or not: the device port."""
     assert choose_device_fd([PassedFd(3, "hub.socket")]) == PassedFd(3, "hub.socket")
     assert choose_device_fd([]) is None
 
 
+@pytest.mark.unit
 def test_several_sockets_none_named_devices_is_an_error() -> None:
     """Several sockets and none named `devices`: which one is meant is unclear."""
     with pytest.raises(ConfigError, match="FileDescriptorName=devices"):
         choose_device_fd([PassedFd(3, "a"), PassedFd(4, "b")])
 
 
+@pytest.mark.unit
 def test_taking_removes_the_variables() -> None:
     """The LISTEN_* variables are gone once read, so no child takes them for its own."""
     environ = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "devices", "KEEP": "1"}
@@ -136,6 +145,7 @@ def activated_hub(
     return hub, own_port
 
 
+@pytest.mark.e2e
 async def test_hub_serves_devices_on_the_socket_it_is_passed(
     socket_activate: str, tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -179,6 +189,7 @@ class HeldSocketHub(HubProcess):
             )  # fmt: skip
 
 
+@pytest.mark.e2e
 async def test_a_draining_hub_leaves_new_devices_in_the_backlog(
     tmp_path: Path, frozen_influx: LocalServer
 ) -> None:

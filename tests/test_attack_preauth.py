@@ -32,6 +32,8 @@ from tests.attack_support import (
     upgrade_request,
 )
 
+pytestmark = pytest.mark.e2e
+
 ATTACKER = "127.0.0.2"  # the loopback network is all ours: the attacker's own address
 UNKNOWN_TOKEN = "hubt_" + "C" * 43
 

@@ -27,6 +27,7 @@ from hub.registry.sqlite import Registry, new_token, secure_state_dir
 # --- Redaction: real secrets, not the hub's own words (item 10) -------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "line",
     [
@@ -41,6 +42,7 @@ def test_redaction_leaves_the_hubs_own_lines_alone(line: str) -> None:
     assert redact(line) == line
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("url", "masked"),
     [
@@ -56,6 +58,7 @@ def test_url_credentials_are_masked_whatever_the_password_holds(url: str, masked
     assert toml_value(url) == f'"{masked}"'  # what check-config prints
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "header",
     ["Authorization: Token abc123", "authorization=Digest abc123", "Authorization: abc123"],
@@ -65,6 +68,7 @@ def test_any_authorization_value_is_masked(header: str) -> None:
     assert "abc123" not in redact(header)
 
 
+@pytest.mark.unit
 def test_a_hub_token_is_masked_anywhere() -> None:
     """A token as `hub.registry.new_token` mints them is masked in any context."""
     token = new_token()
@@ -74,6 +78,7 @@ def test_a_hub_token_is_masked_anywhere() -> None:
 # --- Control characters in device text (item 8) --------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "escaped"),
     [
@@ -92,6 +97,7 @@ def test_control_characters_are_escaped(text: str, escaped: str) -> None:
     assert escape_control(text) == escaped
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_the_log_filter_escapes_device_text_in_every_format(
     log_format: str, capsys: pytest.CaptureFixture[str]
@@ -115,6 +121,7 @@ def test_the_log_filter_escapes_device_text_in_every_format(
     assert "FORGED" in output and not any(line.startswith("FORGED") for line in output.splitlines())
 
 
+@pytest.mark.unit
 def test_presence_records_a_close_reason_with_a_line_feed(tmp_path: Path) -> None:
     """A device's close reason with a line feed becomes one escaped, bounded field value."""
     registry = Registry(tmp_path / "registry.sqlite3")
@@ -134,6 +141,7 @@ def test_presence_records_a_close_reason_with_a_line_feed(tmp_path: Path) -> Non
 # --- Strangers: per-source cap and the log budget (items 3 and 6) -------------------------------
 
 
+@pytest.mark.unit
 def test_unauthenticated_connections_are_capped_per_source() -> None:
     """A source gets `per_source` unauthenticated connections; others are unaffected."""
     limits = StrangerLimits(per_source=3)
@@ -144,6 +152,7 @@ def test_unauthenticated_connections_are_capped_per_source() -> None:
     assert (limits.open_from("10.0.0.1"), len(limits)) == (3, 4)
 
 
+@pytest.mark.unit
 def test_leaving_more_than_entered_never_goes_negative() -> None:
     """A source's count never drops below zero and is forgotten at zero."""
     limits = StrangerLimits(per_source=1)
@@ -151,6 +160,7 @@ def test_leaving_more_than_entered_never_goes_negative() -> None:
     assert limits.open_from("10.0.0.1") == 0 and len(limits) == 0
 
 
+@pytest.mark.unit
 def test_the_per_source_cap_never_exceeds_a_quarter_of_the_file_limit() -> None:
     """With a soft limit of 1024, one source may hold at most 256 unauthenticated sockets."""
     counts = StrangerCounts()
@@ -163,6 +173,7 @@ def test_the_per_source_cap_never_exceeds_a_quarter_of_the_file_limit() -> None:
     assert guard.limits.per_source == 256
 
 
+@pytest.mark.unit
 def test_stranger_log_lines_are_budgeted_and_counted(caplog: pytest.LogCaptureFixture) -> None:
     """At most the burst at once, then the rate; the rest counted; the next line says so."""
     now = [0.0]
@@ -179,6 +190,7 @@ def test_stranger_log_lines_are_budgeted_and_counted(caplog: pytest.LogCaptureFi
 # --- The open-file limit (item 3) ----------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_a_file_limit_below_max_connections_is_warned_about() -> None:
     """1024 descriptors cannot hold 20000 connections: the warning says what to change."""
     warning = shortfall_warning(FileLimit(1024, 1024), 20_000)
@@ -186,6 +198,7 @@ def test_a_file_limit_below_max_connections_is_warned_about() -> None:
     assert shortfall_warning(FileLimit(20_000 + FD_HEADROOM, 524_288), 20_000) is None
 
 
+@pytest.mark.e2e
 def test_serve_raises_its_soft_file_limit_to_the_hard_one() -> None:
     """`raise_file_limit` lifts the soft limit of the process it runs in (a child here)."""
     script = (
@@ -208,12 +221,14 @@ TOKEN = "hubt_" + "x" * 43
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("origin", ["http://localhost", "file://", "https://evil.example"])
 def test_origin_is_ignored_without_an_allowlist(origin: str) -> None:
     """With no allowlist, any Origin passes."""
     assert read_credentials("/v1/ws", {**BEARER, "Origin": origin}, ())[0] == TOKEN
 
 
+@pytest.mark.unit
 def test_origin_is_checked_against_a_configured_allowlist() -> None:
     """With an allowlist, an Origin not on it is 403; one on it, or none, passes."""
     allowed = ["https://dash.example"]
@@ -224,6 +239,7 @@ def test_origin_is_checked_against_a_configured_allowlist() -> None:
     assert read_credentials("/v1/ws", BEARER, allowed)[0] == TOKEN
 
 
+@pytest.mark.unit
 def test_a_token_too_long_to_be_one_is_400_before_it_is_hashed() -> None:
     """A token longer than MAX_TOKEN_CHARS is a malformed request (400), not a guess."""
     with pytest.raises(HandshakeRefused) as refusal:
@@ -234,6 +250,7 @@ def test_a_token_too_long_to_be_one_is_400_before_it_is_hashed() -> None:
 # --- rotate --grace 0 (item 7) -------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_rotate_grace_0_expires_every_retired_token(tmp_path: Path) -> None:
     """After rotate 1h then rotate 0, neither earlier token works; the newest does."""
     registry = Registry(tmp_path / "registry.sqlite3")
@@ -252,6 +269,7 @@ def test_rotate_grace_0_expires_every_retired_token(tmp_path: Path) -> None:
 # --- The state directory's mode (item 10) --------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_an_existing_state_directory_is_made_private(tmp_path: Path) -> None:
     """A state directory created 0755 is 0700 after the hub or the CLI opens it."""
     state = tmp_path / "state"
@@ -261,6 +279,7 @@ def test_an_existing_state_directory_is_made_private(tmp_path: Path) -> None:
     assert state.stat().st_mode & 0o777 == 0o700
 
 
+@pytest.mark.e2e
 def test_the_cli_makes_the_state_directory_private(tmp_path: Path) -> None:
     """`hub token list` on a 0755 state directory leaves it 0700."""
     state = tmp_path / "state"

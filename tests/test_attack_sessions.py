@@ -35,6 +35,8 @@ from tests.attack_support import (
 )
 from tests.support import points
 
+pytestmark = pytest.mark.e2e
+
 MAX_CONNECTIONS = 6
 """Two well-behaved devices and room for four more: a leak shows within a few rounds."""
 ROUNDS = 30

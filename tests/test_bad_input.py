@@ -25,6 +25,8 @@ from hub.service import HubService
 from hub.settings import Settings
 from tests.support import add_device, hub_settings, points, running_hub
 
+pytestmark = pytest.mark.integration
+
 WAIT_S = 10.0
 T0_MS = 1_700_000_000_000
 MAX_BYTES = 4096

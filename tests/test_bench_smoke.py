@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from device_sim.bench.report import TARGETS
+
+pytestmark = pytest.mark.e2e
 
 SMOKE_TIMEOUT_S = 110.0
 SCENARIOS = ("ceiling", "no_hub", "batched", "batched_half", "single", "idle", "storm", "config")

@@ -18,7 +18,7 @@ from hub.ingest.deadletters import DeadLetterFile
 from hub.ingest.pipeline import Pipeline
 from tests.support import hub_settings
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # the pipeline still dials influx_url (127.0.0.1:1)
 
 
 class GatedSink:

@@ -64,6 +64,7 @@ def setting(output: str, name: str) -> tuple[str, str]:
 # --- The command ---------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_prints_every_setting_with_the_token_masked(env: dict[str, str], config: Path) -> None:
     """Exit 0; every setting is printed, the token as *** and nowhere in clear."""
     result = check_config(env, "--config", config)
@@ -76,6 +77,7 @@ def test_prints_every_setting_with_the_token_masked(env: dict[str, str], config:
         setting(result.stdout, name)
 
 
+@pytest.mark.e2e
 def test_says_where_each_value_comes_from(
     tmp_path: Path, env: dict[str, str], config: Path
 ) -> None:
@@ -95,6 +97,7 @@ def test_says_where_each_value_comes_from(
     assert setting(result.stdout, "influx_bucket") == ('"sensors"', "default")
 
 
+@pytest.mark.e2e
 def test_marks_the_settings_a_sighup_reloads(env: dict[str, str], config: Path) -> None:
     """Live settings say so; others do not."""
     result = check_config(env, "--config", config)
@@ -102,6 +105,7 @@ def test_marks_the_settings_a_sighup_reloads(env: dict[str, str], config: Path) 
     assert setting(result.stdout, "port")[1] == "config file"
 
 
+@pytest.mark.e2e
 def test_an_invalid_value_fails_naming_it(tmp_path: Path, env: dict[str, str]) -> None:
     """A bad value exits 2 with the setting named, and prints no configuration."""
     config = tmp_path / "hub.toml"
@@ -112,6 +116,7 @@ def test_an_invalid_value_fails_naming_it(tmp_path: Path, env: dict[str, str]) -
     assert result.stderr.startswith("error: invalid settings: port: ")
 
 
+@pytest.mark.e2e
 def test_an_unknown_setting_fails(tmp_path: Path, env: dict[str, str]) -> None:
     """A misspelt key is an error, not ignored."""
     config = tmp_path / "hub.toml"
@@ -121,6 +126,7 @@ def test_an_unknown_setting_fails(tmp_path: Path, env: dict[str, str]) -> None:
     assert "influx_ulr: Extra inputs are not permitted" in result.stderr
 
 
+@pytest.mark.e2e
 def test_a_missing_config_file_fails(tmp_path: Path, env: dict[str, str]) -> None:
     """A config file that does not exist is named in the error."""
     result = check_config(env, "--config", tmp_path / "nope.toml")
@@ -128,6 +134,7 @@ def test_a_missing_config_file_fails(tmp_path: Path, env: dict[str, str]) -> Non
     assert result.stderr == f"error: config file {tmp_path / 'nope.toml'} does not exist\n"
 
 
+@pytest.mark.e2e
 def test_a_broken_schema_file_fails(tmp_path: Path, env: dict[str, str]) -> None:
     """The measurement schema file is validated too."""
     schemas = tmp_path / "schemas.toml"
@@ -138,6 +145,7 @@ def test_a_broken_schema_file_fails(tmp_path: Path, env: dict[str, str]) -> None
     assert result.stderr.startswith(f"error: schema file {schemas}: ")
 
 
+@pytest.mark.e2e
 def test_a_v1_token_without_a_password_fails(env: dict[str, str]) -> None:
     """For the v1 API the token must be user:password."""
     env.update(HUB_INFLUX_URL="http://db:8086", HUB_INFLUX_API="v1", HUB_INFLUX_TOKEN=TOKEN)
@@ -150,12 +158,14 @@ def test_a_v1_token_without_a_password_fails(env: dict[str, str]) -> None:
 # --- The pure parts -----------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_secrets_and_url_passwords_are_masked() -> None:
     """SecretStr values and the user:password of a URL print as ***."""
     assert toml_value(SecretStr(TOKEN)) == '"***"'
     assert toml_value("http://admin:pw@db:8086/") == '"http://***@db:8086/"'
 
 
+@pytest.mark.unit
 def test_values_print_as_toml() -> None:
     """Booleans, numbers, lists and paths print as TOML values."""
     assert toml_value(True) == "true"
@@ -164,6 +174,7 @@ def test_values_print_as_toml() -> None:
     assert toml_value(Path("/var/lib/sensor-hub")) == '"/var/lib/sensor-hub"'
 
 
+@pytest.mark.unit
 def test_describe_lines_up_the_origins(tmp_path: Path) -> None:
     """One line per setting, origin comments in one column."""
     lines = describe(Settings(state_dir=tmp_path), {"state_dir": "flag"})

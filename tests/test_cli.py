@@ -71,6 +71,7 @@ def add_device(state_dir: Path, device_id: str) -> str:
 # --- hub token --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_token_add_prints_only_the_token(env: dict[str, str], tmp_path: Path) -> None:
     """`token add` prints one line on stdout, the token, which authenticates as the device."""
     state = tmp_path / "state"
@@ -82,6 +83,7 @@ def test_token_add_prints_only_the_token(env: dict[str, str], tmp_path: Path) ->
     assert authenticate(state, token) == "sensor-1"
 
 
+@pytest.mark.e2e
 def test_token_list_shows_devices_never_tokens(env: dict[str, str], tmp_path: Path) -> None:
     """`token list` names each device as active and shows no token, on stdout or stderr."""
     state = tmp_path / "state"
@@ -95,6 +97,7 @@ def test_token_list_shows_devices_never_tokens(env: dict[str, str], tmp_path: Pa
     assert not any(token[len(TOKEN_PREFIX) :] in output for token in tokens)
 
 
+@pytest.mark.e2e
 def test_token_revoke_disables_the_token(env: dict[str, str], tmp_path: Path) -> None:
     """After `token revoke` the token no longer authenticates and the device lists as revoked."""
     state = tmp_path / "state"
@@ -108,6 +111,7 @@ def test_token_revoke_disables_the_token(env: dict[str, str], tmp_path: Path) ->
     ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("device_id", ["-starts-with-dash", "has space", "x" * 129, "ünï"])
 def test_token_add_refuses_an_invalid_device_id(
     env: dict[str, str], tmp_path: Path, device_id: str
@@ -119,6 +123,7 @@ def test_token_add_refuses_an_invalid_device_id(
     assert "invalid device id" in result.stderr
 
 
+@pytest.mark.e2e
 def test_token_add_refuses_a_duplicate_device_id(env: dict[str, str], tmp_path: Path) -> None:
     """Adding an existing device exits non-zero and says it exists; its token keeps working."""
     state = tmp_path / "state"
@@ -130,6 +135,7 @@ def test_token_add_refuses_a_duplicate_device_id(env: dict[str, str], tmp_path: 
     assert authenticate(state, token) == "sensor-1"
 
 
+@pytest.mark.e2e
 def test_token_revoke_of_an_unknown_device_fails(env: dict[str, str], tmp_path: Path) -> None:
     """Revoking a device that is not registered exits non-zero and names it on stderr."""
     result = hub(env, "token", "revoke", "ghost", "--state-dir", tmp_path / "state")
@@ -140,6 +146,7 @@ def test_token_revoke_of_an_unknown_device_fails(env: dict[str, str], tmp_path: 
 # --- Settings precedence ----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_settings_precedence_flag_over_env_over_config_file(
     env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -158,6 +165,7 @@ def test_settings_precedence_flag_over_env_over_config_file(
     assert settings.port == 8765  # default: a flag given as None counts as not given
 
 
+@pytest.mark.unit
 def test_settings_config_file_from_hub_config(
     env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,6 +176,7 @@ def test_settings_config_file_from_hub_config(
     assert load_settings().batch_size == 123
 
 
+@pytest.mark.unit
 def test_settings_config_flag_over_hub_config(
     env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,6 +187,7 @@ def test_settings_config_flag_over_hub_config(
     assert load_settings(tmp_path / "flag.toml").batch_size == 2
 
 
+@pytest.mark.unit
 def test_settings_bad_config_file_is_a_config_error(env: dict[str, str], tmp_path: Path) -> None:
     """A config file that is not TOML raises ConfigError naming the file."""
     config = tmp_path / "hub.toml"
@@ -186,6 +196,7 @@ def test_settings_bad_config_file_is_a_config_error(env: dict[str, str], tmp_pat
         load_settings(config)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("source", ["env", "config-flag", "hub-config-env"])
 def test_cli_finds_the_state_dir_from_every_source(
     env: dict[str, str], tmp_path: Path, source: str
@@ -207,6 +218,7 @@ def test_cli_finds_the_state_dir_from_every_source(
     assert "sensor-1" in result.stdout
 
 
+@pytest.mark.e2e
 def test_cli_state_dir_precedence(env: dict[str, str], tmp_path: Path) -> None:
     """--state-dir beats HUB_STATE_DIR, which beats the config file's state_dir."""
     for name in ("flag", "env", "file"):
@@ -221,6 +233,7 @@ def test_cli_state_dir_precedence(env: dict[str, str], tmp_path: Path) -> None:
     assert [line.split()[0] for line in from_flag.stdout.splitlines()[1:]] == ["in-flag"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -249,6 +262,7 @@ def test_cli_bad_config_file_fails_clearly(
 # --- hub serve ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_serve_stores_readings_stops_on_sigterm_and_never_logs_the_token(
     env: dict[str, str], tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:

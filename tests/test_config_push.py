@@ -28,6 +28,8 @@ from schemas.codes import CloseCode
 from schemas.messages import Config
 from tests.support import HubProcess, points
 
+pytestmark = pytest.mark.e2e
+
 T = TypeVar("T")
 
 CLI_TIMEOUT_S = 30.0

@@ -195,6 +195,7 @@ def run_influxql(influx: LocalServer, db: str, query: str) -> list[dict[str, Any
 # --- The file --------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_dashboard_is_importable_with_datasource_variables() -> None:
     """JSON with a uid, a Prometheus and an InfluxDB datasource variable that every panel and
     query variable uses, unique panel ids, and panels inside Grafana's 24 columns."""
@@ -217,6 +218,7 @@ def test_dashboard_is_importable_with_datasource_variables() -> None:
     assert len(ids) == len(set(ids))
 
 
+@pytest.mark.unit
 def test_dashboard_covers_what_operators_watch() -> None:
     """Hub health (connections, refusals, readings, rejections, ack and write latency, InfluxDB
     errors, spool size and age, dead letters, per hub) and the fleet (devices online,
@@ -235,6 +237,7 @@ def test_dashboard_covers_what_operators_watch() -> None:
         assert title in titles
 
 
+@pytest.mark.unit
 def test_alert_rules_cover_the_spool_influxdb_and_dead_letters() -> None:
     """The rules file is Prometheus' format with the alerts docs/deploy.md describes."""
     rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
@@ -248,6 +251,7 @@ def test_alert_rules_cover_the_spool_influxdb_and_dead_letters() -> None:
 # --- Against a running hub --------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("expr", promql_expressions())
 def test_every_promql_metric_and_label_is_exported(observed: Observed, expr: str) -> None:
     """Each series an expression selects is in a running hub's /metrics, and each label it
@@ -263,6 +267,7 @@ def test_every_promql_metric_and_label_is_exported(observed: Observed, expr: str
         assert "le" in carried
 
 
+@pytest.mark.unit
 def test_the_parser_finds_metric_names() -> None:
     """The checks above see through functions, groupings, matchers and ranges."""
     expr = (
@@ -273,6 +278,7 @@ def test_the_parser_finds_metric_names() -> None:
     assert label_names(expr) == {"le", "instance"}
 
 
+@pytest.mark.e2e
 def test_the_influxql_queries_return_the_hubs_data(observed: Observed) -> None:
     """Every query runs; each answers with what the hub wrote for its two devices."""
     answers = observed.answers

@@ -75,6 +75,7 @@ def refused_lines(parts: list[RefusedPart]) -> list[str]:
 # --- Finding the refused points (fake writer) -------------------------------------------------
 
 
+@pytest.mark.unit
 async def test_split_finds_exactly_the_refused_points() -> None:
     """Three refused points among 1,000 are found exactly, within the write budget."""
     lines = batch(1000, {3, 500, 999})
@@ -88,6 +89,7 @@ async def test_split_finds_exactly_the_refused_points() -> None:
     assert writer.stored == {line for line in lines if "bad" not in line}
 
 
+@pytest.mark.unit
 async def test_split_work_is_bounded_and_counts_stay_exact() -> None:
     """With refused points everywhere the budget runs out: what is left is kept whole,
     marked inexact, with the server's count, so the counts still add up to what it dropped."""
@@ -101,6 +103,7 @@ async def test_split_work_is_bounded_and_counts_stay_exact() -> None:
     assert {line for line in lines if "bad" in line} <= set(refused_lines(parts))
 
 
+@pytest.mark.unit
 async def test_split_stops_at_a_transient_failure() -> None:
     """A write failing half-way ends the search: nothing refused is lost from the parts."""
     lines = batch(64, {1, 40})
@@ -111,6 +114,7 @@ async def test_split_stops_at_a_transient_failure() -> None:
     assert {lines[1], lines[40]} <= set(refused_lines(parts))
 
 
+@pytest.mark.unit
 async def test_split_stops_at_its_deadline() -> None:
     """Past `give_up_at` nothing more is written; the batch is kept as refused."""
     lines = batch(10, {2})
@@ -134,6 +138,7 @@ def files_of(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
+@pytest.mark.unit
 def test_file_rotates_within_its_cap_and_counts_what_it_deletes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -160,6 +165,7 @@ def test_file_rotates_within_its_cap_and_counts_what_it_deletes(
     assert all(p.stat().st_mode & 0o077 == 0 for p in files_of(path))
 
 
+@pytest.mark.unit
 def test_warning_comes_once_at_80_percent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Below 80 % no warning; crossing it, one."""
     dead = DeadLetterFile(tmp_path / "dl.jsonl", 64 * 1024, rotated=0)
@@ -173,6 +179,7 @@ def test_warning_comes_once_at_80_percent(tmp_path: Path, caplog: pytest.LogCapt
     assert len(caplog.records) == 1
 
 
+@pytest.mark.unit
 def test_a_record_larger_than_a_file_is_cut_and_counted(tmp_path: Path) -> None:
     """A huge refused batch keeps the lines that fit; the rest is counted as discarded."""
     path = tmp_path / "dl.jsonl"
@@ -184,6 +191,7 @@ def test_a_record_larger_than_a_file_is_cut_and_counted(tmp_path: Path) -> None:
     assert record["lines"][0] == "m v=0 0"
 
 
+@pytest.mark.unit
 def test_sizes_of_files_left_from_before_count(tmp_path: Path) -> None:
     """A restarted hub counts the dead letters already on disk against the cap."""
     path = tmp_path / "dl.jsonl"
@@ -194,6 +202,7 @@ def test_sizes_of_files_left_from_before_count(tmp_path: Path) -> None:
 # --- The setting --------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_dead_letter_max_bytes_from_flag_environment_and_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -246,6 +255,7 @@ def pipeline_for(settings: Settings, sink: V1Sink | FakeSink) -> Pipeline:
     return Pipeline(sink, dead, settings)
 
 
+@pytest.mark.unit
 async def test_pipeline_dead_letters_only_refused_points_and_acks_all(tmp_path: Path) -> None:
     """Fake sink: a batch of 200 with 2 refused points acks all, counts 198 written and 2
     dead-lettered, and keeps only those 2."""
@@ -267,6 +277,7 @@ async def test_pipeline_dead_letters_only_refused_points_and_acks_all(tmp_path: 
     assert all(r["exact"] and r["status"] == 400 for r in records)
 
 
+@pytest.mark.integration
 async def test_partial_write_to_real_influxdb_dead_letters_only_the_conflict(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -299,6 +310,7 @@ async def test_partial_write_to_real_influxdb_dead_letters_only_the_conflict(
     assert pipeline.field_catalog.check("shared", {"t": 1.5}, now + 200) is not None
 
 
+@pytest.mark.integration
 async def test_dead_letters_are_capped_against_real_influxdb(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -337,6 +349,7 @@ async def test_dead_letters_are_capped_against_real_influxdb(
     assert "hub_dead_letter_discarded_points_total 0.0" not in text
 
 
+@pytest.mark.integration
 async def test_poisoned_field_flood_neither_grows_dead_letters_nor_loses_others_points(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -389,6 +402,7 @@ async def test_poisoned_field_flood_neither_grows_dead_letters_nor_loses_others_
     assert not settings.dead_letter_path.exists()
 
 
+@pytest.mark.integration
 async def test_unforeseeable_conflict_is_dead_lettered_alone_then_refused_in_the_ack(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:

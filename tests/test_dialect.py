@@ -9,6 +9,8 @@ import pytest
 from hub.core.dialects import Dialect, key_problem, measurement_problem, string_problem
 from hub.core.lineprotocol import FieldValue, escape_measurement, escape_tag, format_point
 
+pytestmark = pytest.mark.unit
+
 T = 1_700_000_000_000_000_000
 
 

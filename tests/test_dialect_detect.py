@@ -19,6 +19,8 @@ from hub.core.dialects import Dialect
 from hub.ingest.sinks import AutoSink, detect_server, open_sink
 from hub.settings import Settings
 
+pytestmark = pytest.mark.integration
+
 
 @asynccontextmanager
 async def pinged(headers: Mapping[str, str], start_page: str = "") -> AsyncIterator[str]:

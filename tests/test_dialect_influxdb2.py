@@ -18,6 +18,8 @@ from hub.core.dialects import Dialect
 from hub.core.lineprotocol import FieldValue, format_point
 from hub.core.reformat import parse_point
 
+pytestmark = pytest.mark.unit
+
 CORPUS = json.loads((Path(__file__).parent / "data" / "influxdb2_corpus.json").read_text())
 EXACT = {case["key"]: case for case in CORPUS["exact"]}
 REFUSED = {case["key"]: case for case in CORPUS["refused"]}

@@ -12,6 +12,8 @@ from hub.core.dialects import Dialect
 from hub.core.lineprotocol import FieldValue, format_point
 from hub.core.reformat import parse_point, reformat_batch
 
+pytestmark = pytest.mark.unit
+
 T = 1_700_000_000_000_000_000
 ALPHABET = "ab ,=\"'\\\t#_ü温😀\r\n\0"
 PAIRS = list(itertools.product(Dialect, Dialect))

@@ -52,6 +52,8 @@ from tests.test_lineprotocol_roundtrip import (
     vm_write,
 )
 
+pytestmark = pytest.mark.integration
+
 BACKSLASHES = {
     "bs_before_space": "C:\\ dir", "bs_measured": "C:\\ dir\\,x\\=y", "bs3_space": "a\\\\\\ b",
     "bs2_space": "a\\\\ b", "bs2_comma": "a\\\\,b", "bs2_eq": "a\\\\=b", "bs4_trail": "a\\\\\\\\",

@@ -28,6 +28,8 @@ from hub.ingest.spool import SEGMENT_SUFFIX, read_status
 from hub.registry.sqlite import Registry
 from tests.support import HubProcess
 
+pytestmark = pytest.mark.e2e
+
 DB = "faults"
 DEVICES = 8
 FAST = {

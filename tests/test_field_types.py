@@ -45,6 +45,7 @@ def prepare(readings: list[dict[str, Any]], catalog: FieldTypes, device: str = "
 # --- The catalog (pure) -----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_first_type_is_learnt_and_another_is_refused_with_the_reason() -> None:
     """A string field makes a later float of the same field, measurement and shard conflict."""
     catalog = FieldTypes()
@@ -55,6 +56,7 @@ def test_first_type_is_learnt_and_another_is_refused_with_the_reason() -> None:
     assert catalog.check("shared", {"t": "fine"}, NOW_NS + 2) is None
 
 
+@pytest.mark.unit
 def test_types_are_kept_per_shard_group() -> None:
     """Another shard group, or another measurement, may hold the field as another type."""
     catalog = FieldTypes(shard_ns=WEEK_NS)
@@ -66,6 +68,7 @@ def test_types_are_kept_per_shard_group() -> None:
     assert catalog.check("other", {"t": True}, group_start) is None
 
 
+@pytest.mark.unit
 def test_integer_boolean_and_float_are_three_types() -> None:
     """InfluxDB's integer, boolean and float never mix; the reason names both."""
     catalog = FieldTypes()
@@ -81,6 +84,7 @@ def test_integer_boolean_and_float_are_three_types() -> None:
     )
 
 
+@pytest.mark.unit
 def test_a_refused_reading_teaches_nothing() -> None:
     """The new field of a reading refused for another field is not learnt."""
     catalog = FieldTypes()
@@ -89,6 +93,7 @@ def test_a_refused_reading_teaches_nothing() -> None:
     assert catalog.check("m", {"b": 2.0}, NOW_NS) is None
 
 
+@pytest.mark.unit
 def test_what_influxdb_says_wins() -> None:
     """A type InfluxDB reports replaces the one the hub assumed."""
     catalog = FieldTypes()
@@ -98,6 +103,7 @@ def test_what_influxdb_says_wins() -> None:
     assert catalog.check("m", {"t": 1.0}, NOW_NS) is not None
 
 
+@pytest.mark.unit
 def test_hourly_groups_merge_into_the_servers_longer_ones() -> None:
     """Learnt in one-hour groups, a type still conflicts once the server says one week."""
     catalog = FieldTypes()
@@ -107,6 +113,7 @@ def test_hourly_groups_merge_into_the_servers_longer_ones() -> None:
     assert catalog.check("m", {"t": 1.0}, start + 50 * HOUR_NS) is not None
 
 
+@pytest.mark.unit
 def test_memory_is_bounded() -> None:
     """Past `max_entries` the oldest groups are forgotten; the count never exceeds it, and
     readings at ever new times cannot grow it either."""
@@ -121,6 +128,7 @@ def test_memory_is_bounded() -> None:
     assert catalog.check("m0", {"a": "s"}, NOW_NS) is None
 
 
+@pytest.mark.unit
 def test_influxdb_conflict_message_is_parsed() -> None:
     """The measurement, field and stored type come out of InfluxDB 1.6.7's own text."""
     reason = (
@@ -131,6 +139,7 @@ def test_influxdb_conflict_message_is_parsed() -> None:
     assert parse_conflict("partial write: points beyond retention policy dropped=1") is None
 
 
+@pytest.mark.unit
 def test_conflict_reason_reads_as_the_protocol_docs_say() -> None:
     """The ack's wording, as in docs/protocol.md."""
     assert conflict_reason("shared", "t", str, float) == (
@@ -141,6 +150,7 @@ def test_conflict_reason_reads_as_the_protocol_docs_say() -> None:
 # --- InfluxQL answers (pure) ------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_show_field_keys_answer_leaves_out_fields_of_several_types() -> None:
     """A field whose type differs between shards is not known for any."""
     answer = {
@@ -161,6 +171,7 @@ def test_show_field_keys_answer_leaves_out_fields_of_several_types() -> None:
     assert field_types(answer) == {("a", "x"): float, ("b", "z"): bool}
 
 
+@pytest.mark.unit
 def test_retention_policy_shard_duration() -> None:
     """The named policy's, else the default one's, shard group duration in nanoseconds."""
     answer = {
@@ -194,6 +205,7 @@ def test_retention_policy_shard_duration() -> None:
 # --- Readings and the hub_ rule (pure) --------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_second_device_in_one_batch_is_refused() -> None:
     """Learnt at submit time, hub-wide: device B's float is refused right after A's string."""
     catalog = FieldTypes()
@@ -207,6 +219,7 @@ def test_second_device_in_one_batch_is_refused() -> None:
     assert second.lines == ""
 
 
+@pytest.mark.unit
 def test_conflict_within_one_message_refuses_only_the_later_reading() -> None:
     """Readings of one message are checked in order; the rest of the message is stored."""
     prepared = prepare(
@@ -221,6 +234,7 @@ def test_conflict_within_one_message_refuses_only_the_later_reading() -> None:
     assert [r.index for r in prepared.rejected] == [1]
 
 
+@pytest.mark.unit
 def test_hub_measurements_are_refused_from_devices() -> None:
     """`hub_device_connection` and any other `hub_` name is rejected with the reason."""
     prepared = prepare(
@@ -239,6 +253,7 @@ def test_hub_measurements_are_refused_from_devices() -> None:
     ]
 
 
+@pytest.mark.unit
 def test_hub_measurements_are_refused_with_a_schema_too() -> None:
     """With a schema that rejects unknown measurements the reason is still the hub_ rule."""
     schemas = MeasurementSchemas(
@@ -256,6 +271,7 @@ def test_hub_measurements_are_refused_with_a_schema_too() -> None:
     assert reasons == {0: ["measurement names starting with hub_ are reserved for the hub's own"]}
 
 
+@pytest.mark.unit
 def test_schema_file_may_not_list_hub_measurements(tmp_path: Path) -> None:
     """A schema file naming a `hub_` measurement is a clear config error."""
     path = tmp_path / "schemas.toml"
@@ -264,6 +280,7 @@ def test_schema_file_may_not_list_hub_measurements(tmp_path: Path) -> None:
         load_schema_file(path)
 
 
+@pytest.mark.unit
 def test_rejections_have_their_own_metric_labels() -> None:
     """`hub_readings_rejected_total` tells conflicts and reserved names from the rest."""
     assert rejection_reason([conflict_reason("m", "t", str, float)]) == "field_type_conflict"
@@ -274,6 +291,7 @@ def test_rejections_have_their_own_metric_labels() -> None:
 # --- A real hub, real InfluxDB ----------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_two_devices_one_field_second_is_refused_in_the_ack(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -305,6 +323,7 @@ async def test_two_devices_one_field_second_is_refused_in_the_ack(
     assert not settings.dead_letter_path.exists()
 
 
+@pytest.mark.integration
 async def test_types_already_in_influxdb_are_refused_in_the_ack(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -328,6 +347,7 @@ async def test_types_already_in_influxdb_are_refused_in_the_ack(
     assert not settings.dead_letter_path.exists()
 
 
+@pytest.mark.integration
 async def test_hub_device_connection_is_refused_from_a_device(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -352,6 +372,7 @@ async def test_hub_device_connection_is_refused_from_a_device(
     assert all(row["device"] == "attacker" and row["time"] < ahead_ms * 10**6 for row in events)
 
 
+@pytest.mark.integration
 async def test_victoria_metrics_has_no_field_types_to_conflict_with(
     victoria_metrics: LocalServer, tmp_path: Path
 ) -> None:
@@ -373,6 +394,7 @@ async def test_victoria_metrics_has_no_field_types_to_conflict_with(
     assert series[0]["values"] == [1.0, 1.0]
 
 
+@pytest.mark.integration
 async def test_telegraf_metrics_of_hub_measurements_are_not_stored(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -400,6 +422,7 @@ async def test_telegraf_metrics_of_hub_measurements_are_not_stored(
     assert {row["event"] for row in events} == {"connected", "disconnected"}
 
 
+@pytest.mark.integration
 async def test_fetch_field_types_from_real_influxdb(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -417,6 +440,7 @@ async def test_fetch_field_types_from_real_influxdb(
         await fetch_field_types(hub_settings(tmp_path, f"http://127.0.0.1:{free_port()}"), "v1")
 
 
+@pytest.mark.integration
 def test_shard_groups_start_where_influxdb_starts_them(
     influxdb: LocalServer, influx_db_name: str
 ) -> None:

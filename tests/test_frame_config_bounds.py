@@ -38,6 +38,7 @@ def deepest_allowed(max_depth: int) -> dict[str, Any]:
     return {"v": nested(max_depth - 2)}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("max_depth", [4, 8, 12])
 def test_configs_nest_at_most_as_deep_as_device_frames(max_depth: int) -> None:
     """The deepest config allowed makes a frame exactly `max_depth` deep; one more is refused."""
@@ -48,6 +49,7 @@ def test_configs_nest_at_most_as_deep_as_device_frames(max_depth: int) -> None:
     assert "nests deeper" in (config_frame_problem(too_deep, max_depth) or "")
 
 
+@pytest.mark.unit
 def test_config_frames_are_at_most_64_kib() -> None:
     """Size is that of the whole frame, with the largest version: at the bound passes, one
     byte more is refused."""
@@ -68,6 +70,7 @@ def registry(tmp_path: Path) -> Any:
     opened.close()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("levels", [7, 600])
 def test_registry_refuses_configs_deeper_than_devices_may_receive(
     registry: Registry, levels: int
@@ -79,6 +82,7 @@ def test_registry_refuses_configs_deeper_than_devices_may_receive(
     assert registry.set_config(["a"], replace=deepest_allowed(8), max_depth=8) == {"a": 1}
 
 
+@pytest.mark.unit
 def test_registry_checks_the_merged_config(registry: Registry) -> None:
     """Merging keeps the whole config within the frame bound, not only the update."""
     half = "x" * (MAX_HUB_FRAME_BYTES // 2)
@@ -111,6 +115,7 @@ def hub(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[s
     )
 
 
+@pytest.mark.e2e
 def test_config_set_refuses_a_deep_value_with_a_clear_error(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -35,6 +35,7 @@ def padded(count: int, start: int = 0) -> list[dict[str, Any]]:
     return [reading(start + n, v=1.0, pad=PADDING) for n in range(count)]
 
 
+@pytest.mark.integration
 async def test_over_byte_rate_gets_an_error_then_close_1008(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -55,6 +56,7 @@ async def test_over_byte_rate_gets_an_error_then_close_1008(
         await assert_good_device_still_acked(hub)
 
 
+@pytest.mark.integration
 async def test_one_largest_frame_always_fits_the_byte_burst(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -77,6 +79,7 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.e2e
 async def test_sighup_applies_a_lower_byte_rate_to_an_open_connection(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str, config: Path
 ) -> None:
@@ -100,6 +103,7 @@ async def test_sighup_applies_a_lower_byte_rate_to_an_open_connection(
     assert "bytes a second" in (reason or "")
 
 
+@pytest.mark.integration
 async def test_frame_over_the_object_cap_gets_an_error_then_close_1007(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:

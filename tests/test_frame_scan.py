@@ -43,6 +43,8 @@ from hub.errors import InvalidMessage
 from schemas.messages import ConfigAck
 from tests.test_fuzz import frames as fuzz_frames
 
+pytestmark = pytest.mark.unit
+
 MS = 10**6
 ARRIVAL_NS = 1_700_000_000 * 10**9
 LIMITS = FrameLimits(max_readings=5000)

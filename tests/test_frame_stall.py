@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -29,6 +30,8 @@ from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
 from schemas.messages import MAX_HUB_FRAME_BYTES, Ack
 from tests.support import HubProcess, add_device, hub_settings
+
+pytestmark = pytest.mark.e2e
 
 ATTACK_S = 4.0
 FRAMES_PER_S = 4.5

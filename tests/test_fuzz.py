@@ -399,6 +399,7 @@ _seen_frames: list[bytes] = []
 REPLAYS = 4
 
 
+@pytest.mark.integration  # pure, but a fuzz run of seconds: kept out of the fast unit layer
 @settings(max_examples=PURE_EXAMPLES, deadline=None, database=None)
 @given(frame=frames())
 def test_the_core_answers_every_frame_as_promised(frame: bytes) -> None:
@@ -409,6 +410,7 @@ def test_the_core_answers_every_frame_as_promised(frame: bytes) -> None:
     expected_answer(frame)
 
 
+@pytest.mark.integration  # replays the frames above: the same layer as the fuzz run
 def test_memory_stays_bounded_while_the_core_answers_fuzz_frames() -> None:
     """Answering the fuzz frames again and again does not grow resident memory.
 
@@ -558,6 +560,7 @@ def check_seen(seen: Seen, answer: Answer) -> None:
         assert kinds == ["ack"] and seen.close_code == 1000, seen
 
 
+@pytest.mark.e2e
 def test_a_real_hub_answers_every_frame_as_promised_and_keeps_serving(
     hub: tuple[HubProcess, str], influxdb: LocalServer, influx_db_name: str
 ) -> None:

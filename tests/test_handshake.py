@@ -24,6 +24,8 @@ from hub.service import HubService
 from hub.settings import Settings
 from tests.support import add_device, hub_settings, points, running_hub
 
+pytestmark = pytest.mark.integration
+
 WAIT_S = 10.0
 DEVICE = "dev-1"
 UNKNOWN_TOKEN = "hubt_" + "A" * 43

@@ -103,6 +103,7 @@ def with_(settings: Settings, **overrides: Any) -> Settings:
 # --- Origin ------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_disallowed_origin_is_refused_with_403(settings: Settings) -> None:
     """A browser handshake from an Origin not on the allowlist gets 403, valid token or not."""
     allowed = with_(settings, allowed_origins=["https://dash.example"])
@@ -114,6 +115,7 @@ async def test_disallowed_origin_is_refused_with_403(settings: Settings) -> None
         await assert_good_device_still_acked(hub)
 
 
+@pytest.mark.integration
 async def test_any_origin_is_let_in_without_an_allowlist(settings: Settings) -> None:
     """With no allowlist set, Origin is not checked: uwebsockets' `http://localhost` gets in."""
     async with fleet(settings) as hub, asyncio.timeout(WAIT_S):
@@ -124,6 +126,7 @@ async def test_any_origin_is_let_in_without_an_allowlist(settings: Settings) -> 
         assert connection.close_code == 1000
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("origin", ["https://dash.example", None], ids=["allowed", "device"])
 async def test_allowed_origin_and_no_origin_connect(settings: Settings, origin: str | None) -> None:
     """An allowed Origin connects, and so does a device, which sends no Origin."""
@@ -138,6 +141,7 @@ async def test_allowed_origin_and_no_origin_connect(settings: Settings, origin: 
         assert connection.close_code == 1000
 
 
+@pytest.mark.integration
 async def test_star_allows_every_origin(settings: Settings) -> None:
     """allowed_origins = ["*"] lets any browser page connect."""
     async with fleet(with_(settings, allowed_origins=["*"])) as hub, asyncio.timeout(WAIT_S):
@@ -147,6 +151,7 @@ async def test_star_allows_every_origin(settings: Settings) -> None:
         await connection.close()
 
 
+@pytest.mark.integration
 async def test_origin_given_twice_is_refused_with_400(settings: Settings) -> None:
     """Two Origin headers are a bad request (400), not a server error."""
     async with fleet(settings) as hub:
@@ -155,6 +160,7 @@ async def test_origin_given_twice_is_refused_with_400(settings: Settings) -> Non
         assert refusal.response.status_code == 400
 
 
+@pytest.mark.integration
 async def test_authorization_given_twice_is_refused_with_400(settings: Settings) -> None:
     """Two Authorization headers are a bad request (400), not a server error."""
     async with fleet(settings) as hub:
@@ -175,6 +181,7 @@ async def guess(hub: Fleet, token: str = UNKNOWN_TOKEN) -> int:
     return refusal.response.status_code
 
 
+@pytest.mark.integration
 async def test_guessing_tokens_is_refused_with_429_after_the_burst(settings: Settings) -> None:
     """After auth_failures_burst failures, wrong tokens from the source get 429 with
     Retry-After, a valid one from it gets in; other addresses are unaffected."""
@@ -196,6 +203,7 @@ async def test_guessing_tokens_is_refused_with_429_after_the_burst(settings: Set
         await assert_good_device_still_acked(hub)
 
 
+@pytest.mark.integration
 async def test_failed_handshakes_are_counted_and_logged_without_the_token(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -234,6 +242,7 @@ async def closed_by_hub(port: int, data: list[bytes], tls: ssl.SSLContext | None
         return received
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "data",
     [[], [b"GET /v1/ws HTTP/1.1\r\n"], [b"GET /v1/ws HTTP/1.1\r\n", *[b"X-Slow: 1\r\n"] * 200]],
@@ -292,6 +301,7 @@ def trusting(cert: Path) -> ssl.SSLContext:
     return context
 
 
+@pytest.mark.integration
 async def test_tls_serves_wss_to_a_device(
     settings: Settings, certificate: tuple[Path, Path]
 ) -> None:
@@ -308,6 +318,7 @@ async def test_tls_serves_wss_to_a_device(
         await assert_good_device_still_acked(hub)
 
 
+@pytest.mark.integration
 async def test_tls_hub_refuses_plain_websocket(
     settings: Settings, certificate: tuple[Path, Path]
 ) -> None:
@@ -321,6 +332,7 @@ async def test_tls_hub_refuses_plain_websocket(
         await assert_good_device_still_acked(hub)
 
 
+@pytest.mark.integration
 async def test_tls_handshake_that_never_starts_is_closed(
     settings: Settings, certificate: tuple[Path, Path]
 ) -> None:
@@ -332,6 +344,7 @@ async def test_tls_handshake_that_never_starts_is_closed(
         await assert_good_device_still_acked(hub)
 
 
+@pytest.mark.e2e
 async def test_tls_from_hub_serve_on_uvloop(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str, certificate: tuple[Path, Path]
 ) -> None:
@@ -355,6 +368,7 @@ async def test_tls_from_hub_serve_on_uvloop(
     assert [row["value"] for row in stored] == [1.0]
 
 
+@pytest.mark.unit
 def test_tls_needs_both_cert_and_key(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
     """tls_cert without tls_key (or the reverse) is a settings error."""
     with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
@@ -371,6 +385,7 @@ async def deflate_client(hub: Fleet) -> ClientConnection:
     )
 
 
+@pytest.mark.integration
 async def test_compression_is_off_by_default(settings: Settings) -> None:
     """A client offering permessage-deflate gets no compression unless the operator enabled it."""
     async with fleet(settings) as hub, asyncio.timeout(WAIT_S):
@@ -379,6 +394,7 @@ async def test_compression_is_off_by_default(settings: Settings) -> None:
         await connection.close()
 
 
+@pytest.mark.integration
 async def test_size_limit_applies_to_the_inflated_message(settings: Settings) -> None:
     """With compression on, a small frame inflating past max_message_bytes is closed 1009."""
     compressed = with_(settings, compression=True, max_message_bytes=64 * 1024)
@@ -396,6 +412,7 @@ async def test_size_limit_applies_to_the_inflated_message(settings: Settings) ->
         await assert_good_device_still_acked(hub)
 
 
+@pytest.mark.integration
 async def test_compressed_messages_are_acked(settings: Settings) -> None:
     """With compression on, a compressed message within the limit is stored and acked."""
     async with fleet(with_(settings, compression=True)) as hub, asyncio.timeout(WAIT_S):
@@ -410,6 +427,7 @@ async def test_compressed_messages_are_acked(settings: Settings) -> None:
 # --- 1013 when the hub is overloaded --------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_device_sending_into_a_full_hub_is_closed_with_1013(tmp_path: Path) -> None:
     """While the write pipeline stays full (InfluxDB gone, spool full), a device that keeps
     sending gets error `overloaded`, then close 1013."""

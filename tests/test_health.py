@@ -124,6 +124,7 @@ async def small_spool_hub(
 # --- /healthz --------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_healthz_is_200_while_accepting_and_storing(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -145,6 +146,7 @@ async def test_healthz_is_200_while_accepting_and_storing(
     }
 
 
+@pytest.mark.integration
 async def test_healthz_turns_503_when_influxdb_goes_and_200_when_it_returns(
     small_spool_hub: tuple[HubService, str], private_influxdb: LocalServer
 ) -> None:
@@ -170,6 +172,7 @@ async def test_healthz_turns_503_when_influxdb_goes_and_200_when_it_returns(
     assert sum(ack.accepted for ack in acks) == 10 * len(pending)
 
 
+@pytest.mark.integration
 async def test_healthz_stays_200_while_the_spool_takes_what_influxdb_cannot(
     small_spool_hub: tuple[HubService, str], private_influxdb: LocalServer
 ) -> None:
@@ -184,6 +187,7 @@ async def test_healthz_stays_200_while_the_spool_takes_what_influxdb_cannot(
         assert body["warnings"] == ["InfluxDB failing: batches go to the spool"]
 
 
+@pytest.mark.integration
 async def test_metrics_show_spooled_points_while_influxdb_is_gone(
     small_spool_hub: tuple[HubService, str], private_influxdb: LocalServer
 ) -> None:
@@ -214,6 +218,7 @@ def health(**changes: bool) -> HealthInputs:
     return HealthInputs(**{**fine, **changes})
 
 
+@pytest.mark.unit
 def test_a_draining_hub_is_unhealthy() -> None:
     """Shutting down: 503, because new devices are refused."""
     verdict = assess(health(draining=True, accepting=False))
@@ -221,18 +226,21 @@ def test_a_draining_hub_is_unhealthy() -> None:
     assert verdict.reasons == ["shutting down: refusing new devices"]
 
 
+@pytest.mark.unit
 def test_a_hub_at_max_connections_is_unhealthy() -> None:
     """At max_connections: 503, because new devices are refused."""
     verdict = assess(health(accepting=False))
     assert verdict.reasons == ["at max_connections: refusing new devices"]
 
 
+@pytest.mark.unit
 def test_a_hub_not_listening_is_unhealthy() -> None:
     """Before the device port is open: 503."""
     verdict = assess(health(listening=False, accepting=False))
     assert verdict.reasons == ["not listening for devices"]
 
 
+@pytest.mark.unit
 def test_a_hub_without_influxdb_is_healthy_while_the_spool_takes_batches() -> None:
     """Spool-only mode (no influx_url) is healthy until the spool is full."""
     assert assess(health(influx_configured=False, influx_healthy=False)).healthy
@@ -243,6 +251,7 @@ def test_a_hub_without_influxdb_is_healthy_while_the_spool_takes_batches() -> No
 # --- /metrics --------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_metrics_count_what_a_device_sent(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str, schema_file: Path
 ) -> None:
@@ -268,6 +277,7 @@ async def test_metrics_count_what_a_device_sent(
     assert value(samples, "hub_influx_healthy") == 1
 
 
+@pytest.mark.integration
 async def test_metrics_count_refused_handshakes_by_reason(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -280,6 +290,7 @@ async def test_metrics_count_refused_handshakes_by_reason(
     assert value(samples, "hub_handshakes_refused_total", reason="unauthorized") == 1
 
 
+@pytest.mark.integration
 async def test_metrics_count_influxdb_refusals_by_status_and_dead_letters(
     tmp_path: Path, influxdb: LocalServer
 ) -> None:
@@ -293,6 +304,7 @@ async def test_metrics_count_influxdb_refusals_by_status_and_dead_letters(
     assert value(samples, "hub_dead_letter_points_total") >= 5
 
 
+@pytest.mark.integration
 async def test_metrics_count_config_pushes_and_answers(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -315,6 +327,7 @@ async def test_metrics_count_config_pushes_and_answers(
     assert value(samples, "hub_config_pushes_total") == 1
 
 
+@pytest.mark.integration
 async def test_health_listener_can_be_switched_off(tmp_path: Path) -> None:
     """With health_enabled off nothing listens on health_port."""
     port = free_port()

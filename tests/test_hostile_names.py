@@ -23,6 +23,8 @@ from hub.settings import Settings
 from schemas.messages import Ack
 from tests.support import add_device, hub_settings, running_hub
 
+pytestmark = pytest.mark.integration
+
 WAIT_S = 10.0
 DEVICE = "dev-1"
 T0_MS = 1_700_000_000_000

@@ -37,6 +37,7 @@ def ms_aligned_now_ns() -> int:
 # --- V1Sink against InfluxDB 1.6.7 -------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_v1_sink_writes_to_the_database(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -54,6 +55,7 @@ async def test_v1_sink_writes_to_the_database(
     ]
 
 
+@pytest.mark.integration
 async def test_v1_sink_writes_to_the_retention_policy_of_db_slash_rp(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -77,6 +79,7 @@ async def test_v1_sink_writes_to_the_retention_policy_of_db_slash_rp(
     assert in_default == []
 
 
+@pytest.mark.integration
 async def test_v1_sink_reports_a_missing_database_as_permanent(
     influxdb: LocalServer, tmp_path: Path
 ) -> None:
@@ -91,6 +94,7 @@ async def test_v1_sink_reports_a_missing_database_as_permanent(
     assert caught.value.reason == 'database not found: "no_such_db"'
 
 
+@pytest.mark.integration
 async def test_v1_sink_reports_a_bad_line_as_permanent(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -105,6 +109,7 @@ async def test_v1_sink_reports_a_bad_line_as_permanent(
     assert "unable to parse" in caught.value.reason
 
 
+@pytest.mark.integration
 async def test_v1_sink_reports_an_unreachable_server_as_transient(tmp_path: Path) -> None:
     """Nothing listening is a TransientWriteError without a status."""
     sink = V1Sink(sink_settings(tmp_path, f"http://127.0.0.1:{free_port()}"))
@@ -116,6 +121,7 @@ async def test_v1_sink_reports_an_unreachable_server_as_transient(tmp_path: Path
     assert caught.value.status is None
 
 
+@pytest.mark.unit
 def test_v1_sink_wants_user_colon_password(tmp_path: Path) -> None:
     """A v1 token without ':' is a configuration error, raised before any write."""
     with pytest.raises(ConfigError, match="user:password"):
@@ -125,6 +131,7 @@ def test_v1_sink_wants_user_colon_password(tmp_path: Path) -> None:
 # --- V2Sink ------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_v2_sink_writes_numeric_fields_to_victoria_metrics(
     victoria_metrics: LocalServer, tmp_path: Path
 ) -> None:
@@ -153,6 +160,7 @@ async def test_v2_sink_writes_numeric_fields_to_victoria_metrics(
     }
 
 
+@pytest.mark.integration
 async def test_v2_sink_reports_a_missing_v2_api_as_permanent(
     influxdb: LocalServer, tmp_path: Path
 ) -> None:
@@ -166,6 +174,7 @@ async def test_v2_sink_reports_a_missing_v2_api_as_permanent(
     assert caught.value.status == 404
 
 
+@pytest.mark.integration
 async def test_v2_sink_reports_an_unreachable_server_as_transient(tmp_path: Path) -> None:
     """Nothing listening is a TransientWriteError for V2Sink too."""
     url = f"http://127.0.0.1:{free_port()}"
@@ -180,22 +189,26 @@ async def test_v2_sink_reports_an_unreachable_server_as_transient(tmp_path: Path
 # --- Detecting the API -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_detect_server_says_v1_for_influxdb_1_6(influxdb: LocalServer) -> None:
     """InfluxDB 1.6.7 (X-Influxdb-Version 1.6.7~rc0) is InfluxDB 1.x, without the v2 API."""
     assert await detect_server(influxdb.url) == ("v1", Dialect.INFLUXDB_1)
 
 
+@pytest.mark.integration
 async def test_detect_server_says_v2_for_victoria_metrics(victoria_metrics: LocalServer) -> None:
     """VictoriaMetrics names no InfluxDB version; its start page names VictoriaMetrics."""
     assert await detect_server(victoria_metrics.url) == ("v2", Dialect.VICTORIA_METRICS)
 
 
+@pytest.mark.integration
 async def test_detect_server_of_an_unreachable_server_is_transient() -> None:
     """A /ping nobody answers is a TransientWriteError, so open_sink keeps asking."""
     with pytest.raises(TransientWriteError):
         await detect_server(f"http://127.0.0.1:{free_port()}", timeout_s=2.0)
 
 
+@pytest.mark.integration
 async def test_open_sink_auto_picks_v1_for_influxdb_1_6(
     influxdb: LocalServer, tmp_path: Path
 ) -> None:
@@ -207,6 +220,7 @@ async def test_open_sink_auto_picks_v1_for_influxdb_1_6(
         await sink.close()
 
 
+@pytest.mark.integration
 async def test_open_sink_auto_picks_v2_for_victoria_metrics(
     victoria_metrics: LocalServer, tmp_path: Path
 ) -> None:
@@ -218,6 +232,7 @@ async def test_open_sink_auto_picks_v2_for_victoria_metrics(
         await sink.close()
 
 
+@pytest.mark.integration
 async def test_open_sink_v1_asks_nothing(tmp_path: Path) -> None:
     """With influx_api=v1, open_sink returns a V1Sink without contacting the server."""
     url = f"http://127.0.0.1:{free_port()}"
@@ -228,6 +243,7 @@ async def test_open_sink_v1_asks_nothing(tmp_path: Path) -> None:
         await sink.close()
 
 
+@pytest.mark.unit
 async def test_open_sink_without_url_is_a_config_error(tmp_path: Path) -> None:
     """No influx_url is a ConfigError that says how to give one."""
     with pytest.raises(ConfigError, match="--influx-url"):
@@ -237,6 +253,7 @@ async def test_open_sink_without_url_is_a_config_error(tmp_path: Path) -> None:
 # --- Classifying failures ----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 429])
 def test_classify_transient_statuses(status: int) -> None:
     """5xx, 408 and 429 are worth a retry, and keep their status and Retry-After."""
@@ -245,6 +262,7 @@ def test_classify_transient_statuses(status: int) -> None:
     assert (error.status, error.reason, error.retry_after) == (status, "try later", 7.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
 def test_classify_permanent_statuses(status: int) -> None:
     """400, 401, 403, 404, 413 and 422 cannot be fixed by retrying."""
@@ -254,6 +272,7 @@ def test_classify_permanent_statuses(status: int) -> None:
     assert (error.status, error.reason) == (status, "refused")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("header", "seconds"),
     [
@@ -272,6 +291,7 @@ def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
     assert parse_retry_after(header) == seconds
 
 
+@pytest.mark.integration
 async def test_auto_sink_starts_while_the_server_is_away(
     influxdb: LocalServer, tmp_path: Path
 ) -> None:

@@ -26,6 +26,8 @@ from hub.core.readings import (
 from hub.errors import InvalidMessage
 from hub.settings import Settings
 
+pytestmark = pytest.mark.unit
+
 MS = 10**6
 LIMITS = ReadingLimits(max_fields=3, max_tags=2, max_name_chars=8, max_string_chars=10)
 

@@ -17,6 +17,8 @@ from hub.core.lineprotocol import (
     unrepresentable,
 )
 
+pytestmark = pytest.mark.unit
+
 T = 1_700_000_000_000_000_000
 
 

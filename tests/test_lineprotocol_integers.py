@@ -8,9 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, influxql
 from tests.support import add_device, hub_settings, points, running_hub
+
+pytestmark = pytest.mark.integration
 
 WAIT_S = 20.0
 INT64_MAX, INT64_MIN, UINT64_MAX = 2**63 - 1, -(2**63), 2**64 - 1

@@ -39,6 +39,8 @@ from hub.core.lineprotocol import (
     format_point,
 )
 
+pytestmark = pytest.mark.integration
+
 SAMPLES = {
     "space": "a b", "space_lead": " a", "space_trail": "a ", "comma": "a,b", "comma_lead": ",a",
     "equals": "a=b", "equals_lead": "=a", "dquote": 'a"b', "dquote_wrap": '"a"',

@@ -21,6 +21,8 @@ from hub.ops.logs import (
 )
 from hub.registry.sqlite import new_token
 
+pytestmark = pytest.mark.unit
+
 
 class FakeClock:
     """A monotonic clock the test moves."""

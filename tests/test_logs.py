@@ -11,6 +11,8 @@ import pytest
 from hub.ops.logs import RedactingFilter, redact
 from hub.registry.sqlite import new_token
 
+pytestmark = pytest.mark.unit
+
 SECRET = "s3cr3t-Value_42"
 
 

@@ -16,6 +16,8 @@ from hub.core.measurements import (
 )
 from hub.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 SCHEMA_TOML = """
 accept_unknown_measurements = false
 

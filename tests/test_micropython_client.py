@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sensorhub import HubClient
 
 from device_sim.client import DeviceClient
@@ -37,6 +38,7 @@ WAIT_S = 20.0
 DEVICE = "board-1"
 
 
+@pytest.mark.integration
 async def test_streams_readings_into_influxdb(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -57,6 +59,7 @@ async def test_streams_readings_into_influxdb(
     assert sorted(row["n"] for row in rows) == list(range(120))
 
 
+@pytest.mark.integration
 async def test_config_push_applied_and_acked(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -93,6 +96,7 @@ async def test_config_push_applied_and_acked(
     assert (state.ack_ok, state.ack_error) == (False, "interval_s must be at least 1")
 
 
+@pytest.mark.integration
 async def test_replaced_connection_waits_long(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -108,6 +112,7 @@ async def test_replaced_connection_waits_long(
             assert client.connects == 1
 
 
+@pytest.mark.e2e
 async def test_restart_resends_unacked_and_loses_nothing_acked(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -148,6 +153,7 @@ async def test_restart_resends_unacked_and_loses_nothing_acked(
     assert stored_times(influxdb, influx_db_name) == added
 
 
+@pytest.mark.e2e
 async def test_crash_resends_what_the_hub_never_acked(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -179,6 +185,7 @@ async def test_crash_resends_what_the_hub_never_acked(
     assert stored_times(influxdb, influx_db_name) == first + second
 
 
+@pytest.mark.integration
 async def test_invalid_message_1007_drops_only_the_refused_message(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -201,6 +208,7 @@ async def test_invalid_message_1007_drops_only_the_refused_message(
     assert stored_times(influxdb, influx_db_name) == times
 
 
+@pytest.mark.integration
 async def test_too_big_1009_splits_and_stores_everything(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -219,6 +227,7 @@ async def test_too_big_1009_splits_and_stores_everything(
     assert stored_times(influxdb, influx_db_name) == times
 
 
+@pytest.mark.integration
 async def test_revoked_4001_stops(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -239,6 +248,7 @@ async def test_revoked_4001_stops(
     assert client.failed_connects == 0
 
 
+@pytest.mark.integration
 async def test_at_capacity_503_waits_for_retry_after(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -263,6 +273,7 @@ async def test_at_capacity_503_waits_for_retry_after(
     assert (client.connects, client.refusals) == (1, [503])
 
 
+@pytest.mark.integration
 async def test_blocked_address_429_waits_then_stops_on_401(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:

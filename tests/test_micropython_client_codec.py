@@ -36,30 +36,35 @@ values = st.recursive(
 )
 
 
+@pytest.mark.unit
 @given(values)
 def test_encoding_decodes_with_msgpack(value: Any) -> None:
     """What the client encodes, the `msgpack` package decodes to the same value."""
     assert msgpack.unpackb(mpack.encode(value), raw=False, strict_map_key=False) == value
 
 
+@pytest.mark.unit
 @given(values)
 def test_decoding_what_msgpack_encodes(value: Any) -> None:
     """What `msgpack` encodes (any integer or float width), the client decodes."""
     assert mpack.decode(msgpack.packb(value, use_bin_type=True)) == value
 
 
+@pytest.mark.unit
 @given(values)
 def test_integers_and_headers_use_the_smallest_form(value: Any) -> None:
     """The client's bytes are msgpack's own bytes (both pick the smallest encoding)."""
     assert mpack.encode(value) == msgpack.packb(value, use_bin_type=True)
 
 
+@pytest.mark.unit
 @given(st.floats(width=32, allow_nan=False))
 def test_float32_is_decoded(value: float) -> None:
     """A float32 from the hub (or msgpack's use_single_float) decodes to its value."""
     assert mpack.decode(msgpack.packb(value, use_single_float=True)) == value
 
 
+@pytest.mark.unit
 @given(
     st.integers(min_value=-(2**40), max_value=2**40),
     st.integers(min_value=0, max_value=999_999_999),
@@ -74,11 +79,13 @@ def test_timestamps_round_trip_with_msgpack(seconds: int, nanoseconds: int) -> N
     assert packed == msgpack.packb(msgpack.Timestamp(seconds, nanoseconds))
 
 
+@pytest.mark.unit
 def test_other_extensions_are_kept_opaque() -> None:
     """An extension type other than -1 decodes to `Ext` with its code and bytes."""
     assert mpack.decode(msgpack.packb(msgpack.ExtType(5, b"abc"))) == mpack.Ext(5, b"abc")
 
 
+@pytest.mark.unit
 @given(values)
 def test_truncated_data_is_refused(value: Any) -> None:
     """Every strict prefix of an encoding is refused as truncated, never misread."""
@@ -88,6 +95,7 @@ def test_truncated_data_is_refused(value: Any) -> None:
             mpack.decode(packed[:end])
 
 
+@pytest.mark.unit
 def test_malformed_input_is_refused() -> None:
     """Trailing bytes, the unused 0xc1, deep nesting and a huge count are errors."""
     for bad in (b"\x01\x02", b"\xc1", b"\x91" * 40 + b"\x00", b"\xdd\xff\xff\xff\xff"):
@@ -95,6 +103,7 @@ def test_malformed_input_is_refused() -> None:
             mpack.decode(bad)
 
 
+@pytest.mark.unit
 def test_map_prefix_reads_an_ack_cut_short() -> None:
     """An ack cut anywhere in its `rejected` list still yields type, seq and accepted."""
     ack = msgpack.packb(
@@ -110,6 +119,7 @@ def test_map_prefix_reads_an_ack_cut_short() -> None:
     assert complete and len(entries["rejected"]) == 50  # type: ignore[arg-type]
 
 
+@pytest.mark.unit
 def test_refuses_what_msgpack_cannot_hold() -> None:
     """Integers outside int64/uint64 and unknown types are refused with a clear error."""
     with pytest.raises(OverflowError):
@@ -137,6 +147,7 @@ def parse_as_server(data: bytes | bytearray, max_size: int | None = None) -> Fra
     raise AssertionError("incomplete frame")
 
 
+@pytest.mark.unit
 @given(st.binary(max_size=70_000), st.binary(min_size=4, max_size=4))
 def test_client_frames_parse_as_masked_frames(payload: bytes, key: bytes) -> None:
     """Every payload length (7-bit, 16-bit, 64-bit forms) comes out unmasked and intact."""
@@ -144,6 +155,7 @@ def test_client_frames_parse_as_masked_frames(payload: bytes, key: bytes) -> Non
     assert (frame.opcode, frame.fin, frame.data) == (Opcode.BINARY, True, payload)
 
 
+@pytest.mark.unit
 @given(st.binary(max_size=2000), st.binary(min_size=4, max_size=4))
 def test_chunked_masking_equals_the_bytewise_definition(payload: bytes, key: bytes) -> None:
     """Masking 256 bytes at a time gives RFC 6455's byte-by-byte XOR."""
@@ -161,6 +173,7 @@ def server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return struct.pack(">BBQ", first, 127, size) + payload
 
 
+@pytest.mark.unit
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=8), st.integers(1, 97))
 def test_reader_splits_a_stream_into_frames(payloads: list[bytes], chunk: int) -> None:
     """Frames arriving in arbitrary chunks come out whole; longer ones truncated to the
@@ -181,6 +194,7 @@ def test_reader_splits_a_stream_into_frames(payloads: list[bytes], chunk: int) -
     assert seen == [(p[:100], len(p), len(p) > 100) for p in payloads]
 
 
+@pytest.mark.unit
 def test_reader_refuses_what_a_server_must_not_send() -> None:
     """A masked frame, reserved bits, or a long or fragmented control frame: 1002."""
     for bad in (
@@ -196,6 +210,7 @@ def test_reader_refuses_what_a_server_must_not_send() -> None:
         assert raised.value.code == 1002
 
 
+@pytest.mark.unit
 def test_close_payloads() -> None:
     """A close frame's code and reason, both ways; none at all is 1005."""
     assert wsframe.parse_close(wsframe.close_payload(4001, "revoked")) == (4001, "revoked")
@@ -212,6 +227,7 @@ def add(buffer: ReadingsBuffer, index: int, time_ms: int | None = 1_750_000_000_
     return buffer.add(entries, body, time_ms, 0)
 
 
+@pytest.mark.unit
 def test_message_frame_is_a_valid_readings_message() -> None:
     """A message decodes to the protocol's envelope with every reading's keys and time."""
     buffer = ReadingsBuffer(100, 10, 16384)
@@ -230,6 +246,7 @@ def test_message_frame_is_a_valid_readings_message() -> None:
     }
 
 
+@pytest.mark.unit
 def test_buffer_bound_drops_the_oldest_pending_reading() -> None:
     """At the bound the oldest pending reading goes; readings already in messages stay."""
     buffer = ReadingsBuffer(5, 2, 16384)
@@ -253,6 +270,7 @@ def mpack_reading(item: object) -> bytes:
     return finish_reading(item.entries, item.body, item.unix_ms)
 
 
+@pytest.mark.unit
 def test_messages_respect_the_byte_limit() -> None:
     """A message never exceeds max_message_bytes, however many readings wait."""
     buffer = ReadingsBuffer(1000, 1000, 500)
@@ -264,6 +282,7 @@ def test_messages_respect_the_byte_limit() -> None:
     assert max(sizes) <= 500 and sum(len(m.readings) for m in buffer.unacked) == 100
 
 
+@pytest.mark.unit
 def test_reading_checks_say_what_is_wrong() -> None:
     """Readings the hub would refuse are refused at `add`, with the reason."""
     cases: list[tuple[Any, Any, Any, str]] = [
@@ -278,6 +297,7 @@ def test_reading_checks_say_what_is_wrong() -> None:
             check_reading(name, fields, tags)
 
 
+@pytest.mark.unit
 def test_untimed_samples_get_their_time_when_grouped() -> None:
     """A sample without a clock gets the time `resolve` gives when its message is made;
     with none, it goes without `time` (the hub stamps it)."""
@@ -298,6 +318,7 @@ def test_untimed_samples_get_their_time_when_grouped() -> None:
 # --- reconnect policy ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_policy_per_close_code() -> None:
     """4001 stops; 1007 drops the refused message; 1009 splits; 4000 waits long."""
     assert policy.after_close(4001)[0] == policy.STOP
@@ -310,6 +331,7 @@ def test_policy_per_close_code() -> None:
     assert policy.after_refusal(401, None)[0] == policy.STOP
 
 
+@pytest.mark.unit
 def test_backoff_is_jittered_and_capped() -> None:
     """Waits stay within [floor, floor + min(cap, base * 2**attempt)] and are not all equal."""
     waits = [policy.backoff_ms(attempt, 1000, 8000) for attempt in range(30) for _ in range(5)]
@@ -320,6 +342,7 @@ def test_backoff_is_jittered_and_capped() -> None:
 # --- tolerance of what a later hub may send -------------------------------------------------
 
 
+@pytest.mark.integration
 def test_acks_with_unknown_keys_and_collapsed_rejections_are_read() -> None:
     """An ack with extra keys, and `rejected` entries with extra keys or fewer entries than
     rejected readings, still acks its message; rejections are counted from `accepted`."""

@@ -24,6 +24,8 @@ from tests.micropython_support import (
 from tests.support import add_device, hub_settings, running_hub
 from tests.test_hardening import certificate  # noqa: F401  (the session's TLS certificate)
 
+pytestmark = pytest.mark.integration
+
 WAIT_S = 20.0
 DEVICE = "board-1"
 

@@ -16,8 +16,11 @@ import sys
 from pathlib import Path
 
 import msgpack
+import pytest
 
 from tests.micropython_port import LIBRARY, run_on_micropython
+
+pytestmark = pytest.mark.e2e
 
 PROGRAM = Path(__file__).parent / "micropython" / "pure_modules.py"
 

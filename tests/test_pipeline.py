@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from device_sim.local_servers import (
@@ -155,6 +156,7 @@ def fake_settings(tmp_path: Path, fake: FakeInflux, **overrides: Any) -> Setting
 # --- Batching ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_batch_is_sealed_when_it_reaches_batch_size(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -171,6 +173,7 @@ async def test_batch_is_sealed_when_it_reaches_batch_size(
         assert count_points(influxdb, influx_db_name) == 20
 
 
+@pytest.mark.integration
 async def test_batch_is_sealed_by_age(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -187,6 +190,7 @@ async def test_batch_is_sealed_by_age(
         assert count_points(influxdb, influx_db_name) == 3
 
 
+@pytest.mark.integration
 async def test_oversized_message_is_let_in_alone(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -204,6 +208,7 @@ async def test_oversized_message_is_let_in_alone(
 # --- Concurrency and backpressure ---------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_several_writes_are_in_flight_at_once(tmp_path: Path) -> None:
     """Up to max_inflight_writes batches are written concurrently, and no more."""
     async with FakeInflux(hold=True).running() as fake:
@@ -220,6 +225,7 @@ async def test_several_writes_are_in_flight_at_once(tmp_path: Path) -> None:
             assert pipeline.counters.batches_written == 5
 
 
+@pytest.mark.integration
 async def test_submit_waits_while_max_pending_readings_are_held(tmp_path: Path) -> None:
     """At max_pending_readings, submit blocks (pending stays bounded) until writes complete."""
     async with FakeInflux(hold=True).running() as fake:
@@ -246,6 +252,7 @@ async def test_submit_waits_while_max_pending_readings_are_held(tmp_path: Path) 
 # --- Retries ------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_transient_errors_are_retried_and_acked_only_after_success(tmp_path: Path) -> None:
     """503s are retried with the same batch; the futures complete only after the 204."""
     futures: list[asyncio.Future[None]] = []
@@ -262,6 +269,7 @@ async def test_transient_errors_are_retried_and_acked_only_after_success(tmp_pat
             assert pipeline.counters.points_written == 3
 
 
+@pytest.mark.integration
 async def test_retry_after_of_429_is_honoured(tmp_path: Path) -> None:
     """After a 429 with Retry-After: 1 the retry waits about 1 s, longer than any backoff."""
     async with FakeInflux([(429, {"Retry-After": "1"})]).running() as fake:
@@ -277,6 +285,7 @@ async def test_retry_after_of_429_is_honoured(tmp_path: Path) -> None:
 # --- Permanent errors -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_refused_batch_goes_to_the_dead_letter_file(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
@@ -301,6 +310,7 @@ async def test_refused_batch_goes_to_the_dead_letter_file(
 # --- InfluxDB away --------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_acks_are_withheld_while_influx_is_unreachable(tmp_path: Path) -> None:
     """With nothing listening, writes are retried, futures stay pending and nothing is dropped."""
     settings = hub_settings(tmp_path, f"http://127.0.0.1:{free_port()}", batch_size=3)
@@ -316,6 +326,7 @@ async def test_acks_are_withheld_while_influx_is_unreachable(tmp_path: Path) -> 
             future.exception()
 
 
+@pytest.mark.integration
 async def test_writes_resume_when_influx_comes_back(tmp_path: Path) -> None:
     """Readings submitted while InfluxDB is down are written and acked once it is back."""
     with start_influxdb(tmp_path / "servers") as server:
@@ -332,6 +343,7 @@ async def test_writes_resume_when_influx_comes_back(tmp_path: Path) -> None:
             assert count_points(server, "db") == 3
 
 
+@pytest.mark.integration
 async def test_has_room_says_whether_submit_would_wait(tmp_path: Path) -> None:
     """`has_room` is true up to max_pending_readings, and for any message into an empty one."""
     async with FakeInflux(hold=True).running() as fake:

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
 from device_sim.local_servers import LocalServer, create_database, start_influxdb
 from hub.ingest.deadletters import DeadLetterFile
 from hub.ingest.pipeline import Pipeline
@@ -15,6 +17,8 @@ from hub.ingest.spool import Spool, read_status
 from hub.settings import Settings
 from tests.support import hub_settings
 from tests.test_pipeline import all_durable, count_points, eventually, reading_lines
+
+pytestmark = pytest.mark.integration
 
 DB = "spooled"
 

@@ -21,6 +21,8 @@ from hub.core.protocol import (
 from hub.errors import InvalidMessage
 from schemas.messages import Ack, ConfigAck, ReadingsMessage, Rejection
 
+pytestmark = pytest.mark.unit
+
 
 def pack(obj: object) -> bytes:
     packed: bytes = msgpack.packb(obj, use_bin_type=True)

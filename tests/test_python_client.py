@@ -57,6 +57,7 @@ def stored(influxdb: LocalServer, db: str) -> list[int]:
     return sorted(row["time"] for row in points(influxdb, db, "env"))
 
 
+@pytest.mark.integration
 async def test_streams_and_applies_config(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -86,6 +87,7 @@ async def test_streams_and_applies_config(
     assert stored(influxdb, influx_db_name) == times
 
 
+@pytest.mark.e2e
 async def test_restart_resends_and_loses_nothing(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -120,6 +122,7 @@ async def test_restart_resends_and_loses_nothing(
     assert stored(influxdb, influx_db_name) == first + second + third
 
 
+@pytest.mark.integration
 async def test_revocation_stops_and_capacity_waits(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -146,6 +149,7 @@ async def test_revocation_stops_and_capacity_waits(
     assert client.stats.close_codes == [4001]
 
 
+@pytest.mark.integration
 async def test_too_big_messages_are_halved_until_they_fit(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -165,6 +169,7 @@ async def test_too_big_messages_are_halved_until_they_fit(
     assert stored(influxdb, influx_db_name) == times
 
 
+@pytest.mark.integration
 async def test_refused_message_1007_is_dropped_alone(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -186,6 +191,7 @@ async def test_refused_message_1007_is_dropped_alone(
     assert stored(influxdb, influx_db_name) == times
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("code", [*range(1000, 1016), 4000, 4001, 4002, 3000])
 def test_both_clients_have_the_same_close_policy(code: int) -> None:
     """The Python and MicroPython clients do the same after every close code."""
@@ -193,6 +199,7 @@ def test_both_clients_have_the_same_close_policy(code: int) -> None:
     assert micro_policy.after_close(code) == (str(action), int(wait_s))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("status", range(400, 600))
 def test_both_clients_have_the_same_refusal_policy(status: int) -> None:
     """... and after every refused handshake, with or without Retry-After."""
@@ -201,6 +208,7 @@ def test_both_clients_have_the_same_refusal_policy(status: int) -> None:
         assert micro_policy.after_refusal(status, retry_after) == (str(action), int(wait_s))
 
 
+@pytest.mark.integration
 async def test_readings_sampled_before_the_clock_is_set_get_their_time_later(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hub.registry.sqlite import Registry
+
+pytestmark = pytest.mark.e2e
 
 
 def hub_cli(state_dir: Path, *args: str) -> None:

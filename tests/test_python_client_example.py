@@ -8,8 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from device_sim.local_servers import LocalServer
 from tests.support import add_device, hub_settings, points, running_hub
+
+pytestmark = pytest.mark.e2e
 
 EXAMPLE = Path(__file__).parent.parent / "clients" / "python" / "read_and_stream.py"
 WAIT_S = 30.0

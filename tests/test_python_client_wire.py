@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 import msgpack
+import pytest
 from sensorhub import compat, mpack, wsframe
 from sensorhub.ws import handshake_request, parse_response_head
 
@@ -19,6 +20,8 @@ from device_sim.local_servers import LocalServer
 from hub.registry.sqlite import Registry
 from hub.service import HubService
 from tests.support import add_device, hub_settings, points, running_hub
+
+pytestmark = pytest.mark.integration
 
 DOC = Path(__file__).parent.parent / "docs" / "protocol.md"
 WAIT_S = 10.0

@@ -12,6 +12,8 @@ from hub.core.ratelimit import (
     source_key,
 )
 
+pytestmark = pytest.mark.unit
+
 SOURCE = "192.0.2.7"
 
 

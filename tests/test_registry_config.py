@@ -12,6 +12,8 @@ from hub.errors import RegistryError, UnknownDevice
 from hub.registry.sqlite import DeviceChange, Presence, Registry
 from schemas.messages import MAX_HUB_FRAME_BYTES
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def path(tmp_path: Path) -> Path:

@@ -6,9 +6,13 @@ import asyncio
 import signal
 from pathlib import Path
 
+import pytest
+
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
 from tests.support import HubProcess, add_device, hub_settings
+
+pytestmark = pytest.mark.e2e
 
 LOOSE = """
 [measurements.environment.fields]

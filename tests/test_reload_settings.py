@@ -63,6 +63,7 @@ def token(tmp_path: Path) -> str:
     return add_device(hub_settings(tmp_path / "state", None), "sensor-1")
 
 
+@pytest.mark.e2e
 async def test_sighup_applies_a_lower_reading_limit_to_an_open_connection(
     hub: HubProcess, config: Path, token: str
 ) -> None:
@@ -79,6 +80,7 @@ async def test_sighup_applies_a_lower_reading_limit_to_an_open_connection(
     assert "at most 5" in (reason or "")
 
 
+@pytest.mark.e2e
 async def test_sighup_applies_the_log_level(hub: HubProcess, config: Path, token: str) -> None:
     """After log_level becomes DEBUG, debug lines appear."""
     async with hub, DeviceClient(hub.url, token) as device:
@@ -87,6 +89,7 @@ async def test_sighup_applies_the_log_level(hub: HubProcess, config: Path, token
         await logged(hub, "DEBUG hub.pipeline: wrote")
 
 
+@pytest.mark.e2e
 async def test_sighup_names_changes_that_need_a_restart(hub: HubProcess, config: Path) -> None:
     """A changed batch_size is reported as waiting for a restart; the hub runs on."""
     async with hub:
@@ -99,6 +102,7 @@ async def test_sighup_names_changes_that_need_a_restart(hub: HubProcess, config:
         assert await hub.stop() == 0
 
 
+@pytest.mark.e2e
 async def test_a_broken_config_file_changes_nothing(
     hub: HubProcess, config: Path, token: str
 ) -> None:
@@ -114,6 +118,7 @@ async def test_a_broken_config_file_changes_nothing(
     assert ack.accepted == 10
 
 
+@pytest.mark.unit
 def test_reload_changes_splits_live_settings_from_the_rest(tmp_path: Path) -> None:
     """Live settings are applied with their new values; the others are only named."""
     current = Settings(state_dir=tmp_path)
@@ -123,6 +128,7 @@ def test_reload_changes_splits_live_settings_from_the_rest(tmp_path: Path) -> No
     assert restart == ["port"]
 
 
+@pytest.mark.unit
 def test_reload_changes_finds_nothing_when_nothing_changed(tmp_path: Path) -> None:
     """The same settings again change nothing."""
     settings = Settings(state_dir=tmp_path)

@@ -45,12 +45,14 @@ def wait_until_refused(registry: Registry, token: str) -> None:
 # --- Registry ----------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_new_token_works_at_once(registry: Registry) -> None:
     """The token rotate returns authenticates as the device."""
     registry.add(DEVICE)
     assert registry.authenticate(registry.rotate(DEVICE, 3600)) == DEVICE
 
 
+@pytest.mark.unit
 def test_old_token_works_during_the_grace_period(registry: Registry) -> None:
     """The previous token keeps authenticating, with its expiry, during the grace period."""
     old = registry.add(DEVICE)
@@ -60,6 +62,7 @@ def test_old_token_works_during_the_grace_period(registry: Registry) -> None:
     assert credential.expires_at is not None and credential.expires_at > time.time() + 3000
 
 
+@pytest.mark.unit
 def test_old_token_fails_after_the_grace_period(registry: Registry) -> None:
     """Once the grace period is over the old token fails like an unknown one."""
     old = registry.add(DEVICE)
@@ -68,6 +71,7 @@ def test_old_token_fails_after_the_grace_period(registry: Registry) -> None:
     assert registry.authenticate(new) == DEVICE
 
 
+@pytest.mark.unit
 def test_grace_zero_refuses_the_old_token_at_once(registry: Registry) -> None:
     """With no grace period the old token stops working immediately."""
     old = registry.add(DEVICE)
@@ -75,6 +79,7 @@ def test_grace_zero_refuses_the_old_token_at_once(registry: Registry) -> None:
     assert registry.authenticate(old) is None
 
 
+@pytest.mark.unit
 def test_each_retired_token_keeps_its_own_expiry(registry: Registry) -> None:
     """Rotating twice keeps both earlier tokens working until their own expiries."""
     first = registry.add(DEVICE)
@@ -83,6 +88,7 @@ def test_each_retired_token_keeps_its_own_expiry(registry: Registry) -> None:
     assert [registry.authenticate(t) for t in (first, second, third)] == [DEVICE] * 3
 
 
+@pytest.mark.unit
 def test_revoking_refuses_old_and_new_tokens(registry: Registry) -> None:
     """A revoked device's retired tokens stop working along with its current one."""
     old = registry.add(DEVICE)
@@ -91,6 +97,7 @@ def test_revoking_refuses_old_and_new_tokens(registry: Registry) -> None:
     assert (registry.authenticate(old), registry.authenticate(new)) == (None, None)
 
 
+@pytest.mark.unit
 def test_rotating_an_unknown_or_revoked_device_is_refused(registry: Registry) -> None:
     """Rotation needs a registered, active device."""
     with pytest.raises(UnknownDevice):
@@ -101,6 +108,7 @@ def test_rotating_an_unknown_or_revoked_device_is_refused(registry: Registry) ->
         registry.rotate(DEVICE, 60)
 
 
+@pytest.mark.integration
 def test_registry_of_the_first_schema_is_migrated(tmp_path: Path) -> None:
     """A registry made before rotation existed is upgraded and its tokens keep working."""
     path = tmp_path / "old.sqlite3"
@@ -136,6 +144,7 @@ def hub_cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 def test_cli_rotate_prints_only_the_new_token(tmp_path: Path) -> None:
     """`hub token rotate DEVICE --grace 1h`: the new token is stdout's only line."""
     old = hub_cli(tmp_path, "token", "add", DEVICE).stdout.strip()
@@ -151,6 +160,7 @@ def test_cli_rotate_prints_only_the_new_token(tmp_path: Path) -> None:
         registry.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("grace", ["soon", "-1h", "1w", ""])
 def test_cli_rotate_refuses_a_bad_grace(tmp_path: Path, grace: str) -> None:
     """A grace period that is not 0, Ns, Nm, Nh or Nd is refused, and nothing rotated."""
@@ -168,6 +178,7 @@ def test_cli_rotate_refuses_a_bad_grace(tmp_path: Path, grace: str) -> None:
 # --- A running hub -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_connection_with_the_old_token_is_closed_when_its_grace_ends(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -191,6 +202,7 @@ async def test_connection_with_the_old_token_is_closed_when_its_grace_ends(
             assert (await asyncio.wait_for(device.store([READING]), WAIT_S)).accepted == 1
 
 
+@pytest.mark.integration
 async def test_old_token_connects_during_the_grace_period(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:

@@ -11,6 +11,8 @@ import pytest
 from schemas import export
 from schemas.messages import DEVICE_MESSAGES, HUB_MESSAGES, Ack, Reading, ReadingsMessage
 
+pytestmark = pytest.mark.unit
+
 VALID_READINGS: dict[str, Any] = {
     "type": "readings",
     "seq": 17,

@@ -107,6 +107,7 @@ async def accepts(port: int) -> bool:
 # --- A real `hub serve` ------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_ready_comes_only_once_the_device_port_accepts(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str, notify_socket: NotifySocket
 ) -> None:
@@ -122,6 +123,7 @@ async def test_ready_comes_only_once_the_device_port_accepts(
         assert "on uvloop's event loop" in hub.log, hub.log
 
 
+@pytest.mark.e2e
 async def test_watchdog_is_fed_at_half_of_watchdog_usec(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str, notify_socket: NotifySocket
 ) -> None:
@@ -133,6 +135,7 @@ async def test_watchdog_is_fed_at_half_of_watchdog_usec(
             assert (await notify_socket.next()).get("WATCHDOG") == "1"
 
 
+@pytest.mark.e2e
 async def test_watchdog_waits_for_a_long_watchdog_usec(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str, notify_socket: NotifySocket
 ) -> None:
@@ -147,6 +150,7 @@ async def test_watchdog_waits_for_a_long_watchdog_usec(
     assert watchdogs == [{"WATCHDOG": "1"}]
 
 
+@pytest.mark.e2e
 async def test_stopping_is_sent_on_sigterm(
     tmp_path: Path,
     influxdb: LocalServer,
@@ -162,6 +166,7 @@ async def test_stopping_is_sent_on_sigterm(
         assert await hub.stop() == 0
 
 
+@pytest.mark.e2e
 async def test_sighup_is_reported_as_reloading_then_ready(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str, notify_socket: NotifySocket
 ) -> None:
@@ -179,21 +184,25 @@ async def test_sighup_is_reported_as_reloading_then_ready(
 # --- The pieces ------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
     """WATCHDOG_USEC=30 s means a heartbeat every 15 s."""
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}, pid=42) == 15.0
 
 
+@pytest.mark.unit
 def test_watchdog_interval_ignores_another_process_watchdog() -> None:
     """A WATCHDOG_PID naming another process means no heartbeat from this one."""
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "41"}, pid=42) is None
 
 
+@pytest.mark.unit
 def test_watchdog_interval_is_none_without_watchdog_usec() -> None:
     """No WATCHDOG_USEC, no heartbeat."""
     assert watchdog_interval({}, pid=42) is None
 
 
+@pytest.mark.unit
 def test_notifier_without_notify_socket_sends_nothing() -> None:
     """Outside systemd a notification is a no-op that says it reached nobody."""
     notifier = Notifier({})
@@ -202,6 +211,7 @@ def test_notifier_without_notify_socket_sends_nothing() -> None:
     assert notifier.watchdog_s is None
 
 
+@pytest.mark.integration
 async def test_notifier_sends_one_datagram_per_notification(notify_socket: NotifySocket) -> None:
     """The assignments of one notification arrive together, one per line."""
     notifier = Notifier({"NOTIFY_SOCKET": notify_socket.address})

@@ -79,6 +79,7 @@ def settings(tmp_path: Path, influxdb: LocalServer, influx_db_name: str) -> Sett
 # --- Readings -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_acked_readings_are_exactly_those_in_influxdb(
     settings: Settings, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -91,6 +92,7 @@ async def test_acked_readings_are_exactly_those_in_influxdb(
     assert_acked_exactly_stored(report, influxdb, influx_db_name)
 
 
+@pytest.mark.integration
 async def test_out_of_range_readings_are_rejected_and_not_stored(
     settings: Settings, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -105,6 +107,7 @@ async def test_out_of_range_readings_are_rejected_and_not_stored(
     assert_acked_exactly_stored(report, influxdb, influx_db_name)
 
 
+@pytest.mark.integration
 async def test_timestamps_are_unique_per_device(settings: Settings) -> None:
     """Every reading a device sends carries its own timestamp, so resends cannot duplicate."""
     creds = register(settings, 1)
@@ -114,6 +117,7 @@ async def test_timestamps_are_unique_per_device(settings: Settings) -> None:
     assert len(times) == len(set(times)) == report.acked > 0
 
 
+@pytest.mark.integration
 async def test_stop_event_ends_the_run_with_everything_acked(settings: Settings) -> None:
     """Setting the stop event ends a long run early; what was sent is still acked."""
     creds = register(settings, 2)
@@ -133,6 +137,7 @@ async def test_stop_event_ends_the_run_with_everything_acked(settings: Settings)
 # --- Reconnects -----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_unacked_readings_are_resent_after_the_hub_restarts(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -165,6 +170,7 @@ async def test_unacked_readings_are_resent_after_the_hub_restarts(
     assert_acked_exactly_stored(report, influxdb, influx_db_name)
 
 
+@pytest.mark.unit
 def test_backoff_is_full_jitter_below_an_exponential_cap() -> None:
     """Reconnect delays are spread over [0, min(cap, base * 2**attempt)], never above it."""
     rng = random.Random(7)
@@ -176,6 +182,7 @@ def test_backoff_is_full_jitter_below_an_exponential_cap() -> None:
         assert len(set(delays)) == len(delays)
 
 
+@pytest.mark.unit
 def test_retry_after_is_a_minimum_with_jitter_on_top() -> None:
     """A 503's Retry-After is waited in full, plus a random share of the backoff."""
     rng = random.Random(7)
@@ -184,6 +191,7 @@ def test_retry_after_is_a_minimum_with_jitter_on_top() -> None:
     assert len(set(delays)) == len(delays)
 
 
+@pytest.mark.integration
 async def test_503_retry_after_is_honoured(settings: Settings) -> None:
     """Refused with 503 Retry-After 5 s, a device does not retry within a 1 s run."""
     full = settings.model_copy(update={"max_connections": 1})
@@ -205,6 +213,7 @@ async def test_503_retry_after_is_honoured(settings: Settings) -> None:
     assert device.connects == 0
 
 
+@pytest.mark.integration
 async def test_a_revoked_device_stops(settings: Settings) -> None:
     """Closed with 4001, a device stops for good: no reconnect, state `revoked`."""
     (creds,) = register(settings, 1)
@@ -227,6 +236,7 @@ async def test_a_revoked_device_stops(settings: Settings) -> None:
     assert device.connects == 1
 
 
+@pytest.mark.integration
 async def test_an_unknown_token_stops_the_device(settings: Settings) -> None:
     """Answered 401, a device gives up at once instead of retrying in a loop."""
     async with running_hub(settings) as service:
@@ -246,6 +256,7 @@ async def test_an_unknown_token_stops_the_device(settings: Settings) -> None:
 # --- Config ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_pushed_interval_changes_the_rate_and_is_acked(settings: Settings) -> None:
     """A config with a shorter interval_s is applied and acked, and the device sends faster."""
     (creds,) = register(settings, 1)
@@ -272,6 +283,7 @@ async def test_pushed_interval_changes_the_rate_and_is_acked(settings: Settings)
     assert device.sent > 10
 
 
+@pytest.mark.integration
 async def test_an_invalid_config_is_refused_in_the_ack(settings: Settings) -> None:
     """A config the device cannot apply is answered ok=false with the reason."""
     (creds,) = register(settings, 1)

@@ -8,6 +8,8 @@ import pytest
 
 from hub.ingest.spool import SEGMENT_SUFFIX, Spool, encode_record, read_status, scan_segment
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def directory(tmp_path: Path) -> Path:

@@ -15,6 +15,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from device_sim.local_servers import LocalServer, influxql_series, vm_export
 from hub.core.dialects import Dialect
 from hub.core.lineprotocol import format_point
@@ -42,6 +44,7 @@ def write_segment(directory: Path, number: int, data: bytes) -> None:
     (directory / f"{number:012d}{SEGMENT_SUFFIX}").write_bytes(data)
 
 
+@pytest.mark.unit
 def test_a_batch_comes_back_with_its_dialect(tmp_path: Path) -> None:
     """The dialect a batch was appended with is read back, also after reopening."""
     spool = Spool(tmp_path, max_bytes=2**20)
@@ -56,6 +59,7 @@ def test_a_batch_comes_back_with_its_dialect(tmp_path: Path) -> None:
     assert replayed == [(f"m f=1 {d.code}".encode(), d) for d in Dialect]
 
 
+@pytest.mark.unit
 def test_old_spool_files_without_a_dialect_still_replay(tmp_path: Path) -> None:
     """HSP1 records (no dialect byte) replay as legacy (strict rules, line feeds in strings),
     beside new records in one segment."""
@@ -81,6 +85,7 @@ def test_old_spool_files_without_a_dialect_still_replay(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.unit
 def test_a_damaged_old_record_is_a_torn_tail_like_a_new_one(tmp_path: Path) -> None:
     """A legacy record with a bad checksum ends its segment, as new records do."""
     record = bytearray(legacy_record(b"m f=1 1", 1, 100.0))
@@ -90,6 +95,7 @@ def test_a_damaged_old_record_is_a_torn_tail_like_a_new_one(tmp_path: Path) -> N
     assert (status.batches, status.skipped_bytes) == (1, len(record))
 
 
+@pytest.mark.unit
 def test_the_dialect_byte_is_covered_by_the_checksum(tmp_path: Path) -> None:
     """A flipped dialect byte is damage, not another dialect."""
     spool = Spool(tmp_path, max_bytes=2**20)
@@ -102,6 +108,7 @@ def test_the_dialect_byte_is_covered_by_the_checksum(tmp_path: Path) -> None:
     assert read_status(tmp_path).skipped_bytes == len(data)
 
 
+@pytest.mark.unit
 def test_an_unknown_dialect_code_is_kept_as_unknown(tmp_path: Path) -> None:
     """A record from a newer hub, with a dialect this one does not know, is not guessed at."""
     body, points, now = b"m f=1 1", 1, 100.0
@@ -134,6 +141,7 @@ def influx_tags(server: LocalServer, db: str, measurement: str) -> list[dict[str
     return rows
 
 
+@pytest.mark.integration
 async def test_victoria_metrics_batches_replayed_to_influxdb_are_rechecked(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -159,6 +167,7 @@ async def test_victoria_metrics_batches_replayed_to_influxdb_are_rechecked(
     assert "ends with a backslash" in record["reason"] and "influxdb1" in record["reason"]
 
 
+@pytest.mark.integration
 async def test_old_spool_replays_to_influxdb_with_line_feeds_in_strings(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -176,6 +185,7 @@ async def test_old_spool_replays_to_influxdb_with_line_feeds_in_strings(
     assert dead_letters(settings.dead_letter_path) == []
 
 
+@pytest.mark.integration
 async def test_old_spool_replayed_to_victoria_metrics_keeps_line_feeds_out(
     tmp_path: Path, victoria_metrics: LocalServer
 ) -> None:
@@ -208,6 +218,7 @@ async def test_old_spool_replayed_to_victoria_metrics_keeps_line_feeds_out(
     assert "line feed" in record["reason"]
 
 
+@pytest.mark.integration
 async def test_a_batch_of_an_unknown_dialect_is_dead_lettered(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -226,6 +237,7 @@ async def test_a_batch_of_an_unknown_dialect_is_dead_lettered(
     assert influx_tags(influxdb, influx_db_name, "m") == []
 
 
+@pytest.mark.integration
 async def test_live_lines_of_another_dialect_are_respelled_for_the_server(
     tmp_path: Path, victoria_metrics: LocalServer
 ) -> None:
@@ -251,6 +263,7 @@ async def test_live_lines_of_another_dialect_are_respelled_for_the_server(
     assert [s["metric"]["path"] for s in series] == ["C:\\ dir"]
 
 
+@pytest.mark.unit
 def test_v1_sink_is_influxdb_1(tmp_path: Path) -> None:
     """The v1 API is only InfluxDB 1.x's: its sink's dialect says so without asking."""
     assert V1Sink(hub_settings(tmp_path, "http://127.0.0.1:1")).dialect is Dialect.INFLUXDB_1

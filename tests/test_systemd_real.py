@@ -181,6 +181,7 @@ def booted(installed: Booted) -> Booted:
 # --- The tree ---------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_the_tree_comes_from_the_mirror_apt_uses(tmp_path: Path) -> None:
     """The bookworm mirror of apt's sources, deb822 or one-line; deb.debian.org without."""
     deb822 = tmp_path / "debian.sources"
@@ -195,6 +196,7 @@ def test_the_tree_comes_from_the_mirror_apt_uses(tmp_path: Path) -> None:
     assert debian_mirror([]) == "http://deb.debian.org/debian"
 
 
+@pytest.mark.unit
 def test_the_cache_key_is_the_package_list() -> None:
     """The same packages in any order share a tree; another list gets another one."""
     assert tree_key(("a", "b")) == tree_key(("b", "a"))
@@ -204,6 +206,7 @@ def test_the_cache_key_is_the_package_list() -> None:
 # --- Start ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_start_returns_once_the_hub_is_ready(installed: Booted) -> None:
     """`systemctl start` returns after READY=1: the hub answers /healthz at once, its status
     says where it listens, and its start line precedes systemd's "Started"."""
@@ -219,6 +222,7 @@ def test_start_returns_once_the_hub_is_ready(installed: Booted) -> None:
     assert "the socket systemd passed" in journal
 
 
+@pytest.mark.e2e
 def test_unit_limits_are_in_force(booted: Booted) -> None:
     """LimitNOFILE, TasksMax and the system call filter (less @resources) hold for the hub.
 
@@ -251,6 +255,7 @@ def test_unit_limits_are_in_force(booted: Booted) -> None:
 # --- Devices --------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_device_on_the_host_streams_into_influxdb(booted: Booted) -> None:
     """A device on the host is acked by the hub in the container; InfluxDB has its reading."""
     token = booted.token("sensor-1")
@@ -269,6 +274,7 @@ def test_device_on_the_host_streams_into_influxdb(booted: Booted) -> None:
     ]
 
 
+@pytest.mark.e2e
 def test_reload_applies_a_changed_schema_file(booted: Booted) -> None:
     """`systemctl reload` (no /bin/kill in this tree) makes the new schema judge the same
     open connection; the hub is not restarted."""
@@ -293,6 +299,7 @@ def test_reload_applies_a_changed_schema_file(booted: Booted) -> None:
     assert "reloaded: measurement schemas from /etc/sensor-hub/schemas.toml" in booted.journal()
 
 
+@pytest.mark.e2e
 def test_the_journal_carries_warnings_with_their_priority(booted: Booted) -> None:
     """A warning (a changed setting that needs a restart) is in `journalctl -p warning`
     with priority 4; the info lines are not."""
@@ -322,6 +329,7 @@ PLACES = (
 )  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_the_sandbox_lets_the_hub_write_its_state_directory_and_nothing_else(
     booted: Booted,
 ) -> None:
@@ -343,6 +351,7 @@ def test_the_sandbox_lets_the_hub_write_its_state_directory_and_nothing_else(
 # --- Watchdog, restart, stop ----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_frozen_hub_is_killed_by_the_watchdog_and_restarted(booted: Booted) -> None:
     """SIGSTOP stops the heartbeat: systemd logs a watchdog timeout, kills the hub and starts
     a new one that devices reach again."""
@@ -403,6 +412,7 @@ async def connect_in_a_loop(
         seen.started_during_restart_and_acked += during
 
 
+@pytest.mark.e2e
 def test_restart_refuses_no_device_and_loses_nothing_acked(booted: Booted) -> None:
     """Devices connecting in a loop through `systemctl restart hub` are never refused
     (hub.socket keeps the port open; they wait in its backlog), and InfluxDB holds every
@@ -448,6 +458,7 @@ def test_restart_refuses_no_device_and_loses_nothing_acked(booted: Booted) -> No
         assert missing == [], f"{device}: acked but not in InfluxDB: {missing[:10]}"
 
 
+@pytest.mark.e2e
 def test_stop_drains_and_exits_cleanly(booted: Booted) -> None:
     """`systemctl stop` closes a connected device with 1001 and the hub exits with status 0
     after logging "stopped"."""

@@ -8,6 +8,7 @@ that cannot have it says so with SENSOR_HUB_NO_SYSTEMD_ANALYZE=1; otherwise its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import pytest
 from hub.gateway.activation import DEVICES_FD_NAME
 from hub.gateway.server import LISTEN_BACKLOG
 from hub.settings import Settings
+from tests.packages import InstallError, install_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -35,15 +37,11 @@ OPT_OUT = "SENSOR_HUB_NO_SYSTEMD_ANALYZE"
 
 def ensure_systemd_analyze() -> str:
     """The path of systemd-analyze, installing Debian's `systemd` package if it is missing."""
+    if shutil.which("systemd-analyze") is None and shutil.which("apt-get"):
+        # A failed install is reported below, with the opt-out for machines without systemd.
+        with contextlib.suppress(InstallError):
+            install_missing({"systemd-analyze": "systemd"})
     found = shutil.which("systemd-analyze")
-    if found is None and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        sudo = ["sudo", "-n", "-E"] if os.geteuid() != 0 and shutil.which("sudo") else []
-        install = [*sudo, "apt-get", "install", "-y", "--no-install-recommends", "systemd"]
-        if subprocess.run(install, capture_output=True, env=env, check=False).returncode:
-            subprocess.run([*sudo, "apt-get", "update"], capture_output=True, env=env, check=False)
-            subprocess.run(install, capture_output=True, env=env, check=False)
-        found = shutil.which("systemd-analyze")
     if found is None:
         if os.environ.get(OPT_OUT) == "1":
             pytest.skip(f"{OPT_OUT}=1: this machine cannot have systemd-analyze")
@@ -111,6 +109,7 @@ def exposure(output: str) -> float:
 # --- systemd-analyze ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_hub_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing to say about hub.service."""
     assert Path(sys.prefix, "bin", "hub").exists()
@@ -122,6 +121,7 @@ def test_hub_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     assert [line for line in output.splitlines() if "hub.service" in line] == []
 
 
+@pytest.mark.e2e
 def test_hub_socket_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing to say about hub.socket (with its service)."""
     installed_copy(HUB_UNIT, tmp_path)
@@ -132,6 +132,7 @@ def test_hub_socket_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     assert [line for line in output.splitlines() if "hub." in line] == []
 
 
+@pytest.mark.e2e
 def test_device_sim_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing to say about an instance of device-sim@."""
     assert Path(sys.prefix, "bin", "device-sim").exists()
@@ -142,12 +143,14 @@ def test_device_sim_unit_passes_verify(systemd_analyze: str, tmp_path: Path) -> 
     assert [line for line in output.splitlines() if "device-sim@" in line] == []
 
 
+@pytest.mark.e2e
 def test_hub_unit_exposure_is_ok(systemd_analyze: str) -> None:
     """`systemd-analyze security --offline` rates hub.service 1.5 or lower."""
     result = run(systemd_analyze, "security", "--offline=yes", "--no-pager", HUB_UNIT)
     assert exposure(result.stdout) <= MAX_EXPOSURE, result.stdout
 
 
+@pytest.mark.e2e
 def test_device_sim_unit_exposure_is_ok(systemd_analyze: str) -> None:
     """`systemd-analyze security --offline` rates device-sim@.service 1.5 or lower."""
     result = run(systemd_analyze, "security", "--offline=yes", "--no-pager", SIM_UNIT)
@@ -157,6 +160,7 @@ def test_device_sim_unit_exposure_is_ok(systemd_analyze: str) -> None:
 # --- What the hub's unit says --------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_hub_unit_is_notify_with_a_watchdog_and_reload() -> None:
     """Type=notify, the watchdog on, the main process notifying, reload by SIGHUP."""
     assert service_values(HUB_UNIT, "Type") == ["notify"]
@@ -168,6 +172,7 @@ def test_hub_unit_is_notify_with_a_watchdog_and_reload() -> None:
     assert service_values(HUB_UNIT, "Restart") == ["on-failure"]
 
 
+@pytest.mark.unit
 def test_hub_unit_gives_the_token_as_a_credential_and_holds_none() -> None:
     """The token comes from a credential file; no Environment= in the unit sets one."""
     credentials = service_values(HUB_UNIT, "LoadCredential")
@@ -175,12 +180,14 @@ def test_hub_unit_gives_the_token_as_a_credential_and_holds_none() -> None:
     assert not any("TOKEN" in value.upper() for value in service_values(HUB_UNIT, "Environment"))
 
 
+@pytest.mark.unit
 def test_hub_unit_keeps_state_in_its_state_directory() -> None:
     """StateDirectory= gives the hub /var/lib/sensor-hub, private to it."""
     assert service_values(HUB_UNIT, "StateDirectory") == ["sensor-hub"]
     assert service_values(HUB_UNIT, "StateDirectoryMode") == ["0700"]
 
 
+@pytest.mark.unit
 def test_hub_unit_limits_descriptors_tasks_and_resource_calls() -> None:
     """Issue 16 item 11: room for max_connections (20000) with headroom, a task limit, and
     no system calls that change priorities or scheduling (@resources)."""
@@ -195,6 +202,7 @@ def test_hub_unit_limits_descriptors_tasks_and_resource_calls() -> None:
     assert "@resources" in denied
 
 
+@pytest.mark.unit
 def test_hub_socket_holds_the_device_port_for_the_hub() -> None:
     """hub.socket listens on the default device address, names the descriptor as the hub
     looks for it, keeps a backlog as deep as the hub's own, and hub.service needs it."""
@@ -209,6 +217,7 @@ def test_hub_socket_holds_the_device_port_for_the_hub() -> None:
     assert "hub.socket" in unit["After"].split()
 
 
+@pytest.mark.unit
 def test_units_run_the_commands_the_package_installs() -> None:
     """ExecStart names console scripts that pyproject.toml installs into the virtualenv."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

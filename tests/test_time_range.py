@@ -51,11 +51,13 @@ DEFAULTS = TimeLimits.of(Settings())
 # --- the rule, pure -------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_defaults_are_2015_and_one_hour() -> None:
     """By default the earliest time is 2015-01-01 and the margin an hour."""
     assert TimeLimits(Y2015_NS, 3600 * 10**9) == DEFAULTS
 
 
+@pytest.mark.unit
 def test_a_board_whose_clock_was_never_set_is_told_so() -> None:
     """A reading stamped 2000-01-01 is rejected with the reason; its neighbour is stored."""
     now_ns = time.time_ns()
@@ -68,6 +70,7 @@ def test_a_board_whose_clock_was_never_set_is_told_so() -> None:
     assert "clock not set?" in error
 
 
+@pytest.mark.unit
 def test_a_reading_more_than_the_margin_ahead_is_in_the_future() -> None:
     """Two hours ahead of the hub's clock is rejected; 59 minutes ahead is accepted."""
     now_ns = time.time_ns()
@@ -80,6 +83,7 @@ def test_a_reading_more_than_the_margin_ahead_is_in_the_future() -> None:
     assert rejection.errors[0].endswith("in the future")
 
 
+@pytest.mark.unit
 def test_a_device_catching_up_on_a_month_of_readings_is_accepted() -> None:
     """Readings buffered over the last 31 days, one an hour, are all accepted."""
     now_ns = time.time_ns()
@@ -88,17 +92,20 @@ def test_a_device_catching_up_on_a_month_of_readings_is_accepted() -> None:
     assert (prepared.accepted, prepared.rejected) == (len(backlog), [])
 
 
+@pytest.mark.unit
 def test_readings_without_time_are_never_refused_for_it() -> None:
     """A reading without `time` gets the arrival time, which is always in range."""
     assert prepare([reading()], DEFAULTS, time.time_ns()).accepted == 1
 
 
+@pytest.mark.unit
 def test_msgpack_timestamps_are_checked_too() -> None:
     """A msgpack timestamp of 1970 is as clock-not-set as an integer one."""
     prepared = prepare([reading(msgpack.Timestamp(5, 0))], DEFAULTS, time.time_ns())
     assert "clock not set?" in prepared.rejected[0].errors[0]
 
 
+@pytest.mark.unit
 def test_the_bound_itself_is_accepted() -> None:
     """Exactly min_time, and exactly the margin ahead, are in range."""
     now_ns = 1_800_000_000 * 10**9
@@ -113,6 +120,7 @@ def test_the_bound_itself_is_accepted() -> None:
     assert [r.index for r in prepared.rejected] == [0, 1]
 
 
+@pytest.mark.unit
 def test_empty_min_time_turns_the_lower_bound_off() -> None:
     """With min_time empty, 1970 and 1900 are stored (InfluxDB's own range still holds)."""
     limits = TimeLimits.of(Settings(min_time=""))
@@ -121,6 +129,7 @@ def test_empty_min_time_turns_the_lower_bound_off() -> None:
     assert prepared.accepted == 2
 
 
+@pytest.mark.unit
 def test_without_limits_only_influxdbs_range_applies() -> None:
     """prepare_readings by default checks no clock (callers such as benchmarks pass none)."""
     assert prepare([reading(Y2000_MS), reading(2**43)], NO_TIME_LIMITS, 0).accepted == 2
@@ -129,6 +138,7 @@ def test_without_limits_only_influxdbs_range_applies() -> None:
 # --- the settings ---------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "ns"),
     [
@@ -144,6 +154,7 @@ def test_min_time_is_rfc_3339(text: str, ns: int) -> None:
     assert TimeLimits.of(Settings(min_time=text)).earliest_ns == ns
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "reason"),
     [("yesterday", "not an RFC 3339 time"), ("2015-01-01T00:00:00", "no time zone")],
@@ -157,6 +168,7 @@ def test_a_bad_min_time_is_a_clear_config_error(
         load_settings(state_dir=tmp_path)
 
 
+@pytest.mark.unit
 def test_max_future_s_must_be_positive(tmp_path: Path) -> None:
     """A margin of zero or less is refused."""
     config = tmp_path / "hub.toml"
@@ -165,6 +177,7 @@ def test_max_future_s_must_be_positive(tmp_path: Path) -> None:
         load_settings(config, state_dir=tmp_path)
 
 
+@pytest.mark.unit
 def test_settings_come_from_toml_and_show_in_check_config(tmp_path: Path) -> None:
     """Both settings come from the config file and check-config marks them live."""
     config = tmp_path / "hub.toml"
@@ -179,6 +192,7 @@ def test_settings_come_from_toml_and_show_in_check_config(tmp_path: Path) -> Non
     assert any(line.startswith("max_future_s = 60.0") for line in lines)
 
 
+@pytest.mark.unit
 def test_both_are_live_settings(tmp_path: Path) -> None:
     """A reload applies them without a restart."""
     assert {"min_time", "max_future_s"} <= LIVE_SETTINGS
@@ -190,6 +204,7 @@ def test_both_are_live_settings(tmp_path: Path) -> None:
 # --- through a running hub ------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_a_reload_changes_the_limits_for_an_open_connection(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
@@ -225,6 +240,7 @@ async def test_a_reload_changes_the_limits_for_an_open_connection(
     ]
 
 
+@pytest.mark.e2e
 def test_hub_serve_takes_them_as_flags_and_names_a_bad_one(tmp_path: Path) -> None:
     """`hub serve --min-time yesterday` stops before serving, saying what is wrong."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}

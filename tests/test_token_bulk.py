@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hub.registry.sqlite import Registry
+
+pytestmark = pytest.mark.e2e
 
 RUN_TIMEOUT_S = 60.0
 

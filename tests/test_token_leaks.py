@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from hub.registry.sqlite import new_token
 from tests.token_leaks import LeakWatch, holds_token, masked
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_token_with_its_prefix_is_found() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from hub.ops.top import (
     silent_devices,
 )
 from hub.registry.sqlite import Presence
+from tests.packages import install_missing
 from tests.support import HubProcess, add_device, hub_settings
 
 WAIT_S = 30.0
@@ -65,6 +65,7 @@ def seen(device: str, online: bool, last_seen: float, stored: int) -> Presence:
     return Presence(device, online, "127.0.0.1:1" if online else None, 0.0, last_seen, stored)
 
 
+@pytest.mark.unit
 def test_a_scrape_reads_samples_by_name_and_label() -> None:
     """Values by name and labels; a sample the hub does not export reads as 0."""
     parsed = scrape(0.0, 10, 2, 1, 1)
@@ -74,12 +75,14 @@ def test_a_scrape_reads_samples_by_name_and_label() -> None:
     assert parsed.value("hub_nothing_total") == 0
 
 
+@pytest.mark.unit
 def test_a_counter_that_went_down_was_reset() -> None:
     """After a restart the increase is the new count."""
     assert increase(10, 15) == 5
     assert increase(10, 3) == 3
 
 
+@pytest.mark.unit
 def test_quantiles_interpolate_within_buckets_as_promql_does() -> None:
     """Half the observations under 10 ms, all under 100 ms: p50 = 10 ms, p99 inside the
     second bucket; none observed: no value."""
@@ -90,6 +93,7 @@ def test_quantiles_interpolate_within_buckets_as_promql_does() -> None:
     assert histogram_quantile(0.99, {"0.01": 0.0, "+Inf": 10.0}) == 0.01
 
 
+@pytest.mark.unit
 def test_rates_and_latency_are_over_the_interval() -> None:
     """Two scrapes 2 s apart: rates are the increases over 2 s, and the latency is that of
     the acks in between only (all fast), not since start."""
@@ -104,6 +108,7 @@ def test_rates_and_latency_are_over_the_interval() -> None:
     assert frame.ack_latency.p99 is not None and frame.ack_latency.p99 <= 0.01
 
 
+@pytest.mark.unit
 def test_the_first_frame_has_totals_and_no_rates() -> None:
     """Without an earlier scrape: no rates, latency since the hub started."""
     frame = build_frame(None, scrape(5.0, 100, 1, 0, 100), {}, {}, 0.0)
@@ -111,6 +116,7 @@ def test_the_first_frame_has_totals_and_no_rates() -> None:
     assert frame.ack_latency.p50 is not None and frame.ack_latency.p50 > 0.01
 
 
+@pytest.mark.unit
 def test_busiest_devices_by_readings_stored_in_the_interval() -> None:
     """Busiest first; offline devices and devices that stored nothing meanwhile are out."""
     before = {"a": seen("a", True, 0, 100), "b": seen("b", True, 0, 0), "c": seen("c", True, 0, 5)}
@@ -130,6 +136,7 @@ def test_busiest_devices_by_readings_stored_in_the_interval() -> None:
     assert [d.device_id for d in busiest_devices({}, after, 0.0, top=2)] == ["a", "b"]
 
 
+@pytest.mark.unit
 def test_silent_devices_quiet_longer_than_the_threshold_within_the_lookback() -> None:
     """Online but quiet, or gone: listed when last seen between the threshold and the
     lookback ago, the longest silent first."""
@@ -229,6 +236,7 @@ def check_screen(screen: str) -> None:
     assert "spool" in screen and "dead letters    0 points" in screen
 
 
+@pytest.mark.e2e
 async def test_once_prints_one_frame_of_the_running_hub(traffic: Traffic) -> None:
     """`hub top --once` prints a frame with the hub's traffic and exits 0."""
     await asyncio.sleep(0)  # let the stream start
@@ -242,6 +250,7 @@ async def test_once_prints_one_frame_of_the_running_hub(traffic: Traffic) -> Non
     check_screen(result.stdout)
 
 
+@pytest.mark.e2e
 def test_once_fails_clearly_when_the_hub_is_not_there(tmp_path: Path) -> None:
     """No hub at the URL: exit 2 with the reason."""
     url = f"http://127.0.0.1:{free_port()}"
@@ -253,6 +262,7 @@ def test_once_fails_clearly_when_the_hub_is_not_there(tmp_path: Path) -> None:
     assert f"cannot read {url}/metrics" in result.stderr
 
 
+@pytest.mark.unit
 def test_presence_from_a_missing_registry_is_empty_and_makes_none(tmp_path: Path) -> None:
     """A state directory without a registry: no devices, and no registry created there."""
     assert read_presence(hub_settings(tmp_path, None)) == {}
@@ -262,13 +272,7 @@ def test_presence_from_a_missing_registry_is_empty_and_makes_none(tmp_path: Path
 @pytest.fixture
 def tmux() -> Iterator[list[str]]:
     """tmux on a server of this test's own (`-L`), killed at the end."""
-    if shutil.which("tmux") is None:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "tmux"]
-        if subprocess.run(install, capture_output=True, env=env, check=False).returncode:
-            subprocess.run(["apt-get", "update"], capture_output=True, env=env, check=False)
-            subprocess.run(install, capture_output=True, env=env, check=False)
-    assert shutil.which("tmux"), "tmux is missing and `apt-get install tmux` did not provide it"
+    install_missing({"tmux": "tmux"})
     command = ["tmux", "-L", f"hub-top-{uuid.uuid4().hex[:8]}"]
     try:
         yield command
@@ -276,6 +280,7 @@ def tmux() -> Iterator[list[str]]:
         subprocess.run([*command, "kill-server"], capture_output=True, check=False)
 
 
+@pytest.mark.e2e
 async def test_the_live_view_follows_the_hub_in_a_terminal(
     traffic: Traffic, tmux: list[str]
 ) -> None:

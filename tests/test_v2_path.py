@@ -7,9 +7,13 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, vm_export
 from tests.support import add_device, hub_settings, running_hub
+
+pytestmark = pytest.mark.integration
 
 
 async def test_readings_reach_victoria_metrics_through_the_v2_api(

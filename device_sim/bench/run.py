@@ -13,7 +13,7 @@ from rich.console import Console
 
 from device_sim.bench import report
 from device_sim.bench.scenarios import Bench, BenchSizes, Scenario
-from device_sim.local_servers import ensure_installed, start_influxdb
+from device_sim.local_servers import start_influxdb
 
 SCENARIOS = ("ceiling", "no_hub", "batched", "single", "idle", "storm")
 """Scenario groups `--only` can pick; `batched` includes its half-rate latency run and
@@ -29,7 +29,6 @@ async def run_bench(
     """Run the chosen scenarios; write `bench.json` and `bench.png` into `out_dir`."""
     console = console or Console(stderr=True)
     wanted = only or set(SCENARIOS)
-    ensure_installed()
     scenarios: dict[str, Scenario] = {}
     started = time.monotonic()
     with (

@@ -18,7 +18,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hub.errors import HubError
-from hub.gateway.server import Hub
+from hub.ops.metrics import HubMetrics
+from hub.ops.views import HubView
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +74,7 @@ def assess(inputs: HealthInputs) -> Health:
     return Health(accepting and storing, accepting, storing, influxdb, reasons, warnings)
 
 
-def inputs_of(hub: Hub) -> HealthInputs:
+def inputs_of(hub: HubView) -> HealthInputs:
     """Read the health inputs from a running hub."""
     pipeline = hub.pipeline
     return HealthInputs(
@@ -90,8 +91,9 @@ def inputs_of(hub: Hub) -> HealthInputs:
 class HealthServer:
     """Serves `/healthz` and `/metrics` for one hub."""
 
-    def __init__(self, hub: Hub, host: str, port: int) -> None:
+    def __init__(self, hub: HubView, metrics: HubMetrics, host: str, port: int) -> None:
         self.hub = hub
+        self.metrics = metrics
         self.host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -138,5 +140,5 @@ class HealthServer:
         return web.json_response(body, status=200 if health.healthy else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.hub.metrics.registry)
+        body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

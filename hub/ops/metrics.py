@@ -31,7 +31,6 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
@@ -45,9 +44,7 @@ from prometheus_client.registry import Collector
 from hub.core.fieldtypes import CONFLICT_MARK
 from hub.core.measurements import RESERVED_REASON
 from hub.ingest.stats import TIMEOUT, UNREACHABLE, Distribution, WriteStats
-
-if TYPE_CHECKING:
-    from hub.gateway.server import Hub
+from hub.ops.views import HubView
 
 ACK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SCHEMA_PARTS = frozenset({"name", "fields", "tags", "time"})
@@ -123,7 +120,7 @@ class HubMetrics:
             for label in values:
                 counter.labels(label)
 
-    def watch(self, hub: Hub) -> None:
+    def watch(self, hub: HubView) -> None:
         """Expose the state of `hub` and its pipeline and spool, read at scrape time."""
         self.registry.register(StateCollector(hub))
 
@@ -232,7 +229,7 @@ class WriteStatsCollector(Collector):
 class StateCollector(Collector):
     """Connections, pipeline counters and the spool, read from the live objects."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: HubView) -> None:
         self._hub = hub
 
     def collect(self) -> Iterator[Metric]:
