@@ -22,6 +22,9 @@ from tests.layers import UNIT_GUARD, LayerRecorder, check_unit_item
 from tests.packages import ensure_database_servers
 from tests.token_leaks import LeakWatch
 
+# PostgreSQL and HAProxy fixtures (tests/servers/fixtures.py), for every test module.
+pytest_plugins = ["tests.servers.fixtures"]
+
 # --- Real database servers ------------------------------------------------------------------
 # One of each per test session, on free loopback ports, files under pytest's tmp dir (kept
 # for the last few runs, so a failed run's server.log can still be read). Installed with

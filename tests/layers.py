@@ -24,7 +24,10 @@ from typing import Any
 import pytest
 
 LAYERS = frozenset({"unit", "integration", "e2e"})
-SERVER_FIXTURES = frozenset({"influxdb", "victoria_metrics", "influx_db_name"})
+SERVER_FIXTURES = frozenset(
+    {"influxdb", "victoria_metrics", "influx_db_name"}
+    | {"postgres", "postgres_db", "pg", "own_postgres", "haproxy"}  # tests/servers/fixtures.py
+)
 """Session fixtures that start a real server: never for a unit test."""
 _INET = frozenset({socket.AF_INET, socket.AF_INET6})
 # Audit events (docs.python.org/3/library/audit_events.html) that start a process.

@@ -27,7 +27,8 @@ def _which(tool: str) -> bool:
     return shutil.which(tool) is not None
 
 
-def _exists(path: str) -> bool:
+def exists(path: str) -> bool:
+    """Whether `path` exists: the `present` check of `install_missing` for absolute paths."""
     return Path(path).exists()
 
 
@@ -36,7 +37,7 @@ def install_missing(
 ) -> None:
     """Install the Debian package of each tool (`{tool: package}`) that `present` misses.
 
-    `present` defaults to "on PATH"; pass `_exists`-like checks for absolute paths. Raises
+    `present` defaults to "on PATH"; pass `exists`-like checks for absolute paths. Raises
     `InstallError` naming what is still missing and the command that failed.
     """
     missing = sorted({pkg for tool, pkg in packages.items() if not present(tool)})
@@ -69,5 +70,5 @@ def install_missing(
 def ensure_database_servers() -> None:
     """InfluxDB 1.6.7 and VictoriaMetrics, from Debian's influxdb and victoria-metrics."""
     install_missing(
-        {str(binary): PACKAGES[binary] for binary in (INFLUXD, VICTORIA_METRICS)}, _exists
+        {str(binary): PACKAGES[binary] for binary in (INFLUXD, VICTORIA_METRICS)}, exists
     )

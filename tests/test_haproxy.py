@@ -17,7 +17,7 @@ from device_sim.local_servers import ServerError
 from tests.servers.haproxy import ConfigFor, HAProxyServer, websocket_config
 from tests.servers.processes import process_tree
 
-pytest_plugins = ["tests.servers.fixtures"]
+pytestmark = pytest.mark.integration
 
 WAIT_S = 20.0
 HEALTH_PATH = "/healthz"

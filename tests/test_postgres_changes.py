@@ -15,7 +15,7 @@ from hub.registry.postgres.migrations import migrate
 from hub.registry.sqlite import hash_token
 from tests.servers.postgres import PostgresDatabase
 
-pytest_plugins = ["tests.servers.fixtures"]
+pytestmark = pytest.mark.integration
 
 LEASE_S = 30.0
 WAIT_S = 20.0

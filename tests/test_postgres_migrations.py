@@ -19,7 +19,7 @@ from hub.registry.postgres.migrations import (
 )
 from tests.servers.postgres import PostgresDatabase
 
-pytest_plugins = ["tests.servers.fixtures"]
+pytestmark = pytest.mark.integration
 
 RUNNERS = 8
 PROCESS_RUNNERS = 4

@@ -16,7 +16,7 @@ from hub.registry.postgres.migrations import migrate
 from hub.registry.sqlite import hash_token
 from tests.servers.postgres import PostgresDatabase
 
-pytest_plugins = ["tests.servers.fixtures"]
+pytestmark = pytest.mark.integration
 
 LEASE_S = 30.0
 SHORT_LEASE_S = 0.3

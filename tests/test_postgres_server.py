@@ -16,7 +16,7 @@ import pytest
 from tests.servers.postgres import PostgresDatabase, PostgresServer
 from tests.servers.processes import kill_tree, process_tree, stop_tree
 
-pytest_plugins = ["tests.servers.fixtures"]
+pytestmark = pytest.mark.integration
 
 # Bounds for what a frozen server must not do and a live one must: far from both sides.
 FROZEN_QUERY_WAIT_S = 1.0

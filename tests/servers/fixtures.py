@@ -1,9 +1,5 @@
-"""pytest fixtures for PostgreSQL and HAProxy; a test module loads them with
-
-    pytest_plugins = ["tests.servers.fixtures"]
-
-(pytest registers a plugin once, so the session-scoped server is shared by every module that
-names it; tests/conftest.py can take the line over when it wants them everywhere).
+"""pytest fixtures for PostgreSQL and HAProxy, loaded for every module by tests/conftest.py
+(`pytest_plugins`); the session-scoped server starts only for a test that asks for it.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_sim.local_servers import ServerError, free_port
+from tests.packages import exists, install_missing
 from tests.servers.processes import (
     STOP_TIMEOUT_S,
-    ensure_packages,
     kill_tree,
     read_tail,
     signal_tree,
@@ -36,7 +36,7 @@ ConfigFor = Callable[[int], str]
 
 def ensure_installed() -> None:
     """Install Debian's `haproxy` package if the binary is missing."""
-    ensure_packages([HAPROXY], ["haproxy"])
+    install_missing({str(HAPROXY): "haproxy"}, exists)
 
 
 def websocket_config(port: int, backends: Sequence[tuple[str, int]], health_path: str = "") -> str:

@@ -42,9 +42,9 @@ from typing import Any, Self
 import asyncpg
 
 from device_sim.local_servers import ServerError, free_port
+from tests.packages import exists, install_missing
 from tests.servers.processes import (
     STOP_TIMEOUT_S,
-    ensure_packages,
     kill_tree,
     read_tail,
     signal_tree,
@@ -73,7 +73,9 @@ TEST_SETTINGS = {
 
 def ensure_installed() -> None:
     """Install Debian's `postgresql` package if initdb or postgres is missing."""
-    ensure_packages([INITDB, POSTGRES, PSQL, PG_ISREADY], ["postgresql"])
+    install_missing(
+        {str(tool): "postgresql" for tool in (INITDB, POSTGRES, PSQL, PG_ISREADY)}, exists
+    )
 
 
 def _run_as() -> str | None:

@@ -10,37 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
-
-from device_sim.local_servers import ServerError
 
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 30
-
-
-def ensure_packages(binaries: Sequence[Path], packages: Sequence[str]) -> None:
-    """Install Debian `packages` with apt-get if any of `binaries` is missing."""
-    if all(path.exists() for path in binaries):
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Not root: try sudo without a password prompt, which fails fast if it would ask.
-    sudo = ["sudo", "-n", "-E"] if os.geteuid() != 0 and shutil.which("sudo") else []
-    install = [*sudo, "apt-get", "install", "-y", "--no-install-recommends", *packages]
-    result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        # Only refresh the package lists when needed: `apt-get update` is slow and networked.
-        subprocess.run([*sudo, "apt-get", "update"], capture_output=True, env=env, check=False)
-        result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
-    missing = [str(path) for path in binaries if not path.exists()]
-    if result.returncode != 0 or missing:
-        raise ServerError(
-            f"could not install {' '.join(packages)} (missing: {missing}); "
-            f"`{' '.join(install)}` exited {result.returncode}:\n{tail(result.stderr)}"
-        )
 
 
 def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
