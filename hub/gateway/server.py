@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import sqlite3
 import ssl
 import time
 from collections.abc import Coroutine
@@ -45,7 +44,8 @@ from hub.ingest.pipeline import Pipeline
 from hub.ops.filelimit import raise_file_limit
 from hub.ops.logs import RedactingFilter, device_extra
 from hub.ops.metrics import refusal_reason
-from hub.registry.sqlite import Registry, hash_token
+from hub.registry.ports import HubRegistry
+from hub.registry.records import hash_token
 from hub.settings import Settings
 from schemas.codes import CloseCode
 
@@ -53,6 +53,8 @@ log = logging.getLogger("hub.server")
 
 RETRY_AFTER_S = 5
 LISTEN_BACKLOG = 4096
+WATCH_WAIT_S = 1.0
+"""How long one wait for an operator change lasts before the watcher waits again."""
 STOP_GRACE_S = 0.5
 """After the deadline: how long the handlers of dropped connections get to finish."""
 
@@ -63,7 +65,7 @@ class Hub:
     def __init__(
         self,
         settings: Settings,
-        registry: Registry,
+        registry: HubRegistry,
         schemas: MeasurementSchemas,
         pipeline: Pipeline,
     ) -> None:
@@ -111,6 +113,7 @@ class Hub:
     async def start(self) -> Server:
         """Listen for devices and start watching the registry."""
         s = self.settings
+        await self.presence.load()
         if (files := raise_file_limit(s.max_connections)) is not None:
             self.strangers.fit_to(files.soft)
         listener = take_device_socket()  # hub.socket's, or None: bind host:port as always
@@ -239,10 +242,12 @@ class Hub:
         assert self._bound is not None, "start() first"
         return int(self._bound[1])
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         # Never log request.path: its query string may hold the token.
         try:
-            return self._admit(connection, request)
+            return await self._admit(connection, request)
         except Exception as exc:  # e.g. the client reset the connection: one line, no traceback
             self.stranger_counts.handshake_errors += 1
             self.stranger_log.line(
@@ -255,7 +260,7 @@ class Hub:
                 HTTPStatus.INTERNAL_SERVER_ERROR, "the hub could not answer this handshake\n"
             )
 
-    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
         source = source_of(connection)
         limiter = self.failed_handshakes
         now = time.monotonic()
@@ -264,17 +269,13 @@ class Hub:
             token, ns_per_unit = read_credentials(
                 request.path, request.headers, self.settings.allowed_origins
             )
-            if self.draining or len(self.slots) >= self.settings.max_connections:
-                raise HandshakeRefused(
-                    HTTPStatus.SERVICE_UNAVAILABLE,
-                    "the hub is not accepting connections now",
-                    retry_after=RETRY_AFTER_S,
-                )
+            self._check_room()
             if blocked_s and not limiter.may_check(source, now):
                 raise _blocked(blocked_s)
-            credential = self.registry.credential(hash_token(token))
+            credential = await self.registry.credential(hash_token(token))
             if credential is None:
                 raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
+            self._check_room()  # again: others may have been let in, or a drain begun, meanwhile
         except HandshakeRefused as refused:
             refusal = refused
             if refusal.status == HTTPStatus.UNAUTHORIZED and blocked_s:
@@ -295,6 +296,14 @@ class Hub:
             ),
         )
         return None
+
+    def _check_room(self) -> None:
+        if self.draining or len(self.slots) >= self.settings.max_connections:
+            raise HandshakeRefused(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the hub is not accepting connections now",
+                retry_after=RETRY_AFTER_S,
+            )
 
     def _handshake_failed(self, source: str, now: float) -> None:
         limiter = self.failed_handshakes
@@ -332,11 +341,11 @@ class Hub:
         self.metrics.connections_opened.inc()
         log.info("device %s connected from %s", device_id, remote, extra=device_extra(device_id))
         try:
-            device = self.registry.get(device_id)
+            device = await self.registry.device(device_id)
             if device is None or not device.active:
                 # Revoked between the handshake and now: the watcher could not see us yet.
                 await session.revoke()
-            elif not self.rotation.token_works(connection, device_id, handshake.token_hash):
+            elif not await self.rotation.token_works(connection, device_id, handshake.token_hash):
                 await session.revoke(ROTATED_OUT_REASON)
             else:
                 await session.run()
@@ -351,20 +360,20 @@ class Hub:
             )
 
     async def _watch_registry(self) -> None:
-        # data_version moves only when another process commits, so an idle registry costs
-        # one cheap PRAGMA per poll.
-        seen_version = self.registry.data_version()
-        seen_change = self.registry.change_seq()
+        # The change feed's signal is cheap (SQLite: one PRAGMA per poll, on the registry's
+        # thread); only then are the changed devices read.
+        seen_change = await self.registry.change_seq()
+        missed = False  # a signal was taken but its changes could not be read: read again
         while True:
-            await asyncio.sleep(self.settings.registry_poll_s)
             try:
-                version = self.registry.data_version()
-                if version == seen_version:
+                if not missed and not await self.registry.wait_for_change(WATCH_WAIT_S):
                     continue
-                seen_version = version
-                seen_change, changes = self.registry.changes_since(seen_change)
-            except sqlite3.Error:  # e.g. locked for longer than the timeout: try next poll
+                missed = True
+                seen_change, changes = await self.registry.changes_since(seen_change)
+                missed = False
+            except Exception:  # the registry unreadable for now: try again after a poll
                 log.exception("reading operator changes from the registry failed")
+                await asyncio.sleep(self.settings.registry_poll_s)
                 continue
             for change in changes:
                 session = self._sessions.get(change.device_id)
@@ -375,7 +384,9 @@ class Hub:
                     continue
                 if change.config_version > session.config_sent:
                     self._spawn(session.push_config())
-                self.rotation.recheck(session.connection, session.device_id, session.token_hash)
+                await self.rotation.recheck(
+                    session.connection, session.device_id, session.token_hash
+                )
 
     async def _keep_presence(self) -> None:
         while True:
@@ -384,7 +395,7 @@ class Hub:
 
     async def _record_presence(self) -> None:
         try:
-            self.presence.flush()
+            await self.presence.flush()
             events = self.presence.take_events()
             if events:
                 # Formatted with format_point's default, the strict dialect.
