@@ -279,24 +279,39 @@ class RegistryContract:
     async def test_wait_for_change_times_out_when_nothing_changes(self, backend: Backend) -> None:
         """No operator change, no signal; the hub's own writes are not operator changes."""
         backend.operator.add_many(["a"])
-        await backend.ports.wait_for_change(0)  # take the signal of the add
-        await backend.ports.record_presence([_presence("a", True, 1)])
-        await backend.ports.record_config_ack("a", 1, True, None)
-        started = time.monotonic()
-        assert not await backend.ports.wait_for_change(0.2)
-        assert time.monotonic() - started >= 0.2
+        backend.operator.set_config(["a"], updates={"x": 1})
+        ports = await backend.reopen()  # opened after those changes: nothing new to it
+        try:
+            await ports.record_presence([_presence("a", True, 1)])
+            assert await ports.record_config_ack("a", 1, True, None)
+            started = time.monotonic()
+            assert not await ports.wait_for_change(0.3)
+            assert time.monotonic() - started >= 0.3
+        finally:
+            await ports.close()
 
     async def test_wait_for_change_wakes_on_an_operator_change(self, backend: Backend) -> None:
-        """A change committed while the hub waits ends the wait, well before its timeout."""
+        """A change committed while the hub waits ends the wait, well before its timeout;
+        the signal is then taken."""
         backend.operator.add_many(["a"])
-        await backend.ports.wait_for_change(0)
-        waiting = asyncio.create_task(backend.ports.wait_for_change(WAIT_S * 4))
-        await asyncio.sleep(0)  # the wait has begun
-        started = time.monotonic()
-        backend.operator.set_config(["a"], updates={"x": 1})  # its connection is this thread's
-        assert await asyncio.wait_for(waiting, WAIT_S)
-        elapsed = time.monotonic() - started
-        print(f"wait_for_change woke {elapsed * 1000:.1f} ms after the commit began")
-        assert elapsed < WAIT_S
-        # The signal was taken: nothing more until the next change.
-        assert not await backend.ports.wait_for_change(0.05)
+        ports = await backend.reopen()
+        try:
+            waiting = asyncio.create_task(ports.wait_for_change(WAIT_S * 4))
+            await asyncio.sleep(0)  # the wait has begun
+            started = time.monotonic()
+            backend.operator.set_config(["a"], updates={"x": 1})
+            assert await asyncio.wait_for(waiting, WAIT_S)
+            print(f"wait_for_change woke {(time.monotonic() - started) * 1000:.1f} ms after")
+            assert not await ports.wait_for_change(0.1)
+        finally:
+            await ports.close()
+
+    async def test_a_change_before_the_wait_is_not_lost(self, backend: Backend) -> None:
+        """A change committed while nobody waits is signalled to the next wait."""
+        backend.operator.add_many(["a"])
+        ports = await backend.reopen()
+        try:
+            backend.operator.revoke("a")
+            assert await ports.wait_for_change(WAIT_S)
+        finally:
+            await ports.close()

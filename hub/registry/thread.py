@@ -1,6 +1,6 @@
 """The SQLite registry behind the async ports, for the hub process: one thread owns it.
 
-Every query runs on one dedicated thread (a single-worker executor) that owns the SQLite
+Every query runs on one dedicated thread (hub.registry.worker) that owns the SQLite
 connection, so no registry call blocks the event loop: while a CLI command holds SQLite's
 write lock (`token add --count`, `config set --all`), devices keep streaming and being
 acked. The SQL itself stays in one place, `hub.registry.sqlite.Registry`, the engine this
@@ -18,12 +18,12 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Self, TypeVar
 
 from hub.registry.records import ConfigState, Credential, Device, DeviceChange, Presence
 from hub.registry.sqlite import BUSY_TIMEOUT_S, Registry
+from hub.registry.worker import OwningThread
 
 T = TypeVar("T")
 
@@ -36,45 +36,50 @@ WRITE_RETRY_S = 0.02
 class ThreadedSQLiteRegistry:
     """`HubRegistry` on a SQLite file: every query on the one thread owning the connection.
 
-    Open it with `await ThreadedSQLiteRegistry.open(path, poll_s)`; `poll_s` is how often
-    `wait_for_change` looks at `PRAGMA data_version` (one cheap read per poll).
+    Open it with `await ThreadedSQLiteRegistry.open(path, poll_s)`. Between queries the
+    thread looks at `PRAGMA data_version` every `poll_s` (it moves only when another
+    connection commits) and wakes `wait_for_change` when it moved.
     """
 
-    def __init__(self, executor: ThreadPoolExecutor, engine: Registry, poll_s: float) -> None:
-        """Use `open` instead: the engine must have been created on the executor's thread."""
-        self._executor = executor
-        self._engine = engine
-        self._poll_s = poll_s
+    def __init__(self, path: Path, poll_s: float) -> None:
+        """Use `open`: the thread is started there."""
         self._seen_version: int | None = None
+        self._changed = asyncio.Event()
+        self._thread = OwningThread(
+            "registry", lambda: self._open_engine(path), self._look_for_change, poll_s
+        )
 
     @classmethod
     async def open(cls, path: Path, poll_s: float) -> Self:
         """Open (creating if needed) the registry at `path` on a new thread of its own."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
-        loop = asyncio.get_running_loop()
-        try:
-            # sqlite3 refuses a connection used from another thread than its creator's: the
-            # engine is built on the thread that will run every query.
-            engine = await loop.run_in_executor(executor, Registry, path)
-            await loop.run_in_executor(executor, engine.set_busy_timeout, WRITE_ATTEMPT_S)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        registry = cls(executor, engine, poll_s)
-        registry._seen_version = await registry._run(Registry.data_version)
+        registry = cls(path, poll_s)
+        await registry._thread.start()
         return registry
 
     async def close(self) -> None:
         """Close the connection once the queries already asked for are done."""
-        try:
-            await self._run(Registry.close)
-        finally:
-            self._executor.shutdown(wait=False)
+        await self._thread.stop(Registry.close)
 
     async def _run(self, query: Callable[[Registry], T]) -> T:
         """Run `query(engine)` on the registry's thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, query, self._engine)
+        return await self._thread.run(query)
+
+    def _open_engine(self, path: Path) -> Registry:
+        # On the registry's thread: sqlite3 refuses a connection used from any other thread
+        # than its creator's. Opening waits out a lock for as long as ever (the migration is
+        # a write); after that a write attempt gives up after WRITE_ATTEMPT_S and `_write`
+        # tries again from the loop.
+        engine = Registry(path)
+        engine.set_busy_timeout(WRITE_ATTEMPT_S)
+        self._seen_version = engine.data_version()
+        return engine
+
+    def _look_for_change(self, engine: Registry) -> None:
+        # On the registry's thread, between queries: the loop hears of it only on a change.
+        version = engine.data_version()
+        if version != self._seen_version:
+            self._seen_version = version
+            self._thread.send(self._changed.set)
 
     async def _write(self, write: Callable[[Registry], T]) -> T:
         """Run a write on the thread, trying again from the loop while another process
@@ -138,19 +143,16 @@ class ThreadedSQLiteRegistry:
         return await self._run(lambda engine: engine.changes_since(seq))
 
     async def wait_for_change(self, timeout_s: float) -> bool:
-        """See `ChangeFeed.wait_for_change`: polls `PRAGMA data_version` every `poll_s`,
-        which moves only when another connection commits."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            version = await self._run(Registry.data_version)
-            if version != self._seen_version:
-                self._seen_version = version
-                return True
-            left = deadline - loop.time()
-            if left <= 0:
+        """See `ChangeFeed.wait_for_change`: the thread's look at `PRAGMA data_version`
+        every `poll_s` wakes it."""
+        if not self._changed.is_set():
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._changed.wait()
+            except TimeoutError:
                 return False
-            await asyncio.sleep(min(self._poll_s, left))
+        self._changed.clear()
+        return True
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
