@@ -13,8 +13,9 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from hub.registry import thread as thread_module
 from hub.registry.records import Presence, hash_token
 from hub.registry.sqlite import Registry
 from hub.registry.thread import ThreadedSQLiteRegistry
+from hub.registry.worker import OwningThread
 from tests.support import HubProcess
 
 POLL_S = 0.01
@@ -236,3 +238,60 @@ async def test_devices_keep_streaming_while_a_cli_holds_the_write_lock(
     finally:
         returncode = await hub.stop()
     assert returncode == 0, f"hub exited {returncode}:\n{hub.log}"
+
+
+# --- The owning thread itself ----------------------------------------------------------------
+
+
+@pytest.mark.unit
+async def test_the_owning_thread_runs_jobs_in_order_on_one_thread() -> None:
+    """Jobs run in the order asked, all on one thread that is not the loop's; a job's
+    exception reaches its caller and the thread goes on."""
+    owner: OwningThread[list[int]] = OwningThread("test-owner", list, lambda _: None, 0.01)
+    await owner.start()
+    try:
+        threads = await asyncio.gather(*(owner.run(_append_thread(n)) for n in range(50)))
+        assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
+        with pytest.raises(ZeroDivisionError):
+            await owner.run(lambda owned: 1 // 0)
+        assert await owner.run(list) == list(range(50))
+    finally:
+        await owner.stop(lambda owned: None)
+
+
+def _append_thread(n: int) -> Callable[[list[int]], int]:
+    def job(owned: list[int]) -> int:
+        owned.append(n)
+        return threading.get_ident()
+
+    return job
+
+
+@pytest.mark.unit
+async def test_the_idle_duty_runs_while_jobs_keep_coming() -> None:
+    """Between jobs, and at least every `idle_s` under a steady stream of them, the idle
+    duty runs (so a busy registry still notices operator changes)."""
+    idle_at: list[float] = []
+    owner: OwningThread[None] = OwningThread(
+        "test-owner", lambda: None, lambda _: idle_at.append(time.monotonic()), 0.05
+    )
+    await owner.start()
+    try:
+        started = time.monotonic()
+        while len(idle_at) < 3:
+            await owner.run(lambda _: time.sleep(0.005))  # a stream of jobs, never idle
+            assert time.monotonic() - started < WAIT_S, "the idle duty never ran"
+    finally:
+        await owner.stop(lambda _: None)
+
+
+@pytest.mark.unit
+async def test_a_failed_start_raises_the_creation_error() -> None:
+    """What `create` raised is what `start` raises."""
+
+    def create() -> None:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    owner: OwningThread[None] = OwningThread("test-owner", create, lambda _: None, 0.01)
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        await asyncio.wait_for(owner.start(), WAIT_S)
