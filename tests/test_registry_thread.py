@@ -23,6 +23,7 @@ import pytest
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
+from hub.gateway.presence import PresenceTracker
 from hub.registry import thread as thread_module
 from hub.registry.records import Presence, hash_token
 from hub.registry.sqlite import Registry
@@ -295,3 +296,22 @@ async def test_a_failed_start_raises_the_creation_error() -> None:
     owner: OwningThread[None] = OwningThread("test-owner", create, lambda _: None, 0.01)
     with pytest.raises(sqlite3.OperationalError, match="unable to open"):
         await asyncio.wait_for(owner.start(), WAIT_S)
+
+
+@pytest.mark.unit
+async def test_presence_not_stored_under_a_long_lock_is_stored_at_the_next_flush(
+    registry: tuple[ThreadedSQLiteRegistry, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flush that gives up on the lock keeps what it could not write for the next one."""
+    ports, _ = registry
+    monkeypatch.setattr(thread_module, "BUSY_TIMEOUT_S", 0.2)
+    tracker = PresenceTracker(ports)
+    await tracker.load()
+    tracker.connected("a", "10.0.0.1:5000")
+    with write_lock(tmp_path / "state" / "registry.sqlite3"), pytest.raises(sqlite3.Error):
+        await asyncio.wait_for(tracker.flush(), WAIT_S)
+    await tracker.flush()
+    stored = (await ports.presence())["a"]
+    assert (stored.online, stored.remote_address) == (True, "10.0.0.1:5000")

@@ -99,19 +99,25 @@ class PresenceTracker:
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, {}
-        await self.store.record_presence(
-            [
-                Presence(
-                    device_id,
-                    live.online,
-                    live.remote_address,
-                    live.connected_since,
-                    live.last_seen,
-                    live.readings_stored,
-                )
-                for device_id, live in dirty.items()
-            ]
-        )
+        rows = [
+            Presence(
+                device_id,
+                live.online,
+                live.remote_address,
+                live.connected_since,
+                live.last_seen,
+                live.readings_stored,
+            )
+            for device_id, live in dirty.items()
+        ]
+        try:
+            await self.store.record_presence(rows)
+        except BaseException:
+            # Not stored (e.g. a CLI held the lock too long): the next flush writes them,
+            # as they are by then.
+            for device_id, live in dirty.items():
+                self._dirty.setdefault(device_id, live)
+            raise
 
     def _mark(self, device_id: str, live: _Live, *, online: bool) -> None:
         live.online = online
