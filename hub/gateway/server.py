@@ -40,6 +40,7 @@ from hub.gateway.admission import (
 from hub.gateway.presence import PresenceTracker
 from hub.gateway.rotation import ROTATED_OUT_REASON, RotationWatch
 from hub.gateway.session import DeviceSession
+from hub.gateway.watcher import FleetWatcher
 from hub.ingest.pipeline import Pipeline
 from hub.ops.filelimit import raise_file_limit
 from hub.ops.logs import RedactingFilter, device_extra
@@ -53,8 +54,6 @@ log = logging.getLogger("hub.server")
 
 RETRY_AFTER_S = 5
 LISTEN_BACKLOG = 4096
-WATCH_WAIT_S = 1.0
-"""How long one wait for an operator change lasts before the watcher waits again."""
 STOP_GRACE_S = 0.5
 """After the deadline: how long the handlers of dropped connections get to finish."""
 
@@ -88,6 +87,9 @@ class Hub:
             self.stranger_counts,
         )
         self._sessions: dict[str, DeviceSession] = {}
+        self.watcher = FleetWatcher(
+            registry, self._sessions, self.rotation, settings.registry_poll_s, self._spawn
+        )
         self._server: Server | None = None
         self._socket_from_systemd = False
         self._bound: Any = None  # (host, port, ...) of the device socket, once listening
@@ -150,7 +152,7 @@ class Hub:
         # Kept: once the drain has closed the listener (stop_accepting) it has no sockets.
         self._bound = self._server.sockets[0].getsockname()
         self._loops = [
-            asyncio.create_task(self._watch_registry(), name="registry-watch"),
+            asyncio.create_task(self.watcher.run(), name="registry-watch"),
             asyncio.create_task(self._keep_presence(), name="presence"),
         ]
         return self._server
@@ -358,35 +360,6 @@ class Hub:
             log.info(
                 "device %s disconnected (%s)", device_id, reason, extra=device_extra(device_id)
             )
-
-    async def _watch_registry(self) -> None:
-        # The change feed's signal is cheap (SQLite: one PRAGMA per poll, on the registry's
-        # thread); only then are the changed devices read.
-        seen_change = await self.registry.change_seq()
-        missed = False  # a signal was taken but its changes could not be read: read again
-        while True:
-            try:
-                if not missed and not await self.registry.wait_for_change(WATCH_WAIT_S):
-                    continue
-                missed = True
-                seen_change, changes = await self.registry.changes_since(seen_change)
-                missed = False
-            except Exception:  # the registry unreadable for now: try again after a poll
-                log.exception("reading operator changes from the registry failed")
-                await asyncio.sleep(self.settings.registry_poll_s)
-                continue
-            for change in changes:
-                session = self._sessions.get(change.device_id)
-                if session is None:
-                    continue
-                if change.revoked:
-                    self._spawn(session.revoke())
-                    continue
-                if change.config_version > session.config_sent:
-                    self._spawn(session.push_config())
-                await self.rotation.recheck(
-                    session.connection, session.device_id, session.token_hash
-                )
 
     async def _keep_presence(self) -> None:
         while True:

@@ -38,6 +38,7 @@ from hub.registry.records import (
     config_text,
     hash_token,
 )
+from hub.registry.schema import MIGRATIONS
 
 __all__ = [
     "TOKEN_PREFIX",
@@ -58,45 +59,6 @@ TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
 BUSY_TIMEOUT_S = 10.0
 """How long a write waits for another process's write lock (SQLite's busy timeout)."""
 _LOOKUP_CHUNK = 500  # ids per `IN (...)`, well below SQLite's limit on bound parameters
-
-# Each entry upgrades the database by one version (PRAGMA user_version).
-_MIGRATIONS = [
-    """
-    CREATE TABLE devices (
-        device_id       TEXT PRIMARY KEY,
-        token_hash      TEXT NOT NULL UNIQUE,
-        created_at      REAL NOT NULL,
-        revoked_at      REAL,
-        labels          TEXT NOT NULL DEFAULT '{}',
-        config          TEXT NOT NULL DEFAULT '{}',
-        config_version  INTEGER NOT NULL DEFAULT 0,
-        acked_version   INTEGER,
-        ack_ok          INTEGER,
-        ack_error       TEXT,
-        acked_at        REAL,
-        changed_seq     INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX devices_changed ON devices (changed_seq);
-    CREATE TABLE presence (
-        device_id       TEXT PRIMARY KEY REFERENCES devices (device_id),
-        online          INTEGER NOT NULL,
-        remote_address  TEXT,
-        connected_since REAL,
-        last_seen       REAL,
-        readings_stored INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE change_seq (value INTEGER NOT NULL);
-    INSERT INTO change_seq VALUES (0);
-    """,
-    """
-    CREATE TABLE retired_tokens (
-        token_hash      TEXT PRIMARY KEY,
-        device_id       TEXT NOT NULL REFERENCES devices (device_id),
-        expires_at      REAL NOT NULL
-    );
-    CREATE INDEX retired_tokens_device ON retired_tokens (device_id);
-    """,
-]
 
 
 def new_token() -> str:
@@ -139,7 +101,7 @@ class Registry:
     def _migrate(self) -> None:
         with self._transaction() as db:
             (version,) = db.execute("PRAGMA user_version").fetchone()
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
