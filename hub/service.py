@@ -27,7 +27,8 @@ from hub.ops.logs import set_level
 from hub.ops.metrics import HubMetrics
 from hub.ops.runtime import tune_garbage_collector
 from hub.ops.sdnotify import Notifier
-from hub.registry.sqlite import Registry, secure_state_dir
+from hub.registry.sqlite import secure_state_dir
+from hub.registry.thread import ThreadedSQLiteRegistry
 from hub.settings import Settings, reload_changes
 
 log = logging.getLogger("hub")
@@ -75,7 +76,10 @@ class HubService:
         settings = self.settings
         schemas = MeasurementSchemas(load_schema_file(settings.schemas))
         secure_state_dir(settings.state_dir)
-        registry = Registry(settings.registry_path)
+        # Every registry query of the hub runs on this one thread: none blocks the loop.
+        registry = await ThreadedSQLiteRegistry.open(
+            settings.registry_path, settings.registry_poll_s
+        )
         spool = Spool(settings.spool_dir, settings.spool_max_bytes)
         sink = self._sink
         if sink is None and settings.influx_url is not None:
@@ -142,7 +146,7 @@ class HubService:
         await hub.stop(max(0.1, deadline - loop.time()))
         await within_deadline(hub.pipeline.drain())  # the disconnect events
         await hub.pipeline.close()
-        hub.registry.close()
+        await within_deadline(hub.registry.close())
         if self._health is not None:
             await self._health.stop()
         if self._watchdog is not None:

@@ -23,6 +23,7 @@ from hub.gateway.presence import MAX_REASON_CHARS, PresenceTracker
 from hub.ops.filelimit import FD_HEADROOM, FileLimit, shortfall_warning
 from hub.ops.logs import RedactingFilter, escape_control, redact
 from hub.registry.sqlite import Registry, new_token, secure_state_dir
+from hub.registry.thread import ThreadedSQLiteRegistry
 
 # --- Redaction: real secrets, not the hub's own words (item 10) -------------------------------
 
@@ -122,17 +123,20 @@ def test_the_log_filter_escapes_device_text_in_every_format(
 
 
 @pytest.mark.unit
-def test_presence_records_a_close_reason_with_a_line_feed(tmp_path: Path) -> None:
+async def test_presence_records_a_close_reason_with_a_line_feed(tmp_path: Path) -> None:
     """A device's close reason with a line feed becomes one escaped, bounded field value."""
-    registry = Registry(tmp_path / "registry.sqlite3")
+    path = tmp_path / "registry.sqlite3"
+    operator = Registry(path)
+    operator.add("dev-1")
+    operator.close()
+    registry = await ThreadedSQLiteRegistry.open(path, poll_s=0.01)
     try:
-        registry.add("dev-1")
         presence = PresenceTracker(registry)
         presence.connected("dev-1", "10.0.0.1:5000")
         presence.disconnected("dev-1", "1000 normal closure: bye\nFORGED" + "\r" * 200)
         events = presence.take_events()
     finally:
-        registry.close()
+        await registry.close()
     assert len(events) == 2 and "\n" not in events[1]
     assert 'reason="1000 normal closure: bye\\\\nFORGED' in events[1]
     assert len(events[1]) < 2 * MAX_REASON_CHARS + 200  # backslashes doubled by line protocol

@@ -16,7 +16,8 @@ from websockets.exceptions import InvalidStatus
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
 from hub.errors import RegistryError, UnknownDevice
-from hub.registry.sqlite import _MIGRATIONS, TOKEN_PREFIX, Registry, hash_token
+from hub.registry.schema import MIGRATIONS
+from hub.registry.sqlite import TOKEN_PREFIX, Registry, hash_token
 from tests.support import add_device, hub_settings, running_hub
 
 WAIT_S = 10.0
@@ -113,7 +114,7 @@ def test_registry_of_the_first_schema_is_migrated(tmp_path: Path) -> None:
     """A registry made before rotation existed is upgraded and its tokens keep working."""
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
-    db.executescript(_MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    db.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
     token = TOKEN_PREFIX + "x" * 43
     db.execute(
         "INSERT INTO devices (device_id, token_hash, created_at) VALUES (?, ?, 0)",

@@ -1,7 +1,8 @@
 """Who is connected: kept in memory, flushed to the registry, and charted in InfluxDB.
 
 The registry copy is what `hub devices` shows; it is written in one transaction every
-`presence_flush_s`, so a connect storm costs a handful of commits, not one per device.
+`presence_flush_s`, so a connect storm costs a handful of commits, not one per device. The
+tracker is handed only the registry's `PresenceStore` port.
 Connect and disconnect events also become points of the measurement
 `hub_device_connection`, so uptime can be charted beside the readings.
 """
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 from hub.core.lineprotocol import format_point
 from hub.ops.logs import escape_control
-from hub.registry.sqlite import Presence, Registry
+from hub.registry.ports import PresenceStore
+from hub.registry.records import Presence
 
 log = logging.getLogger("hub.presence")
 
@@ -34,16 +36,21 @@ class _Live:
 class PresenceTracker:
     """Live connections per device, and the events to write about them."""
 
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, store: PresenceStore) -> None:
+        self.store = store
         self._live: dict[str, _Live] = {}
         self._stored: dict[str, int] = {}
         # Changed since the last flush; turned into `Presence` rows only when flushed, since
         # every ack changes its device's entry.
         self._dirty: dict[str, _Live] = {}
         self._events: list[str] = []
-        registry.mark_all_offline()
-        self._stored = {p.device_id: p.readings_stored for p in registry.presence().values()}
+
+    async def load(self) -> None:
+        """Before the first device connects: record everyone offline (a previous hub run may
+        have died without saying) and continue each device's count of stored readings."""
+        await self.store.mark_all_offline()
+        stored = await self.store.presence()
+        self._stored = {p.device_id: p.readings_stored for p in stored.values()}
 
     def connected(self, device_id: str, remote_address: str) -> None:
         """A device's connection opened."""
@@ -87,24 +94,30 @@ class PresenceTracker:
         events, self._events = self._events, []
         return events
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         """Write changed presence to the registry."""
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, {}
-        self.registry.record_presence(
-            [
-                Presence(
-                    device_id,
-                    live.online,
-                    live.remote_address,
-                    live.connected_since,
-                    live.last_seen,
-                    live.readings_stored,
-                )
-                for device_id, live in dirty.items()
-            ]
-        )
+        rows = [
+            Presence(
+                device_id,
+                live.online,
+                live.remote_address,
+                live.connected_since,
+                live.last_seen,
+                live.readings_stored,
+            )
+            for device_id, live in dirty.items()
+        ]
+        try:
+            await self.store.record_presence(rows)
+        except BaseException:
+            # Not stored (e.g. a CLI held the lock too long): the next flush writes them,
+            # as they are by then.
+            for device_id, live in dirty.items():
+                self._dirty.setdefault(device_id, live)
+            raise
 
     def _mark(self, device_id: str, live: _Live, *, online: bool) -> None:
         live.online = online

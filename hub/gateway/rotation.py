@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from hub.ops.logs import device_extra
-from hub.registry.sqlite import Registry
+from hub.registry.ports import CredentialStore
 from schemas.codes import CloseCode
 
 log = logging.getLogger("hub.rotation")
@@ -35,26 +36,29 @@ class _Timer:
 class RotationWatch:
     """One timer per connection using a token in its grace period."""
 
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, credentials: CredentialStore) -> None:
+        self.credentials = credentials
         self._timers: dict[ServerConnection, _Timer] = {}
 
     def __len__(self) -> int:
         return len(self._timers)
 
-    def token_works(self, connection: ServerConnection, device_id: str, token_hash: str) -> bool:
+    async def token_works(
+        self, connection: ServerConnection, device_id: str, token_hash: str
+    ) -> bool:
         """Re-read the connection's token: False if it no longer works; if it works only
         until its grace ends, close the connection then."""
-        credential = self.registry.credential(token_hash)
+        credential = await self.credentials.credential(token_hash)
         if credential is None:
             return False
-        if credential.expires_at is not None:
+        # The connection may have ended during the lookup (and been forgotten): no timer then.
+        if credential.expires_at is not None and connection.state is not State.CLOSED:
             self._close_at(connection, device_id, credential.expires_at)
         return True
 
-    def recheck(self, connection: ServerConnection, device_id: str, token_hash: str) -> None:
+    async def recheck(self, connection: ServerConnection, device_id: str, token_hash: str) -> None:
         """After an operator change: close the connection now if its token stopped working."""
-        if not self.token_works(connection, device_id, token_hash):
+        if not await self.token_works(connection, device_id, token_hash):
             self._close_at(connection, device_id, time.time())
 
     def forget(self, connection: ServerConnection) -> None:

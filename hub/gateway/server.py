@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import sqlite3
 import ssl
 import time
 from collections.abc import Coroutine
@@ -41,11 +40,13 @@ from hub.gateway.admission import (
 from hub.gateway.presence import PresenceTracker
 from hub.gateway.rotation import ROTATED_OUT_REASON, RotationWatch
 from hub.gateway.session import DeviceSession
+from hub.gateway.watcher import FleetWatcher
 from hub.ingest.pipeline import Pipeline
 from hub.ops.filelimit import raise_file_limit
 from hub.ops.logs import RedactingFilter, device_extra
 from hub.ops.metrics import HubMetrics, refusal_reason
-from hub.registry.sqlite import Registry, hash_token
+from hub.registry.ports import HubRegistry
+from hub.registry.records import hash_token
 from hub.settings import Settings
 from schemas.codes import CloseCode
 
@@ -63,7 +64,7 @@ class Hub:
     def __init__(
         self,
         settings: Settings,
-        registry: Registry,
+        registry: HubRegistry,
         schemas: MeasurementSchemas,
         pipeline: Pipeline,
         metrics: HubMetrics,
@@ -87,6 +88,9 @@ class Hub:
             self.stranger_counts,
         )
         self._sessions: dict[str, DeviceSession] = {}
+        self.watcher = FleetWatcher(
+            registry, self._sessions, self.rotation, settings.registry_poll_s, self._spawn
+        )
         self._server: Server | None = None
         self._socket_from_systemd = False
         self._bound: Any = None  # (host, port, ...) of the device socket, once listening
@@ -112,6 +116,7 @@ class Hub:
     async def start(self) -> Server:
         """Listen for devices and start watching the registry."""
         s = self.settings
+        await self.presence.load()
         if (files := raise_file_limit(s.max_connections)) is not None:
             self.strangers.fit_to(files.soft)
         listener = take_device_socket()  # hub.socket's, or None: bind host:port as always
@@ -148,7 +153,7 @@ class Hub:
         # Kept: once the drain has closed the listener (stop_accepting) it has no sockets.
         self._bound = self._server.sockets[0].getsockname()
         self._loops = [
-            asyncio.create_task(self._watch_registry(), name="registry-watch"),
+            asyncio.create_task(self.watcher.run(), name="registry-watch"),
             asyncio.create_task(self._keep_presence(), name="presence"),
         ]
         return self._server
@@ -240,10 +245,12 @@ class Hub:
         assert self._bound is not None, "start() first"
         return int(self._bound[1])
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         # Never log request.path: its query string may hold the token.
         try:
-            return self._admit(connection, request)
+            return await self._admit(connection, request)
         except Exception as exc:  # e.g. the client reset the connection: one line, no traceback
             self.stranger_counts.handshake_errors += 1
             self.stranger_log.line(
@@ -256,7 +263,7 @@ class Hub:
                 HTTPStatus.INTERNAL_SERVER_ERROR, "the hub could not answer this handshake\n"
             )
 
-    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
         source = source_of(connection)
         limiter = self.failed_handshakes
         now = time.monotonic()
@@ -265,17 +272,13 @@ class Hub:
             token, ns_per_unit = read_credentials(
                 request.path, request.headers, self.settings.allowed_origins
             )
-            if self.draining or len(self.slots) >= self.settings.max_connections:
-                raise HandshakeRefused(
-                    HTTPStatus.SERVICE_UNAVAILABLE,
-                    "the hub is not accepting connections now",
-                    retry_after=RETRY_AFTER_S,
-                )
+            self._check_room()
             if blocked_s and not limiter.may_check(source, now):
                 raise _blocked(blocked_s)
-            credential = self.registry.credential(hash_token(token))
+            credential = await self.registry.credential(hash_token(token))
             if credential is None:
                 raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
+            self._check_room()  # again: others may have been let in, or a drain begun, meanwhile
         except HandshakeRefused as refused:
             refusal = refused
             if refusal.status == HTTPStatus.UNAUTHORIZED and blocked_s:
@@ -296,6 +299,14 @@ class Hub:
             ),
         )
         return None
+
+    def _check_room(self) -> None:
+        if self.draining or len(self.slots) >= self.settings.max_connections:
+            raise HandshakeRefused(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the hub is not accepting connections now",
+                retry_after=RETRY_AFTER_S,
+            )
 
     def _handshake_failed(self, source: str, now: float) -> None:
         limiter = self.failed_handshakes
@@ -333,11 +344,11 @@ class Hub:
         self.metrics.connections_opened.inc()
         log.info("device %s connected from %s", device_id, remote, extra=device_extra(device_id))
         try:
-            device = self.registry.get(device_id)
+            device = await self.registry.device(device_id)
             if device is None or not device.active:
                 # Revoked between the handshake and now: the watcher could not see us yet.
                 await session.revoke()
-            elif not self.rotation.token_works(connection, device_id, handshake.token_hash):
+            elif not await self.rotation.token_works(connection, device_id, handshake.token_hash):
                 await session.revoke(ROTATED_OUT_REASON)
             else:
                 await session.run()
@@ -351,33 +362,6 @@ class Hub:
                 "device %s disconnected (%s)", device_id, reason, extra=device_extra(device_id)
             )
 
-    async def _watch_registry(self) -> None:
-        # data_version moves only when another process commits, so an idle registry costs
-        # one cheap PRAGMA per poll.
-        seen_version = self.registry.data_version()
-        seen_change = self.registry.change_seq()
-        while True:
-            await asyncio.sleep(self.settings.registry_poll_s)
-            try:
-                version = self.registry.data_version()
-                if version == seen_version:
-                    continue
-                seen_version = version
-                seen_change, changes = self.registry.changes_since(seen_change)
-            except sqlite3.Error:  # e.g. locked for longer than the timeout: try next poll
-                log.exception("reading operator changes from the registry failed")
-                continue
-            for change in changes:
-                session = self._sessions.get(change.device_id)
-                if session is None:
-                    continue
-                if change.revoked:
-                    self._spawn(session.revoke())
-                    continue
-                if change.config_version > session.config_sent:
-                    self._spawn(session.push_config())
-                self.rotation.recheck(session.connection, session.device_id, session.token_hash)
-
     async def _keep_presence(self) -> None:
         while True:
             await asyncio.sleep(self.settings.presence_flush_s)
@@ -385,7 +369,7 @@ class Hub:
 
     async def _record_presence(self) -> None:
         try:
-            self.presence.flush()
+            await self.presence.flush()
             events = self.presence.take_events()
             if events:
                 # Formatted with format_point's default, the strict dialect.

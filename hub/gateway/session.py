@@ -36,7 +36,7 @@ from hub.gateway.presence import PresenceTracker
 from hub.ingest.pipeline import Pipeline
 from hub.ops.logs import device_extra
 from hub.ops.metrics import HubMetrics, error_label
-from hub.registry.sqlite import Registry
+from hub.registry.ports import ConfigStore
 from hub.settings import Settings
 from schemas.codes import CloseCode
 from schemas.messages import Config, ConfigAck, ErrorMessage
@@ -55,11 +55,15 @@ class SessionHost(Protocol):
     this module does not import the server."""
 
     settings: Settings
-    registry: Registry
     metrics: HubMetrics
     pipeline: Pipeline
     presence: PresenceTracker
     draining: bool
+
+    @property
+    def registry(self) -> ConfigStore:
+        """Desired configs, and where the device's answers go."""
+        ...
 
     def validator(self, ns_per_unit: int) -> ReadingsValidator:
         """The readings validator for one precision."""
@@ -139,7 +143,7 @@ class DeviceSession:
     async def push_config(self) -> None:
         """Send the desired config if the device has not answered its latest version."""
         async with self._config_lock:
-            state = self.hub.registry.config_state(self.device_id)
+            state = await self.hub.registry.config_state(self.device_id)
             if not state.pending or state.version <= self.config_sent:
                 return
             self.config_sent = state.version
@@ -194,7 +198,7 @@ class DeviceSession:
         elif isinstance(event, TelegrafFrame | SlicedTelegraf):
             await self._telegraf(event, arrival_ns, limits)
         elif isinstance(event, ConfigAck):
-            self._config_answered(event)
+            await self._config_answered(event)
 
     async def _readings(
         self, event: ReadingsFrame | SlicedReadings, arrival_ns: int, limits: FrameLimits
@@ -244,8 +248,8 @@ class DeviceSession:
             self.hub.metrics.traffic.readings_stored += readings
             self.hub.presence.stored(self.device_id, readings)
 
-    def _config_answered(self, answer: ConfigAck) -> None:
-        recorded = self.hub.registry.record_config_ack(
+    async def _config_answered(self, answer: ConfigAck) -> None:
+        recorded = await self.hub.registry.record_config_ack(
             self.device_id, answer.version, answer.ok, answer.error
         )
         result = "ignored" if not recorded else "applied" if answer.ok else "refused"

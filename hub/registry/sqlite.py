@@ -15,160 +15,55 @@ the operator chose is over; after that the old token fails like an unknown one.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
-import re
 import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hub.core.protocol import DEFAULT_MAX_DEPTH, config_frame_problem
+from hub.core.protocol import DEFAULT_MAX_DEPTH
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
+from hub.registry.records import (
+    ConfigState,
+    Credential,
+    Device,
+    DeviceChange,
+    Presence,
+    check_device_id,
+    check_labels,
+    config_text,
+    hash_token,
+)
+from hub.registry.schema import MIGRATIONS
 
-TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
-DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_LOOKUP_CHUNK = 500  # ids per `IN (...)`, well below SQLite's limit on bound parameters
-
-# Each entry upgrades the database by one version (PRAGMA user_version).
-_MIGRATIONS = [
-    """
-    CREATE TABLE devices (
-        device_id       TEXT PRIMARY KEY,
-        token_hash      TEXT NOT NULL UNIQUE,
-        created_at      REAL NOT NULL,
-        revoked_at      REAL,
-        labels          TEXT NOT NULL DEFAULT '{}',
-        config          TEXT NOT NULL DEFAULT '{}',
-        config_version  INTEGER NOT NULL DEFAULT 0,
-        acked_version   INTEGER,
-        ack_ok          INTEGER,
-        ack_error       TEXT,
-        acked_at        REAL,
-        changed_seq     INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX devices_changed ON devices (changed_seq);
-    CREATE TABLE presence (
-        device_id       TEXT PRIMARY KEY REFERENCES devices (device_id),
-        online          INTEGER NOT NULL,
-        remote_address  TEXT,
-        connected_since REAL,
-        last_seen       REAL,
-        readings_stored INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE change_seq (value INTEGER NOT NULL);
-    INSERT INTO change_seq VALUES (0);
-    """,
-    """
-    CREATE TABLE retired_tokens (
-        token_hash      TEXT PRIMARY KEY,
-        device_id       TEXT NOT NULL REFERENCES devices (device_id),
-        expires_at      REAL NOT NULL
-    );
-    CREATE INDEX retired_tokens_device ON retired_tokens (device_id);
-    """,
+__all__ = [
+    "TOKEN_PREFIX",
+    "ConfigState",
+    "Credential",
+    "Device",
+    "DeviceChange",
+    "Presence",
+    "Registry",
+    "check_device_id",
+    "check_labels",
+    "hash_token",
+    "new_token",
+    "secure_state_dir",
 ]
 
-
-@dataclass(frozen=True, slots=True)
-class Device:
-    """A registered device, without its token."""
-
-    device_id: str
-    created_at: float
-    revoked_at: float | None
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def active(self) -> bool:
-        """Whether its token is accepted."""
-        return self.revoked_at is None
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """The device a token belongs to; `expires_at` is set while a rotated-out token still works."""
-
-    device_id: str
-    token_hash: str
-    expires_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigState:
-    """A device's desired configuration and what it last acknowledged."""
-
-    device_id: str
-    config: dict[str, Any]
-    version: int
-    acked_version: int | None
-    ack_ok: bool | None
-    ack_error: str | None
-    acked_at: float | None
-
-    @property
-    def pending(self) -> bool:
-        """Whether the latest version still waits for the device's answer."""
-        return self.version > 0 and (self.acked_version or 0) < self.version
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceChange:
-    """What the hub must act on for a device an operator changed."""
-
-    device_id: str
-    config_version: int
-    revoked: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Presence:
-    """A device's connection state as the hub last recorded it."""
-
-    device_id: str
-    online: bool
-    remote_address: str | None
-    connected_since: float | None
-    last_seen: float | None
-    readings_stored: int
-
-
-def hash_token(token: str) -> str:
-    """The form in which a token is stored and looked up."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
+BUSY_TIMEOUT_S = 10.0
+"""How long a write waits for another process's write lock (SQLite's busy timeout)."""
+_LOOKUP_CHUNK = 500  # ids per `IN (...)`, well below SQLite's limit on bound parameters
 
 
 def new_token() -> str:
     """A fresh device token: 256 random bits, URL-safe, with a recognisable prefix."""
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def check_device_id(device_id: str) -> str:
-    """Return `device_id` if it is usable as an id (and as the `device` tag), else raise."""
-    if not DEVICE_ID_PATTERN.fullmatch(device_id):
-        raise RegistryError(
-            f"invalid device id {device_id[:140]!r}: 1-128 characters of letters, digits and "
-            "._:- starting with a letter or digit"
-        )
-    return device_id
-
-
-def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
-    """Return `labels` if every key is a valid label name and every value short, else raise."""
-    for key, value in labels.items():
-        if not LABEL_PATTERN.fullmatch(key):
-            raise RegistryError(
-                f"invalid label name {key[:80]!r}: 1-64 letters, digits and ._- characters"
-            )
-        if len(value) > 256 or "\n" in value:
-            raise RegistryError(f"label {key!r}: values are one line of at most 256 characters")
-    return dict(labels)
 
 
 def secure_state_dir(directory: Path) -> Path:
@@ -190,11 +85,13 @@ class Registry:
     """Devices and token hashes in one SQLite file, shared by the hub and the CLI."""
 
     def __init__(self, path: Path) -> None:
+        """Open (creating and upgrading if needed) the registry at `path`; a write waits up
+        to `BUSY_TIMEOUT_S` for another process's write lock before raising."""
         secure_state_dir(path.parent)
         self.path = path
         # Autocommit mode: every change goes through _transaction. WAL lets the CLI write
         # while the hub reads.
-        self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
+        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -204,10 +101,14 @@ class Registry:
     def _migrate(self) -> None:
         with self._transaction() as db:
             (version,) = db.execute("PRAGMA user_version").fetchone()
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """From now on, wait up to `seconds` for another process's lock before raising."""
+        self._db.execute(f"PRAGMA busy_timeout = {max(0, round(seconds * 1000))}")
 
     def close(self) -> None:
         """Close the database."""
@@ -410,7 +311,7 @@ class Registry:
                     raise UnknownDevice(device_id)
                 config = dict(replace) if replace is not None else json.loads(row[0])
                 config.update(updates or {})
-                text = _config_text(device_id, config, max_depth)
+                text = config_text(device_id, config, max_depth)
                 versions[device_id] = row[1] + 1
                 db.execute(
                     "UPDATE devices SET config = ?, config_version = ?, changed_seq = ?"
@@ -535,23 +436,6 @@ class Registry:
             " readings_stored FROM presence"
         ).fetchall()
         return {row[0]: Presence(row[0], bool(row[1]), *row[2:]) for row in rows}
-
-
-def _config_text(device_id: str, config: dict[str, Any], max_depth: int) -> str:
-    """The config as stored (JSON), refused if JSON cannot store it or the hub could not send
-    it (`config_frame_problem`: msgpack, size, nesting).
-
-    NaN and infinities are not JSON; integers outside -2**63 .. 2**64-1 are not msgpack, and
-    the hub could never send them (each connection of the device would end in an error).
-    """
-    try:
-        text = json.dumps(config, sort_keys=True, allow_nan=False)
-    except (ValueError, OverflowError, TypeError) as exc:
-        raise RegistryError(f"config of {device_id!r} cannot be sent to a device: {exc}") from None
-    problem = config_frame_problem(config, max_depth)
-    if problem is not None:
-        raise RegistryError(f"config of {device_id!r} cannot be sent to a device: {problem}")
-    return text
 
 
 def _device(row: tuple[Any, ...]) -> Device:

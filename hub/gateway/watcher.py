@@ -1,0 +1,83 @@
+"""The fleet watcher: what operators change from the CLI, acted on in live sessions.
+
+A new desired config is pushed, a revoked device closed with 4001, and after any change of
+a device its session's token is read again (a rotation without grace closes it with 4001).
+It waits on the registry's change feed, whose signal is cheap (SQLite: one `PRAGMA
+data_version` per poll, on the registry's thread), and only then reads which devices
+changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from hub.gateway.rotation import RotationWatch
+from hub.gateway.session import DeviceSession
+from hub.ops.logs import device_extra
+from hub.registry.ports import ChangeFeed
+
+log = logging.getLogger("hub.server")
+
+WATCH_WAIT_S = 1.0
+"""How long one wait for an operator change lasts before the watcher waits again."""
+
+
+class FleetWatcher:
+    """Acts on operator changes for the sessions in `sessions` (the hub's live table)."""
+
+    def __init__(
+        self,
+        feed: ChangeFeed,
+        sessions: Mapping[str, DeviceSession],
+        rotation: RotationWatch,
+        retry_s: float,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        """`retry_s`: the pause after the registry could not be read; `spawn` runs session
+        work in the background (a slow device must not hold up the others' changes)."""
+        self.feed = feed
+        self.sessions = sessions
+        self.rotation = rotation
+        self.retry_s = retry_s
+        self.spawn = spawn
+
+    async def run(self) -> None:
+        """Watch until cancelled."""
+        seen_change = await self.feed.change_seq()
+        missed = False  # a signal was taken but its changes could not be read: read again
+        while True:
+            try:
+                if not missed and not await self.feed.wait_for_change(WATCH_WAIT_S):
+                    continue
+                missed = True
+                seen_change, changes = await self.feed.changes_since(seen_change)
+                missed = False
+            except Exception:  # the registry unreadable for now: try again shortly
+                log.exception("reading operator changes from the registry failed")
+                await asyncio.sleep(self.retry_s)
+                continue
+            for change in changes:
+                session = self.sessions.get(change.device_id)
+                if session is None:
+                    continue
+                if change.revoked:
+                    self.spawn(session.revoke())
+                    continue
+                if change.config_version > session.config_sent:
+                    self.spawn(session.push_config())
+                # Not awaited one by one: a change of 10,000 devices queues its lookups at
+                # once on the registry's thread.
+                self.spawn(self._recheck_token(session))
+
+    async def _recheck_token(self, session: DeviceSession) -> None:
+        try:
+            await self.rotation.recheck(session.connection, session.device_id, session.token_hash)
+        except Exception:  # the registry unreadable for now: the next change checks again
+            log.exception(
+                "device %s: re-reading its token failed",
+                session.device_id,
+                extra=device_extra(session.device_id),
+            )

@@ -1,0 +1,95 @@
+"""The registry as the hub process sees it: narrow async ports, one per kind of user.
+
+Each part of the hub is handed only the port it uses: the handshake and the rotation watch
+a `CredentialStore`, a device session a `ConfigStore`, the presence tracker a
+`PresenceStore`, the fleet watcher a `ChangeFeed`. `HubRegistry` is all of them, what
+`hub.service` opens and closes. Every method is a coroutine so that no backend blocks the
+event loop: the SQLite one (hub.registry.thread) runs its queries on a thread of its own, a
+PostgreSQL one will await its driver. tests/registry_contract.py is what each backend must
+pass.
+
+Operator commands (add, revoke, rotate, set config, labels) are not here: the CLI is a
+short-lived process and calls the synchronous engine (`hub.registry.sqlite.Registry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from hub.registry.records import ConfigState, Credential, Device, DeviceChange, Presence
+
+
+class CredentialStore(Protocol):
+    """Who a token belongs to, and whether a device may still connect."""
+
+    async def credential(self, token_hash: str) -> Credential | None:
+        """Whose token has this hash, if it works now: current, or rotated out and still in
+        its grace period (then `expires_at` says until when); None for any other."""
+        ...
+
+    async def device(self, device_id: str) -> Device | None:
+        """The device with that id, if registered (revoked ones too: see `active`)."""
+        ...
+
+
+class ConfigStore(Protocol):
+    """Desired configs and the devices' answers to them."""
+
+    async def config_state(self, device_id: str) -> ConfigState:
+        """The device's desired config, its version and its last answer; `UnknownDevice`
+        if there is no such device."""
+        ...
+
+    async def record_config_ack(
+        self, device_id: str, version: int, ok: bool, error: str | None
+    ) -> bool:
+        """Store a device's answer to its latest version; False (nothing stored) for an
+        answer to any other version, or one already answered."""
+        ...
+
+
+class PresenceStore(Protocol):
+    """The hub's record of who is connected, which `hub devices` shows."""
+
+    async def record_presence(self, states: Sequence[Presence]) -> None:
+        """Store these devices' presence (replacing what was stored for them), all at once."""
+        ...
+
+    async def mark_all_offline(self) -> None:
+        """Forget the connections of an earlier hub run, which may have died without saying."""
+        ...
+
+    async def presence(self) -> dict[str, Presence]:
+        """What was last recorded, per device."""
+        ...
+
+
+class ChangeFeed(Protocol):
+    """What operators changed (configs, revocations, rotations), for live sessions to act on.
+
+    `wait_for_change` is the cheap signal (SQLite: polling `PRAGMA data_version`; PostgreSQL:
+    LISTEN/NOTIFY); `changes_since` says which devices changed.
+    """
+
+    async def change_seq(self) -> int:
+        """The sequence number of the latest operator change."""
+        ...
+
+    async def changes_since(self, seq: int) -> tuple[int, list[DeviceChange]]:
+        """Devices changed after `seq`, and the sequence to ask from next time."""
+        ...
+
+    async def wait_for_change(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for another process to change the registry: True once it
+        may have (then ask `changes_since`), False if nothing changed in that time. The
+        hub's own writes (presence, config answers) do not count."""
+        ...
+
+
+class HubRegistry(CredentialStore, ConfigStore, PresenceStore, ChangeFeed, Protocol):
+    """Every port, as one backend serves them; closed when the hub stops."""
+
+    async def close(self) -> None:
+        """Finish what was asked and release the backend's connection."""
+        ...

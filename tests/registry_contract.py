@@ -1,0 +1,317 @@
+"""What every registry backend must do behind the hub's ports (hub.registry.ports).
+
+`RegistryContract` holds the tests; tests/test_registry_contract.py runs them once per
+backend through its `backend` fixture (today SQLite; PostgreSQL joins by adding a param
+there). A backend under test is its `HubRegistry` (the ports, as the hub uses them) plus an
+`Operator`: the commands the CLI runs, on a connection of their own, to arrange the state
+the ports must then report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pytest
+
+from hub.errors import UnknownDevice
+from hub.registry.ports import HubRegistry
+from hub.registry.records import Presence, hash_token
+
+WAIT_S = 5.0
+"""Bound for what should happen at once: a hang fails the test, a loaded machine does not."""
+POLL_S = 0.01
+
+
+class Operator(Protocol):
+    """The operator's commands a contract test arranges its state with (the CLI's)."""
+
+    def add_many(self, device_ids: list[str], labels: Mapping[str, str] | None = None) -> list[str]:
+        """Register devices; their tokens in order."""
+        ...
+
+    def revoke(self, device_id: str) -> None:
+        """Stop accepting the device's token."""
+        ...
+
+    def rotate(self, device_id: str, grace_s: float) -> str:
+        """A new token for the device; the old one works for `grace_s` more seconds."""
+        ...
+
+    def set_config(
+        self,
+        device_ids: list[str],
+        *,
+        updates: Mapping[str, Any] | None = None,
+        replace: Mapping[str, Any] | None = None,
+    ) -> dict[str, int]:
+        """New desired config versions for the devices."""
+        ...
+
+
+@dataclass
+class Backend:
+    """A backend under test: the hub's ports, an operator, and how to open the ports again
+    (a restarted hub)."""
+
+    ports: HubRegistry
+    operator: Operator
+    reopen: Callable[[], Awaitable[HubRegistry]]
+
+
+async def eventually(probe: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait until `probe()` is true; fail after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while not await probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {WAIT_S} s")
+        await asyncio.sleep(POLL_S)
+
+
+def _presence(device_id: str, online: bool, stored: int, seen: float = 100.0) -> Presence:
+    return Presence(device_id, online, "10.0.0.1:4000", 50.0, seen, stored)
+
+
+class RegistryContract:
+    """Every port method's behaviour; each test gets a fresh, empty backend."""
+
+    # --- Credentials ---------------------------------------------------------------------
+
+    async def test_a_current_token_names_its_device(self, backend: Backend) -> None:
+        """A device's token hash gives its credential, with no expiry; another gives None."""
+        token_a, token_b = backend.operator.add_many(["a", "b"])
+        found = await backend.ports.credential(hash_token(token_a))
+        assert found is not None
+        assert (found.device_id, found.token_hash, found.expires_at) == (
+            "a",
+            hash_token(token_a),
+            None,
+        )
+        other = await backend.ports.credential(hash_token(token_b))
+        assert other is not None and other.device_id == "b"
+        assert await backend.ports.credential(hash_token(token_a + "x")) is None
+        assert await backend.ports.credential("") is None
+
+    async def test_a_revoked_device_no_longer_authenticates(self, backend: Backend) -> None:
+        """Revocation ends the token at once; the device stays known, inactive."""
+        (token,) = backend.operator.add_many(["a"])
+        backend.operator.revoke("a")
+        assert await backend.ports.credential(hash_token(token)) is None
+        device = await backend.ports.device("a")
+        assert device is not None and not device.active
+
+    async def test_devices_by_id(self, backend: Backend) -> None:
+        """`device` finds registered devices with their labels, and None for others."""
+        backend.operator.add_many(["a"], {"site": "north"})
+        device = await backend.ports.device("a")
+        assert device is not None
+        assert (device.device_id, device.active, device.labels) == ("a", True, {"site": "north"})
+        assert await backend.ports.device("ghost") is None
+
+    async def test_a_rotated_out_token_works_during_its_grace(self, backend: Backend) -> None:
+        """After a rotation both tokens work; the old one says until when."""
+        (old,) = backend.operator.add_many(["a"])
+        before = time.time()
+        new = backend.operator.rotate("a", grace_s=60)
+        current = await backend.ports.credential(hash_token(new))
+        retired = await backend.ports.credential(hash_token(old))
+        assert current is not None and (current.device_id, current.expires_at) == ("a", None)
+        assert retired is not None and retired.device_id == "a"
+        assert retired.expires_at is not None
+        assert before + 60 <= retired.expires_at <= time.time() + 60
+
+    async def test_a_rotated_out_token_fails_once_its_grace_ends(self, backend: Backend) -> None:
+        """When the grace period is over, the old token fails like an unknown one."""
+        (old,) = backend.operator.add_many(["a"])
+        new = backend.operator.rotate("a", grace_s=0.2)
+
+        async def old_fails() -> bool:
+            return await backend.ports.credential(hash_token(old)) is None
+
+        await eventually(old_fails, "the old token stops working")
+        assert await backend.ports.credential(hash_token(new)) is not None
+
+    async def test_rotation_without_grace_ends_the_old_token_at_once(
+        self, backend: Backend
+    ) -> None:
+        """`grace 0` ends every grace period of the device, earlier rotations' too."""
+        (first,) = backend.operator.add_many(["a"])
+        second = backend.operator.rotate("a", grace_s=60)
+        third = backend.operator.rotate("a", grace_s=0)
+        assert await backend.ports.credential(hash_token(first)) is None
+        assert await backend.ports.credential(hash_token(second)) is None
+        assert await backend.ports.credential(hash_token(third)) is not None
+
+    async def test_revocation_ends_tokens_in_their_grace_too(self, backend: Backend) -> None:
+        """A revoked device's rotated-out token fails, grace or not."""
+        (old,) = backend.operator.add_many(["a"])
+        new = backend.operator.rotate("a", grace_s=60)
+        backend.operator.revoke("a")
+        assert await backend.ports.credential(hash_token(old)) is None
+        assert await backend.ports.credential(hash_token(new)) is None
+
+    # --- Configs ----------------------------------------------------------------------------
+
+    async def test_a_new_device_has_nothing_pending(self, backend: Backend) -> None:
+        """Version 0, an empty config, no answer."""
+        backend.operator.add_many(["a"])
+        state = await backend.ports.config_state("a")
+        assert (state.version, state.config, state.acked_version, state.pending) == (
+            0,
+            {},
+            None,
+            False,
+        )
+
+    async def test_config_state_of_an_unknown_device_raises(self, backend: Backend) -> None:
+        """An unknown id is an error, not an empty state."""
+        with pytest.raises(UnknownDevice):
+            await backend.ports.config_state("ghost")
+
+    async def test_config_versions_only_grow(self, backend: Backend) -> None:
+        """Each change is a higher version, answered or not, and after a restart too."""
+        backend.operator.add_many(["a"])
+        seen = []
+        for value in range(3):
+            backend.operator.set_config(["a"], updates={"x": value})
+            state = await backend.ports.config_state("a")
+            seen.append(state.version)
+            assert state.pending and state.config == {"x": value}
+        assert await backend.ports.record_config_ack("a", seen[-1], True, None)
+        reopened = await backend.reopen()
+        try:
+            backend.operator.set_config(["a"], replace={"y": 1})
+            state = await reopened.config_state("a")
+        finally:
+            await reopened.close()
+        seen.append(state.version)
+        assert seen == sorted(set(seen)) and seen[0] >= 1
+        assert state.config == {"y": 1} and state.pending
+
+    async def test_an_answer_to_the_latest_version_is_stored(self, backend: Backend) -> None:
+        """ok and refused answers are stored with their error; nothing is pending after."""
+        backend.operator.add_many(["a", "b"])
+        versions = backend.operator.set_config(["a", "b"], updates={"x": 1})
+        assert await backend.ports.record_config_ack("a", versions["a"], True, None)
+        assert await backend.ports.record_config_ack("b", versions["b"], False, "too fast")
+        a = await backend.ports.config_state("a")
+        b = await backend.ports.config_state("b")
+        assert (a.acked_version, a.ack_ok, a.ack_error, a.pending) == (
+            versions["a"],
+            True,
+            None,
+            False,
+        )
+        assert (b.acked_version, b.ack_ok, b.ack_error, b.pending) == (
+            versions["b"],
+            False,
+            "too fast",
+            False,
+        )
+        assert a.acked_at is not None and a.acked_at <= time.time()
+
+    async def test_stale_repeated_and_impossible_answers_are_ignored(
+        self, backend: Backend
+    ) -> None:
+        """Only the first answer to the latest version counts; others change nothing."""
+        backend.operator.add_many(["a"])
+        first = backend.operator.set_config(["a"], updates={"x": 1})["a"]
+        latest = backend.operator.set_config(["a"], updates={"x": 2})["a"]
+        for version in (first, latest + 1, -1, 2**63, 2**70):
+            assert not await backend.ports.record_config_ack("a", version, True, None)
+        assert (await backend.ports.config_state("a")).acked_version is None
+        assert await backend.ports.record_config_ack("a", latest, True, None)
+        assert not await backend.ports.record_config_ack("a", latest, False, "again")
+        state = await backend.ports.config_state("a")
+        assert (state.acked_version, state.ack_ok) == (latest, True)
+        assert not await backend.ports.record_config_ack("ghost", 1, True, None)
+
+    # --- Presence -------------------------------------------------------------------------
+
+    async def test_presence_is_stored_and_replaced(self, backend: Backend) -> None:
+        """What was recorded last per device is what `presence` returns."""
+        backend.operator.add_many(["a", "b"])
+        assert await backend.ports.presence() == {}
+        await backend.ports.record_presence([_presence("a", True, 3), _presence("b", True, 1)])
+        await backend.ports.record_presence([_presence("a", False, 7, seen=200.0)])
+        assert await backend.ports.presence() == {
+            "a": _presence("a", False, 7, seen=200.0),
+            "b": _presence("b", True, 1),
+        }
+        await backend.ports.record_presence([])
+
+    async def test_mark_all_offline_keeps_the_counts(self, backend: Backend) -> None:
+        """A new hub run starts with nobody online, and every count as it was."""
+        backend.operator.add_many(["a", "b"])
+        await backend.ports.record_presence([_presence("a", True, 3), _presence("b", False, 1)])
+        await backend.ports.mark_all_offline()
+        stored = await backend.ports.presence()
+        assert {d: (p.online, p.readings_stored) for d, p in stored.items()} == {
+            "a": (False, 3),
+            "b": (False, 1),
+        }
+
+    # --- Change feed ------------------------------------------------------------------------
+
+    async def test_changes_since_names_exactly_the_changed_devices(self, backend: Backend) -> None:
+        """Config changes and revocations after a sequence, with what the hub acts on."""
+        backend.operator.add_many(["a", "b", "c"])
+        start = await backend.ports.change_seq()
+        backend.operator.set_config(["a"], updates={"x": 1})
+        backend.operator.revoke("b")
+        latest, changes = await backend.ports.changes_since(start)
+        assert latest > start and latest == await backend.ports.change_seq()
+        by_device = {c.device_id: (c.config_version, c.revoked) for c in changes}
+        assert by_device == {"a": (1, False), "b": (0, True)}
+        assert await backend.ports.changes_since(latest) == (latest, [])
+
+    async def test_a_rotation_is_a_change(self, backend: Backend) -> None:
+        """A rotated token is a change of its device (sessions re-check their tokens)."""
+        backend.operator.add_many(["a", "b"])
+        start = await backend.ports.change_seq()
+        backend.operator.rotate("a", grace_s=0)
+        _, changes = await backend.ports.changes_since(start)
+        assert [c.device_id for c in changes] == ["a"]
+
+    async def test_wait_for_change_times_out_when_nothing_changes(self, backend: Backend) -> None:
+        """No operator change, no signal; the hub's own writes are not operator changes."""
+        backend.operator.add_many(["a"])
+        backend.operator.set_config(["a"], updates={"x": 1})
+        ports = await backend.reopen()  # opened after those changes: nothing new to it
+        try:
+            await ports.record_presence([_presence("a", True, 1)])
+            assert await ports.record_config_ack("a", 1, True, None)
+            started = time.monotonic()
+            assert not await ports.wait_for_change(0.3)
+            assert time.monotonic() - started >= 0.3
+        finally:
+            await ports.close()
+
+    async def test_wait_for_change_wakes_on_an_operator_change(self, backend: Backend) -> None:
+        """A change committed while the hub waits ends the wait, well before its timeout;
+        the signal is then taken."""
+        backend.operator.add_many(["a"])
+        ports = await backend.reopen()
+        try:
+            waiting = asyncio.create_task(ports.wait_for_change(WAIT_S * 4))
+            await asyncio.sleep(0)  # the wait has begun
+            started = time.monotonic()
+            backend.operator.set_config(["a"], updates={"x": 1})
+            assert await asyncio.wait_for(waiting, WAIT_S)
+            print(f"wait_for_change woke {(time.monotonic() - started) * 1000:.1f} ms after")
+            assert not await ports.wait_for_change(0.1)
+        finally:
+            await ports.close()
+
+    async def test_a_change_before_the_wait_is_not_lost(self, backend: Backend) -> None:
+        """A change committed while nobody waits is signalled to the next wait."""
+        backend.operator.add_many(["a"])
+        ports = await backend.reopen()
+        try:
+            backend.operator.revoke("a")
+            assert await ports.wait_for_change(WAIT_S)
+        finally:
+            await ports.close()
