@@ -180,6 +180,7 @@ async def lock_held_by_another_process(path: Path) -> AsyncIterator[None]:
             await holder.wait()
 
 
+@pytest.mark.e2e
 async def test_devices_keep_streaming_while_a_cli_holds_the_write_lock(
     tmp_path: Path, influxdb: LocalServer, influx_db_name: str
 ) -> None:
