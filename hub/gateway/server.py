@@ -27,6 +27,7 @@ from hub.core.dialects import Dialect
 from hub.core.handshake import Handshake, HandshakeRefused, read_credentials
 from hub.core.measurements import MeasurementSchemas, ReadingLimits, ReadingsValidator
 from hub.core.ratelimit import FailedHandshakeLimiter
+from hub.core.session import SessionLimits
 from hub.errors import ConfigError
 from hub.gateway.activation import take_device_socket
 from hub.gateway.admission import (
@@ -41,6 +42,7 @@ from hub.gateway.admission import (
 from hub.gateway.presence import PresenceTracker
 from hub.gateway.rotation import ROTATED_OUT_REASON, RotationWatch
 from hub.gateway.session import DeviceSession
+from hub.gateway.session_ports import SessionPorts
 from hub.ingest.pipeline import Pipeline
 from hub.ops.filelimit import raise_file_limit
 from hub.ops.logs import RedactingFilter, device_extra
@@ -74,6 +76,7 @@ class Hub:
         self.metrics = pipeline.metrics
         self.presence = PresenceTracker(registry)
         self.draining = False
+        self.session_limits = SessionLimits.of(settings)
         self.slots = ConnectionSlots()
         self.rotation = RotationWatch(registry)
         self.stranger_counts = StrangerCounts()
@@ -216,8 +219,9 @@ class Hub:
         self.settings = settings
         self.schemas = schemas
         self._validators.clear()
+        self.session_limits = SessionLimits.of(settings)
         for session in self._sessions.values():
-            session.apply_limits(settings)
+            session.apply_limits(self.session_limits)
 
     def validator(self, ns_per_unit: int) -> ReadingsValidator:
         """The readings validator for one precision, under the current schemas and limits."""
@@ -318,7 +322,10 @@ class Hub:
         if handshake is None:  # lost before its handler ran: nothing to serve
             return
         device_id = handshake.device_id
-        session = DeviceSession(self, connection, handshake)
+        ports = SessionPorts(
+            self.pipeline, self.registry, self.presence, self, self.metrics, drain=self
+        )
+        session = DeviceSession(connection, handshake, ports, self.session_limits)
         previous = self._sessions.get(device_id)
         self._sessions[device_id] = session
         if previous is not None:
