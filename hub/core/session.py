@@ -286,6 +286,15 @@ class SessionMachine:
         self._owed.clear()
 
     @property
+    def awaited(self) -> int | None:
+        """The ticket of the message the acks wait for (the oldest owed, not yet durable);
+        None when `next_ack` has something to do, or nothing is owed."""
+        owed = self._owed
+        if owed and owed[0][1] == _PENDING:
+            return self._first_ticket
+        return None
+
+    @property
     def ready(self) -> bool:
         """Whether `next_ack` has something to do: the oldest owed message is settled."""
         return bool(self._owed) and self._owed[0][1] != _PENDING

@@ -58,9 +58,11 @@ class DeviceSession:
         self.machine = SessionMachine(limits)
         self._ports = ports
         # The ack sender, started on the first readings message: an idle connection costs
-        # no task. `_ready` wakes it when an ack may go; `_progress` wakes whoever waits for
-        # acks to go (flow control, a close, the hub's shutdown).
+        # no task. It awaits each message's durability in the order read (no task, timer or
+        # callback per message); `_ready` wakes it when nothing was owed; `_progress` wakes
+        # whoever waits for acks to go (flow control, a close, the hub's shutdown).
         self._sender: asyncio.Task[None] | None = None
+        self._durables: dict[int, asyncio.Future[None]] = {}  # by ticket, while owed
         self._ready = asyncio.Event()
         self._progress = asyncio.Event()
         self._config_lock = asyncio.Lock()
@@ -174,21 +176,12 @@ class DeviceSession:
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_acks())
         reasons = bounded_reasons(prepared.reasons) if prepared.reasons else {}
-        ticket = self.machine.message_read(event.seq, prepared.accepted, reasons, bool(durable))
-        if durable is None:
-            if self.machine.ready:
-                self._ready.set()
-        else:
-            durable.add_done_callback(functools.partial(self._settled, ticket))
-
-    def _settled(self, ticket: int, durable: asyncio.Future[None]) -> None:
-        """A message's readings are durable, or will never be (the hub is stopping)."""
-        if durable.cancelled() or durable.exception() is not None:
-            wake = self.machine.failed(ticket)
-        else:
-            wake = self.machine.durable(ticket)
-        if wake:
-            self._ready.set()
+        ticket = self.machine.message_read(
+            event.seq, prepared.accepted, reasons, durable is not None
+        )
+        if durable is not None:
+            self._durables[ticket] = durable
+        self._ready.set()  # a no-op unless the sender is idle
 
     async def _telegraf(self, event: TelegrafFrame | SlicedTelegraf, arrival_ns: int) -> None:
         prepared = await self._prepare(event.metrics, arrival_ns, stream=True)
@@ -323,8 +316,12 @@ class DeviceSession:
                     if machine.acks_stopped:
                         return  # a message can no longer be stored: the hub is stopping
                     self._progress.set()
-                    self._ready.clear()
-                    await self._ready.wait()
+                    awaited = machine.awaited
+                    if awaited is None:  # nothing owed: wait for the next message
+                        self._ready.clear()
+                        await self._ready.wait()
+                    else:  # the oldest message's durability, in the order they were read
+                        await self._settle(awaited, self._durables.pop(awaited))
                     continue
                 traffic.readings_stored += ack.accepted
                 await self.connection.send(encode_ack(ack.seq, ack.accepted, ack.reasons))
@@ -337,7 +334,21 @@ class DeviceSession:
             # Nothing owed will be answered now: whoever waits for room or for the acks
             # must not be held forever.
             machine.acks_failed()
+            self._durables.clear()
             self._progress.set()
+
+    async def _settle(self, ticket: int, durable: asyncio.Future[None]) -> None:
+        """Wait for a message's readings to be durable, and tell the machine how it went."""
+        try:
+            await durable
+        except asyncio.CancelledError:
+            if not durable.cancelled():
+                raise  # the sender itself is cancelled
+            self.machine.failed(ticket)
+        except Exception:  # e.g. the pipeline stopping: the device resends what is unacked
+            self.machine.failed(ticket)
+        else:
+            self.machine.durable(ticket)
 
     async def _close_after_acks(self, close: Close) -> None:
         """Carry out a close: the acks owed (bounded), the `error` message, the close frame."""
