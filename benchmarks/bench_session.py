@@ -1,6 +1,7 @@
 """The device session's own cost per message: `DeviceSession` reading, submitting, acking.
 
     python benchmarks/bench_session.py [--batch 1] [--messages 20000] [--rounds 5]
+    python benchmarks/bench_session.py --idle 2000
 
 Runs one `hub.gateway.session.DeviceSession` over an in-memory connection that hands it
 `--messages` readings messages of `--batch` readings (the simulator's, as in bench_core.py)
@@ -8,7 +9,9 @@ and takes its acks; the ingest port completes each submit on the next loop turn,
 pipeline with room does. Prints the best process-CPU microseconds per message and per
 reading over `--rounds` rounds: the whole session path (decode, rate checks, validate,
 format, submit, durability, ordered ack) without sockets or InfluxDB. With `--batch 1` the
-session's own share (state machine, futures, ack sender) is largest.
+session's own share (state machine, futures, ack sender) is largest. `--idle N` instead
+prints the Python objects one idle session holds (tracemalloc over N of them; the
+connection itself and websockets' objects are not included).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import time
 import tomllib
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -152,18 +156,40 @@ class BenchHub:
         return self._validator
 
 
+def idle_ports(validator: ReadingsValidator) -> SessionPorts:
+    """Ports that take everything at once (shared by every session, as the hub's are)."""
+    hub = BenchHub(validator)
+    return SessionPorts(ImmediateIngest(), hub, hub, hub, HubMetrics(), hub)
+
+
+def new_session(connection: object, ports: SessionPorts, limits: SessionLimits) -> DeviceSession:
+    """A session over `connection`."""
+    return DeviceSession(
+        cast(ServerConnection, connection), Handshake("bench-1", 10**6), ports, limits
+    )
+
+
+BENCH_LIMITS = SessionLimits.of(Settings().model_copy(update=UNLIMITED_RATES))
+
+
+async def idle_bytes(sessions: int, validator: ReadingsValidator) -> float:
+    """Bytes of Python objects per session of `sessions` idle ones (made, nothing read)."""
+    connections = [MemoryConnection([]) for _ in range(sessions)]
+    tracemalloc.start()
+    ports = idle_ports(validator)
+    before = tracemalloc.take_snapshot()
+    made = [new_session(connection, ports, BENCH_LIMITS) for connection in connections]
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    del made
+    return grown / sessions
+
+
 async def one_round(frames: list[bytes], validator: ReadingsValidator) -> float:
     """Process-CPU seconds for one session over `frames`, every ack sent."""
-    settings = Settings()
-    hub = BenchHub(validator)
-    ports = SessionPorts(ImmediateIngest(), hub, hub, hub, HubMetrics(), hub)
     connection = MemoryConnection(frames)
-    session = DeviceSession(
-        cast(ServerConnection, connection),
-        Handshake("bench-1", 10**6),
-        ports,
-        SessionLimits.of(settings.model_copy(update=UNLIMITED_RATES)),
-    )
+    session = new_session(connection, idle_ports(validator), BENCH_LIMITS)
     started = time.process_time()
     await session.run()
     elapsed = time.process_time() - started
@@ -177,10 +203,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--idle", type=int, default=0, help="measure N idle sessions' memory")
     args = parser.parse_args()
-    frames = messages(args.batch, args.messages)
     source = SchemaFile.model_validate(tomllib.loads(SCHEMA_TOML))
     validator = MeasurementSchemas(source).validator(10**6)
+    if args.idle:
+        per_session = asyncio.run(idle_bytes(args.idle, validator))
+        print(f"{args.idle} idle sessions: {per_session:.0f} bytes of Python objects each")
+        return
+    frames = messages(args.batch, args.messages)
     best = min(asyncio.run(one_round(frames, validator)) for _ in range(args.rounds))
     per_message = best / args.messages * 1e6
     print(

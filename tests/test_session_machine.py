@@ -403,3 +403,20 @@ def test_session_limits_come_from_the_settings(tmp_path: Path) -> None:
     assert got.frame == FrameLimits.of(settings) and got.frame.max_readings == 17
     assert got.time == TimeLimits.of(settings)
     assert got.byte_burst == 2000  # 300 * 4 is less than one frame
+
+
+@pytest.mark.parametrize("window", [2, 5, 30])
+def test_a_long_stream_with_acks_always_owed_keeps_order_and_bounded_state(window: int) -> None:
+    """Hundreds of messages, `window` always owed, each window durable newest first: every
+    ack in order, and the owed list stays bounded (it is compacted as it is handed out)."""
+    machine = SessionMachine(limits(max_unacked_messages=window + 1))
+    sent: list[int] = []
+    tickets = [machine.message_read(n, 1, {}, pending=True) for n in range(window)]
+    for n in range(window, 600 + window, window):
+        for ticket in reversed(tickets):
+            machine.durable(ticket)
+        tickets = [machine.message_read(n + k, 1, {}, pending=True) for k in range(window)]
+        sent += send_ready(machine)
+        assert machine.acks_owed == window
+        assert len(machine._owed) <= 64 + 2 * window  # the internal list, compacted
+    assert sent == list(range(len(sent))) and len(sent) >= 600

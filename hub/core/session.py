@@ -17,7 +17,6 @@ its protocol errors; `close_for` turns one into its `Close`.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,6 +38,9 @@ DRAIN_REASON = "hub shutting down"
 
 _PENDING, _DURABLE, _FAILED = 0, 1, 2
 """What is known of an owed message's readings."""
+
+_COMPACT_AFTER = 64
+"""Handed-out entries at the front of the owed list before it is compacted."""
 
 ConfigResult = Literal["applied", "refused", "ignored"]
 
@@ -149,28 +151,6 @@ def config_result(recorded: bool, ok: bool) -> ConfigResult:
     return "applied" if ok else "refused"
 
 
-class _RateChecks:
-    """The three per-device token buckets: messages, bytes, readings."""
-
-    __slots__ = ("bytes", "messages", "readings")
-
-    def __init__(self, limits: SessionLimits) -> None:
-        self.messages = TokenBucket(limits.messages_per_s, limits.messages_per_s * limits.burst_s)
-        self.readings = TokenBucket(limits.readings_per_s, limits.readings_per_s * limits.burst_s)
-        self.bytes = TokenBucket(limits.bytes_per_s, limits.byte_burst)
-
-    def apply(self, limits: SessionLimits) -> None:
-        """New rates from now on; tokens beyond a smaller burst are dropped."""
-        for bucket, rate, burst in (
-            (self.messages, limits.messages_per_s, limits.messages_per_s * limits.burst_s),
-            (self.readings, limits.readings_per_s, limits.readings_per_s * limits.burst_s),
-            (self.bytes, limits.bytes_per_s, limits.byte_burst),
-        ):
-            bucket.rate = rate
-            bucket.burst = burst
-            bucket.tokens = min(bucket.tokens, burst)
-
-
 class SessionMachine:
     """The protocol state of one device connection (see the module docstring).
 
@@ -181,12 +161,15 @@ class SessionMachine:
 
     __slots__ = (
         "_acks_stopped",
+        "_byte_rate",
         "_closing",
         "_first_ticket",
+        "_head",
         "_in_hand",
+        "_message_rate",
         "_next_ticket",
         "_owed",
-        "_rates",
+        "_reading_rate",
         "config_sent",
         "limits",
     )
@@ -195,11 +178,19 @@ class SessionMachine:
         self.limits = limits
         self.config_sent = 0
         """The newest config version sent on this connection (0: none)."""
-        self._rates = _RateChecks(limits)
+        # Three token buckets, held directly: an object of their own costs every idle
+        # connection its size.
+        self._message_rate = TokenBucket(0, 0)
+        self._byte_rate = TokenBucket(0, 0)
+        self._reading_rate = TokenBucket(0, 0)
+        self._apply_rates(limits, full=True)
         # [ack, _PENDING | _DURABLE | _FAILED] per message read and not yet acked, oldest
         # first: a list rather than a dataclass, the cheapest mutable pair.
-        self._owed: deque[list[Any]] = deque()
-        self._first_ticket = 0  # the ticket of _owed[0]
+        # Owed from _owed[_head] on: a list and an index rather than a deque, whose empty
+        # block (600 bytes) every idle connection would carry.
+        self._owed: list[list[Any]] = []
+        self._head = 0
+        self._first_ticket = 0  # the ticket of _owed[_head]
         self._next_ticket = 0
         self._acks_stopped = False
         self._in_hand = False  # an ack handed out by next_ack and not yet sent
@@ -210,17 +201,29 @@ class SessionMachine:
     def apply_limits(self, limits: SessionLimits) -> None:
         """Use reloaded limits from now on (rates, frame and time limits, timeouts)."""
         self.limits = limits
-        self._rates.apply(limits)
+        self._apply_rates(limits, full=False)
+
+    def _apply_rates(self, limits: SessionLimits, full: bool) -> None:
+        """New rates from now on; tokens beyond a smaller burst are dropped (`full`: the
+        buckets start full, as on a new connection)."""
+        for bucket, rate, burst in (
+            (self._message_rate, limits.messages_per_s, limits.messages_per_s * limits.burst_s),
+            (self._reading_rate, limits.readings_per_s, limits.readings_per_s * limits.burst_s),
+            (self._byte_rate, limits.bytes_per_s, limits.byte_burst),
+        ):
+            bucket.rate = rate
+            bucket.burst = burst
+            bucket.tokens = burst if full else min(bucket.tokens, burst)
 
     def check_rate(self, size: int, items: int, now: float) -> None:
         """A frame of `size` bytes carrying `items` readings arrived at `now` (monotonic
         seconds). Raises `RateLimited` (1008) when it is over one of the device's rates."""
         limits = self.limits
-        if not self._rates.messages.take(1, now):
+        if not self._message_rate.take(1, now):
             raise RateLimited(f"more than {limits.messages_per_s:g} messages a second")
-        if not self._rates.bytes.take(size, now):
+        if not self._byte_rate.take(size, now):
             raise RateLimited(f"more than {limits.bytes_per_s:g} bytes a second")
-        if items and not self._rates.readings.take(items, now):
+        if items and not self._reading_rate.take(items, now):
             raise RateLimited(f"more than {limits.readings_per_s:g} readings a second")
 
     # -- acks ------------------------------------------------------------------------------
@@ -253,20 +256,28 @@ class SessionMachine:
 
     def _settle(self, ticket: int, state: int) -> bool:
         index = ticket - self._first_ticket
-        if self._acks_stopped or index < 0 or index >= len(self._owed):
+        if self._acks_stopped or index < 0 or index >= len(self._owed) - self._head:
             return False  # answered already, or nothing will be answered any more
-        self._owed[index][1] = state
+        self._owed[self._head + index][1] = state
         return index == 0
 
     def next_ack(self) -> SendAck | None:
         """The ack to send now, in the order the messages were read; None while the oldest
         owed message is not durable yet (or acks stopped). The caller calls `ack_sent` once
         it is sent, `acks_failed` if it could not be."""
-        owed = self._owed
-        if not owed or owed[0][1] == _PENDING:
+        owed, head = self._owed, self._head
+        if head == len(owed) or owed[head][1] == _PENDING:
             return None
-        ack, state = owed.popleft()
+        ack, state = owed[head]
         self._first_ticket += 1
+        if head + 1 == len(owed):  # all handed out: the usual case when acks keep up
+            owed.clear()
+            self._head = 0
+        elif head + 1 >= _COMPACT_AFTER:
+            del owed[: head + 1]
+            self._head = 0
+        else:
+            self._head = head + 1
         if state == _FAILED:
             self.acks_failed()
             return None
@@ -282,27 +293,29 @@ class SessionMachine:
         stored): nothing owed will be answered, and a later message gets 1013."""
         self._acks_stopped = True
         self._in_hand = False
-        self._first_ticket += len(self._owed)
+        self._first_ticket += len(self._owed) - self._head
         self._owed.clear()
+        self._head = 0
 
     @property
     def awaited(self) -> int | None:
         """The ticket of the message the acks wait for (the oldest owed, not yet durable);
         None when `next_ack` has something to do, or nothing is owed."""
-        owed = self._owed
-        if owed and owed[0][1] == _PENDING:
+        owed, head = self._owed, self._head
+        if head < len(owed) and owed[head][1] == _PENDING:
             return self._first_ticket
         return None
 
     @property
     def ready(self) -> bool:
         """Whether `next_ack` has something to do: the oldest owed message is settled."""
-        return bool(self._owed) and self._owed[0][1] != _PENDING
+        owed, head = self._owed, self._head
+        return head < len(owed) and owed[head][1] != _PENDING
 
     @property
     def acks_owed(self) -> int:
         """Messages read and neither acked nor given up on (the one being sent included)."""
-        return len(self._owed) + self._in_hand
+        return len(self._owed) - self._head + self._in_hand
 
     @property
     def acks_stopped(self) -> bool:

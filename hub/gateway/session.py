@@ -41,8 +41,38 @@ from schemas.messages import Config, ConfigAck
 log = logging.getLogger("hub.session")
 
 
+class _AckSender:
+    """The ack sender task of a session and what it waits on.
+
+    It awaits each message's durability in the order the messages were read (no task, timer
+    or callback per message) and tells the machine; `ready` wakes it when nothing was owed;
+    `progress` wakes whoever waits for acks to go (flow control, a close, the shutdown)."""
+
+    __slots__ = ("durables", "progress", "ready", "task")
+
+    task: asyncio.Task[None]
+
+    def __init__(self) -> None:
+        self.durables: dict[int, asyncio.Future[None]] = {}  # by ticket, while owed
+        self.ready = asyncio.Event()
+        self.progress = asyncio.Event()
+
+
 class DeviceSession:
     """One device connection, from the upgrade to the close: drives a `SessionMachine`."""
+
+    # Slots: thousands of idle connections each hold one.
+    __slots__ = (
+        "_acks",
+        "_config_lock",
+        "_log",
+        "_ports",
+        "connection",
+        "device_id",
+        "machine",
+        "ns_per_unit",
+        "token_hash",
+    )
 
     def __init__(
         self,
@@ -57,14 +87,9 @@ class DeviceSession:
         self.ns_per_unit = handshake.ns_per_unit
         self.machine = SessionMachine(limits)
         self._ports = ports
-        # The ack sender, started on the first readings message: an idle connection costs
-        # no task. It awaits each message's durability in the order read (no task, timer or
-        # callback per message); `_ready` wakes it when nothing was owed; `_progress` wakes
-        # whoever waits for acks to go (flow control, a close, the hub's shutdown).
-        self._sender: asyncio.Task[None] | None = None
-        self._durables: dict[int, asyncio.Future[None]] = {}  # by ticket, while owed
-        self._ready = asyncio.Event()
-        self._progress = asyncio.Event()
+        # Made on the first readings message: an idle connection then costs neither the
+        # task nor its events.
+        self._acks: _AckSender | None = None
         self._config_lock = asyncio.Lock()
         self._log = device_extra(self.device_id)
 
@@ -98,8 +123,8 @@ class DeviceSession:
         except ConnectionClosed:
             pass
         finally:
-            if self._sender is not None:
-                self._sender.cancel()
+            if self._acks is not None:
+                self._acks.task.cancel()
 
     async def push_config(self) -> None:
         """Send the desired config if the device has not answered its latest version."""
@@ -123,10 +148,11 @@ class DeviceSession:
     async def _until(self, condition: Callable[[], bool]) -> None:
         """Wait until `condition` holds after the sender's progress, or the sender is gone."""
         while not condition():
-            if self._sender is None or self._sender.done():
+            acks = self._acks
+            if acks is None or acks.task.done():
                 return
-            self._progress.clear()
-            await self._progress.wait()
+            acks.progress.clear()
+            await acks.progress.wait()
 
     async def revoke(self, reason: str = "token revoked") -> None:
         """Close the connection with 4001: the device's token was revoked or rotated out."""
@@ -173,15 +199,17 @@ class DeviceSession:
         if prepared.accepted:
             durable = await self._submit(prepared.lines, prepared.accepted)
             metrics.time_ack(durable, arrival_ns)
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_acks())
+        acks = self._acks
+        if acks is None:
+            acks = self._acks = _AckSender()
+            acks.task = asyncio.create_task(self._send_acks(acks))
         reasons = bounded_reasons(prepared.reasons) if prepared.reasons else {}
         ticket = self.machine.message_read(
             event.seq, prepared.accepted, reasons, durable is not None
         )
         if durable is not None:
-            self._durables[ticket] = durable
-        self._ready.set()  # a no-op unless the sender is idle
+            acks.durables[ticket] = durable
+        acks.ready.set()  # a no-op unless the sender is idle
 
     async def _telegraf(self, event: TelegrafFrame | SlicedTelegraf, arrival_ns: int) -> None:
         prepared = await self._prepare(event.metrics, arrival_ns, stream=True)
@@ -305,7 +333,7 @@ class DeviceSession:
                 return result
             await asyncio.sleep(0)
 
-    async def _send_acks(self) -> None:
+    async def _send_acks(self, acks: _AckSender) -> None:
         machine = self.machine
         traffic = self._ports.metrics.traffic
         presence = self._ports.presence
@@ -315,13 +343,13 @@ class DeviceSession:
                 if ack is None:
                     if machine.acks_stopped:
                         return  # a message can no longer be stored: the hub is stopping
-                    self._progress.set()
+                    acks.progress.set()
                     awaited = machine.awaited
                     if awaited is None:  # nothing owed: wait for the next message
-                        self._ready.clear()
-                        await self._ready.wait()
+                        acks.ready.clear()
+                        await acks.ready.wait()
                     else:  # the oldest message's durability, in the order they were read
-                        await self._settle(awaited, self._durables.pop(awaited))
+                        await self._settle(awaited, acks.durables.pop(awaited))
                     continue
                 traffic.readings_stored += ack.accepted
                 await self.connection.send(encode_ack(ack.seq, ack.accepted, ack.reasons))
@@ -334,8 +362,8 @@ class DeviceSession:
             # Nothing owed will be answered now: whoever waits for room or for the acks
             # must not be held forever.
             machine.acks_failed()
-            self._durables.clear()
-            self._progress.set()
+            acks.durables.clear()
+            acks.progress.set()
 
     async def _settle(self, ticket: int, durable: asyncio.Future[None]) -> None:
         """Wait for a message's readings to be durable, and tell the machine how it went."""
