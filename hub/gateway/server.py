@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import ssl
 import time
 from collections.abc import Coroutine
 from http import HTTPStatus
@@ -26,7 +25,7 @@ from hub.core.dialects import Dialect
 from hub.core.handshake import Handshake, HandshakeRefused, read_credentials
 from hub.core.measurements import MeasurementSchemas, ReadingLimits, ReadingsValidator
 from hub.core.ratelimit import FailedHandshakeLimiter
-from hub.errors import ConfigError
+from hub.core.session import SessionLimits
 from hub.gateway.activation import take_device_socket
 from hub.gateway.admission import (
     ConnectionSlots,
@@ -40,6 +39,8 @@ from hub.gateway.admission import (
 from hub.gateway.presence import PresenceTracker
 from hub.gateway.rotation import ROTATED_OUT_REASON, RotationWatch
 from hub.gateway.session import DeviceSession
+from hub.gateway.session_ports import SessionPorts
+from hub.gateway.tls import tls_context
 from hub.gateway.watcher import FleetWatcher
 from hub.ingest.pipeline import Pipeline
 from hub.ops.filelimit import raise_file_limit
@@ -76,6 +77,7 @@ class Hub:
         self.metrics = metrics
         self.presence = PresenceTracker(registry)
         self.draining = False
+        self.session_limits = SessionLimits.of(settings)
         self.slots = ConnectionSlots()
         self.rotation = RotationWatch(registry)
         self.stranger_counts = StrangerCounts()
@@ -222,8 +224,9 @@ class Hub:
         self.settings = settings
         self.schemas = schemas
         self._validators.clear()
+        self.session_limits = SessionLimits.of(settings)
         for session in self._sessions.values():
-            session.apply_limits(settings)
+            session.apply_limits(self.session_limits)
 
     def validator(self, ns_per_unit: int) -> ReadingsValidator:
         """The readings validator for one precision, under the current schemas and limits."""
@@ -330,7 +333,10 @@ class Hub:
         if handshake is None:  # lost before its handler ran: nothing to serve
             return
         device_id = handshake.device_id
-        session = DeviceSession(self, connection, handshake)
+        ports = SessionPorts(
+            self.pipeline, self.registry, self.presence, self, self.metrics, drain=self
+        )
+        session = DeviceSession(connection, handshake, ports, self.session_limits)
         previous = self._sessions.get(device_id)
         self._sessions[device_id] = session
         if previous is not None:
@@ -406,24 +412,6 @@ def _redacting_logger(name: str) -> logging.Logger:
     if not any(isinstance(f, RedactingFilter) for f in logger.filters):
         logger.addFilter(RedactingFilter())
     return logger
-
-
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The server TLS context for `tls_cert`/`tls_key`, or None to serve plain ws://."""
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"cannot use TLS certificate {settings.tls_cert} with key {settings.tls_key}: "
-            f"{getattr(exc, 'strerror', None) or exc}"
-        ) from None
-    if settings.tls_key.stat().st_mode & 0o077:
-        log.warning("TLS key %s is readable by other users: chmod 600 it", settings.tls_key)
-    return context
 
 
 def _address(connection: ServerConnection) -> str:
