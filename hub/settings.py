@@ -32,6 +32,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from hub.core.proxyheader import parse_networks
 from hub.errors import ConfigError
 
 InfluxApi = Literal["auto", "v1", "v2"]
@@ -135,6 +136,9 @@ class Settings(BaseSettings):
 
     # Security
     allowed_origins: list[str] = []
+    proxy_protocol_from: list[str] = []
+    """Balancers (addresses or CIDR networks) whose connections start with a PROXY header
+    naming the device's address; required from them, ignored from anyone else."""
     tls_cert: Path | None = None
     tls_key: Path | None = None
     compression: bool = False
@@ -181,6 +185,12 @@ class Settings(BaseSettings):
         if value.strip():
             parse_rfc3339_ns(value)  # raises ValueError with the reason
         return value.strip()
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        parse_networks(value)  # raises ValueError naming the bad entry
+        return [text.strip() for text in value]
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

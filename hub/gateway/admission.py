@@ -33,6 +33,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 
 from hub.core.handshake import Handshake
+from hub.core.proxyheader import ProxyHeaderError, TrustedProxies, read_proxy_header
 from hub.core.ratelimit import TokenBucket, source_key
 
 LOOP_LAG_TOLERANCE_S = 0.1
@@ -79,6 +80,7 @@ class StrangerCounts:
     header_timeouts: int = 0
     headers_too_large: int = 0
     handshake_errors: int = 0
+    proxy_header_errors: int = 0
     log_lines_suppressed: int = 0
 
 
@@ -157,8 +159,10 @@ class StrangerGuard:
         max_header_bytes: int,
         log: StrangerLog,
         counts: StrangerCounts,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         self.limits = StrangerLimits(per_source)
+        self.trusted_proxies = trusted_proxies or TrustedProxies(())
         self.header_timeout_s = header_timeout_s
         self.max_header_bytes = max_header_bytes
         self.log = log
@@ -191,13 +195,26 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
         _deadline: asyncio.TimerHandle | None = None
         _due = 0.0
         _ignore_input = False
+        _proxy_header: bytes | None = None
+        """What a balancer's PROXY header has sent so far; None once read (or no balancer)."""
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             # Read now: under uvloop, asking a reset transport later raises.
             self.peer = _peer_of(transport)
-            self.source = source_key(self.peer[0]) if self.peer else UNKNOWN_SOURCE
+            if self.peer and self.peer[0] in guard.trusted_proxies:
+                # A balancer: the client it names in its PROXY header is charged, once read.
+                self._proxy_header = b""
+                guard.waiting.add(self)
+                self._arm(guard.header_timeout_s)  # a balancer sends its header at once
+                return
+            self._enter(self.peer)
+
+        def _enter(self, peer: tuple[str, int] | None) -> bool:
+            """Charge the connection to `peer`'s source; False (and dropped) if over the cap."""
+            self.source = source_key(peer[0]) if peer else UNKNOWN_SOURCE
             if not guard.limits.enter(self.source):
+                guard.waiting.discard(self)
                 guard.counts.over_source_cap += 1
                 guard.log.line(
                     logging.WARNING,
@@ -207,11 +224,16 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
                     guard.limits.per_source,
                 )
                 self.transport.abort()
-                return
+                return False
             self._waiting = True
             guard.waiting.add(self)
+            return True
 
         def data_received(self, data: bytes) -> None:
+            if self._proxy_header is not None:
+                data = self._read_proxy_header(data)
+                if not data:
+                    return
             if self._waiting:
                 if self._deadline is None:
                     # From the first byte: a client that has not started yet (its own loop
@@ -236,6 +258,38 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
                 return
             super().data_received(data)
 
+        def _read_proxy_header(self, data: bytes) -> bytes:
+            """Take the balancer's PROXY header off the front of the stream; what follows
+            it, once it is complete (b"" until then, or when the connection is dropped)."""
+            buffer = (self._proxy_header or b"") + data
+            try:
+                header = read_proxy_header(buffer)
+            except ProxyHeaderError as exc:
+                self._proxy_header = None
+                guard.waiting.discard(self)
+                self._cancel_deadline()
+                guard.counts.proxy_header_errors += 1
+                guard.log.line(
+                    logging.WARNING,
+                    "connection from balancer %s dropped: %s (proxy_protocol_from)",
+                    self.peer[0] if self.peer else UNKNOWN_SOURCE,
+                    exc,
+                )
+                self.transport.abort()
+                self._ignore_input = True
+                return b""
+            if header is None:
+                self._proxy_header = buffer
+                return b""
+            self._proxy_header = None
+            self._cancel_deadline()  # re-armed for the request headers from their first byte
+            if header.client is not None:
+                self.peer = header.client
+            if not self._enter(self.peer):
+                self._ignore_input = True
+                return b""
+            return buffer[header.length :]
+
         def process_event(self, event: Any) -> None:
             if self.request is None:
                 self._stop_waiting()  # the request is in: the handshake checks take over
@@ -251,7 +305,7 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
 
         def _headers_late(self) -> None:
             self._deadline = None
-            if not self._waiting:
+            if not self._waiting and self._proxy_header is None:
                 return
             if self.loop.time() - self._due > LOOP_LAG_TOLERANCE_S:
                 self._arm(LAG_RECHECK_S)  # the loop is behind: let it read the socket first
@@ -267,11 +321,18 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
             self.transport.abort()
 
         def _stop_waiting(self) -> None:
+            if self._proxy_header is not None:  # lost before the balancer's header was in
+                self._proxy_header = None
+                guard.waiting.discard(self)
+                self._cancel_deadline()
             if not self._waiting:
                 return
             self._waiting = False
             guard.waiting.discard(self)
             guard.limits.leave(self.source)
+            self._cancel_deadline()
+
+        def _cancel_deadline(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
                 self._deadline = None

@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 from hub.core.dialects import Dialect
 from hub.core.handshake import Handshake, HandshakeRefused, read_credentials
 from hub.core.measurements import MeasurementSchemas, ReadingLimits, ReadingsValidator
+from hub.core.proxyheader import TrustedProxies
 from hub.core.ratelimit import FailedHandshakeLimiter
 from hub.core.session import SessionLimits
 from hub.gateway.activation import take_device_socket
@@ -88,6 +89,7 @@ class Hub:
             settings.max_request_header_bytes,
             self.stranger_log,
             self.stranger_counts,
+            TrustedProxies(settings.proxy_protocol_from),
         )
         self._sessions: dict[str, DeviceSession] = {}
         self.watcher = FleetWatcher(

@@ -12,7 +12,8 @@ Label values are a small fixed set each:
   `not_found`, `forbidden`, `too_many_requests` (a blocked address),
   `service_unavailable` (draining or at `max_connections`), ...;
 * `hub_unauthenticated_dropped_total{reason}`: connections dropped before their handshake
-  was answered, `source_cap`, `header_timeout`, `headers_too_large`, `handshake_error`;
+  was answered, `source_cap`, `header_timeout`, `headers_too_large`, `handshake_error`,
+  `proxy_header` (a balancer in `proxy_protocol_from` sent no valid PROXY header);
 * `hub_readings_rejected_total{reason}`: the part of a reading that broke its schema,
   `name`, `fields`, `tags`, `time`, or `unknown_measurement`, `undecodable` (a Telegraf
   metric cut short), `invalid` (anything else, such as text InfluxDB cannot store);
@@ -264,6 +265,7 @@ class StateCollector(Collector):
             ("header_timeout", strangers.header_timeouts),
             ("headers_too_large", strangers.headers_too_large),
             ("handshake_error", strangers.handshake_errors),
+            ("proxy_header", strangers.proxy_header_errors),
         ):
             dropped.add_metric([reason], float(count))
         yield dropped

@@ -75,6 +75,34 @@ backend hubs
 {check}{servers}"""
 
 
+def proxy_protocol_config(port: int, backends: Sequence[tuple[str, int]], version: int = 2) -> str:
+    """A TCP-mode config on `port` to `backends` that starts each backend connection with a
+    PROXY header (`send-proxy-v2`, or `send-proxy` for version 1) naming the client."""
+    send = "send-proxy-v2" if version == 2 else "send-proxy"
+    servers = "".join(
+        f"    server b{index} {host}:{backend_port} {send}\n"
+        for index, (host, backend_port) in enumerate(backends)
+    )
+    return f"""\
+global
+    log stderr format raw local0 info
+
+defaults
+    mode tcp
+    log global
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+
+frontend devices
+    bind 127.0.0.1:{port}
+    default_backend hubs
+
+backend hubs
+    balance roundrobin
+{servers}"""
+
+
 @dataclass
 class HAProxyServer:
     """An HAProxy process this module started, stopped by its process id."""
