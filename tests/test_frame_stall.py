@@ -42,6 +42,15 @@ P99_BOUND_S = 0.25
 loaded 2-core box this suite runs on, the fixed hub measured p99 99-145 ms during the attack
 (52 ms without it); issue 16's target of 100 ms holds there only on a quiet machine, so the
 bound leaves room for load while still failing the old code by more than tenfold."""
+BASELINE_S = 1.5
+"""How long the good device is measured alone first: what this machine's load costs it."""
+BASELINE_FACTOR = 8.0
+HARD_BOUND_S = 1.0
+"""The bound is P99_BOUND_S, or BASELINE_FACTOR times the good device's p99 without the
+attack when the machine is loaded enough to need more (run beside two CPU hogs and other
+suites, load average 8 on 2 cores, the attack p99 reached 340-591 ms against 60-120 ms
+alone); never more than
+HARD_BOUND_S, which the old code (p99 over 4 s) still fails fourfold."""
 SHUTDOWN_TIMEOUT_S = 5.0
 WAIT_S = 30.0
 T0_MS = 1_700_000_000_000
@@ -120,6 +129,8 @@ class Replay:
 
     latencies: list[float]
     """The good device's ack latencies during the attack, in seconds."""
+    baseline: list[float]
+    """Its ack latencies alone, before the attack."""
     sent: int
     received: list[bytes]
     """Everything the hub sent the attacker."""
@@ -136,8 +147,14 @@ class Replay:
             f"median {statistics.median(self.latencies) * 1e3:.1f} ms; attacker: {self.sent} "
             f"frames sent, {len(self.received)} acks, largest "
             f"{max(map(len, self.received), default=0)} bytes; hub stopped in "
-            f"{self.stopped_in:.2f} s"
+            f"{self.stopped_in:.2f} s; alone before the attack p99 "
+            f"{p99(self.baseline) * 1e3:.1f} ms, so the bound is {self.bound_s * 1e3:.0f} ms"
         )
+
+    @property
+    def bound_s(self) -> float:
+        """The p99 the good device must keep during the attack (see HARD_BOUND_S)."""
+        return min(HARD_BOUND_S, max(P99_BOUND_S, BASELINE_FACTOR * p99(self.baseline)))
 
 
 async def replay(
@@ -160,6 +177,11 @@ async def replay(
             async with DeviceClient(hub.url, good_token) as good:
                 warmup = {"name": "warmup", "fields": {"v": 1.0}}
                 await asyncio.wait_for(good.store([warmup]), WAIT_S)
+                alone = asyncio.Event()
+                measuring_alone = asyncio.create_task(measure_acks(good, alone))
+                await asyncio.sleep(BASELINE_S)  # a duration to sample, not a condition
+                alone.set()
+                baseline = await measuring_alone
                 headers = {"Authorization": f"Bearer {bad_token}"}
                 url = f"{hub.url}/v1/ws"
                 async with connect(url, additional_headers=headers, max_size=None) as attacker:
@@ -184,7 +206,7 @@ async def replay(
             stopping = time.monotonic()
             code = await hub.stop()
             stopped_in = time.monotonic() - stopping
-    return Replay(latencies, sent, received, expected, attacker_code, code, stopped_in)
+    return Replay(latencies, baseline, sent, received, expected, attacker_code, code, stopped_in)
 
 
 def assert_held_up(result: Replay, rate: float) -> list[dict[str, Any]]:
@@ -199,7 +221,7 @@ def assert_held_up(result: Replay, rate: float) -> list[dict[str, Any]]:
     assert all(ack["type"] == "ack" for ack in acks)
     assert max(map(len, result.received)) <= MAX_HUB_FRAME_BYTES
     worst = p99(result.latencies)
-    assert worst <= P99_BOUND_S, f"p99 {worst * 1e3:.0f} ms"
+    assert worst <= result.bound_s, f"p99 {worst * 1e3:.0f} ms, bound {result.bound_s * 1e3:.0f}"
     assert result.exit_code == 0 and result.stopped_in <= SHUTDOWN_TIMEOUT_S
     return acks
 
