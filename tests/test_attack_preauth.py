@@ -240,10 +240,13 @@ async def test_resets_mid_handshake_log_no_traceback_and_few_lines(
 # --- Issue 14: Origin, and a guesser behind a shared address ----------------------------------
 
 
-async def status_of(url: str, token: str, **options: object) -> tuple[int, str | None]:
-    """101 if `token` connects, else the refusal's status; and its Retry-After."""
+async def status_of(
+    url: str, token: str, *, wait_s: float = WAIT_S, **options: object
+) -> tuple[int, str | None]:
+    """101 if `token` connects (within `wait_s`), else the refusal's status; and its
+    Retry-After."""
     try:
-        async with asyncio.timeout(WAIT_S):
+        async with asyncio.timeout(wait_s):
             connection = await connect(url, additional_headers=bearer(token), **options)  # type: ignore[arg-type]
     except InvalidStatus as refused:
         return refused.response.status_code, refused.response.headers.get("Retry-After")
@@ -289,6 +292,10 @@ async def test_valid_token_gets_in_from_a_blocked_address(
 # --- Not an attack: a connect storm from one address --------------------------------------------
 
 STORM = 1000
+STORM_WAIT_S = 120.0
+"""How long the storm's handshakes may take, client and hub alike: on a 2-core box beside
+two CPU hogs and other suites, 1000 handshakes took longer than websockets' default 10 s.
+The test is about what the hub refuses, not how fast it is (benchmarks/bench_attacks.py)."""
 
 
 async def test_connect_storm_from_one_address_is_not_an_attack(
@@ -302,12 +309,18 @@ async def test_connect_storm_from_one_address_is_not_an_attack(
         tokens = registry.add_many([f"storm-{n:04d}" for n in range(STORM)])
     finally:
         registry.close()
-    hub = AttackedHub(state, influxdb, influx_db_name)
+    hub = AttackedHub(
+        state, influxdb, influx_db_name, {"HUB_HANDSHAKE_TIMEOUT_S": str(STORM_WAIT_S)}
+    )
     await hub.start()
     try:
         started = time.monotonic()
         results = await asyncio.gather(
-            *(status_of(hub.url + "/v1/ws", token) for token in tokens), return_exceptions=True
+            *(
+                status_of(hub.url + "/v1/ws", token, wait_s=STORM_WAIT_S, open_timeout=STORM_WAIT_S)
+                for token in tokens
+            ),
+            return_exceptions=True,
         )
         print(f"storm of {STORM} from one address: {time.monotonic() - started:.2f} s")
         assert [r for r in results if r != (101, None)] == []
