@@ -272,14 +272,14 @@ async def test_valid_token_gets_in_from_a_blocked_address(
     Retry-After), not its neighbours' valid ones; failures, blocks and refusals counted."""
     async with attacked_hub(tmp_path, influxdb, influx_db_name, {}) as (hub, devices):
         url = hub.url + "/v1/ws"
-        behind_nat = {"local_addr": (ATTACKER, 0)}
+        nat = (ATTACKER, 0)  # behind a shared address
         async with good_devices(hub.url, devices.steady, devices.fresh) as good:
-            statuses = [(await status_of(url, UNKNOWN_TOKEN, **behind_nat))[0] for _ in range(11)]
+            statuses = [(await status_of(url, UNKNOWN_TOKEN, local_addr=nat))[0] for _ in range(11)]
             assert statuses == [401] * 11  # the default burst of 10, then the blocking one
-            status, retry_after = await status_of(url, UNKNOWN_TOKEN, **behind_nat)
+            status, retry_after = await status_of(url, UNKNOWN_TOKEN, local_addr=nat)
             assert status == 429 and int(retry_after or 0) > 0
-            assert (await status_of(url, devices.bad.token, **behind_nat))[0] == 101
-            assert (await status_of(url, "", **behind_nat))[0] == 429  # missing: still slowed
+            assert (await status_of(url, devices.bad.token, local_addr=nat))[0] == 101
+            assert (await status_of(url, "", local_addr=nat))[0] == 429  # missing: still slowed
             await good.fresh()
         good.report.check("a guesser behind a shared address")
         metrics = await hub.metrics()
