@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from hub.errors import ConfigError
+from hub.registry.url import check_registry_url
 
 InfluxApi = Literal["auto", "v1", "v2"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -147,6 +148,8 @@ class Settings(BaseSettings):
     shutdown_timeout_s: PositiveFloat = 10.0
 
     # Fleet
+    registry_url: str = ""
+    """Empty: SQLite in the state directory; `postgresql://USER@HOST:PORT/DB`: shared."""
     registry_poll_s: PositiveFloat = 0.01
     presence_flush_s: PositiveFloat = 0.5
 
@@ -181,6 +184,11 @@ class Settings(BaseSettings):
         if value.strip():
             parse_rfc3339_ns(value)  # raises ValueError with the reason
         return value.strip()
+
+    @field_validator("registry_url")
+    @classmethod
+    def _registry_url(cls, value: str) -> str:
+        return check_registry_url(value)  # raises ValueError naming the setting
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

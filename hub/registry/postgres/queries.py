@@ -412,3 +412,93 @@ PRUNE_CHANGES = """
 DELETE FROM changes WHERE created_at < now() - make_interval(secs => $1::float8)
 """
 """Forget changes older than $1 s; a hub behind that long checks every session instead."""
+
+
+# --- The hub's ports and the operator's port (hub.registry.postgres.backend, .operator) ----
+# Until a handshake claims its device (CLAIM_CONNECTION, with sessions that carry epochs),
+# the hub's ports record presence by device and read every changed device, as on SQLite.
+
+CHANGE_SEQ = """
+SELECT value FROM change_seq
+"""
+"""The newest change sequence number."""
+
+CHANGED_DEVICES_SINCE = """
+SELECT s.value AS latest, d.device_id, d.config_version, d.revoked_at IS NOT NULL AS revoked
+FROM change_seq AS s
+LEFT JOIN LATERAL (
+    SELECT DISTINCT ch.device_id FROM changes AS ch WHERE ch.seq > $1 AND ch.seq <= s.value
+) AS changed ON true
+LEFT JOIN devices AS d ON d.device_id = changed.device_id
+ORDER BY d.device_id
+"""
+"""Every device changed after sequence $1, as it is now, with `latest` from the same snapshot.
+
+With no change to report there is one row with `latest` and NULLs. All hubs' devices, not
+only this node's: a device's ownership is recorded a presence flush after it connected, and a
+change in between must reach its session.
+"""
+
+DEVICES = """
+SELECT device_id, created_at, revoked_at, labels FROM devices ORDER BY device_id
+"""
+"""Every registered device (`hub token list`, `hub devices`)."""
+
+DEVICES_BY_ID = """
+SELECT device_id, created_at, revoked_at, labels FROM devices
+WHERE device_id = ANY($1::text[])
+ORDER BY device_id
+"""
+"""The devices among ids $1 that are registered, revoked ones too."""
+
+RECORD_DEVICE_CONFIG_ACK = """
+UPDATE devices SET
+    acked_version = $2,
+    ack_ok = $3,
+    ack_error = CASE WHEN $3 THEN NULL ELSE coalesce($4, '') END,
+    acked_at = now()
+WHERE device_id = $1 AND config_version = $2 AND (acked_version IS NULL OR acked_version < $2)
+RETURNING device_id
+"""
+"""Device $1 answered version $2 (ok $3, error $4); no row for a stale or repeated answer.
+
+`RECORD_CONFIG_ACK` is the same answer from a session that names its epoch.
+"""
+
+RECORD_PRESENCE = """
+UPDATE connections AS c SET
+    owner_node = CASE WHEN s.online THEN $1 END,
+    remote_address = s.remote_address,
+    connected_since = to_timestamp(s.connected_since),
+    last_seen = to_timestamp(s.last_seen),
+    released_at = CASE WHEN s.online THEN NULL ELSE now() END
+FROM unnest($2::text[], $3::boolean[], $4::text[], $5::float8[], $6::float8[])
+     AS s(device_id, online, remote_address, connected_since, last_seen)
+WHERE c.device_id = s.device_id
+  -- Going offline here must not release a device another node holds by now.
+  AND (s.online OR c.owner_node IS NULL OR c.owner_node = $1)
+"""
+"""Presence flush of node $1: devices $2 online ($3) or not, from $4, since $5, seen $6 (Unix
+seconds). Online makes node $1 the owner; offline releases only what node $1 owns.
+
+Readings stored go with `ADD_READINGS_STORED`, as deltas, in the same transaction.
+"""
+
+RELEASE_NODE = """
+UPDATE connections SET owner_node = NULL, released_at = now() WHERE owner_node = $1
+"""
+"""Node $1 holds no connection any more (a hub starting after one that died)."""
+
+LOCK_CHANGE_SEQ = """
+SELECT value FROM change_seq FOR UPDATE
+"""
+"""Taken first by a push that reads configs before changing them: every operator change
+takes this lock before any device's, so two pushes never wait on each other in a cycle."""
+
+CONFIGS_FOR_UPDATE = """
+SELECT device_id, config FROM devices
+WHERE device_id = ANY($1::text[])
+ORDER BY device_id
+FOR UPDATE
+"""
+"""The configs of devices $1, locked (in id order) until the push that merges into them."""
