@@ -150,6 +150,8 @@ class Settings(BaseSettings):
     # Fleet
     registry_url: str = ""
     """Empty: SQLite in the state directory; `postgresql://USER@HOST:PORT/DB`: shared."""
+    node_id: str = ""
+    """This hub's name among those sharing a PostgreSQL registry; empty: HOSTNAME:PORT."""
     registry_poll_s: PositiveFloat = 0.01
     presence_flush_s: PositiveFloat = 0.5
 
@@ -189,6 +191,13 @@ class Settings(BaseSettings):
     @classmethod
     def _registry_url(cls, value: str) -> str:
         return check_registry_url(value)  # raises ValueError naming the setting
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        if len(value) > 200 or not value.isprintable():
+            raise ValueError("node_id is at most 200 printable characters")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

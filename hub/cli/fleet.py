@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -11,15 +12,16 @@ import typer
 
 from hub.cli.common import (
     ConfigOption,
+    RegistryUrlOption,
     StateDirOption,
     fail,
-    open_registry,
     settings_from,
     when,
+    with_registry,
 )
-from hub.errors import HubError
 from hub.ingest.spool import read_status
-from hub.registry.sqlite import ConfigState, Registry
+from hub.registry.operator import OperatorRegistry
+from hub.registry.records import ConfigState, Device, Presence
 
 config_app = typer.Typer(help="Push configuration to devices.", no_args_is_help=True)
 device_app = typer.Typer(help="Device labels.", no_args_is_help=True)
@@ -66,6 +68,7 @@ def config_set(
     ] = None,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Set desired configuration; connected devices receive it within a second.
 
@@ -82,27 +85,25 @@ def config_set(
     labels = parse_assignments(label or [], json_values=False)
     if sum((device_id is not None, everyone, bool(labels))) != 1:
         fail("name one device, or use --all, or --label key=value")
-    # Configs go to devices no deeper than devices may send (the hub's max_nesting_depth).
-    max_depth = settings_from(config, state_dir=state_dir).max_nesting_depth
-    registry = open_registry(config, state_dir)
-    try:
-        targets = registry.select(
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+
+    async def push(registry: OperatorRegistry) -> None:
+        targets = await registry.select(
             [device_id] if device_id else [], everyone=everyone, labels=labels
         )
         if not targets:
             fail("no active device matches")
-        versions = registry.set_config(
-            targets, updates=updates, replace=replace, max_depth=max_depth
+        # Configs go to devices no deeper than devices may send (the hub's max_nesting_depth).
+        versions = await registry.set_config(
+            targets, updates=updates, replace=replace, max_depth=settings.max_nesting_depth
         )
         typer.echo(f"config set for {len(versions)} device(s)", err=True)
         for target, version in sorted(versions.items()):
             typer.echo(f"{target}\tversion {version}")
         if wait is not None:
-            _wait_for_answers(registry, versions, wait)
-    except HubError as exc:
-        fail(str(exc))
-    finally:
-        registry.close()
+            await _wait_for_answers(registry, versions, wait)
+
+    with_registry(settings, push)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -119,13 +120,16 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _wait_for_answers(registry: Registry, versions: dict[str, int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for_answers(
+    registry: OperatorRegistry, versions: dict[str, int], wait_s: float
+) -> None:
+    # Polled, not one asyncio.timeout: progress is shown as answers come in.
+    deadline = time.monotonic() + wait_s
     answered: dict[str, ConfigState] = {}
     shown = -1
     while True:
         waiting = [d for d in versions if d not in answered]
-        for state in registry.config_states(waiting):
+        for state in await registry.config_states(waiting):
             if (state.acked_version or 0) >= versions[state.device_id]:
                 answered[state.device_id] = state
         if len(answered) != shown:
@@ -133,13 +137,13 @@ def _wait_for_answers(registry: Registry, versions: dict[str, int], timeout: flo
             typer.echo(f"answered {shown}/{len(versions)}", err=True)
         if len(answered) == len(versions) or time.monotonic() >= deadline:
             break
-        time.sleep(WAIT_POLL_S)
+        await asyncio.sleep(WAIT_POLL_S)
     refused = {d: s.ack_error for d, s in answered.items() if not s.ack_ok}
     silent = sorted(set(versions) - set(answered))
     for device, error in sorted(refused.items()):
         typer.echo(f"refused by {device}: {error}", err=True)
     if silent:
-        typer.echo(f"no answer within {timeout:g} s from: {', '.join(silent)}", err=True)
+        typer.echo(f"no answer within {wait_s:g} s from: {', '.join(silent)}", err=True)
     if refused or silent:
         raise typer.Exit(1)
     typer.echo(f"applied by all {len(versions)} device(s)", err=True)
@@ -151,15 +155,11 @@ def config_get(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Show a device's desired config, what it acknowledged, and its last error."""
-    registry = open_registry(config, state_dir)
-    try:
-        state = registry.config_state(device_id)
-    except HubError as exc:
-        fail(str(exc))
-    finally:
-        registry.close()
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    state = with_registry(settings, lambda registry: registry.config_state(device_id))
     report = {
         "device": state.device_id,
         "desired": state.config,
@@ -187,33 +187,35 @@ def device_label(
     remove: Annotated[list[str] | None, typer.Option(help="Label to remove; repeatable.")] = None,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Set or remove labels of a device; prints its labels afterwards."""
-    registry = open_registry(config, state_dir)
-    try:
-        labels = registry.set_labels(
-            device_id, parse_assignments(assignments or [], json_values=False), remove or []
-        )
-    except HubError as exc:
-        fail(str(exc))
-    finally:
-        registry.close()
+    changes = parse_assignments(assignments or [], json_values=False)
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    labels = with_registry(
+        settings, lambda registry: registry.set_labels(device_id, changes, remove or [])
+    )
     typer.echo(" ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(no labels)")
+
+
+async def _fleet(
+    registry: OperatorRegistry,
+) -> tuple[list[Device], dict[str, Presence], dict[str, ConfigState]]:
+    devices = await registry.devices()
+    presence = await registry.presence()
+    states = await registry.config_states([d.device_id for d in devices])
+    return devices, presence, {state.device_id: state for state in states}
 
 
 def devices_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Every device: online, address, since, last seen, readings stored, config versions."""
-    registry = open_registry(config, state_dir)
-    try:
-        devices = registry.devices()
-        presence = registry.presence()
-        configs = {c.device_id: c for c in registry.config_states(d.device_id for d in devices)}
-    finally:
-        registry.close()
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    devices, presence, configs = with_registry(settings, _fleet)
     rows = []
     for device in devices:
         seen = presence.get(device.device_id)

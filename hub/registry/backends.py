@@ -7,6 +7,8 @@ settings were read): PostgreSQL, the hub as node `node_id`.
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from hub.registry.operator import OperatorRegistry
@@ -32,3 +34,9 @@ async def open_operator(registry_url: str, sqlite_path: Path) -> OperatorRegistr
     if registry_url:
         return await PostgresOperator.open(registry_url)
     return SQLiteOperator.open(sqlite_path)
+
+
+def default_node_id(port: int) -> str:
+    """HOSTNAME:PORT, the node id of a hub not given one (`node_id`); on port 0 (any free
+    one, known only once listening) the process id stands in for the port."""
+    return f"{socket.gethostname()}:{port if port else f'pid{os.getpid()}'}"
