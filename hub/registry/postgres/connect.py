@@ -25,6 +25,8 @@ CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 30.0
 """How long one statement may take before the call raises: a frozen server fails calls
 instead of hanging them (a bulk chunk of `CHUNK` devices takes well under a second)."""
+APPLICATION_NAME = "sensor-hub"
+"""How the hub's connections show in `pg_stat_activity` (its listener's: with " doorbell")."""
 POOL_SIZE = 8
 """Connections of a hub's pool: handshakes of a connect storm look tokens up in parallel."""
 
@@ -54,12 +56,17 @@ def unavailable(url: str, exc: BaseException) -> RegistryUnavailable:
     )
 
 
-async def connect(url: str, *, migrate_schema: bool = True) -> asyncpg.Connection:
+async def connect(
+    url: str, *, migrate_schema: bool = True, name: str = APPLICATION_NAME
+) -> asyncpg.Connection:
     """One connection to the registry at `url`, its schema migrated unless told not to (a
-    listener's connection: the pool's opening did it)."""
+    listener's connection: the pool's opening did it), named `name` in `pg_stat_activity`."""
     try:
         conn = await asyncpg.connect(
-            url, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S
+            url,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=COMMAND_TIMEOUT_S,
+            server_settings={"application_name": name},
         )
     except CONNECTION_ERRORS as exc:
         raise unavailable(url, exc) from None
@@ -88,6 +95,7 @@ async def open_pool(url: str, size: int = POOL_SIZE) -> asyncpg.Pool:
             init=_prepare,
             timeout=CONNECT_TIMEOUT_S,
             command_timeout=COMMAND_TIMEOUT_S,
+            server_settings={"application_name": APPLICATION_NAME},
         )
     except CONNECTION_ERRORS as exc:
         raise unavailable(url, exc) from None

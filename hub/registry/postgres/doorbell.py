@@ -23,13 +23,14 @@ import asyncpg
 
 from hub.errors import RegistryUnavailable
 from hub.registry.postgres import queries as q
-from hub.registry.postgres.connect import CONNECTION_ERRORS, connect
+from hub.registry.postgres.connect import APPLICATION_NAME, CONNECTION_ERRORS, connect
 from hub.registry.url import display_url
 
 log = logging.getLogger("hub.registry")
 
 CATCH_UP_S = 1.0
 """How often the doorbell reads the change sequence itself: the bound on a lost doorbell."""
+LISTENER_NAME = f"{APPLICATION_NAME} doorbell"
 RECONNECT_S = 0.5
 """The pause before the listener's connection is opened again after it was lost."""
 
@@ -95,7 +96,7 @@ class Doorbell:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn = await connect(self._url, migrate_schema=False)
+                conn = await connect(self._url, migrate_schema=False, name=LISTENER_NAME)
             except RegistryUnavailable as exc:
                 lost_since = self._lost(lost_since, loop.time(), exc)
                 await asyncio.sleep(RECONNECT_S)
@@ -121,11 +122,17 @@ class Doorbell:
         self._listening.set()
 
     async def _catch_up(self, conn: asyncpg.Connection) -> None:
-        """Read the change sequence now and every `catch_up_s`, until the connection fails."""
-        while True:
+        """Read the change sequence now and every `catch_up_s`, until the connection is
+        closed (by the server, or by a read that fails)."""
+        closed = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: closed.set())
+        while not conn.is_closed():
             async with asyncio.timeout(self._catch_up_s * 5 + 1):
                 self._ring_for(int(await conn.fetchval(q.CHANGE_SEQ)))
-            await asyncio.sleep(self._catch_up_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._catch_up_s):
+                    await closed.wait()
+        raise ConnectionResetError("the listener's connection was closed")
 
     def _lost(self, since: float | None, now: float, exc: BaseException) -> float:
         if since is None:  # logged once per outage, not once per attempt
