@@ -68,7 +68,7 @@ class PostgresRegistry:
         return registry
 
     async def listening(self) -> None:
-        """Wait until the doorbell's LISTEN is in place (tests measure the doorbell alone)."""
+        """Wait until the doorbell listens and has caught up (tests measure it alone)."""
         await self._doorbell.listening()
 
     async def close(self) -> None:

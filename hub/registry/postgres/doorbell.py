@@ -30,6 +30,8 @@ log = logging.getLogger("hub.registry")
 
 CATCH_UP_S = 1.0
 """How often the doorbell reads the change sequence itself: the bound on a lost doorbell."""
+READ_TIMEOUT_S = 5.0
+"""A catch-up read unanswered this long means a server that stopped answering: reconnect."""
 LISTENER_NAME = f"{APPLICATION_NAME} doorbell"
 RECONNECT_S = 0.5
 """The pause before the listener's connection is opened again after it was lost."""
@@ -53,7 +55,7 @@ class Doorbell:
         self._task = asyncio.create_task(self._run(), name="registry-doorbell")
 
     async def listening(self) -> None:
-        """Wait until LISTEN is in place on a live connection."""
+        """Wait until LISTEN is in place on a live connection, and caught up after it."""
         await self._listening.wait()
 
     def saw(self, seq: int) -> None:
@@ -119,7 +121,6 @@ class Doorbell:
 
     async def _listen(self, conn: asyncpg.Connection) -> None:
         await conn.add_listener(self._channel, self._heard)
-        self._listening.set()
 
     async def _catch_up(self, conn: asyncpg.Connection) -> None:
         """Read the change sequence now and every `catch_up_s`, until the connection is
@@ -127,8 +128,9 @@ class Doorbell:
         closed = asyncio.Event()
         conn.add_termination_listener(lambda _conn: closed.set())
         while not conn.is_closed():
-            async with asyncio.timeout(self._catch_up_s * 5 + 1):
+            async with asyncio.timeout(READ_TIMEOUT_S):
                 self._ring_for(int(await conn.fetchval(q.CHANGE_SEQ)))
+            self._listening.set()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._catch_up_s):
                     await closed.wait()

@@ -16,6 +16,7 @@ import asyncpg
 
 from hub.core.protocol import DEFAULT_MAX_DEPTH
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
+from hub.registry.postgres import operator_queries as oq
 from hub.registry.postgres import queries as q
 from hub.registry.postgres.connect import chunks, connect
 from hub.registry.postgres.rows import config_state_of, device_of, presence_of
@@ -68,7 +69,7 @@ class PostgresOperator:
                 for ids, chunk_hashes in zip(
                     chunks(device_ids, CHUNK), chunks(hashes, CHUNK), strict=True
                 ):
-                    await self._conn.execute(q.ADD_DEVICES, ids, chunk_hashes, checked)
+                    await self._conn.execute(oq.ADD_DEVICES, ids, chunk_hashes, checked)
         except asyncpg.UniqueViolationError:
             existing = await self._conn.fetch(q.DEVICES_BY_ID, device_ids)
             raise DeviceExists(existing[0]["device_id"] if existing else device_ids[0]) from None
@@ -78,7 +79,7 @@ class PostgresOperator:
 
     async def revoke(self, device_id: str) -> None:
         """See `OperatorRegistry.revoke` (revoking a revoked device changes nothing)."""
-        if await self._conn.fetchrow(q.REVOKE_DEVICE, device_id) is None:
+        if await self._conn.fetchrow(oq.REVOKE_DEVICE, device_id) is None:
             await self._require(device_id)
 
     async def rotate(self, device_id: str, grace_s: float) -> str:
@@ -86,7 +87,7 @@ class PostgresOperator:
         if not grace_s >= 0:
             raise RegistryError("the grace period cannot be negative")
         token = new_token()
-        row = await self._conn.fetchrow(q.ROTATE_TOKEN, device_id, hash_token(token), grace_s)
+        row = await self._conn.fetchrow(oq.ROTATE_TOKEN, device_id, hash_token(token), grace_s)
         if row is None:
             await self._require(device_id)
             raise RegistryError(f"device {device_id!r} is revoked")
@@ -94,7 +95,7 @@ class PostgresOperator:
 
     async def devices(self) -> list[Device]:
         """See `OperatorRegistry.devices`."""
-        return [device_of(row) for row in await self._conn.fetch(q.DEVICES)]
+        return [device_of(row) for row in await self._conn.fetch(oq.DEVICES)]
 
     async def set_labels(
         self, device_id: str, labels: Mapping[str, str], remove: Iterable[str] = ()
@@ -102,7 +103,7 @@ class PostgresOperator:
         """See `OperatorRegistry.set_labels`."""
         checked = check_labels(labels)
         try:
-            row = await self._conn.fetchrow(q.SET_LABELS, device_id, checked, list(remove))
+            row = await self._conn.fetchrow(oq.SET_LABELS, device_id, checked, list(remove))
         except asyncpg.DataError as exc:
             raise RegistryError(f"labels cannot be stored: {exc}") from None
         if row is None:
@@ -118,7 +119,7 @@ class PostgresOperator:
     ) -> list[str]:
         """See `OperatorRegistry.select`."""
         if everyone or labels:
-            rows = await self._conn.fetch(q.SELECT_BY_LABELS, dict(labels or {}))
+            rows = await self._conn.fetch(oq.SELECT_BY_LABELS, dict(labels or {}))
             return [row["device_id"] for row in rows]
         chosen = list(dict.fromkeys(device_ids))
         found = {
@@ -158,11 +159,11 @@ class PostgresOperator:
         try:
             async with self._conn.transaction():
                 if whole is None:
-                    await self._conn.execute(q.LOCK_CHANGE_SEQ)
+                    await self._conn.execute(oq.LOCK_CHANGE_SEQ)
                 for chunk in chunks(wanted, CHUNK):
                     if whole is None:
                         await self._check_merged(chunk, merge, max_depth)
-                    rows = await self._conn.fetch(q.PUSH_CONFIG, chunk, merge, whole)
+                    rows = await self._conn.fetch(oq.PUSH_CONFIG, chunk, merge, whole)
                     pushed = {row["device_id"]: int(row["config_version"]) for row in rows}
                     for device_id in chunk:
                         if device_id not in pushed:
@@ -177,7 +178,7 @@ class PostgresOperator:
     async def _check_merged(self, chunk: list[str], merge: dict[str, Any], max_depth: int) -> None:
         current = {
             row["device_id"]: row["config"]
-            for row in await self._conn.fetch(q.CONFIGS_FOR_UPDATE, chunk)
+            for row in await self._conn.fetch(oq.CONFIGS_FOR_UPDATE, chunk)
         }
         for device_id in chunk:
             if device_id not in current:
