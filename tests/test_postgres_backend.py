@@ -155,9 +155,11 @@ async def test_marking_offline_releases_only_this_hubs_devices(
     try:
         await first.record_presence([online("a")])
         await second.record_presence([online("b")])
+        assert await operator.holders() == {"a": "hub-1", "b": "hub-2"}
         await first.mark_all_offline()
         seen = await operator.presence()
         assert (seen["a"].online, seen["b"].online) == (False, True)
+        assert await operator.holders() == {"b": "hub-2"}
     finally:
         await first.close()
         await second.close()
@@ -172,6 +174,10 @@ async def test_a_stopped_hubs_devices_go_offline_when_its_lease_runs_out(
     hub = await open_node(postgres_db, "hub-1")
     await hub.record_presence([online("a")])
     assert (await operator.presence())["a"].online
+    deadline = time.monotonic() + WAIT_S
+    while (await operator.nodes())[0].live_connections != 1:  # a heartbeat reported it
+        assert time.monotonic() < deadline, "no heartbeat reported the connection"
+        await asyncio.sleep(0.1)
     await hub.close()  # no offline flush: as if it died
     stopped = time.monotonic()
     deadline = stopped + LEASE_S + WAIT_S
@@ -179,6 +185,9 @@ async def test_a_stopped_hubs_devices_go_offline_when_its_lease_runs_out(
         assert time.monotonic() < deadline, "still online long after the lease"
         await asyncio.sleep(0.1)
     print(f"lease: offline {time.monotonic() - stopped:.1f} s after the last heartbeat")
+    (node,) = await operator.nodes()
+    assert (node.node_id, node.live, node.live_connections) == ("hub-1", False, 1)
+    assert await operator.holders() == {}
 
 
 async def test_bulk_registration_goes_in_chunks_all_or_nothing(

@@ -140,6 +140,18 @@ async def test_a_device_streams_gets_its_config_and_is_revoked_on_postgres(
         host, port = client.connection.local_address[:2]
         row = rows["dev-1"]
         assert row["remote_address"] == f"{host}:{port}"
+        assert row["hub"] == "hub-e2e"
+        listed = await hub_command("nodes", "--json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        (node,) = json.loads(listed.stdout)
+        assert (node["node"], node["address"], node["live"]) == (
+            "hub-e2e",
+            f"127.0.0.1:{pg_hub.port}",
+            True,
+        )
+        assert node["live_connections"] == 1 and node["last_heartbeat"] >= node["started_at"]
+        table = await hub_command("nodes", env=env)
+        assert table.stdout.splitlines()[1].split()[0] == "hub-e2e", table.stdout
         assert (row["config_desired"], row["config_acknowledged"]) == (1, 1)
         assert row["labels"] == {"site": "north"}
 
@@ -150,7 +162,7 @@ async def test_a_device_streams_gets_its_config_and_is_revoked_on_postgres(
     finally:
         await asyncio.wait_for(client.close(), WAIT_S)
     rows = await eventually(devices, lambda rows: not rows["dev-1"]["online"], "dev-1 offline")
-    assert rows["dev-1"]["status"] == "revoked"
+    assert (rows["dev-1"]["status"], rows["dev-1"]["hub"]) == ("revoked", None)
     assert not (pg_hub.state_dir / "registry.sqlite3").exists()
 
 
@@ -204,3 +216,17 @@ async def test_hub_serve_without_its_database_exits_with_a_clear_error(tmp_path:
     output = started.stdout + started.stderr
     assert "error: cannot use the PostgreSQL registry at postgresql://hub:***@127.0.0.1" in output
     assert "Traceback" not in output and "pw-do-not-show" not in output
+
+
+async def test_nodes_on_sqlite_says_there_are_none(tmp_path: Path) -> None:
+    """On the SQLite registry `hub nodes` lists nobody and says why; `hub devices --json`
+    names no hub."""
+    state = ["--state-dir", str(tmp_path / "state")]
+    assert (await hub_command("token", "add", "a", *state)).returncode == 0
+    table = await hub_command("nodes", *state)
+    assert (table.returncode, table.stdout) == (0, "")
+    assert "SQLite" in table.stderr
+    listed = await hub_command("nodes", "--json", *state)
+    assert json.loads(listed.stdout) == []
+    (row,) = json.loads((await hub_command("devices", "--json", *state)).stdout)
+    assert (row["device"], row["hub"]) == ("a", None)

@@ -25,7 +25,14 @@ from hub.cli.common import (
     when,
     with_registry,
 )
-from hub.cli.fleet import config_app, device_app, devices_command, parse_assignments, spool_app
+from hub.cli.fleet import (
+    config_app,
+    device_app,
+    devices_command,
+    nodes_command,
+    parse_assignments,
+    spool_app,
+)
 from hub.cli.top import top_command
 from hub.errors import HubError
 from hub.ops.logs import configure_logging
@@ -43,6 +50,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(device_app, name="device")
 app.add_typer(spool_app, name="spool")
 app.command("devices")(devices_command)
+app.command("nodes")(nodes_command)
 app.command("check-config")(check_config)
 app.command("top")(top_command)
 

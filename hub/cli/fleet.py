@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -198,13 +199,20 @@ def device_label(
     typer.echo(" ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(no labels)")
 
 
-async def _fleet(
-    registry: OperatorRegistry,
-) -> tuple[list[Device], dict[str, Presence], dict[str, ConfigState]]:
+@dataclass(frozen=True, slots=True)
+class _Fleet:
+    devices: list[Device]
+    presence: dict[str, Presence]
+    configs: dict[str, ConfigState]
+    holders: dict[str, str]
+
+
+async def _fleet(registry: OperatorRegistry) -> _Fleet:
     devices = await registry.devices()
     presence = await registry.presence()
     states = await registry.config_states([d.device_id for d in devices])
-    return devices, presence, {state.device_id: state for state in states}
+    holders = await registry.holders()
+    return _Fleet(devices, presence, {state.device_id: state for state in states}, holders)
 
 
 def devices_command(
@@ -213,20 +221,23 @@ def devices_command(
     state_dir: StateDirOption = None,
     registry_url: RegistryUrlOption = None,
 ) -> None:
-    """Every device: online, address, since, last seen, readings stored, config versions."""
+    """Every device: online, address, since, last seen, readings stored, config versions,
+    and on PostgreSQL the hub holding it."""
     settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
-    devices, presence, configs = with_registry(settings, _fleet)
+    fleet = with_registry(settings, _fleet)
     rows = []
-    for device in devices:
-        seen = presence.get(device.device_id)
-        wanted = configs[device.device_id]
+    for device in fleet.devices:
+        seen = fleet.presence.get(device.device_id)
+        wanted = fleet.configs[device.device_id]
+        online = bool(seen and seen.online)
         rows.append(
             {
                 "device": device.device_id,
                 "status": "active" if device.active else "revoked",
-                "online": bool(seen and seen.online),
-                "remote_address": seen.remote_address if seen and seen.online else None,
-                "connected_since": when(seen.connected_since) if seen and seen.online else None,
+                "online": online,
+                "hub": fleet.holders.get(device.device_id) if online else None,
+                "remote_address": seen.remote_address if seen and online else None,
+                "connected_since": when(seen.connected_since) if seen and online else None,
                 "last_seen": when(seen.last_seen) if seen else None,
                 "readings_stored": seen.readings_stored if seen else 0,
                 "config_desired": wanted.version,
@@ -237,15 +248,61 @@ def devices_command(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    shared = bool(settings.registry_url)  # one hub on SQLite: no column to name it
     header = f"{'DEVICE':<28} {'ONLINE':<7} {'REMOTE':<22} {'SINCE':<21} {'LAST SEEN':<21} "
-    typer.echo(header + f"{'STORED':>10} {'CONFIG':>9}")
+    typer.echo(header + f"{'STORED':>10} {'CONFIG':>9}" + ("  HUB" if shared else ""))
     for row in rows:
-        online = "yes" if row["online"] else ("revoked" if row["status"] == "revoked" else "no")
+        state = "yes" if row["online"] else ("revoked" if row["status"] == "revoked" else "no")
         versions = f"{row['config_acknowledged'] or 0}/{row['config_desired']}"
         typer.echo(
-            f"{row['device']:<28} {online:<7} {row['remote_address'] or '-':<22} "
+            f"{row['device']:<28} {state:<7} {row['remote_address'] or '-':<22} "
             f"{row['connected_since'] or '-':<21} {row['last_seen'] or '-':<21} "
             f"{row['readings_stored']:>10} {versions:>9}"
+            + (f"  {row['hub'] or '-'}" if shared else "")
+        )
+
+
+def nodes_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
+) -> None:
+    """Every hub sharing the PostgreSQL registry: address, start, last heartbeat, live
+    connections, and whether its lease is live."""
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    nodes = with_registry(settings, lambda registry: registry.nodes())
+    rows = [
+        {
+            "node": node.node_id,
+            "address": node.address,
+            "started_at": when(node.started_at),
+            "last_heartbeat": when(node.heartbeat_at),
+            "lease_expires_at": when(node.lease_expires_at),
+            "live_connections": node.live_connections,
+            "live": node.live,
+        }
+        for node in nodes
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not settings.registry_url:
+        typer.echo(
+            "the registry is SQLite (one hub); nodes are the hubs sharing a PostgreSQL "
+            "registry (registry_url)",
+            err=True,
+        )
+        return
+    typer.echo(
+        f"{'NODE':<32} {'ADDRESS':<24} {'STARTED':<21} {'LAST HEARTBEAT':<21} "
+        f"{'CONNECTIONS':>11} LIVE"
+    )
+    for row in rows:
+        typer.echo(
+            f"{row['node']:<32} {row['address']:<24} {row['started_at']:<21} "
+            f"{row['last_heartbeat']:<21} {row['live_connections']:>11} "
+            f"{'yes' if row['live'] else 'no'}"
         )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from hub.core.protocol import DEFAULT_MAX_DEPTH
-from hub.registry.records import ConfigState, Device, Presence
+from hub.registry.records import ConfigState, Device, Node, Presence
 
 
 class OperatorRegistry(Protocol):
@@ -80,6 +80,15 @@ class OperatorRegistry(Protocol):
 
     async def presence(self) -> dict[str, Presence]:
         """Who is connected, as the hubs recorded it, per device."""
+        ...
+
+    async def holders(self) -> dict[str, str]:
+        """The node id holding each online device's connection (PostgreSQL; on SQLite, with
+        its one hub, none is named)."""
+        ...
+
+    async def nodes(self) -> list[Node]:
+        """Every hub sharing the registry, live or not, by node id (none on SQLite)."""
         ...
 
     async def close(self) -> None:

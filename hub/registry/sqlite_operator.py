@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.core.protocol import DEFAULT_MAX_DEPTH
-from hub.registry.records import ConfigState, Device, Presence
+from hub.registry.records import ConfigState, Device, Node, Presence
 from hub.registry.sqlite import Registry
 
 
@@ -86,6 +86,14 @@ class SQLiteOperator:
     async def presence(self) -> dict[str, Presence]:
         """See `OperatorRegistry.presence`."""
         return self.engine.presence()
+
+    async def holders(self) -> dict[str, str]:
+        """See `OperatorRegistry.holders`: one hub, so none is named."""
+        return {}
+
+    async def nodes(self) -> list[Node]:
+        """See `OperatorRegistry.nodes`: a SQLite registry has no nodes."""
+        return []
 
     async def close(self) -> None:
         """See `OperatorRegistry.close`."""

@@ -19,10 +19,11 @@ from hub.errors import DeviceExists, RegistryError, UnknownDevice
 from hub.registry.postgres import operator_queries as oq
 from hub.registry.postgres import queries as q
 from hub.registry.postgres.connect import chunks, connect
-from hub.registry.postgres.rows import config_state_of, device_of, presence_of
+from hub.registry.postgres.rows import config_state_of, device_of, node_of, presence_of
 from hub.registry.records import (
     ConfigState,
     Device,
+    Node,
     Presence,
     check_device_id,
     check_labels,
@@ -200,6 +201,15 @@ class PostgresOperator:
     async def presence(self) -> dict[str, Presence]:
         """See `OperatorRegistry.presence`."""
         return presence_of(await self._conn.fetch(q.DEVICE_PRESENCE))
+
+    async def holders(self) -> dict[str, str]:
+        """See `OperatorRegistry.holders`."""
+        rows = await self._conn.fetch(q.DEVICE_HOLDERS)
+        return {row["device_id"]: row["owner_node"] for row in rows}
+
+    async def nodes(self) -> list[Node]:
+        """See `OperatorRegistry.nodes`."""
+        return [node_of(row) for row in await self._conn.fetch(q.NODES)]
 
     async def _require(self, device_id: str) -> None:
         if not await self._conn.fetch(q.DEVICES_BY_ID, [device_id]):

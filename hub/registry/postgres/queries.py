@@ -89,6 +89,14 @@ ORDER BY node_id
 """
 """Every node `hub nodes` shows, live or with its lease expired."""
 
+DEVICE_HOLDERS = """
+SELECT c.device_id, c.owner_node
+FROM connections AS c JOIN nodes AS n ON n.node_id = c.owner_node
+WHERE n.lease_expires_at > now()
+ORDER BY c.device_id
+"""
+"""The node holding each device whose connection a live node holds (`hub devices`)."""
+
 # --- Connection ownership -----------------------------------------------------------------
 
 CLAIM_CONNECTION = """

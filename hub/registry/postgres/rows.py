@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from hub.registry.postgres.connect import seconds
-from hub.registry.records import ConfigState, Device, Presence
+from hub.registry.records import ConfigState, Device, Node, Presence
 
 
 def device_of(row: asyncpg.Record) -> Device:
@@ -43,3 +43,16 @@ def presence_of(rows: list[asyncpg.Record]) -> dict[str, Presence]:
         for row in rows
         if row["last_seen"] is not None or row["readings_stored"] > 0
     }
+
+
+def node_of(row: asyncpg.Record) -> Node:
+    """A `Node` from a `NODES` row."""
+    return Node(
+        row["node_id"],
+        row["address"],
+        row["started_at"].timestamp(),
+        row["heartbeat_at"].timestamp(),
+        row["lease_expires_at"].timestamp(),
+        int(row["live_connections"]),
+        bool(row["live"]),
+    )
