@@ -23,7 +23,7 @@ import pytest
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, free_port
 from schemas.codes import CloseCode
-from tests.servers.postgres import PostgresDatabase
+from tests.servers.postgres import PostgresDatabase, PostgresServer
 from tests.support import HubProcess, points
 
 pytestmark = pytest.mark.e2e
@@ -230,3 +230,40 @@ async def test_nodes_on_sqlite_says_there_are_none(tmp_path: Path) -> None:
     assert json.loads(listed.stdout) == []
     (row,) = json.loads((await hub_command("devices", "--json", *state)).stdout)
     assert (row["device"], row["hub"]) == ("a", None)
+
+
+async def test_devices_keep_streaming_while_postgres_is_down_and_pushes_resume(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str, own_postgres: PostgresServer
+) -> None:
+    """PostgreSQL killed under a running hub: its device keeps being acked (ingest never
+    waits on the registry); once PostgreSQL is back, a push reaches the device, and the
+    listener's loss was logged once."""
+    role, name = own_postgres.new_database()
+    dsn = own_postgres.dsn(name, role)
+    added = await hub_command("token", "add", "dev-1", "--registry-url", dsn)
+    assert added.returncode == 0, added.stderr
+    process = HubProcess(
+        tmp_path / "state", influxdb, influx_db_name, env={"HUB_REGISTRY_URL": dsn}
+    )
+    await process.start()
+    try:
+        client = DeviceClient(process.url, added.stdout.strip())
+        await asyncio.wait_for(client.connect(), WAIT_S)
+        try:
+            reading = [{"name": "env", "fields": {"t": 1.0}}]
+            assert (await asyncio.wait_for(client.store(reading), WAIT_S)).accepted == 1
+            own_postgres.kill()
+            for _ in range(3):
+                assert (await asyncio.wait_for(client.store(reading), WAIT_S)).accepted == 1
+            own_postgres.start()
+            pushed = await hub_command(
+                "config", "set", "dev-1", "x=1", "--wait", "10", "--registry-url", dsn
+            )
+            assert pushed.returncode == 0, pushed.stderr + process.log
+            assert [(c.version, c.config) for c in client.configs] == [(1, {"x": 1})]
+        finally:
+            await asyncio.wait_for(client.close(), WAIT_S)
+    finally:
+        returncode = await process.stop()
+    assert returncode == 0, process.log
+    assert process.log.count("registry listener lost its connection") == 1, process.log
