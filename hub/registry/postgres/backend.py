@@ -137,7 +137,8 @@ class PostgresRegistry:
                 self.node_id,
                 ids,
                 [p.online for p in rows],
-                [p.remote_address for p in rows],
+                # The schema's bound: one overlong address must not fail every flush.
+                [None if p.remote_address is None else p.remote_address[:300] for p in rows],
                 [p.connected_since for p in rows],
                 [p.last_seen for p in rows],
             )

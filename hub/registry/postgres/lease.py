@@ -5,6 +5,10 @@ A device is online while a node whose lease has not expired holds its connection
 devices shown offline once its lease runs out, with nothing to clean up. The lease is
 renewed every `HEARTBEAT_S` for `LEASE_S`, a few heartbeats: one slow round trip does not
 take a live hub's devices offline. All times are the database's clock.
+
+The heartbeat also keeps the change log short: every `PRUNE_EVERY_S` it forgets changes
+older than `CHANGE_RETENTION_S` (a hub reads the log seconds behind its writers; one whose
+listener stayed away longer than that misses what was pruned).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ log = logging.getLogger("hub.registry")
 
 HEARTBEAT_S = 1.0
 LEASE_S = 5.0
+PRUNE_EVERY_S = 3600.0
+CHANGE_RETENTION_S = 7 * 86400.0
 
 
 class NodeLease:
@@ -69,8 +75,14 @@ class NodeLease:
     async def _beat(self) -> None:
         failing = False
         superseded = False
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
         while True:
             await asyncio.sleep(self._heartbeat_s)
+            if loop.time() >= next_prune:
+                next_prune = loop.time() + PRUNE_EVERY_S
+                with contextlib.suppress(*CONNECTION_ERRORS):  # the heartbeat says so
+                    await self._pool.execute(q.PRUNE_CHANGES, CHANGE_RETENTION_S)
             try:
                 row = await self._pool.fetchrow(
                     q.HEARTBEAT,
