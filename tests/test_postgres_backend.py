@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from device_sim.local_servers import free_port
+from hub.cli.top import read_presence
 from hub.errors import DeviceExists, RegistryError, RegistryUnavailable
 from hub.registry.postgres import operator as operator_module
 from hub.registry.postgres.backend import PostgresRegistry
@@ -19,6 +21,7 @@ from hub.registry.postgres.doorbell import LISTENER_NAME
 from hub.registry.postgres.lease import LEASE_S
 from hub.registry.postgres.operator import PostgresOperator
 from hub.registry.records import Presence, hash_token
+from hub.settings import load_settings
 from tests.servers.postgres import PostgresDatabase
 
 pytestmark = pytest.mark.integration
@@ -259,3 +262,24 @@ async def test_an_unknown_database_is_a_clear_error(postgres_db: PostgresDatabas
     url = postgres_db.dsn.rsplit("/", 1)[0] + "/no_such_db"
     with pytest.raises(RegistryUnavailable, match="no_such_db"):
         await PostgresRegistry.open(url, "hub-1", "127.0.0.1:8765")
+
+
+async def test_hub_top_reads_presence_from_postgresql(
+    postgres_db: PostgresDatabase, operator: PostgresOperator, tmp_path: Path
+) -> None:
+    """`hub top`'s registry read follows `registry_url`; a database it cannot reach is an
+    empty view, not an error."""
+    await operator.add_many(["a"])
+    hub = await open_node(postgres_db, "hub-1")
+    try:
+        await hub.record_presence([online("a", stored=4)])
+        settings = load_settings(state_dir=tmp_path / "state", registry_url=postgres_db.dsn)
+        seen = await asyncio.to_thread(read_presence, settings)
+        assert (seen["a"].online, seen["a"].readings_stored) == (True, 4)
+        gone = settings.model_copy(
+            update={"registry_url": f"postgresql://hub@127.0.0.1:{free_port()}/hub"}
+        )
+        assert await asyncio.to_thread(read_presence, gone) == {}
+        assert not (tmp_path / "state").exists()  # SQLite was never opened
+    finally:
+        await hub.close()
