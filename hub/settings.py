@@ -187,6 +187,12 @@ class Settings(BaseSettings):
             parse_rfc3339_ns(value)  # raises ValueError with the reason
         return value.strip()
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
     @field_validator("registry_url")
     @classmethod
     def _registry_url(cls, value: str) -> str:
@@ -198,12 +204,6 @@ class Settings(BaseSettings):
         if len(value) > 200 or not value.isprintable():
             raise ValueError("node_id is at most 200 printable characters")
         return value
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> Settings:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: give both or neither")
-        return self
 
     @property
     def registry_path(self) -> Path:
