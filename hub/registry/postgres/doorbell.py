@@ -114,6 +114,8 @@ class Doorbell:
                 await self._catch_up(conn)
             except CONNECTION_ERRORS as exc:
                 lost_since = self._lost(lost_since, loop.time(), exc)
+            except Exception:  # never end for good: the hub would hear of no change again
+                log.exception("registry listener failed; starting it again")
             finally:
                 self._listening.clear()
                 conn.terminate()
