@@ -267,3 +267,55 @@ async def test_devices_keep_streaming_while_postgres_is_down_and_pushes_resume(
         returncode = await process.stop()
     assert returncode == 0, process.log
     assert process.log.count("registry listener lost its connection") == 1, process.log
+
+
+async def test_two_hubs_on_one_registry_each_act_on_their_own_devices(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str, postgres_db: PostgresDatabase
+) -> None:
+    """Two `hub serve` on one PostgreSQL: a `--all` push reaches the devices of both, a
+    revocation closes the device on the hub holding it, and `hub nodes` and `hub devices`
+    say which hub holds which device."""
+    env = {"HUB_REGISTRY_URL": postgres_db.dsn}
+    tokens = {}
+    for device_id in ("a", "b"):
+        added = await hub_command("token", "add", device_id, env=env)
+        assert added.returncode == 0, added.stderr
+        tokens[device_id] = added.stdout.strip()
+    hubs = {
+        name: HubProcess(
+            tmp_path / name, influxdb, influx_db_name, env={**env, "HUB_NODE_ID": name}
+        )
+        for name in ("hub-1", "hub-2")
+    }
+    for process in hubs.values():
+        await process.start()
+    clients = {
+        "a": DeviceClient(hubs["hub-1"].url, tokens["a"]),
+        "b": DeviceClient(hubs["hub-2"].url, tokens["b"]),
+    }
+    try:
+        for client in clients.values():
+            await asyncio.wait_for(client.connect(), WAIT_S)
+
+        async def devices() -> dict[str, Any]:
+            listed = await hub_command("devices", "--json", env=env)
+            return {row["device"]: row["hub"] for row in json.loads(listed.stdout)}
+
+        await eventually(devices, lambda held: held == {"a": "hub-1", "b": "hub-2"}, "holders")
+        pushed = await hub_command("config", "set", "--all", "mode=eco", "--wait", "10", env=env)
+        assert pushed.returncode == 0, pushed.stderr
+        for client in clients.values():
+            assert [(c.version, c.config) for c in client.configs] == [(1, {"mode": "eco"})]
+        nodes = json.loads((await hub_command("nodes", "--json", env=env)).stdout)
+        assert [(n["node"], n["live"]) for n in nodes] == [("hub-1", True), ("hub-2", True)]
+
+        assert (await hub_command("token", "revoke", "b", env=env)).returncode == 0
+        code, _ = await asyncio.wait_for(clients["b"].wait_closed(), WAIT_S)
+        assert code == CloseCode.REVOKED
+        reading = [{"name": "env", "fields": {"t": 1.0}}]
+        assert (await asyncio.wait_for(clients["a"].store(reading), WAIT_S)).accepted == 1
+    finally:
+        for client in clients.values():
+            await asyncio.wait_for(client.close(), WAIT_S)
+        codes = [await process.stop() for process in hubs.values()]
+    assert codes == [0, 0], "\n".join(process.log for process in hubs.values())
