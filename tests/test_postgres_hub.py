@@ -287,13 +287,13 @@ async def test_two_hubs_on_one_registry_each_act_on_their_own_devices(
         )
         for name in ("hub-1", "hub-2")
     }
-    for process in hubs.values():
-        await process.start()
     clients = {
         "a": DeviceClient(hubs["hub-1"].url, tokens["a"]),
         "b": DeviceClient(hubs["hub-2"].url, tokens["b"]),
     }
     try:
+        for process in hubs.values():
+            await process.start()
         for client in clients.values():
             await asyncio.wait_for(client.connect(), WAIT_S)
 
