@@ -9,7 +9,8 @@ HubError
 ├── ConfigError              a settings or measurement schema file is wrong
 ├── RegistryError            the device registry refused an operation
 │   ├── UnknownDevice
-│   └── DeviceExists
+│   ├── DeviceExists
+│   └── RegistryUnavailable  the PostgreSQL registry cannot be reached or used (`registry_url`)
 └── WriteError               InfluxDB did not take a batch
     ├── TransientWriteError  retrying can fix it (connection, 5xx, 429); `retry_after` seconds
     └── PermanentWriteError  retrying cannot (400, 401, 403, 404, 413, 422); `reason`,
@@ -85,6 +86,10 @@ class DeviceExists(RegistryError):
     def __init__(self, device_id: str) -> None:
         super().__init__(f"device {device_id!r} already exists")
         self.device_id = device_id
+
+
+class RegistryUnavailable(RegistryError):
+    """The PostgreSQL registry cannot be reached, or refuses the hub's role."""
 
 
 class WriteError(HubError):

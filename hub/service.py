@@ -27,8 +27,8 @@ from hub.ops.logs import set_level
 from hub.ops.metrics import HubMetrics
 from hub.ops.runtime import tune_garbage_collector
 from hub.ops.sdnotify import Notifier
+from hub.registry.backends import default_node_id, open_hub_registry
 from hub.registry.sqlite import secure_state_dir
-from hub.registry.thread import ThreadedSQLiteRegistry
 from hub.settings import Settings, reload_changes
 
 log = logging.getLogger("hub")
@@ -76,9 +76,14 @@ class HubService:
         settings = self.settings
         schemas = MeasurementSchemas(load_schema_file(settings.schemas))
         secure_state_dir(settings.state_dir)
-        # Every registry query of the hub runs on this one thread: none blocks the loop.
-        registry = await ThreadedSQLiteRegistry.open(
-            settings.registry_path, settings.registry_poll_s
+        # SQLite: every registry query of the hub on one thread; PostgreSQL: a pool, the
+        # schema migrated first. Neither blocks the loop.
+        registry = await open_hub_registry(
+            settings.registry_url,
+            settings.registry_path,
+            settings.registry_poll_s,
+            settings.node_id or default_node_id(settings.port),
+            f"{settings.host}:{settings.port}",
         )
         spool = Spool(settings.spool_dir, settings.spool_max_bytes)
         sink = self._sink

@@ -34,6 +34,7 @@ from pydantic_settings import (
 
 from hub.core.proxyheader import parse_networks
 from hub.errors import ConfigError
+from hub.registry.url import check_registry_url
 
 InfluxApi = Literal["auto", "v1", "v2"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -151,6 +152,10 @@ class Settings(BaseSettings):
     shutdown_timeout_s: PositiveFloat = 10.0
 
     # Fleet
+    registry_url: str = ""
+    """Empty: SQLite in the state directory; `postgresql://USER@HOST:PORT/DB`: shared."""
+    node_id: str = ""
+    """This hub's name among those sharing a PostgreSQL registry; empty: HOSTNAME:PORT."""
     registry_poll_s: PositiveFloat = 0.01
     presence_flush_s: PositiveFloat = 0.5
 
@@ -197,6 +202,18 @@ class Settings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         return self
+
+    @field_validator("registry_url")
+    @classmethod
+    def _registry_url(cls, value: str) -> str:
+        return check_registry_url(value)  # raises ValueError naming the setting
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        if len(value) > 200 or not value.isprintable():
+            raise ValueError("node_id is at most 200 printable characters")
+        return value
 
     @property
     def registry_path(self) -> Path:

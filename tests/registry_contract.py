@@ -2,22 +2,22 @@
 
 `RegistryContract` holds the tests; tests/test_registry_contract.py runs them once per
 backend through its `backend` fixture (today SQLite; PostgreSQL joins by adding a param
-there). A backend under test is its `HubRegistry` (the ports, as the hub uses them) plus an
-`Operator`: the commands the CLI runs, on a connection of their own, to arrange the state
-the ports must then report.
+there). A backend under test is its `HubRegistry` (the ports, as the hub uses them) plus its
+`OperatorRegistry`: the commands the CLI runs, on a connection of their own, to arrange the
+state the ports must then report.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import pytest
 
 from hub.errors import UnknownDevice
+from hub.registry.operator import OperatorRegistry
 from hub.registry.ports import HubRegistry
 from hub.registry.records import Presence, hash_token
 
@@ -26,39 +26,13 @@ WAIT_S = 5.0
 POLL_S = 0.01
 
 
-class Operator(Protocol):
-    """The operator's commands a contract test arranges its state with (the CLI's)."""
-
-    def add_many(self, device_ids: list[str], labels: Mapping[str, str] | None = None) -> list[str]:
-        """Register devices; their tokens in order."""
-        ...
-
-    def revoke(self, device_id: str) -> None:
-        """Stop accepting the device's token."""
-        ...
-
-    def rotate(self, device_id: str, grace_s: float) -> str:
-        """A new token for the device; the old one works for `grace_s` more seconds."""
-        ...
-
-    def set_config(
-        self,
-        device_ids: list[str],
-        *,
-        updates: Mapping[str, Any] | None = None,
-        replace: Mapping[str, Any] | None = None,
-    ) -> dict[str, int]:
-        """New desired config versions for the devices."""
-        ...
-
-
 @dataclass
 class Backend:
     """A backend under test: the hub's ports, an operator, and how to open the ports again
     (a restarted hub)."""
 
     ports: HubRegistry
-    operator: Operator
+    operator: OperatorRegistry
     reopen: Callable[[], Awaitable[HubRegistry]]
 
 
@@ -82,7 +56,7 @@ class RegistryContract:
 
     async def test_a_current_token_names_its_device(self, backend: Backend) -> None:
         """A device's token hash gives its credential, with no expiry; another gives None."""
-        token_a, token_b = backend.operator.add_many(["a", "b"])
+        token_a, token_b = await backend.operator.add_many(["a", "b"])
         found = await backend.ports.credential(hash_token(token_a))
         assert found is not None
         assert (found.device_id, found.token_hash, found.expires_at) == (
@@ -97,15 +71,15 @@ class RegistryContract:
 
     async def test_a_revoked_device_no_longer_authenticates(self, backend: Backend) -> None:
         """Revocation ends the token at once; the device stays known, inactive."""
-        (token,) = backend.operator.add_many(["a"])
-        backend.operator.revoke("a")
+        (token,) = await backend.operator.add_many(["a"])
+        await backend.operator.revoke("a")
         assert await backend.ports.credential(hash_token(token)) is None
         device = await backend.ports.device("a")
         assert device is not None and not device.active
 
     async def test_devices_by_id(self, backend: Backend) -> None:
         """`device` finds registered devices with their labels, and None for others."""
-        backend.operator.add_many(["a"], {"site": "north"})
+        await backend.operator.add_many(["a"], {"site": "north"})
         device = await backend.ports.device("a")
         assert device is not None
         assert (device.device_id, device.active, device.labels) == ("a", True, {"site": "north"})
@@ -113,9 +87,9 @@ class RegistryContract:
 
     async def test_a_rotated_out_token_works_during_its_grace(self, backend: Backend) -> None:
         """After a rotation both tokens work; the old one says until when."""
-        (old,) = backend.operator.add_many(["a"])
+        (old,) = await backend.operator.add_many(["a"])
         before = time.time()
-        new = backend.operator.rotate("a", grace_s=60)
+        new = await backend.operator.rotate("a", grace_s=60)
         current = await backend.ports.credential(hash_token(new))
         retired = await backend.ports.credential(hash_token(old))
         assert current is not None and (current.device_id, current.expires_at) == ("a", None)
@@ -125,8 +99,8 @@ class RegistryContract:
 
     async def test_a_rotated_out_token_fails_once_its_grace_ends(self, backend: Backend) -> None:
         """When the grace period is over, the old token fails like an unknown one."""
-        (old,) = backend.operator.add_many(["a"])
-        new = backend.operator.rotate("a", grace_s=0.2)
+        (old,) = await backend.operator.add_many(["a"])
+        new = await backend.operator.rotate("a", grace_s=0.2)
 
         async def old_fails() -> bool:
             return await backend.ports.credential(hash_token(old)) is None
@@ -138,18 +112,18 @@ class RegistryContract:
         self, backend: Backend
     ) -> None:
         """`grace 0` ends every grace period of the device, earlier rotations' too."""
-        (first,) = backend.operator.add_many(["a"])
-        second = backend.operator.rotate("a", grace_s=60)
-        third = backend.operator.rotate("a", grace_s=0)
+        (first,) = await backend.operator.add_many(["a"])
+        second = await backend.operator.rotate("a", grace_s=60)
+        third = await backend.operator.rotate("a", grace_s=0)
         assert await backend.ports.credential(hash_token(first)) is None
         assert await backend.ports.credential(hash_token(second)) is None
         assert await backend.ports.credential(hash_token(third)) is not None
 
     async def test_revocation_ends_tokens_in_their_grace_too(self, backend: Backend) -> None:
         """A revoked device's rotated-out token fails, grace or not."""
-        (old,) = backend.operator.add_many(["a"])
-        new = backend.operator.rotate("a", grace_s=60)
-        backend.operator.revoke("a")
+        (old,) = await backend.operator.add_many(["a"])
+        new = await backend.operator.rotate("a", grace_s=60)
+        await backend.operator.revoke("a")
         assert await backend.ports.credential(hash_token(old)) is None
         assert await backend.ports.credential(hash_token(new)) is None
 
@@ -157,7 +131,7 @@ class RegistryContract:
 
     async def test_a_new_device_has_nothing_pending(self, backend: Backend) -> None:
         """Version 0, an empty config, no answer."""
-        backend.operator.add_many(["a"])
+        await backend.operator.add_many(["a"])
         state = await backend.ports.config_state("a")
         assert (state.version, state.config, state.acked_version, state.pending) == (
             0,
@@ -173,17 +147,17 @@ class RegistryContract:
 
     async def test_config_versions_only_grow(self, backend: Backend) -> None:
         """Each change is a higher version, answered or not, and after a restart too."""
-        backend.operator.add_many(["a"])
+        await backend.operator.add_many(["a"])
         seen = []
         for value in range(3):
-            backend.operator.set_config(["a"], updates={"x": value})
+            await backend.operator.set_config(["a"], updates={"x": value})
             state = await backend.ports.config_state("a")
             seen.append(state.version)
             assert state.pending and state.config == {"x": value}
         assert await backend.ports.record_config_ack("a", seen[-1], True, None)
         reopened = await backend.reopen()
         try:
-            backend.operator.set_config(["a"], replace={"y": 1})
+            await backend.operator.set_config(["a"], replace={"y": 1})
             state = await reopened.config_state("a")
         finally:
             await reopened.close()
@@ -193,8 +167,8 @@ class RegistryContract:
 
     async def test_an_answer_to_the_latest_version_is_stored(self, backend: Backend) -> None:
         """ok and refused answers are stored with their error; nothing is pending after."""
-        backend.operator.add_many(["a", "b"])
-        versions = backend.operator.set_config(["a", "b"], updates={"x": 1})
+        await backend.operator.add_many(["a", "b"])
+        versions = await backend.operator.set_config(["a", "b"], updates={"x": 1})
         assert await backend.ports.record_config_ack("a", versions["a"], True, None)
         assert await backend.ports.record_config_ack("b", versions["b"], False, "too fast")
         a = await backend.ports.config_state("a")
@@ -217,9 +191,9 @@ class RegistryContract:
         self, backend: Backend
     ) -> None:
         """Only the first answer to the latest version counts; others change nothing."""
-        backend.operator.add_many(["a"])
-        first = backend.operator.set_config(["a"], updates={"x": 1})["a"]
-        latest = backend.operator.set_config(["a"], updates={"x": 2})["a"]
+        await backend.operator.add_many(["a"])
+        first = (await backend.operator.set_config(["a"], updates={"x": 1}))["a"]
+        latest = (await backend.operator.set_config(["a"], updates={"x": 2}))["a"]
         for version in (first, latest + 1, -1, 2**63, 2**70):
             assert not await backend.ports.record_config_ack("a", version, True, None)
         assert (await backend.ports.config_state("a")).acked_version is None
@@ -233,7 +207,7 @@ class RegistryContract:
 
     async def test_presence_is_stored_and_replaced(self, backend: Backend) -> None:
         """What was recorded last per device is what `presence` returns."""
-        backend.operator.add_many(["a", "b"])
+        await backend.operator.add_many(["a", "b"])
         assert await backend.ports.presence() == {}
         await backend.ports.record_presence([_presence("a", True, 3), _presence("b", True, 1)])
         await backend.ports.record_presence([_presence("a", False, 7, seen=200.0)])
@@ -245,7 +219,7 @@ class RegistryContract:
 
     async def test_mark_all_offline_keeps_the_counts(self, backend: Backend) -> None:
         """A new hub run starts with nobody online, and every count as it was."""
-        backend.operator.add_many(["a", "b"])
+        await backend.operator.add_many(["a", "b"])
         await backend.ports.record_presence([_presence("a", True, 3), _presence("b", False, 1)])
         await backend.ports.mark_all_offline()
         stored = await backend.ports.presence()
@@ -258,10 +232,10 @@ class RegistryContract:
 
     async def test_changes_since_names_exactly_the_changed_devices(self, backend: Backend) -> None:
         """Config changes and revocations after a sequence, with what the hub acts on."""
-        backend.operator.add_many(["a", "b", "c"])
+        await backend.operator.add_many(["a", "b", "c"])
         start = await backend.ports.change_seq()
-        backend.operator.set_config(["a"], updates={"x": 1})
-        backend.operator.revoke("b")
+        await backend.operator.set_config(["a"], updates={"x": 1})
+        await backend.operator.revoke("b")
         latest, changes = await backend.ports.changes_since(start)
         assert latest > start and latest == await backend.ports.change_seq()
         by_device = {c.device_id: (c.config_version, c.revoked) for c in changes}
@@ -270,16 +244,16 @@ class RegistryContract:
 
     async def test_a_rotation_is_a_change(self, backend: Backend) -> None:
         """A rotated token is a change of its device (sessions re-check their tokens)."""
-        backend.operator.add_many(["a", "b"])
+        await backend.operator.add_many(["a", "b"])
         start = await backend.ports.change_seq()
-        backend.operator.rotate("a", grace_s=0)
+        await backend.operator.rotate("a", grace_s=0)
         _, changes = await backend.ports.changes_since(start)
         assert [c.device_id for c in changes] == ["a"]
 
     async def test_wait_for_change_times_out_when_nothing_changes(self, backend: Backend) -> None:
         """No operator change, no signal; the hub's own writes are not operator changes."""
-        backend.operator.add_many(["a"])
-        backend.operator.set_config(["a"], updates={"x": 1})
+        await backend.operator.add_many(["a"])
+        await backend.operator.set_config(["a"], updates={"x": 1})
         ports = await backend.reopen()  # opened after those changes: nothing new to it
         try:
             await ports.record_presence([_presence("a", True, 1)])
@@ -293,13 +267,14 @@ class RegistryContract:
     async def test_wait_for_change_wakes_on_an_operator_change(self, backend: Backend) -> None:
         """A change committed while the hub waits ends the wait, well before its timeout;
         the signal is then taken."""
-        backend.operator.add_many(["a"])
+        await backend.operator.add_many(["a"])
         ports = await backend.reopen()
         try:
+            await ports.record_presence([_presence("a", True, 0)])  # this hub holds it
             waiting = asyncio.create_task(ports.wait_for_change(WAIT_S * 4))
             await asyncio.sleep(0)  # the wait has begun
             started = time.monotonic()
-            backend.operator.set_config(["a"], updates={"x": 1})
+            await backend.operator.set_config(["a"], updates={"x": 1})
             assert await asyncio.wait_for(waiting, WAIT_S)
             print(f"wait_for_change woke {(time.monotonic() - started) * 1000:.1f} ms after")
             assert not await ports.wait_for_change(0.1)
@@ -308,10 +283,11 @@ class RegistryContract:
 
     async def test_a_change_before_the_wait_is_not_lost(self, backend: Backend) -> None:
         """A change committed while nobody waits is signalled to the next wait."""
-        backend.operator.add_many(["a"])
+        await backend.operator.add_many(["a"])
         ports = await backend.reopen()
         try:
-            backend.operator.revoke("a")
+            await ports.record_presence([_presence("a", True, 0)])  # this hub holds it
+            await backend.operator.revoke("a")
             assert await ports.wait_for_change(WAIT_S)
         finally:
             await ports.close()

@@ -11,6 +11,7 @@ from uuid import UUID
 import asyncpg
 import pytest
 
+from hub.registry.postgres import operator_queries as oq
 from hub.registry.postgres import queries as q
 from hub.registry.postgres.migrations import migrate
 from hub.registry.sqlite import hash_token
@@ -34,7 +35,7 @@ async def db(pg: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
 async def add_devices(conn: asyncpg.Connection, *device_ids: str, labels: str = "{}") -> None:
     """Register devices with tokens derived from their ids (test tokens only)."""
     hashes = [hash_token(f"token-{d}") for d in device_ids]
-    await conn.execute(q.ADD_DEVICES, list(device_ids), hashes, labels)
+    await conn.execute(oq.ADD_DEVICES, list(device_ids), hashes, labels)
 
 
 async def register(conn: asyncpg.Connection, node_id: str, lease_s: float = LEASE_S) -> UUID:
@@ -138,7 +139,7 @@ async def test_claims_are_refused_for_revoked_unknown_devices_and_expired_nodes(
     await add_devices(db, "d1", "d2")
     await register(db, "hub-a")
     await register(db, "frozen", lease_s=SHORT_LEASE_S)
-    await db.fetchrow(q.REVOKE_DEVICE, "d2")
+    await db.fetchrow(oq.REVOKE_DEVICE, "d2")
     address = "192.0.2.7:1"
     assert await db.fetchrow(q.CLAIM_CONNECTION, "d2", "hub-a", address) is None
     assert await db.fetchrow(q.CLAIM_CONNECTION, "nobody", "hub-a", address) is None
@@ -155,7 +156,7 @@ async def test_a_stale_owners_late_writes_lose_to_the_newer_epoch(db: asyncpg.Co
     await register(db, "hub-b")
     old = (await claim(db, "d1", "hub-a"))["epoch"]
     new = (await claim(db, "d1", "hub-b"))["epoch"]
-    (pushed,) = await db.fetch(q.PUSH_CONFIG, ["d1"], '{"interval_s": 5}', None)
+    (pushed,) = await db.fetch(oq.PUSH_CONFIG, ["d1"], '{"interval_s": 5}', None)
     version = pushed["config_version"]
     ack = (version, False, "from the old session")
     assert await db.fetchrow(q.RECORD_CONFIG_ACK, "d1", *ack, "hub-a", old) is None
@@ -186,7 +187,7 @@ async def test_an_answer_racing_a_takeover_is_ordered_by_the_row_lock(
     await register(db, "hub-a")
     await register(db, "hub-b")
     old = (await claim(db, "d1", "hub-a"))["epoch"]
-    (pushed,) = await db.fetch(q.PUSH_CONFIG, ["d1"], '{"interval_s": 5}', None)
+    (pushed,) = await db.fetch(oq.PUSH_CONFIG, ["d1"], '{"interval_s": 5}', None)
     taker, answerer = await postgres_db.connect(), await postgres_db.connect()
     try:
         async with taker.transaction():

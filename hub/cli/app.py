@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import logging
 import os
 import sys
 import time
@@ -16,18 +17,27 @@ import typer
 from hub.cli.check import check_config
 from hub.cli.common import (
     ConfigOption,
+    RegistryUrlOption,
     StateDirOption,
     fail,
-    open_registry,
     parse_duration,
     settings_from,
     when,
+    with_registry,
 )
-from hub.cli.fleet import config_app, device_app, devices_command, parse_assignments, spool_app
+from hub.cli.fleet import (
+    config_app,
+    device_app,
+    devices_command,
+    nodes_command,
+    parse_assignments,
+    spool_app,
+)
 from hub.cli.top import top_command
 from hub.errors import HubError
 from hub.ops.logs import configure_logging
-from hub.settings import InfluxApi, LogFormat, LogLevel, load_settings
+from hub.registry.url import has_password
+from hub.settings import InfluxApi, LogFormat, LogLevel, Settings, load_settings
 
 app = typer.Typer(
     help="IoT sensor ingestion hub: devices stream readings over WebSocket into InfluxDB.",
@@ -40,6 +50,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(device_app, name="device")
 app.add_typer(spool_app, name="spool")
 app.command("devices")(devices_command)
+app.command("nodes")(nodes_command)
 app.command("check-config")(check_config)
 app.command("top")(top_command)
 
@@ -48,6 +59,13 @@ app.command("top")(top_command)
 def serve(
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
+    node_id: Annotated[
+        str | None,
+        typer.Option(
+            help="This hub's name on a shared registry [HOSTNAME:PORT].", show_default=False
+        ),
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on [8765].")] = None,
     influx_url: Annotated[str | None, typer.Option(help="InfluxDB base URL.")] = None,
@@ -94,6 +112,8 @@ def serve(
     """Accept device connections and write their readings to InfluxDB."""
     flags: dict[str, object] = {
         "state_dir": state_dir,
+        "registry_url": registry_url,
+        "node_id": node_id,
         "host": host,
         "port": port,
         "influx_url": influx_url,
@@ -114,6 +134,11 @@ def serve(
     }
     settings = settings_from(config, **flags)
     configure_logging(settings.log_level, settings.log_format)
+    if has_password(settings.registry_url):
+        logging.getLogger("hub").warning(
+            "registry_url holds a password: put it in the hub user's ~/.pgpass instead "
+            "(URLs show in process listings)"
+        )
     from hub.ops.runtime import run_event_loop
     from hub.service import serve as run_service
 
@@ -146,6 +171,7 @@ def token_add(
     ] = None,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Register a device and print its token, the only line on stdout. Shown once only.
 
@@ -154,10 +180,11 @@ def token_add(
     --out, to stdout. Progress and the summary go to stderr.
     """
     labels = parse_assignments(label or [], json_values=False)
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
     if count is None:
         if device_id is None or out is not None:
             fail("give one DEVICE_ID, or --count N (with --prefix and --out) for many")
-        token = _register(config, state_dir, [device_id], labels)[0]
+        token = _register(settings, [device_id], labels)[0]
         sys.stdout.write(token + "\n")
         return
     if device_id is not None:
@@ -171,7 +198,7 @@ def token_add(
     started = time.monotonic()
     typer.echo(f"registering {count} devices {device_ids[0]} .. {device_ids[-1]}", err=True)
     with handle if out is not None else contextlib.nullcontext(handle):
-        tokens = _register(config, state_dir, device_ids, labels, cleanup=out)
+        tokens = _register(settings, device_ids, labels, cleanup=out)
         rows = csv.writer(handle, lineterminator="\n")
         rows.writerow(["device_id", "token"])
         rows.writerows(zip(device_ids, tokens, strict=True))
@@ -188,32 +215,29 @@ def _create_private(path: Path) -> TextIO:
 
 
 def _register(
-    config: Path | None,
-    state_dir: Path | None,
+    settings: Settings,
     device_ids: list[str],
     labels: dict[str, str],
     cleanup: Path | None = None,
 ) -> list[str]:
     """Register devices in one transaction and return their tokens, or fail cleanly."""
-    registry = open_registry(config, state_dir)
     try:
-        return registry.add_many(device_ids, labels)
-    except HubError as exc:
+        return with_registry(settings, lambda registry: registry.add_many(device_ids, labels))
+    except typer.Exit:
         if cleanup is not None:
             cleanup.unlink(missing_ok=True)  # empty: nothing was registered
-        fail(str(exc))
-    finally:
-        registry.close()
+        raise
 
 
 @token_app.command("list")
-def token_list(config: ConfigOption = None, state_dir: StateDirOption = None) -> None:
+def token_list(
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
+) -> None:
     """List devices and whether their token is active (tokens themselves are never shown)."""
-    registry = open_registry(config, state_dir)
-    try:
-        devices = registry.devices()
-    finally:
-        registry.close()
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    devices = with_registry(settings, lambda registry: registry.devices())
     if not devices:
         typer.echo("no devices registered; add one with: hub token add DEVICE_ID", err=True)
         return
@@ -228,15 +252,11 @@ def token_revoke(
     device_id: Annotated[str, typer.Argument(help="The device whose token stops working.")],
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Revoke a device's token; the device can no longer connect."""
-    registry = open_registry(config, state_dir)
-    try:
-        registry.revoke(device_id)
-    except HubError as exc:
-        fail(str(exc))
-    finally:
-        registry.close()
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    with_registry(settings, lambda registry: registry.revoke(device_id))
     typer.echo(f"revoked {device_id}", err=True)
 
 
@@ -252,16 +272,12 @@ def token_rotate(
     ],
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Issue a new token, printed as the only line on stdout; the old one works for --grace."""
     grace_s = parse_duration(grace)
-    registry = open_registry(config, state_dir)
-    try:
-        token = registry.rotate(device_id, grace_s)
-    except HubError as exc:
-        fail(str(exc))
-    finally:
-        registry.close()
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    token = with_registry(settings, lambda registry: registry.rotate(device_id, grace_s))
     sys.stdout.write(token + "\n")
     until = f"until {when(time.time() + grace_s)}" if grace_s else "no longer"
     typer.echo(f"rotated {device_id}; the old token works {until}", err=True)

@@ -9,17 +9,22 @@ from pathlib import Path
 import typer
 from pydantic import SecretStr
 
-from hub.cli.common import ConfigOption, StateDirOption, fail, settings_from
+from hub.cli.common import ConfigOption, RegistryUrlOption, StateDirOption, fail, settings_from
 from hub.core.measurements import load_schema_file
 from hub.errors import HubError
 from hub.ops.logs import redact
+from hub.registry.url import has_password
 from hub.settings import LIVE_SETTINGS, Settings, setting_origins
 
 
-def check_config(config: ConfigOption = None, state_dir: StateDirOption = None) -> None:
+def check_config(
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
+) -> None:
     """Validate the settings (flags, HUB_ environment, credentials, config file) and the
     schema file; print the effective configuration with secrets masked."""
-    settings = settings_from(config, state_dir=state_dir)
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
     try:
         load_schema_file(settings.schemas)
         if settings.influx_api == "v1":
@@ -28,7 +33,13 @@ def check_config(config: ConfigOption = None, state_dir: StateDirOption = None) 
             V1Sink(settings)  # checks that the token is user:password
     except HubError as exc:
         fail(str(exc))
-    origins = setting_origins(config, state_dir=state_dir)
+    if has_password(settings.registry_url):
+        typer.echo(
+            "warning: registry_url holds a password; put it in the hub user's ~/.pgpass "
+            "instead (URLs show in process listings)",
+            err=True,
+        )
+    origins = setting_origins(config, state_dir=state_dir, registry_url=registry_url)
     typer.echo(
         "# effective configuration; precedence: flag, HUB_ environment, credential, "
         "config file, default"

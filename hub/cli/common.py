@@ -1,16 +1,22 @@
-"""What every `hub` subcommand shares: the options that find settings, and error exits."""
+"""What every `hub` subcommand shares: the options that find settings and the registry,
+and error exits."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 
 from hub.errors import HubError
-from hub.registry.sqlite import Registry
+from hub.registry.backends import open_operator
+from hub.registry.operator import OperatorRegistry
 from hub.settings import Settings, load_settings
+
+T = TypeVar("T")
 
 ConfigOption = Annotated[
     Path | None,
@@ -20,6 +26,14 @@ StateDirOption = Annotated[
     Path | None,
     typer.Option(
         help="State directory: registry, dead letters (also HUB_STATE_DIR).", show_default=False
+    ),
+]
+RegistryUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        help="The registry: postgresql://USER@HOST:PORT/DB, or empty for SQLite in the state "
+        "directory (also HUB_REGISTRY_URL). Keep its password in ~/.pgpass.",
+        show_default=False,
     ),
 ]
 
@@ -38,11 +52,19 @@ def settings_from(config: Path | None, **flags: object) -> Settings:
         fail(str(exc))
 
 
-def open_registry(config: Path | None, state_dir: Path | None) -> Registry:
-    """The registry in the state directory the settings name."""
-    settings = settings_from(config, state_dir=state_dir)
+def with_registry(settings: Settings, work: Callable[[OperatorRegistry], Awaitable[T]]) -> T:
+    """`work(registry)` on the registry the settings name (SQLite or PostgreSQL), closed
+    after; a clean exit saying why if the registry cannot be opened or refuses."""
+
+    async def run() -> T:
+        registry = await open_operator(settings.registry_url, settings.registry_path)
+        try:
+            return await work(registry)
+        finally:
+            await registry.close()
+
     try:
-        return Registry(settings.registry_path)
+        return asyncio.run(run())
     except HubError as exc:
         fail(str(exc))
     except OSError as exc:

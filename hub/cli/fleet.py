@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,15 +13,16 @@ import typer
 
 from hub.cli.common import (
     ConfigOption,
+    RegistryUrlOption,
     StateDirOption,
     fail,
-    open_registry,
     settings_from,
     when,
+    with_registry,
 )
-from hub.errors import HubError
 from hub.ingest.spool import read_status
-from hub.registry.sqlite import ConfigState, Registry
+from hub.registry.operator import OperatorRegistry
+from hub.registry.records import ConfigState, Device, Presence
 
 config_app = typer.Typer(help="Push configuration to devices.", no_args_is_help=True)
 device_app = typer.Typer(help="Device labels.", no_args_is_help=True)
@@ -66,6 +69,7 @@ def config_set(
     ] = None,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Set desired configuration; connected devices receive it within a second.
 
@@ -82,27 +86,25 @@ def config_set(
     labels = parse_assignments(label or [], json_values=False)
     if sum((device_id is not None, everyone, bool(labels))) != 1:
         fail("name one device, or use --all, or --label key=value")
-    # Configs go to devices no deeper than devices may send (the hub's max_nesting_depth).
-    max_depth = settings_from(config, state_dir=state_dir).max_nesting_depth
-    registry = open_registry(config, state_dir)
-    try:
-        targets = registry.select(
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+
+    async def push(registry: OperatorRegistry) -> None:
+        targets = await registry.select(
             [device_id] if device_id else [], everyone=everyone, labels=labels
         )
         if not targets:
             fail("no active device matches")
-        versions = registry.set_config(
-            targets, updates=updates, replace=replace, max_depth=max_depth
+        # Configs go to devices no deeper than devices may send (the hub's max_nesting_depth).
+        versions = await registry.set_config(
+            targets, updates=updates, replace=replace, max_depth=settings.max_nesting_depth
         )
         typer.echo(f"config set for {len(versions)} device(s)", err=True)
         for target, version in sorted(versions.items()):
             typer.echo(f"{target}\tversion {version}")
         if wait is not None:
-            _wait_for_answers(registry, versions, wait)
-    except HubError as exc:
-        fail(str(exc))
-    finally:
-        registry.close()
+            await _wait_for_answers(registry, versions, wait)
+
+    with_registry(settings, push)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -119,13 +121,16 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _wait_for_answers(registry: Registry, versions: dict[str, int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for_answers(
+    registry: OperatorRegistry, versions: dict[str, int], wait_s: float
+) -> None:
+    # Polled, not one asyncio.timeout: progress is shown as answers come in.
+    deadline = time.monotonic() + wait_s
     answered: dict[str, ConfigState] = {}
     shown = -1
     while True:
         waiting = [d for d in versions if d not in answered]
-        for state in registry.config_states(waiting):
+        for state in await registry.config_states(waiting):
             if (state.acked_version or 0) >= versions[state.device_id]:
                 answered[state.device_id] = state
         if len(answered) != shown:
@@ -133,13 +138,13 @@ def _wait_for_answers(registry: Registry, versions: dict[str, int], timeout: flo
             typer.echo(f"answered {shown}/{len(versions)}", err=True)
         if len(answered) == len(versions) or time.monotonic() >= deadline:
             break
-        time.sleep(WAIT_POLL_S)
+        await asyncio.sleep(WAIT_POLL_S)
     refused = {d: s.ack_error for d, s in answered.items() if not s.ack_ok}
     silent = sorted(set(versions) - set(answered))
     for device, error in sorted(refused.items()):
         typer.echo(f"refused by {device}: {error}", err=True)
     if silent:
-        typer.echo(f"no answer within {timeout:g} s from: {', '.join(silent)}", err=True)
+        typer.echo(f"no answer within {wait_s:g} s from: {', '.join(silent)}", err=True)
     if refused or silent:
         raise typer.Exit(1)
     typer.echo(f"applied by all {len(versions)} device(s)", err=True)
@@ -151,15 +156,11 @@ def config_get(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Show a device's desired config, what it acknowledged, and its last error."""
-    registry = open_registry(config, state_dir)
-    try:
-        state = registry.config_state(device_id)
-    except HubError as exc:
-        fail(str(exc))
-    finally:
-        registry.close()
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    state = with_registry(settings, lambda registry: registry.config_state(device_id))
     report = {
         "device": state.device_id,
         "desired": state.config,
@@ -187,44 +188,56 @@ def device_label(
     remove: Annotated[list[str] | None, typer.Option(help="Label to remove; repeatable.")] = None,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
     """Set or remove labels of a device; prints its labels afterwards."""
-    registry = open_registry(config, state_dir)
-    try:
-        labels = registry.set_labels(
-            device_id, parse_assignments(assignments or [], json_values=False), remove or []
-        )
-    except HubError as exc:
-        fail(str(exc))
-    finally:
-        registry.close()
+    changes = parse_assignments(assignments or [], json_values=False)
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    labels = with_registry(
+        settings, lambda registry: registry.set_labels(device_id, changes, remove or [])
+    )
     typer.echo(" ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(no labels)")
+
+
+@dataclass(frozen=True, slots=True)
+class _Fleet:
+    devices: list[Device]
+    presence: dict[str, Presence]
+    configs: dict[str, ConfigState]
+    holders: dict[str, str]
+
+
+async def _fleet(registry: OperatorRegistry) -> _Fleet:
+    devices = await registry.devices()
+    presence = await registry.presence()
+    states = await registry.config_states([d.device_id for d in devices])
+    holders = await registry.holders()
+    return _Fleet(devices, presence, {state.device_id: state for state in states}, holders)
 
 
 def devices_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
 ) -> None:
-    """Every device: online, address, since, last seen, readings stored, config versions."""
-    registry = open_registry(config, state_dir)
-    try:
-        devices = registry.devices()
-        presence = registry.presence()
-        configs = {c.device_id: c for c in registry.config_states(d.device_id for d in devices)}
-    finally:
-        registry.close()
+    """Every device: online, address, since, last seen, readings stored, config versions,
+    and on PostgreSQL the hub holding it."""
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    fleet = with_registry(settings, _fleet)
     rows = []
-    for device in devices:
-        seen = presence.get(device.device_id)
-        wanted = configs[device.device_id]
+    for device in fleet.devices:
+        seen = fleet.presence.get(device.device_id)
+        wanted = fleet.configs[device.device_id]
+        online = bool(seen and seen.online)
         rows.append(
             {
                 "device": device.device_id,
                 "status": "active" if device.active else "revoked",
-                "online": bool(seen and seen.online),
-                "remote_address": seen.remote_address if seen and seen.online else None,
-                "connected_since": when(seen.connected_since) if seen and seen.online else None,
+                "online": online,
+                "hub": fleet.holders.get(device.device_id) if online else None,
+                "remote_address": seen.remote_address if seen and online else None,
+                "connected_since": when(seen.connected_since) if seen and online else None,
                 "last_seen": when(seen.last_seen) if seen else None,
                 "readings_stored": seen.readings_stored if seen else 0,
                 "config_desired": wanted.version,
@@ -235,15 +248,61 @@ def devices_command(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    shared = bool(settings.registry_url)  # one hub on SQLite: no column to name it
     header = f"{'DEVICE':<28} {'ONLINE':<7} {'REMOTE':<22} {'SINCE':<21} {'LAST SEEN':<21} "
-    typer.echo(header + f"{'STORED':>10} {'CONFIG':>9}")
+    typer.echo(header + f"{'STORED':>10} {'CONFIG':>9}" + ("  HUB" if shared else ""))
     for row in rows:
-        online = "yes" if row["online"] else ("revoked" if row["status"] == "revoked" else "no")
+        state = "yes" if row["online"] else ("revoked" if row["status"] == "revoked" else "no")
         versions = f"{row['config_acknowledged'] or 0}/{row['config_desired']}"
         typer.echo(
-            f"{row['device']:<28} {online:<7} {row['remote_address'] or '-':<22} "
+            f"{row['device']:<28} {state:<7} {row['remote_address'] or '-':<22} "
             f"{row['connected_since'] or '-':<21} {row['last_seen'] or '-':<21} "
             f"{row['readings_stored']:>10} {versions:>9}"
+            + (f"  {row['hub'] or '-'}" if shared else "")
+        )
+
+
+def nodes_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
+) -> None:
+    """Every hub sharing the PostgreSQL registry: address, start, last heartbeat, live
+    connections, and whether its lease is live."""
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
+    nodes = with_registry(settings, lambda registry: registry.nodes())
+    rows = [
+        {
+            "node": node.node_id,
+            "address": node.address,
+            "started_at": when(node.started_at),
+            "last_heartbeat": when(node.heartbeat_at),
+            "lease_expires_at": when(node.lease_expires_at),
+            "live_connections": node.live_connections,
+            "live": node.live,
+        }
+        for node in nodes
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not settings.registry_url:
+        typer.echo(
+            "the registry is SQLite (one hub); nodes are the hubs sharing a PostgreSQL "
+            "registry (registry_url)",
+            err=True,
+        )
+        return
+    typer.echo(
+        f"{'NODE':<32} {'ADDRESS':<24} {'STARTED':<21} {'LAST HEARTBEAT':<21} "
+        f"{'CONNECTIONS':>11} LIVE"
+    )
+    for row in rows:
+        typer.echo(
+            f"{row['node']:<32} {row['address']:<24} {row['started_at']:<21} "
+            f"{row['last_heartbeat']:<21} {row['live_connections']:>11} "
+            f"{'yes' if row['live'] else 'no'}"
         )
 
 

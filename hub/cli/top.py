@@ -10,6 +10,7 @@ interval) and exits, for scripts. The numbers come from `hub/ops/top.py`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.error
 import urllib.request
@@ -22,9 +23,17 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from hub.cli.common import ConfigOption, StateDirOption, fail, parse_duration, settings_from
+from hub.cli.common import (
+    ConfigOption,
+    RegistryUrlOption,
+    StateDirOption,
+    fail,
+    parse_duration,
+    settings_from,
+)
 from hub.ops.top import Frame, Latency, Scrape, build_frame, parse_scrape
-from hub.registry.sqlite import Presence, Registry
+from hub.registry.backends import open_operator
+from hub.registry.records import Presence
 from hub.settings import Settings
 
 FETCH_TIMEOUT_S = 5.0
@@ -62,17 +71,21 @@ def fetch_scrape(base: str) -> Scrape:
 
 
 def read_presence(settings: Settings) -> dict[str, Presence]:
-    """Who is connected, as the hub last recorded it; empty if the registry cannot be read."""
-    if not settings.registry_path.exists():
+    """Who is connected, as the hubs last recorded it; empty if the registry cannot be read."""
+    if not settings.registry_url and not settings.registry_path.exists():
         return {}  # a view must not create a registry where there was none
+
+    async def read() -> dict[str, Presence]:
+        registry = await open_operator(settings.registry_url, settings.registry_path)
+        try:
+            return await registry.presence()
+        finally:
+            await registry.close()
+
     try:
-        registry = Registry(settings.registry_path)
-    except Exception:  # the view goes on without devices (e.g. no access to the state dir)
+        return asyncio.run(read())
+    except Exception:  # the view goes on without devices (no access, database down...)
         return {}
-    try:
-        return registry.presence()
-    finally:
-        registry.close()
 
 
 # --- Drawing ----------------------------------------------------------------------------------
@@ -186,6 +199,7 @@ def render(frame: Frame | None, source: str, error: str | None = None) -> Render
 def top_command(
     config: ConfigOption = None,
     state_dir: StateDirOption = None,
+    registry_url: RegistryUrlOption = None,
     url: Annotated[
         str | None,
         typer.Option(help="The hub's health listener (default: health_host and health_port)."),
@@ -199,7 +213,7 @@ def top_command(
     once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
 ) -> None:
     """A live view of the running hub: traffic, rejections, latency, spool, devices."""
-    settings = settings_from(config, state_dir=state_dir)
+    settings = settings_from(config, state_dir=state_dir, registry_url=registry_url)
     source = metrics_url(settings, url)
     every = parse_duration(interval)
     quiet = parse_duration(silent_after)

@@ -4,12 +4,12 @@ Each part of the hub is handed only the port it uses: the handshake and the rota
 a `CredentialStore`, a device session a `ConfigStore`, the presence tracker a
 `PresenceStore`, the fleet watcher a `ChangeFeed`. `HubRegistry` is all of them, what
 `hub.service` opens and closes. Every method is a coroutine so that no backend blocks the
-event loop: the SQLite one (hub.registry.thread) runs its queries on a thread of its own, a
-PostgreSQL one will await its driver. tests/registry_contract.py is what each backend must
-pass.
+event loop: the SQLite one (hub.registry.thread) runs its queries on a thread of its own,
+the PostgreSQL one (hub.registry.postgres.backend) awaits asyncpg.
+tests/registry_contract.py is what each backend must pass.
 
 Operator commands (add, revoke, rotate, set config, labels) are not here: the CLI is a
-short-lived process and calls the synchronous engine (`hub.registry.sqlite.Registry`).
+short-lived process with a port of its own (`hub.registry.operator.OperatorRegistry`).
 """
 
 from __future__ import annotations

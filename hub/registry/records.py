@@ -84,6 +84,19 @@ class Presence:
     readings_stored: int
 
 
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A hub process sharing a PostgreSQL registry, as its heartbeats last left it."""
+
+    node_id: str
+    address: str
+    started_at: float
+    heartbeat_at: float
+    lease_expires_at: float
+    live_connections: int
+    live: bool
+
+
 def hash_token(token: str) -> str:
     """The form in which a token is stored and looked up."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()

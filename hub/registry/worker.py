@@ -46,6 +46,7 @@ class OwningThread(Generic[Owned]):
         self._idle_s = idle_s
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Start the thread and create the object on it; raises what `create` raised."""
@@ -66,6 +67,8 @@ class OwningThread(Generic[Owned]):
 
     async def stop(self, last: Callable[[Owned], None]) -> None:
         """Run `last(owned)` once the jobs asked for are done, then end the thread."""
+        # No idle duty from now on: after `last` (a close) it would find the object closed.
+        self._stopping = True
         try:
             await self.run(last)
         finally:
@@ -94,7 +97,7 @@ class OwningThread(Generic[Owned]):
                     self._settle(future, None, exc)
                 else:
                     self._settle(future, result, None)
-            if time.monotonic() >= next_idle:
+            if time.monotonic() >= next_idle and not self._stopping:
                 try:
                     self._idle(owned)
                 except Exception:  # e.g. the file unreadable for a moment: next time

@@ -1,4 +1,5 @@
-"""The registry's operations on PostgreSQL, each one SQL statement, named and documented.
+"""What hubs read and record in the PostgreSQL registry, each one SQL statement, named and
+documented (the operator's changes are in `operator_queries`).
 
 Each constant is an asyncpg statement (`$1`, `$2`... bound, never formatted in). One
 statement each, so an operation is atomic without a transaction around it, costs one round
@@ -13,10 +14,10 @@ trip, and takes its row locks in one place:
 * Nodes. `REGISTER_NODE` at start, `HEARTBEAT` about every second; a node is live while its
   lease has not expired, and a device is online while a live node owns it
   (`DEVICE_PRESENCE`), so a dead hub's devices go offline with its lease, with no clean-up.
-* Changes. Operator changes (`PUSH_CONFIG`, `REVOKE_DEVICE`, `ROTATE_TOKEN`) take the next
-  number from the one-row `change_seq` (its row lock, held to commit, makes numbers visible
-  in order), log one `changes` row per device, and ring the owning hubs' NOTIFY channels
-  (`node_channel`) once per hub and statement with the payload `change:SEQ`. The doorbell
+* Changes. Operator changes (`operator_queries`: a push, a revocation, a rotation) take the
+  next number from the one-row `change_seq` (its row lock, held to commit, makes numbers
+  visible in order), log one `changes` row per device, and ring the owning hubs' NOTIFY
+  channels (`node_channel`) once per hub and statement with the payload `change:SEQ`. The doorbell
   only says "read the log": `CHANGES_SINCE` is the truth, read after every (re)connection of
   the hub's listener and after every doorbell. NOTIFY takes an instance-wide lock at commit,
   so nothing on the ingest path rings: only operator changes and takeovers
@@ -87,6 +88,14 @@ FROM nodes
 ORDER BY node_id
 """
 """Every node `hub nodes` shows, live or with its lease expired."""
+
+DEVICE_HOLDERS = """
+SELECT c.device_id, c.owner_node
+FROM connections AS c JOIN nodes AS n ON n.node_id = c.owner_node
+WHERE n.lease_expires_at > now()
+ORDER BY c.device_id
+"""
+"""The node holding each device whose connection a live node holds (`hub devices`)."""
 
 # --- Connection ownership -----------------------------------------------------------------
 
@@ -206,17 +215,6 @@ Deltas from every hub add up; unknown devices and non-positive deltas are skippe
 
 # --- Credentials and configs --------------------------------------------------------------
 
-ADD_DEVICES = """
-INSERT INTO devices (device_id, token_hash, labels)
-SELECT device_id, token_hash, $3::jsonb
-FROM unnest($1::text[], $2::text[]) AS s(device_id, token_hash)
-RETURNING device_id
-"""
-"""Register devices $1 with token hashes $2 and labels $3; an existing id is a unique violation.
-
-The trigger `devices_connection_row` gives each one its `connections` row.
-"""
-
 CREDENTIAL = """
 SELECT device_id, token_hash, NULL::timestamptz AS expires_at
 FROM devices WHERE token_hash = $1 AND revoked_at IS NULL
@@ -229,26 +227,6 @@ LIMIT 1
 """Whose token has hash $1 if it works now: current (expires_at NULL), or retired in its grace.
 
 The caller compares the returned hash with `hmac.compare_digest` as the SQLite registry does.
-"""
-
-SET_LABELS = """
-UPDATE devices SET labels = (labels || $2::jsonb) - $3::text[]
-WHERE device_id = $1
-RETURNING labels
-"""
-"""Set labels $2 (an object) and remove the names $3 on device $1; returns its labels after.
-
-No row: the device is unknown.
-"""
-
-SELECT_BY_LABELS = """
-SELECT device_id FROM devices
-WHERE revoked_at IS NULL AND labels @> $1::jsonb
-ORDER BY device_id
-"""
-"""Active devices carrying every label of $1 (`--label k=v`; '{}' selects them all).
-
-Containment uses the GIN index `devices_labels`.
 """
 
 CONFIG_STATES = """
@@ -277,110 +255,6 @@ RETURNING d.device_id
 
 No row: a stale or repeated answer, or a session that no longer holds the device.
 """
-
-PUSH_CONFIG = """
-WITH seq AS (
-    UPDATE change_seq SET value = value + 1 RETURNING value
-),
-locked AS (
-    -- In id order, so two pushes to overlapping sets never deadlock.
-    SELECT device_id FROM devices WHERE device_id = ANY($1::text[])
-    ORDER BY device_id FOR UPDATE
-),
-pushed AS (
-    UPDATE devices AS d SET
-        config = coalesce($3::jsonb, d.config) || $2::jsonb,
-        config_version = d.config_version + 1
-    FROM locked WHERE d.device_id = locked.device_id
-    RETURNING d.device_id, d.config_version
-),
-logged AS (
-    INSERT INTO changes (seq, device_id, kind, config_version)
-    SELECT seq.value, pushed.device_id, 'config', pushed.config_version FROM seq, pushed
-    RETURNING seq, device_id
-),
-rung AS (
-    SELECT pg_notify(hub_node_channel(c.owner_node), 'change:' || max(logged.seq))
-    FROM logged JOIN connections AS c ON c.device_id = logged.device_id
-    WHERE c.owner_node IS NOT NULL
-    GROUP BY c.owner_node
-)
-SELECT pushed.device_id, pushed.config_version, seq.value AS seq,
-       (SELECT count(*) FROM rung) AS notified_nodes
-FROM pushed, seq
-ORDER BY pushed.device_id
-"""
-"""New config version for devices $1: their config (or $3 when given) with $2 merged in.
-
-Returns each device's new version and the change's sequence; one doorbell per owning node.
-An id missing from the result is unknown: run it in a transaction and roll back then.
-"""
-
-REVOKE_DEVICE = """
-WITH seq AS (
-    UPDATE change_seq SET value = value + 1 RETURNING value
-),
-revoked AS (
-    UPDATE devices SET revoked_at = now()
-    WHERE device_id = $1 AND revoked_at IS NULL
-    RETURNING device_id
-),
-logged AS (
-    INSERT INTO changes (seq, device_id, kind)
-    SELECT seq.value, revoked.device_id, 'revoke' FROM seq, revoked
-    RETURNING seq, device_id
-),
-rung AS (
-    SELECT pg_notify(hub_node_channel(c.owner_node), 'change:' || logged.seq)
-    FROM logged JOIN connections AS c ON c.device_id = logged.device_id
-    WHERE c.owner_node IS NOT NULL
-)
-SELECT logged.seq, (SELECT count(*) FROM rung) AS notified_nodes FROM logged
-"""
-"""Revoke device $1 and ring its owner; no row if it is unknown or already revoked."""
-
-ROTATE_TOKEN = """
-WITH current AS (
-    SELECT device_id, token_hash FROM devices
-    WHERE device_id = $1 AND revoked_at IS NULL FOR UPDATE
-),
-seq AS (
-    UPDATE change_seq SET value = value + 1 RETURNING value
-),
-ended AS (
-    -- Expired grace periods go; a rotation with no grace ends the device's others too.
-    DELETE FROM retired_tokens
-    WHERE expires_at <= now() OR (device_id = $1 AND $3::float8 = 0)
-),
-retired AS (
-    INSERT INTO retired_tokens (token_hash, device_id, expires_at)
-    SELECT token_hash, device_id, now() + make_interval(secs => $3::float8)
-    FROM current WHERE $3::float8 > 0
-),
-rotated AS (
-    UPDATE devices AS d SET token_hash = $2
-    FROM current WHERE d.device_id = current.device_id
-    RETURNING d.device_id
-),
-logged AS (
-    INSERT INTO changes (seq, device_id, kind)
-    SELECT seq.value, rotated.device_id, 'rotate' FROM seq, rotated
-    RETURNING seq, device_id
-),
-rung AS (
-    SELECT pg_notify(hub_node_channel(c.owner_node), 'change:' || logged.seq)
-    FROM logged JOIN connections AS c ON c.device_id = logged.device_id
-    WHERE c.owner_node IS NOT NULL
-)
-SELECT logged.seq, (SELECT count(*) FROM rung) AS notified_nodes FROM logged
-"""  # noqa: S105 (a statement, not a password)
-"""Give device $1 the token hash $2; the old one keeps working for $3 s.
-
-$3 = 0 ends every grace period of the device at once, as the SQLite registry does: the hub
-holding it then closes a session that used a retired token with 4001 (`STALE_SESSIONS`
-says `token_retired`), so the owner is rung. No row: the device is unknown or revoked.
-"""
-
 
 # --- Change feed --------------------------------------------------------------------------
 
@@ -412,3 +286,74 @@ PRUNE_CHANGES = """
 DELETE FROM changes WHERE created_at < now() - make_interval(secs => $1::float8)
 """
 """Forget changes older than $1 s; a hub behind that long checks every session instead."""
+
+
+# --- The hub's ports today (hub.registry.postgres.backend) ---------------------------------
+# Until a handshake claims its device (CLAIM_CONNECTION, with sessions that carry epochs),
+# the hub's ports record presence by device and read every changed device, as on SQLite.
+
+CHANGE_SEQ = """
+SELECT value FROM change_seq
+"""
+"""The newest change sequence number."""
+
+CHANGED_DEVICES_SINCE = """
+SELECT s.value AS latest, d.device_id, d.config_version, d.revoked_at IS NOT NULL AS revoked
+FROM change_seq AS s
+LEFT JOIN LATERAL (
+    SELECT DISTINCT ch.device_id FROM changes AS ch WHERE ch.seq > $1 AND ch.seq <= s.value
+) AS changed ON true
+LEFT JOIN devices AS d ON d.device_id = changed.device_id
+ORDER BY d.device_id
+"""
+"""Every device changed after sequence $1, as it is now, with `latest` from the same snapshot.
+
+With no change to report there is one row with `latest` and NULLs. All hubs' devices, not
+only this node's: a device's ownership is recorded a presence flush after it connected, and a
+change in between must reach its session.
+"""
+
+DEVICES_BY_ID = """
+SELECT device_id, created_at, revoked_at, labels FROM devices
+WHERE device_id = ANY($1::text[])
+ORDER BY device_id
+"""
+"""The devices among ids $1 that are registered, revoked ones too."""
+
+RECORD_DEVICE_CONFIG_ACK = """
+UPDATE devices SET
+    acked_version = $2,
+    ack_ok = $3,
+    ack_error = CASE WHEN $3 THEN NULL ELSE coalesce($4, '') END,
+    acked_at = now()
+WHERE device_id = $1 AND config_version = $2 AND (acked_version IS NULL OR acked_version < $2)
+RETURNING device_id
+"""
+"""Device $1 answered version $2 (ok $3, error $4); no row for a stale or repeated answer.
+
+`RECORD_CONFIG_ACK` is the same answer from a session that names its epoch.
+"""
+
+RECORD_PRESENCE = """
+UPDATE connections AS c SET
+    owner_node = CASE WHEN s.online THEN $1 END,
+    remote_address = s.remote_address,
+    connected_since = to_timestamp(s.connected_since),
+    last_seen = to_timestamp(s.last_seen),
+    released_at = CASE WHEN s.online THEN NULL ELSE now() END
+FROM unnest($2::text[], $3::boolean[], $4::text[], $5::float8[], $6::float8[])
+     AS s(device_id, online, remote_address, connected_since, last_seen)
+WHERE c.device_id = s.device_id
+  -- Going offline here must not release a device another node holds by now.
+  AND (s.online OR c.owner_node IS NULL OR c.owner_node = $1)
+"""
+"""Presence flush of node $1: devices $2 online ($3) or not, from $4, since $5, seen $6 (Unix
+seconds). Online makes node $1 the owner; offline releases only what node $1 owns.
+
+Readings stored go with `ADD_READINGS_STORED`, as deltas, in the same transaction.
+"""
+
+RELEASE_NODE = """
+UPDATE connections SET owner_node = NULL, released_at = now() WHERE owner_node = $1
+"""
+"""Node $1 holds no connection any more (a hub starting after one that died)."""

@@ -1,0 +1,189 @@
+"""`HubRegistry` on PostgreSQL: the hub's ports (hub.registry.ports) over an asyncpg pool.
+
+Every statement is one of `queries`; this module only binds parameters and builds records.
+The hub is one node of the fleet (`NodeLease`): its presence flushes make it the owner of
+the devices connected to it, and a device is shown online while its owner's lease is live.
+`wait_for_change` is the `Doorbell`: LISTEN on the node's channel, with a catch-up by change
+sequence after every (re)connection of the listener and every second, since the tables, not
+the notifications, are the truth.
+
+Readings-stored counters add up across hubs: the port hands over each device's total as this
+hub knows it (the count it loaded at start plus what it stored since), and this backend turns
+that into the delta since the total it last recorded for the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Sequence
+from typing import Self
+
+import asyncpg
+
+from hub.errors import UnknownDevice
+from hub.registry.postgres import queries as q
+from hub.registry.postgres.connect import open_pool, seconds
+from hub.registry.postgres.doorbell import CATCH_UP_S, Doorbell
+from hub.registry.postgres.lease import NodeLease
+from hub.registry.postgres.rows import config_state_of, device_of, presence_of
+from hub.registry.records import ConfigState, Credential, Device, DeviceChange, Presence
+
+CLOSE_TIMEOUT_S = 5.0
+"""How long closing waits for statements still running before the connections are cut."""
+_MAX_VERSION = 2**63  # bigint: an answer to a higher version was never sent
+
+
+class PostgresRegistry:
+    """The hub's registry ports on PostgreSQL, as node `node_id`; open with `open`."""
+
+    def __init__(self, pool: asyncpg.Pool, node_id: str, doorbell: Doorbell) -> None:
+        """Use `open`: it registers the node and starts listening."""
+        self.node_id = node_id
+        self._pool = pool
+        self._doorbell = doorbell
+        self._lease: NodeLease | None = None
+        self._online: set[str] = set()
+        self._recorded_stored: dict[str, int] = {}
+
+    @classmethod
+    async def open(
+        cls, url: str, node_id: str, address: str, *, catch_up_s: float = CATCH_UP_S
+    ) -> Self:
+        """Connect to `url` (migrating the schema), register node `node_id` at `address`
+        (the address devices connect to) and start its heartbeat and doorbell.
+        `RegistryUnavailable` if the database cannot be used."""
+        pool = await open_pool(url)
+        try:
+            seen = int(await pool.fetchval(q.CHANGE_SEQ))
+            registry = cls(pool, node_id, Doorbell(url, node_id, seen, catch_up_s))
+            lease = NodeLease(pool, node_id, address, lambda: len(registry._online))
+            await lease.register()
+        except BaseException:
+            pool.terminate()
+            raise
+        registry._lease = lease
+        lease.start()
+        registry._doorbell.start()
+        return registry
+
+    async def listening(self) -> None:
+        """Wait until the doorbell listens and has caught up (tests measure it alone)."""
+        await self._doorbell.listening()
+
+    async def close(self) -> None:
+        """Stop the heartbeat and the doorbell, then close the pool (bounded)."""
+        await self._doorbell.close()
+        if self._lease is not None:
+            await self._lease.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._pool.close()
+        except TimeoutError:
+            self._pool.terminate()
+
+    # CredentialStore
+
+    async def credential(self, token_hash: str) -> Credential | None:
+        """See `CredentialStore.credential`."""
+        row = await self._pool.fetchrow(q.CREDENTIAL, token_hash)
+        if row is None or not hmac.compare_digest(row["token_hash"], token_hash):
+            return None
+        return Credential(row["device_id"], token_hash, seconds(row["expires_at"]))
+
+    async def device(self, device_id: str) -> Device | None:
+        """See `CredentialStore.device`."""
+        rows = await self._pool.fetch(q.DEVICES_BY_ID, [device_id])
+        return device_of(rows[0]) if rows else None
+
+    # ConfigStore
+
+    async def config_state(self, device_id: str) -> ConfigState:
+        """See `ConfigStore.config_state`."""
+        states = await self.config_states([device_id])
+        if not states:
+            raise UnknownDevice(device_id)
+        return states[0]
+
+    async def config_states(self, device_ids: Sequence[str]) -> list[ConfigState]:
+        """The config states of these devices, by id; unknown ids are left out."""
+        rows = await self._pool.fetch(q.CONFIG_STATES, list(dict.fromkeys(device_ids)))
+        return [config_state_of(row) for row in rows]
+
+    async def record_config_ack(
+        self, device_id: str, version: int, ok: bool, error: str | None
+    ) -> bool:
+        """See `ConfigStore.record_config_ack`."""
+        if not 0 <= version < _MAX_VERSION:
+            return False
+        if error is not None:
+            error = error.replace("\x00", "\ufffd")  # text columns cannot hold NUL
+        row = await self._pool.fetchrow(q.RECORD_DEVICE_CONFIG_ACK, device_id, version, ok, error)
+        return row is not None
+
+    # PresenceStore
+
+    async def record_presence(self, states: Sequence[Presence]) -> None:
+        """See `PresenceStore.record_presence`: connections owned by this node, and the
+        readings stored since the totals last recorded, in one transaction."""
+        rows = sorted(states, key=lambda p: p.device_id)  # one lock order across hubs
+        if not rows:
+            return
+        ids = [p.device_id for p in rows]
+        deltas = [p.readings_stored - self._recorded_stored.get(p.device_id, 0) for p in rows]
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                q.RECORD_PRESENCE,
+                self.node_id,
+                ids,
+                [p.online for p in rows],
+                # The schema's bound: one overlong address must not fail every flush.
+                [None if p.remote_address is None else p.remote_address[:300] for p in rows],
+                [p.connected_since for p in rows],
+                [p.last_seen for p in rows],
+            )
+            await conn.execute(q.ADD_READINGS_STORED, ids, deltas)
+        for p in rows:  # only once committed: a failed flush is sent again, whole
+            self._recorded_stored[p.device_id] = p.readings_stored
+            if p.online:
+                self._online.add(p.device_id)
+            else:
+                self._online.discard(p.device_id)
+
+    async def mark_all_offline(self) -> None:
+        """See `PresenceStore.mark_all_offline`: this node's connections, no other's."""
+        await self._pool.execute(q.RELEASE_NODE, self.node_id)
+        self._online.clear()
+
+    async def presence(self) -> dict[str, Presence]:
+        """See `PresenceStore.presence`: online while a node with a live lease holds the
+        device; counts summed over every hub."""
+        found = presence_of(await self._pool.fetch(q.DEVICE_PRESENCE))
+        for device_id, seen in found.items():
+            # The baseline of the deltas: what this hub's totals start from.
+            self._recorded_stored.setdefault(device_id, seen.readings_stored)
+        return found
+
+    # ChangeFeed
+
+    async def change_seq(self) -> int:
+        """See `ChangeFeed.change_seq`."""
+        seq = int(await self._pool.fetchval(q.CHANGE_SEQ))
+        self._doorbell.saw(seq)
+        return seq
+
+    async def changes_since(self, seq: int) -> tuple[int, list[DeviceChange]]:
+        """See `ChangeFeed.changes_since`."""
+        rows = await self._pool.fetch(q.CHANGED_DEVICES_SINCE, seq)
+        latest = int(rows[0]["latest"])
+        self._doorbell.saw(latest)
+        changes = [
+            DeviceChange(row["device_id"], int(row["config_version"]), bool(row["revoked"]))
+            for row in rows
+            if row["device_id"] is not None
+        ]
+        return latest, changes
+
+    async def wait_for_change(self, timeout_s: float) -> bool:
+        """See `ChangeFeed.wait_for_change`: the doorbell, or its catch-up."""
+        return await self._doorbell.wait(timeout_s)
