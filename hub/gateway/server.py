@@ -91,7 +91,7 @@ class Hub:
         )
         self._sessions: dict[str, DeviceSession] = {}
         self.watcher = FleetWatcher(
-            registry, self._sessions, self.rotation, settings.registry_poll_s, self._spawn
+            registry, registry, self._sessions, self.rotation, settings.registry_poll_s, self._spawn
         )
         self._server: Server | None = None
         self._socket_from_systemd = False
