@@ -63,7 +63,7 @@ class FleetWatcher:
                 log.exception("reading operator changes from the registry failed")
                 await asyncio.sleep(self.retry_s)
                 continue
-            to_push: list[DeviceSession] = []
+            changed: list[tuple[DeviceSession, int]] = []
             for change in changes:
                 session = self.sessions.get(change.device_id)
                 if session is None:
@@ -71,13 +71,14 @@ class FleetWatcher:
                 if change.revoked:
                     self.spawn(session.revoke())
                     continue
-                if change.config_version > session.config_sent:
-                    to_push.append(session)
+                changed.append((session, change.config_version))
+            to_push = [session for session, version in changed if version > session.config_sent]
+            if to_push:  # first: its one lookup goes ahead of the token lookups on the thread
+                self.spawn(self._push_configs(to_push))
+            for session, _ in changed:
                 # Not awaited one by one: a change of 10,000 devices queues its lookups at
                 # once on the registry's thread.
                 self.spawn(self._recheck_token(session))
-            if to_push:
-                self.spawn(self._push_configs(to_push))
 
     async def _push_configs(self, sessions: list[DeviceSession]) -> None:
         """Read the configs of `sessions` in one call, then push each in a task of its own
