@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -37,7 +36,6 @@ CLIENTS = textwrap.dedent(
         held = []
         for token in tokens:
             held.append(await connect(url, additional_headers={"Authorization": f"Bearer {token}"}))
-        print("connected", flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(main(sys.argv[1], sys.stdin.read().split()))
@@ -58,19 +56,21 @@ async def measure(connections: int, top: int) -> None:
             gc.collect()
             tracemalloc.start(8)
             before = tracemalloc.take_snapshot()
-            clients = subprocess.Popen(
-                [sys.executable, "-c", CLIENTS, service.url + "/v1/ws"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
+            clients = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                CLIENTS,
+                service.url + "/v1/ws",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
             )
             try:
                 assert clients.stdin is not None
-                clients.stdin.write("\n".join(tokens))
+                clients.stdin.write("\n".join(tokens).encode())
                 clients.stdin.close()
                 deadline = time.monotonic() + 120
                 while len(service.hub.live_devices) < connections:
-                    if time.monotonic() > deadline or clients.poll() is not None:
+                    if time.monotonic() > deadline or clients.returncode is not None:
                         raise SystemExit("the clients did not all connect")
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1.0)  # every session past its first config lookup
@@ -79,7 +79,7 @@ async def measure(connections: int, top: int) -> None:
                 tracemalloc.stop()
             finally:
                 clients.kill()
-                clients.wait()
+                await clients.wait()
     report(after.compare_to(before, "lineno"), connections, top)
 
 
