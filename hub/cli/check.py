@@ -13,6 +13,7 @@ from hub.cli.common import ConfigOption, StateDirOption, fail, settings_from
 from hub.core.measurements import load_schema_file
 from hub.errors import HubError
 from hub.ops.logs import redact
+from hub.options import InfluxOptions
 from hub.settings import LIVE_SETTINGS, Settings, setting_origins
 
 
@@ -25,7 +26,7 @@ def check_config(config: ConfigOption = None, state_dir: StateDirOption = None) 
         if settings.influx_api == "v1":
             from hub.ingest.sinks import V1Sink
 
-            V1Sink(settings)  # checks that the token is user:password
+            V1Sink(InfluxOptions.of(settings))  # checks that the token is user:password
     except HubError as exc:
         fail(str(exc))
     origins = setting_origins(config, state_dir=state_dir)
