@@ -288,6 +288,28 @@ async def test_the_idle_duty_runs_while_jobs_keep_coming() -> None:
 
 
 @pytest.mark.unit
+async def test_no_idle_duty_runs_after_the_last_job(caplog: pytest.LogCaptureFixture) -> None:
+    """`stop(last)`: once `last` has run (it closes the owned object) the idle duty no
+    longer runs, even when it is due right then (an idle duty due after every job here);
+    it used to run on the closed SQLite connection and log a traceback at every stop."""
+    owned = {"closed": False}
+    seen_closed: list[bool] = []
+    owner: OwningThread[dict[str, bool]] = OwningThread(
+        "test-owner", lambda: owned, lambda o: seen_closed.append(o["closed"]), 0.0
+    )
+    await owner.start()
+    await owner.run(lambda o: None)
+    await owner.stop(lambda o: o.update(closed=True))
+    async with asyncio.timeout(WAIT_S):
+        while threading.active_count() > 1 and any(
+            t.name == "test-owner" for t in threading.enumerate()
+        ):
+            await asyncio.sleep(0.01)
+    assert seen_closed and True not in seen_closed
+    assert "idle duty failed" not in caplog.text
+
+
+@pytest.mark.unit
 async def test_a_failed_start_raises_the_creation_error() -> None:
     """What `create` raised is what `start` raises."""
 

@@ -46,6 +46,7 @@ class OwningThread(Generic[Owned]):
         self._idle_s = idle_s
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished = False
 
     async def start(self) -> None:
         """Start the thread and create the object on it; raises what `create` raised."""
@@ -66,8 +67,13 @@ class OwningThread(Generic[Owned]):
 
     async def stop(self, last: Callable[[Owned], None]) -> None:
         """Run `last(owned)` once the jobs asked for are done, then end the thread."""
+
+        def finish(owned: Owned) -> None:
+            self._finished = True  # on the thread: no idle duty on what `last` closes
+            last(owned)
+
         try:
-            await self.run(last)
+            await self.run(finish)
         finally:
             self._jobs.put(_STOP)
 
@@ -94,7 +100,7 @@ class OwningThread(Generic[Owned]):
                     self._settle(future, None, exc)
                 else:
                     self._settle(future, result, None)
-            if time.monotonic() >= next_idle:
+            if not self._finished and time.monotonic() >= next_idle:
                 try:
                     self._idle(owned)
                 except Exception:  # e.g. the file unreadable for a moment: next time
