@@ -76,6 +76,8 @@ class Hub:
         self.metrics = metrics
         self.presence = PresenceTracker(registry)
         self.draining = False
+        # One for every session: the same parts, and not an object per idle connection.
+        self._ports = SessionPorts(pipeline, registry, self.presence, self, metrics, drain=self)
         self.slots = ConnectionSlots()
         self.rotation = RotationWatch(registry)
         self.stranger_counts = StrangerCounts()
@@ -339,10 +341,7 @@ class Hub:
         if handshake is None:  # lost before its handler ran: nothing to serve
             return
         device_id = handshake.device_id
-        ports = SessionPorts(
-            self.pipeline, self.registry, self.presence, self, self.metrics, drain=self
-        )
-        session = DeviceSession(connection, handshake, ports, self.options.session)
+        session = DeviceSession(connection, handshake, self._ports, self.options.session)
         previous = self._sessions.get(device_id)
         self._sessions[device_id] = session
         if previous is not None:
