@@ -41,6 +41,7 @@ InfluxApi = Literal["auto", "v1", "v2"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
 
+
 @dataclass(frozen=True, slots=True)
 class SettingGroup:
     """Flat settings that parts of the hub get together, in one typed options object
