@@ -20,6 +20,7 @@ from pathlib import Path
 from hub.core.dialects import Dialect
 from hub.ingest.deadletters import DeadLetterFile
 from hub.ingest.pipeline import Pipeline
+from hub.options import BatchOptions
 from hub.settings import Settings
 
 
@@ -42,7 +43,9 @@ class NullSink:
 async def one_round(state: Path, messages: int, readings: int) -> float:
     """Thread-CPU seconds to push `messages` messages through a fresh pipeline."""
     settings = Settings(state_dir=state, influx_url="http://null.invalid")
-    pipeline = Pipeline(NullSink(), DeadLetterFile(state / "dead.jsonl", 2**20), settings)
+    pipeline = Pipeline(
+        NullSink(), DeadLetterFile(state / "dead.jsonl", 2**20), BatchOptions.of(settings)
+    )
     pipeline.start()
     lines = "\n".join(f"m,device=d1 v={n} {n + 1}" for n in range(readings))
     started = time.thread_time()

@@ -27,6 +27,7 @@ from hub.ops.logs import set_level
 from hub.ops.metrics import HubMetrics
 from hub.ops.runtime import tune_garbage_collector
 from hub.ops.sdnotify import Notifier
+from hub.options import HubOptions, live_changes
 from hub.registry.backends import default_node_id, open_hub_registry
 from hub.registry.sqlite import secure_state_dir
 from hub.settings import Settings, reload_changes
@@ -46,6 +47,8 @@ class HubService:
         load_settings: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        self.options = HubOptions.of(settings)
+        """Each part's options, from `settings`; a reload replaces the live ones."""
         self._sink = sink
         self._hub: Hub | None = None
         self._health: HealthServer | None = None
@@ -62,8 +65,9 @@ class HubService:
     @property
     def url(self) -> str:
         """The address devices connect to."""
-        scheme = "wss" if self.settings.tls_cert is not None else "ws"
-        return f"{scheme}://{self.settings.host}:{self.hub.port}"
+        listen = self.options.gateway.listen
+        scheme = "wss" if listen.tls_cert is not None else "ws"
+        return f"{scheme}://{listen.host}:{self.hub.port}"
 
     @property
     def health(self) -> HealthServer:
@@ -73,38 +77,41 @@ class HubService:
 
     async def start(self) -> None:
         """Open the registry and InfluxDB sink, start writing and listening."""
-        settings = self.settings
-        schemas = MeasurementSchemas(load_schema_file(settings.schemas))
-        secure_state_dir(settings.state_dir)
+        options = self.options
+        storage = options.storage
+        schemas = MeasurementSchemas(load_schema_file(options.schemas.path))
+        secure_state_dir(storage.state_dir)
         # SQLite: every registry query of the hub on one thread; PostgreSQL: a pool, the
         # schema migrated first. Neither blocks the loop.
+        listen = options.gateway.listen
         registry = await open_hub_registry(
-            settings.registry_url,
-            settings.registry_path,
-            settings.registry_poll_s,
-            settings.node_id or default_node_id(settings.port),
-            f"{settings.host}:{settings.port}",
+            options.registry.url,
+            storage.registry_path,
+            options.gateway.fleet.registry_poll_s,
+            options.registry.node_id or default_node_id(listen.port),
+            f"{listen.host}:{listen.port}",
         )
-        spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+        spool = Spool(storage.spool_dir, storage.spool_max_bytes)
         sink = self._sink
-        if sink is None and settings.influx_url is not None:
-            sink = await open_sink(settings)
+        if sink is None and options.influx.url is not None:
+            sink = await open_sink(options.influx)
         elif sink is None:
             log.warning(
                 "no InfluxDB configured (--influx-url): readings are kept in the spool at %s "
                 "and written to InfluxDB once one is configured",
-                settings.spool_dir,
+                storage.spool_dir,
             )
         metrics = HubMetrics()
-        dead_letters = DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes)
-        pipeline = Pipeline(sink, dead_letters, settings, spool)
+        dead_letters = DeadLetterFile(storage.dead_letter_path, storage.dead_letter_max_bytes)
+        influx = options.influx if options.influx.url is not None else None
+        pipeline = Pipeline(sink, dead_letters, options.batch, spool, influx)
         metrics.watch_writes(pipeline.write_stats)
         pipeline.start()
-        self._hub = Hub(settings, registry, schemas, pipeline, metrics)
+        self._hub = Hub(options.gateway, registry, schemas, pipeline, metrics)
         metrics.watch(self._hub)
-        if settings.health_enabled:
+        if options.health.enabled:
             self._health = HealthServer(
-                self._hub, metrics, settings.health_host, settings.health_port
+                self._hub, metrics, options.health.host, options.health.port
             )
             await self._health.start()
         try:
@@ -117,9 +124,9 @@ class HubService:
             "hub listening on %s:%d, writing to %s (%s API, bucket %s), on %s's event loop",
             self._hub.host,
             self._hub.port,
-            settings.influx_url or "nowhere yet (spool only)",
+            options.influx.url or "nowhere yet (spool only)",
             sink.name if sink else "no",
-            settings.influx_bucket,
+            options.influx.bucket,
             type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if self._health is not None:
@@ -137,7 +144,7 @@ class HubService:
         hub.draining = True
         hub.stop_accepting()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.shutdown_timeout_s
+        deadline = loop.time() + self.options.service.shutdown_timeout_s
 
         async def within_deadline(step: Awaitable[None]) -> None:
             try:
@@ -185,19 +192,16 @@ class HubService:
                     ", ".join(need_restart),
                 )
         settings = self.settings.model_copy(update=live)
+        options = HubOptions.of(settings)
         try:
-            schemas = MeasurementSchemas(load_schema_file(settings.schemas))
+            reload_parts(self.hub, self.options, options)
         except Exception as exc:  # a bad file must not take the hub down
             log.error("schema reload failed, keeping the previous schemas and settings: %s", exc)
             return
-        self.settings = settings
-        self.hub.reconfigure(settings, schemas)
-        self.hub.pipeline.settings = settings
-        if "log_level" in live:
-            set_level(settings.log_level)
+        self.settings, self.options = settings, options
         log.info(
             "reloaded: measurement schemas from %s%s",
-            settings.schemas or "(none: every measurement accepted)",
+            options.schemas.path or "(none: every measurement accepted)",
             "".join(f", {name} = {value}" for name, value in live.items() if name != "schemas"),
         )
 
@@ -209,6 +213,22 @@ class HubService:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def reload_parts(hub: Hub, current: HubOptions, fresh: HubOptions) -> list[str]:
+    """Reload: read the measurement schema file again, then hand each part whose live
+    options changed its new ones (`live_changes`); the paths of those, in `HubOptions`. If
+    the schema file cannot be read, it raises and nothing changes."""
+    schemas = MeasurementSchemas(load_schema_file(fresh.schemas.path))
+    changed = live_changes(current, fresh)
+    hub.apply_schemas(schemas)
+    if any(path.startswith("gateway.") for path in changed):
+        hub.apply(fresh.gateway)
+    if "batch" in changed:
+        hub.pipeline.apply(fresh.batch)
+    if "log" in changed:
+        set_level(fresh.log.level)
+    return sorted(changed)
 
 
 async def serve(settings: Settings, load_settings: Callable[[], Settings] | None = None) -> None:

@@ -9,13 +9,16 @@ Each setting comes from, highest precedence first:
 4. the TOML config file given by `--config` or `HUB_CONFIG` (`influx_url = "..."`);
 5. the default below.
 
-`LIVE_SETTINGS` are those a SIGHUP applies to the running hub; the others need a restart.
+The flat settings fall into `GROUPS`, one typed options object per part of the hub
+(`hub.options`); `LIVE_SETTINGS`, those a SIGHUP applies to the running hub, are the live
+groups' settings; the others need a restart.
 """
 
 from __future__ import annotations
 
 import os
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,23 +43,101 @@ InfluxApi = Literal["auto", "v1", "v2"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
 
+
+@dataclass(frozen=True, slots=True)
+class SettingGroup:
+    """Flat settings that parts of the hub get together, in one typed options object
+    (`hub.options`); a live group is replaced in those parts on a SIGHUP reload."""
+
+    settings: tuple[str, ...]
+    live: bool = False
+
+
+GROUPS: dict[str, SettingGroup] = {
+    # The one place that says which flat setting belongs to which group: each setting to
+    # exactly one (tests/test_setting_groups.py). A group is live or not as a whole, so a
+    # part that takes live and restart-only settings is built from two groups.
+    "storage": SettingGroup(("state_dir", "spool_max_bytes", "dead_letter_max_bytes")),
+    "schemas": SettingGroup(("schemas",), live=True),
+    "listen": SettingGroup(
+        (
+            "host",
+            "port",
+            "tls_cert",
+            "tls_key",
+            "compression",
+            "ping_interval_s",
+            "ping_timeout_s",
+            "handshake_timeout_s",
+        )
+    ),
+    "influx": SettingGroup(
+        (
+            "influx_url",
+            "influx_api",
+            "influx_bucket",
+            "influx_org",
+            "influx_token",
+            "influx_timeout_s",
+        )
+    ),
+    "batching": SettingGroup(
+        (
+            "batch_size",
+            "flush_interval_s",
+            "max_inflight_writes",
+            "retry_initial_s",
+            "retry_max_s",
+            "write_deadline_s",
+        )
+    ),
+    "backpressure": SettingGroup(("max_pending_readings",), live=True),
+    "reading_size": SettingGroup(
+        ("max_fields_per_reading", "max_tags_per_reading", "max_name_chars", "max_string_chars")
+    ),
+    "message_counts": SettingGroup(
+        ("max_readings_per_message", "max_objects_per_message"), live=True
+    ),
+    "connection": SettingGroup(
+        (
+            "max_message_bytes",
+            "max_nesting_depth",
+            "max_unacked_messages",
+            "overload_close_s",
+            "shutdown_timeout_s",
+        )
+    ),
+    "device_rates": SettingGroup(
+        ("device_messages_per_s", "device_readings_per_s", "device_bytes_per_s", "device_burst_s"),
+        live=True,
+    ),
+    "time_range": SettingGroup(("min_time", "max_future_s"), live=True),
+    "capacity": SettingGroup(("max_connections",), live=True),
+    "strangers": SettingGroup(
+        (
+            "allowed_origins",
+            "auth_failures_burst",
+            "auth_failures_per_min",
+            "auth_block_s",
+            "max_unauthenticated_per_source",
+            "max_request_header_bytes",
+            "request_header_timeout_s",
+            "proxy_protocol_from",
+        )
+    ),
+    "fleet": SettingGroup(("registry_poll_s", "presence_flush_s")),
+    "registry": SettingGroup(("registry_url", "node_id")),
+    "log_level": SettingGroup(("log_level",), live=True),
+    "log_format": SettingGroup(("log_format",)),
+    "health": SettingGroup(("health_enabled", "health_host", "health_port")),
+}
+"""Every flat setting, by group; `hub.options` builds the parts' options from these."""
+
 LIVE_SETTINGS = frozenset(
-    {
-        "schemas",
-        "log_level",
-        "max_connections",
-        "max_readings_per_message",
-        "max_objects_per_message",
-        "max_pending_readings",
-        "device_messages_per_s",
-        "device_readings_per_s",
-        "device_bytes_per_s",
-        "device_burst_s",
-        "min_time",
-        "max_future_s",
-    }
+    name for group in GROUPS.values() if group.live for name in group.settings
 )
-"""Settings a SIGHUP reload applies without a restart (to open connections too)."""
+"""Settings a SIGHUP reload applies without a restart (to open connections too): those of
+the live groups."""
 
 _config_file: ContextVar[Path | None] = ContextVar("hub_config_file", default=None)
 

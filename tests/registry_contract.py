@@ -165,6 +165,25 @@ class RegistryContract:
         assert seen == sorted(set(seen)) and seen[0] >= 1
         assert state.config == {"y": 1} and state.pending
 
+    async def test_config_states_of_many_devices_in_one_call(self, backend: Backend) -> None:
+        """Each known device once, as `config_state` has it; unknown and repeated ids do not
+        count, and no id at all is no state at all."""
+        ids = [f"d{n:03}" for n in range(600)]  # more than one SQL statement's worth of ids
+        backend.operator.add_many(ids)
+        versions = backend.operator.set_config(ids[::2], updates={"x": 1})
+        assert await backend.ports.record_config_ack(ids[0], versions[ids[0]], False, "no")
+        asked = [*reversed(ids), "ghost", ids[5], ids[0]]
+        states = await backend.ports.config_states(asked)
+        assert sorted(s.device_id for s in states) == ids
+        singles = [await backend.ports.config_state(i) for i in (ids[0], ids[1], ids[2])]
+        by_id = {s.device_id: s for s in states}
+        assert [by_id[s.device_id] for s in singles] == singles
+        assert (by_id[ids[0]].ack_ok, by_id[ids[0]].ack_error) == (False, "no")
+        assert by_id[ids[2]].pending and by_id[ids[2]].config == {"x": 1}
+        assert not by_id[ids[1]].pending and by_id[ids[1]].version == 0
+        assert await backend.ports.config_states([]) == []
+        assert await backend.ports.config_states(["ghost"]) == []
+
     async def test_an_answer_to_the_latest_version_is_stored(self, backend: Backend) -> None:
         """ok and refused answers are stored with their error; nothing is pending after."""
         await backend.operator.add_many(["a", "b"])

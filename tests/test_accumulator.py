@@ -10,6 +10,7 @@ import pytest
 
 from hub.core.dialects import Dialect
 from hub.ingest.accumulator import Accumulator, Batch
+from hub.options import BatchOptions
 from hub.settings import Settings
 from tests.support import hub_settings
 
@@ -25,7 +26,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 def accumulator(settings: Settings, dialect: Dialect = Dialect.INFLUXDB_1) -> Accumulator:
-    return Accumulator(settings, lambda: dialect)
+    return Accumulator(BatchOptions.of(settings), lambda: dialect)
 
 
 async def sealed(acc: Accumulator) -> Batch:
@@ -137,7 +138,7 @@ async def test_submit_keeps_the_dialect_it_was_formatted_in_across_the_wait(
     """Lines formatted before a wait keep their dialect, even if the default changes."""
     current = [Dialect.INFLUXDB_1]
     settings = settings_for(tmp_path, max_pending_readings=2, batch_size=2)
-    acc = Accumulator(settings, lambda: current[0])
+    acc = Accumulator(BatchOptions.of(settings), lambda: current[0])
     acc.submit_nowait("a", 2)
     waiting = asyncio.create_task(acc.submit("b", 2))
     await let_others_run()
@@ -162,7 +163,7 @@ async def test_drain_waits_until_everything_is_durable(tmp_path: Path) -> None:
 
 async def test_new_settings_apply_to_the_next_batch(tmp_path: Path) -> None:
     acc = accumulator(settings_for(tmp_path, batch_size=1000))
-    acc.settings = settings_for(tmp_path, batch_size=2)
+    acc.options = BatchOptions.of(settings_for(tmp_path, batch_size=2))
     acc.submit_nowait("a", 1)
     acc.submit_nowait("b", 1)
     assert (await sealed(acc)).count == 2

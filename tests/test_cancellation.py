@@ -16,6 +16,7 @@ import pytest
 from hub.core.dialects import Dialect
 from hub.ingest.deadletters import DeadLetterFile
 from hub.ingest.pipeline import Pipeline
+from hub.options import BatchOptions
 from tests.support import hub_settings
 
 pytestmark = pytest.mark.integration  # the pipeline still dials influx_url (127.0.0.1:1)
@@ -48,7 +49,9 @@ async def test_close_as_a_write_completes_stops_every_task(tmp_path: Path, turns
     """Closing the pipeline `turns` loop turns after a write completed stops every task."""
     settings = hub_settings(tmp_path, "http://127.0.0.1:1", max_inflight_writes=1)
     sink = GatedSink()
-    pipeline = Pipeline(sink, DeadLetterFile(tmp_path / "dead.jsonl", 2**20), settings)
+    pipeline = Pipeline(
+        sink, DeadLetterFile(tmp_path / "dead.jsonl", 2**20), BatchOptions.of(settings)
+    )
     pipeline.start()
     durable = pipeline.submit_nowait("m v=1 1", 1)
     pipeline.flush()

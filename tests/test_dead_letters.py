@@ -29,6 +29,7 @@ from hub.ingest.deadletters import (
 )
 from hub.ingest.pipeline import Pipeline
 from hub.ingest.sinks import V1Sink, classify
+from hub.options import BatchOptions, InfluxOptions
 from hub.settings import LIVE_SETTINGS, Settings, load_settings, setting_origins
 from tests.support import add_device, hub_settings, points, running_hub
 
@@ -252,7 +253,7 @@ class FakeSink:
 def pipeline_for(settings: Settings, sink: V1Sink | FakeSink) -> Pipeline:
     """A pipeline with the settings' dead-letter file, no spool."""
     dead = DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes)
-    return Pipeline(sink, dead, settings)
+    return Pipeline(sink, dead, BatchOptions.of(settings))
 
 
 @pytest.mark.unit
@@ -289,7 +290,7 @@ async def test_partial_write_to_real_influxdb_dead_letters_only_the_conflict(
     lines = [f"shared,device=d{n} t={n}.5 {now + n}" for n in range(49)]
     lines.insert(20, f"shared,device=victim t=21.5 {now + 100}")
     lines = [line.replace("shared,", "other,") if "victim" not in line else line for line in lines]
-    pipeline = pipeline_for(settings, V1Sink(settings))
+    pipeline = pipeline_for(settings, V1Sink(InfluxOptions.of(settings)))
     pipeline.start()
     try:
         futures = [await pipeline.submit(line, 1) for line in lines]

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from hub.core.dialects import Dialect
 from hub.ingest.sinks import AutoSink, detect_server, open_sink
+from hub.options import InfluxOptions
 from hub.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -77,7 +78,7 @@ async def test_auto_sink_is_strict_until_the_server_answers_then_its_dialect(
 ) -> None:
     """Spool-only and not-yet-reached servers get the strict rules; then the server's own."""
     async with pinged({"X-Influxdb-Version": "v2.7.4"}) as url:
-        sink = AutoSink(Settings(state_dir=tmp_path, influx_url=url))
+        sink = AutoSink(InfluxOptions.of(Settings(state_dir=tmp_path, influx_url=url)))
         assert sink.dialect is Dialect.STRICT
         await sink.detect()
         assert (sink.name, sink.dialect) == ("v2", Dialect.INFLUXDB_2)
@@ -87,6 +88,8 @@ async def test_auto_sink_is_strict_until_the_server_answers_then_its_dialect(
 async def test_a_forced_v2_api_still_learns_the_kind_of_server(tmp_path: Path) -> None:
     """With influx_api=v2 the hub asks /ping only for the dialect."""
     async with pinged({}, "VictoriaMetrics") as url:
-        sink = await open_sink(Settings(state_dir=tmp_path, influx_url=url, influx_api="v2"))
+        sink = await open_sink(
+            InfluxOptions.of(Settings(state_dir=tmp_path, influx_url=url, influx_api="v2"))
+        )
         assert (sink.name, sink.dialect) == ("v2", Dialect.VICTORIA_METRICS)
         await sink.close()

@@ -29,6 +29,7 @@ from hub.core.readings import prepare_readings
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.ingest.influx_fields import fetch_field_types, field_types, parse_duration, shard_duration
 from hub.ops.metrics import rejection_reason
+from hub.options import InfluxOptions
 from tests.support import add_device, hub_settings, points, running_hub
 
 WAIT_S = 10.0
@@ -430,14 +431,18 @@ async def test_fetch_field_types_from_real_influxdb(
     missing database is a refusal, a closed port a transient failure."""
     influx_write(influxdb.url, influx_db_name, f'm s="x",f=1.5,i=2i,b=true {time.time_ns()}')
     found = await fetch_field_types(
-        hub_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name), "v1"
+        InfluxOptions.of(hub_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name)), "v1"
     )
     assert found.shard_ns == WEEK_NS
     assert found.types == {("m", "s"): str, ("m", "f"): float, ("m", "i"): int, ("m", "b"): bool}
     with pytest.raises(PermanentWriteError, match="database not found"):
-        await fetch_field_types(hub_settings(tmp_path, influxdb.url, influx_bucket="nope"), "v1")
+        await fetch_field_types(
+            InfluxOptions.of(hub_settings(tmp_path, influxdb.url, influx_bucket="nope")), "v1"
+        )
     with pytest.raises(TransientWriteError):
-        await fetch_field_types(hub_settings(tmp_path, f"http://127.0.0.1:{free_port()}"), "v1")
+        await fetch_field_types(
+            InfluxOptions.of(hub_settings(tmp_path, f"http://127.0.0.1:{free_port()}")), "v1"
+        )
 
 
 @pytest.mark.integration

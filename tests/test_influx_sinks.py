@@ -21,6 +21,7 @@ from device_sim.local_servers import (
 from hub.core.dialects import Dialect
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
 from hub.ingest.sinks import V1Sink, V2Sink, classify, detect_server, open_sink, parse_retry_after
+from hub.options import InfluxOptions
 from hub.settings import Settings
 
 
@@ -42,7 +43,9 @@ async def test_v1_sink_writes_to_the_database(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
     """V1Sink's points read back from the database with their tags, values and ns times."""
-    sink = V1Sink(sink_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name))
+    sink = V1Sink(
+        InfluxOptions.of(sink_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name))
+    )
     t = time.time_ns()
     try:
         await sink.write(f"env,device=a temp=21.5 {t}\nenv,device=b temp=-3 {t + 1}".encode())
@@ -67,7 +70,7 @@ async def test_v1_sink_writes_to_the_retention_policy_of_db_slash_rp(
         f"CREATE RETENTION POLICY short ON {db} DURATION 2h REPLICATION 1",
     )
     settings = sink_settings(tmp_path, influxdb.url, influx_bucket=f"{influx_db_name}/short")
-    sink = V1Sink(settings)
+    sink = V1Sink(InfluxOptions.of(settings))
     t = time.time_ns()
     try:
         await sink.write(f"env,device=a temp=1.5 {t}".encode())
@@ -84,7 +87,9 @@ async def test_v1_sink_reports_a_missing_database_as_permanent(
     influxdb: LocalServer, tmp_path: Path
 ) -> None:
     """InfluxDB's 404 for an unknown database is a PermanentWriteError with its plain reason."""
-    sink = V1Sink(sink_settings(tmp_path, influxdb.url, influx_bucket="no_such_db"))
+    sink = V1Sink(
+        InfluxOptions.of(sink_settings(tmp_path, influxdb.url, influx_bucket="no_such_db"))
+    )
     try:
         with pytest.raises(PermanentWriteError) as caught:
             await sink.write(b"env temp=1")
@@ -99,7 +104,9 @@ async def test_v1_sink_reports_a_bad_line_as_permanent(
     influxdb: LocalServer, influx_db_name: str, tmp_path: Path
 ) -> None:
     """A line InfluxDB cannot parse is a permanent 400 naming the problem."""
-    sink = V1Sink(sink_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name))
+    sink = V1Sink(
+        InfluxOptions.of(sink_settings(tmp_path, influxdb.url, influx_bucket=influx_db_name))
+    )
     try:
         with pytest.raises(PermanentWriteError) as caught:
             await sink.write(b"env temp=")
@@ -112,7 +119,7 @@ async def test_v1_sink_reports_a_bad_line_as_permanent(
 @pytest.mark.integration
 async def test_v1_sink_reports_an_unreachable_server_as_transient(tmp_path: Path) -> None:
     """Nothing listening is a TransientWriteError without a status."""
-    sink = V1Sink(sink_settings(tmp_path, f"http://127.0.0.1:{free_port()}"))
+    sink = V1Sink(InfluxOptions.of(sink_settings(tmp_path, f"http://127.0.0.1:{free_port()}")))
     try:
         with pytest.raises(TransientWriteError) as caught:
             await sink.write(b"env temp=1")
@@ -125,7 +132,11 @@ async def test_v1_sink_reports_an_unreachable_server_as_transient(tmp_path: Path
 def test_v1_sink_wants_user_colon_password(tmp_path: Path) -> None:
     """A v1 token without ':' is a configuration error, raised before any write."""
     with pytest.raises(ConfigError, match="user:password"):
-        V1Sink(sink_settings(tmp_path, "http://127.0.0.1:1", influx_token="just-a-token"))
+        V1Sink(
+            InfluxOptions.of(
+                sink_settings(tmp_path, "http://127.0.0.1:1", influx_token="just-a-token")
+            )
+        )
 
 
 # --- V2Sink ------------------------------------------------------------------------------------
@@ -138,7 +149,7 @@ async def test_v2_sink_writes_numeric_fields_to_victoria_metrics(
     """V2Sink's points read back from VictoriaMetrics as one `measurement_field` series each."""
     measurement = f"m{uuid.uuid4().hex[:12]}"
     settings = sink_settings(tmp_path, victoria_metrics.url, influx_bucket="b", influx_org="o")
-    sink = V2Sink(settings)
+    sink = V2Sink(InfluxOptions.of(settings))
     t = ms_aligned_now_ns()
     body = (
         f"{measurement},device=a temp=21.5,count=3i {t}\n"
@@ -165,7 +176,9 @@ async def test_v2_sink_reports_a_missing_v2_api_as_permanent(
     influxdb: LocalServer, tmp_path: Path
 ) -> None:
     """InfluxDB 1.6.7 has no /api/v2/write: V2Sink gets a 404, a PermanentWriteError."""
-    sink = V2Sink(sink_settings(tmp_path, influxdb.url, influx_bucket="b", influx_org="o"))
+    sink = V2Sink(
+        InfluxOptions.of(sink_settings(tmp_path, influxdb.url, influx_bucket="b", influx_org="o"))
+    )
     try:
         with pytest.raises(PermanentWriteError) as caught:
             await sink.write(b"env temp=1")
@@ -178,7 +191,7 @@ async def test_v2_sink_reports_a_missing_v2_api_as_permanent(
 async def test_v2_sink_reports_an_unreachable_server_as_transient(tmp_path: Path) -> None:
     """Nothing listening is a TransientWriteError for V2Sink too."""
     url = f"http://127.0.0.1:{free_port()}"
-    sink = V2Sink(sink_settings(tmp_path, url, influx_bucket="b", influx_org="o"))
+    sink = V2Sink(InfluxOptions.of(sink_settings(tmp_path, url, influx_bucket="b", influx_org="o")))
     try:
         with pytest.raises(TransientWriteError):
             await sink.write(b"env temp=1")
@@ -213,7 +226,9 @@ async def test_open_sink_auto_picks_v1_for_influxdb_1_6(
     influxdb: LocalServer, tmp_path: Path
 ) -> None:
     """With influx_api=auto, the sink writes with the v1 API to InfluxDB 1.6.7."""
-    sink = await open_sink(sink_settings(tmp_path, influxdb.url, influx_api="auto"))
+    sink = await open_sink(
+        InfluxOptions.of(sink_settings(tmp_path, influxdb.url, influx_api="auto"))
+    )
     try:
         assert (sink.name, sink.dialect) == ("v1", Dialect.INFLUXDB_1)
     finally:
@@ -225,7 +240,9 @@ async def test_open_sink_auto_picks_v2_for_victoria_metrics(
     victoria_metrics: LocalServer, tmp_path: Path
 ) -> None:
     """With influx_api=auto, the sink writes with v2 to VictoriaMetrics, not as to InfluxDB."""
-    sink = await open_sink(sink_settings(tmp_path, victoria_metrics.url, influx_api="auto"))
+    sink = await open_sink(
+        InfluxOptions.of(sink_settings(tmp_path, victoria_metrics.url, influx_api="auto"))
+    )
     try:
         assert (sink.name, sink.dialect) == ("v2", Dialect.VICTORIA_METRICS)
     finally:
@@ -236,7 +253,9 @@ async def test_open_sink_auto_picks_v2_for_victoria_metrics(
 async def test_open_sink_v1_asks_nothing(tmp_path: Path) -> None:
     """With influx_api=v1, open_sink returns a V1Sink without contacting the server."""
     url = f"http://127.0.0.1:{free_port()}"
-    sink = await asyncio.wait_for(open_sink(sink_settings(tmp_path, url, influx_api="v1")), 5)
+    sink = await asyncio.wait_for(
+        open_sink(InfluxOptions.of(sink_settings(tmp_path, url, influx_api="v1"))), 5
+    )
     try:
         assert isinstance(sink, V1Sink)
     finally:
@@ -247,7 +266,7 @@ async def test_open_sink_v1_asks_nothing(tmp_path: Path) -> None:
 async def test_open_sink_without_url_is_a_config_error(tmp_path: Path) -> None:
     """No influx_url is a ConfigError that says how to give one."""
     with pytest.raises(ConfigError, match="--influx-url"):
-        await open_sink(Settings(state_dir=tmp_path))
+        await open_sink(InfluxOptions.of(Settings(state_dir=tmp_path)))
 
 
 # --- Classifying failures ----------------------------------------------------------------------
@@ -298,7 +317,10 @@ async def test_auto_sink_starts_while_the_server_is_away(
     """With auto and nothing listening, open_sink returns at once and learns the API later."""
     port = free_port()
     sink = await asyncio.wait_for(
-        open_sink(sink_settings(tmp_path, f"http://127.0.0.1:{port}", influx_api="auto")), 10
+        open_sink(
+            InfluxOptions.of(sink_settings(tmp_path, f"http://127.0.0.1:{port}", influx_api="auto"))
+        ),
+        10,
     )
     try:
         assert (sink.name, sink.dialect) == ("auto", Dialect.STRICT)

@@ -30,6 +30,7 @@ from device_sim.local_servers import (
 from hub.ingest.deadletters import DeadLetterFile
 from hub.ingest.pipeline import Pipeline
 from hub.ingest.sinks import V1Sink
+from hub.options import BatchOptions, InfluxOptions
 from hub.settings import Settings
 from tests.support import hub_settings
 
@@ -67,9 +68,9 @@ def count_points(influx: LocalServer, db: str, measurement: str = "m") -> int:
 async def running_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     """A started pipeline writing through V1Sink, closed on exit."""
     pipeline = Pipeline(
-        V1Sink(settings),
+        V1Sink(InfluxOptions.of(settings)),
         DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes),
-        settings,
+        BatchOptions.of(settings),
     )
     pipeline.start()
     try:

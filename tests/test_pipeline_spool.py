@@ -14,6 +14,7 @@ from hub.ingest.deadletters import DeadLetterFile
 from hub.ingest.pipeline import Pipeline
 from hub.ingest.sinks import V1Sink
 from hub.ingest.spool import Spool, read_status
+from hub.options import BatchOptions, InfluxOptions
 from hub.settings import Settings
 from tests.support import hub_settings
 from tests.test_pipeline import all_durable, count_points, eventually, reading_lines
@@ -26,12 +27,12 @@ DB = "spooled"
 @asynccontextmanager
 async def spooling_pipeline(settings: Settings, with_sink: bool = True) -> AsyncIterator[Pipeline]:
     """A started pipeline with a spool in the state dir, closed on exit."""
-    sink = V1Sink(settings) if with_sink else None
+    sink = V1Sink(InfluxOptions.of(settings)) if with_sink else None
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
     pipeline = Pipeline(
         sink,
         DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes),
-        settings,
+        BatchOptions.of(settings),
         spool,
     )
     pipeline.start()
@@ -100,7 +101,9 @@ async def test_a_broken_spool_directory_keeps_batches_and_writers(
         assert not durable.done()
         assert pipeline.sink is not None
         pipeline.sink = V1Sink(
-            hub_settings(tmp_path / "s2", influxdb.url, influx_bucket=influx_db_name)
+            InfluxOptions.of(
+                hub_settings(tmp_path / "s2", influxdb.url, influx_bucket=influx_db_name)
+            )
         )
         await all_durable([durable])
         assert count_points(influxdb, influx_db_name) == 1

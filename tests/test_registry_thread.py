@@ -288,6 +288,61 @@ async def test_the_idle_duty_runs_while_jobs_keep_coming() -> None:
 
 
 @pytest.mark.unit
+async def test_jobs_queued_behind_a_slow_one_are_all_answered_in_order() -> None:
+    """While one job holds the thread, 200 more queue up (more than one batch of them), a
+    failing one among them, and the stop behind them all: every caller gets its own result
+    or its own error, in the order asked, and only then does the thread end."""
+    release = threading.Event()
+    appended: list[int] = []
+    owner: OwningThread[list[int]] = OwningThread(
+        "test-owner", lambda: appended, lambda _: None, 0.01
+    )
+    await owner.start()
+    slow = asyncio.ensure_future(owner.run(lambda owned: release.wait(WAIT_S)))
+    queued = [
+        asyncio.ensure_future(owner.run(_fail if n == 77 else _append_thread(n)))
+        for n in range(200)
+    ]
+    stopped = asyncio.ensure_future(owner.stop(lambda owned: owned.append(-1)))
+    await asyncio.sleep(0.05)
+    assert not any(job.done() for job in queued)  # all waiting behind the slow one
+    release.set()
+    async with asyncio.timeout(WAIT_S):
+        assert await slow is True
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        await stopped
+    assert isinstance(results[77], ZeroDivisionError)
+    assert len({r for n, r in enumerate(results) if n != 77}) == 1  # all on the one thread
+    assert appended == [n for n in range(200) if n != 77] + [-1]
+
+
+def _fail(owned: list[int]) -> int:
+    return 1 // 0
+
+
+@pytest.mark.unit
+async def test_no_idle_duty_runs_after_the_last_job(caplog: pytest.LogCaptureFixture) -> None:
+    """`stop(last)`: once `last` has run (it closes the owned object) the idle duty no
+    longer runs, even when it is due right then (an idle duty due after every job here);
+    it used to run on the closed SQLite connection and log a traceback at every stop."""
+    owned = {"closed": False}
+    seen_closed: list[bool] = []
+    owner: OwningThread[dict[str, bool]] = OwningThread(
+        "test-owner", lambda: owned, lambda o: seen_closed.append(o["closed"]), 0.0
+    )
+    await owner.start()
+    await owner.run(lambda o: None)
+    await owner.stop(lambda o: o.update(closed=True))
+    async with asyncio.timeout(WAIT_S):
+        while threading.active_count() > 1 and any(
+            t.name == "test-owner" for t in threading.enumerate()
+        ):
+            await asyncio.sleep(0.01)
+    assert seen_closed and True not in seen_closed
+    assert "idle duty failed" not in caplog.text
+
+
+@pytest.mark.unit
 async def test_a_failed_start_raises_the_creation_error() -> None:
     """What `create` raised is what `start` raises."""
 

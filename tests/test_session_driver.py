@@ -11,7 +11,7 @@ and test_limits.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -122,6 +122,10 @@ class Hub:
     async def config_state(self, device_id: str) -> ConfigState:
         """No config to push."""
         return ConfigState(device_id, {}, 0, None, None, None, None)
+
+    async def config_states(self, device_ids: Sequence[str]) -> list[ConfigState]:
+        """No config to push, for any of them."""
+        return [await self.config_state(device_id) for device_id in device_ids]
 
     async def record_config_ack(
         self, device_id: str, version: int, ok: bool, error: str | None

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from hub.ingest.sinkhealth import SinkHealth, SinkState, backoff_s
+from hub.options import BatchOptions
 from tests.support import hub_settings
 
 pytestmark = pytest.mark.unit
@@ -72,21 +73,23 @@ def test_which_batches_try_the_server_first(
 
 def test_backoff_grows_exponentially_up_to_the_cap(tmp_path: Path) -> None:
     settings = hub_settings(tmp_path, None, retry_initial_s=0.1, retry_max_s=1.0)
-    upper = [backoff_s(n, None, settings, lambda low, high: high) for n in range(6)]
+    upper = [
+        backoff_s(n, None, BatchOptions.of(settings), lambda low, high: high) for n in range(6)
+    ]
     assert upper == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
-    lower = [backoff_s(n, None, settings, lambda low, high: low) for n in range(6)]
+    lower = [backoff_s(n, None, BatchOptions.of(settings), lambda low, high: low) for n in range(6)]
     assert lower == pytest.approx([0.05] * 6)  # jitter never below half the first wait
 
 
 def test_backoff_jitter_stays_within_its_bounds(tmp_path: Path) -> None:
     settings = hub_settings(tmp_path, None, retry_initial_s=0.1, retry_max_s=1.0)
-    waits = [backoff_s(3, None, settings) for _ in range(200)]
+    waits = [backoff_s(3, None, BatchOptions.of(settings)) for _ in range(200)]
     assert all(0.05 <= wait <= 0.8 for wait in waits)
     assert len(set(waits)) > 1
 
 
 def test_retry_after_is_obeyed_up_to_six_times_the_cap(tmp_path: Path) -> None:
     settings = hub_settings(tmp_path, None, retry_initial_s=0.1, retry_max_s=1.0)
-    assert backoff_s(0, 2.5, settings) == 2.5
-    assert backoff_s(7, 0.0, settings) == 0.0
-    assert backoff_s(0, 3600.0, settings) == 6.0
+    assert backoff_s(0, 2.5, BatchOptions.of(settings)) == 2.5
+    assert backoff_s(7, 0.0, BatchOptions.of(settings)) == 0.0
+    assert backoff_s(0, 3600.0, BatchOptions.of(settings)) == 6.0

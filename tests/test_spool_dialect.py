@@ -24,6 +24,7 @@ from hub.ingest.deadletters import DeadLetterFile
 from hub.ingest.pipeline import Pipeline
 from hub.ingest.sinks import V1Sink, V2Sink
 from hub.ingest.spool import SEGMENT_SUFFIX, Spool, read_status
+from hub.options import BatchOptions, InfluxOptions
 from tests.support import hub_settings
 from tests.test_pipeline import all_durable, eventually
 from tests.test_pipeline_spool import spooling_pipeline
@@ -200,10 +201,10 @@ async def test_old_spool_replayed_to_victoria_metrics_keeps_line_feeds_out(
     )  # fmt: skip
     settings = hub_settings(tmp_path / "state", victoria_metrics.url)
     write_segment(settings.spool_dir, 1, legacy_record(f"{good}\n{split}".encode(), 2, time.time()))
-    sink = V2Sink(settings, Dialect.VICTORIA_METRICS)
+    sink = V2Sink(InfluxOptions.of(settings), Dialect.VICTORIA_METRICS)
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
     dead = DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes)
-    pipeline = Pipeline(sink, dead, settings, spool)
+    pipeline = Pipeline(sink, dead, BatchOptions.of(settings), spool)
     pipeline.start()
     try:
         await eventually(lambda: read_status(settings.spool_dir).batches == 0, "the replay")
@@ -250,9 +251,9 @@ async def test_live_lines_of_another_dialect_are_respelled_for_the_server(
     )
     settings = hub_settings(tmp_path / "state", victoria_metrics.url)
     pipeline = Pipeline(
-        V2Sink(settings, Dialect.VICTORIA_METRICS),
+        V2Sink(InfluxOptions.of(settings), Dialect.VICTORIA_METRICS),
         DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes),
-        settings,
+        BatchOptions.of(settings),
     )
     pipeline.start()
     try:
@@ -266,4 +267,7 @@ async def test_live_lines_of_another_dialect_are_respelled_for_the_server(
 @pytest.mark.unit
 def test_v1_sink_is_influxdb_1(tmp_path: Path) -> None:
     """The v1 API is only InfluxDB 1.x's: its sink's dialect says so without asking."""
-    assert V1Sink(hub_settings(tmp_path, "http://127.0.0.1:1")).dialect is Dialect.INFLUXDB_1
+    assert (
+        V1Sink(InfluxOptions.of(hub_settings(tmp_path, "http://127.0.0.1:1"))).dialect
+        is Dialect.INFLUXDB_1
+    )

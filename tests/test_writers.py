@@ -22,6 +22,7 @@ from hub.ingest.buffer import MemoryBuffer
 from hub.ingest.deadletters import DeadLetterFile
 from hub.ingest.pipeline import Pipeline
 from hub.ingest.sinkhealth import SinkState
+from hub.options import BatchOptions
 from tests.support import hub_settings
 
 pytestmark = pytest.mark.unit
@@ -99,7 +100,7 @@ async def pipeline_with(
     values.update(overrides)
     settings = hub_settings(tmp_path, "http://fake.invalid", **values)
     dead = DeadLetterFile(tmp_path / "dead.jsonl", 2**20)
-    pipeline = Pipeline(sink, dead, settings, buffer)
+    pipeline = Pipeline(sink, dead, BatchOptions.of(settings), buffer)
     pipeline.start()
     try:
         yield pipeline
@@ -236,7 +237,9 @@ async def test_a_full_buffer_sends_the_batch_back_to_the_server(tmp_path: Path) 
 async def test_without_a_sink_batches_wait_in_the_buffer(tmp_path: Path) -> None:
     settings = hub_settings(tmp_path, None)
     buffer = MemoryBuffer(2**20)
-    pipeline = Pipeline(None, DeadLetterFile(tmp_path / "dead.jsonl", 2**20), settings, buffer)
+    pipeline = Pipeline(
+        None, DeadLetterFile(tmp_path / "dead.jsonl", 2**20), BatchOptions.of(settings), buffer
+    )
     pipeline.start()
     try:
         await durable(await submit_all(pipeline, lines(3)))

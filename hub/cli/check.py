@@ -13,6 +13,7 @@ from hub.cli.common import ConfigOption, RegistryUrlOption, StateDirOption, fail
 from hub.core.measurements import load_schema_file
 from hub.errors import HubError
 from hub.ops.logs import redact
+from hub.options import InfluxOptions
 from hub.registry.url import has_password
 from hub.settings import LIVE_SETTINGS, Settings, setting_origins
 
@@ -30,7 +31,7 @@ def check_config(
         if settings.influx_api == "v1":
             from hub.ingest.sinks import V1Sink
 
-            V1Sink(settings)  # checks that the token is user:password
+            V1Sink(InfluxOptions.of(settings))  # checks that the token is user:password
     except HubError as exc:
         fail(str(exc))
     if has_password(settings.registry_url):

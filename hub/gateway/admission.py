@@ -188,15 +188,38 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
     class GuardedConnection(ServerConnection):
         """Counts itself as unauthenticated until its request is in; knows its peer."""
 
-        peer: tuple[str, int] | None = None
-        source: str = UNKNOWN_SOURCE
-        _waiting = False
-        _header_bytes = 0
-        _deadline: asyncio.TimerHandle | None = None
-        _due = 0.0
-        _ignore_input = False
-        _proxy_header: bytes | None = None
-        """What a balancer's PROXY header has sent so far; None once read (or no balancer)."""
+        # Slots, not attributes in the instance's __dict__: websockets' connection has so
+        # many already that these made its __dict__ a plain one, 1.5 KiB an idle connection.
+        __slots__ = (
+            "_deadline",
+            "_due",
+            "_header_bytes",
+            "_ignore_input",
+            "_proxy_header",
+            "_waiting",
+            "peer",
+            "source",
+        )
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.peer: tuple[str, int] | None = None
+            self.source = UNKNOWN_SOURCE
+            self._waiting = False
+            self._header_bytes = 0
+            self._deadline: asyncio.TimerHandle | None = None
+            self._due = 0.0
+            self._ignore_input = False
+            # What a balancer's PROXY header has sent so far; None once read (or no balancer).
+            self._proxy_header: bytes | None = None
+            super().__init__(*args, **kwargs)
+
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            await super().handshake(*args, **kwargs)
+            # websockets keeps the request and response for the connection's lifetime; their
+            # headers (~3 KiB an idle connection) are read only during the handshake.
+            for message in (self.request, self.response):
+                if message is not None:
+                    message.headers.clear()
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)

@@ -23,10 +23,9 @@ from websockets.http11 import Request, Response
 
 from hub.core.dialects import Dialect
 from hub.core.handshake import Handshake, HandshakeRefused, read_credentials
-from hub.core.measurements import MeasurementSchemas, ReadingLimits, ReadingsValidator
+from hub.core.measurements import MeasurementSchemas, ReadingsValidator
 from hub.core.proxyheader import TrustedProxies
 from hub.core.ratelimit import FailedHandshakeLimiter
-from hub.core.session import SessionLimits
 from hub.gateway.activation import take_device_socket
 from hub.gateway.admission import (
     ConnectionSlots,
@@ -47,9 +46,9 @@ from hub.ingest.pipeline import Pipeline
 from hub.ops.filelimit import raise_file_limit
 from hub.ops.logs import RedactingFilter, device_extra
 from hub.ops.metrics import HubMetrics, refusal_reason
+from hub.options import GatewayOptions
 from hub.registry.ports import HubRegistry
 from hub.registry.records import hash_token
-from hub.settings import Settings
 from schemas.codes import CloseCode
 
 log = logging.getLogger("hub.server")
@@ -65,35 +64,38 @@ class Hub:
 
     def __init__(
         self,
-        settings: Settings,
+        options: GatewayOptions,
         registry: HubRegistry,
         schemas: MeasurementSchemas,
         pipeline: Pipeline,
         metrics: HubMetrics,
     ) -> None:
-        self.settings = settings
+        self.options = options
         self.registry = registry
         self.schemas = schemas
         self.pipeline = pipeline
         self.metrics = metrics
         self.presence = PresenceTracker(registry)
         self.draining = False
-        self.session_limits = SessionLimits.of(settings)
+        # One for every session: the same parts, and not an object per idle connection.
+        self._ports = SessionPorts(pipeline, registry, self.presence, self, metrics, drain=self)
         self.slots = ConnectionSlots()
         self.rotation = RotationWatch(registry)
         self.stranger_counts = StrangerCounts()
         self.stranger_log = StrangerLog(log, self.stranger_counts, time.monotonic)
+        admission = options.admission
         self.strangers = StrangerGuard(
-            settings.max_unauthenticated_per_source,
-            settings.request_header_timeout_s,
-            settings.max_request_header_bytes,
+            admission.max_unauthenticated_per_source,
+            admission.request_header_timeout_s,
+            admission.max_request_header_bytes,
             self.stranger_log,
             self.stranger_counts,
-            TrustedProxies(settings.proxy_protocol_from),
+            TrustedProxies(admission.proxy_protocol_from),
         )
         self._sessions: dict[str, DeviceSession] = {}
+        poll_s = options.fleet.registry_poll_s
         self.watcher = FleetWatcher(
-            registry, self._sessions, self.rotation, settings.registry_poll_s, self._spawn
+            registry, registry, self._sessions, self.rotation, poll_s, self._spawn
         )
         self._server: Server | None = None
         self._socket_from_systemd = False
@@ -102,9 +104,9 @@ class Hub:
         self._loops: list[asyncio.Task[None]] = []
         self._validators: dict[int, ReadingsValidator] = {}
         self.failed_handshakes = FailedHandshakeLimiter(
-            settings.auth_failures_burst,
-            settings.auth_failures_per_min / 60,
-            settings.auth_block_s,
+            admission.auth_failures_burst,
+            admission.auth_failures_per_min / 60,
+            admission.auth_block_s,
         )
 
     @property
@@ -119,9 +121,9 @@ class Hub:
 
     async def start(self) -> Server:
         """Listen for devices and start watching the registry."""
-        s = self.settings
+        s = self.options.listen
         await self.presence.load()
-        if (files := raise_file_limit(s.max_connections)) is not None:
+        if (files := raise_file_limit(self.options.admission.max_connections)) is not None:
             self.strangers.fit_to(files.soft)
         listener = take_device_socket()  # hub.socket's, or None: bind host:port as always
         self._socket_from_systemd = listener is not None
@@ -146,7 +148,7 @@ class Hub:
             ping_timeout=s.ping_timeout_s,
             close_timeout=5,
             # Limits (with deflate, max_size bounds the inflated message)
-            max_size=s.max_message_bytes,
+            max_size=self.options.session.max_message_bytes,
             max_queue=4,
             # asyncio's default of 100 overflows in a connect storm: the kernel drops the
             # SYNs and those devices retry 1, 3, 7 s later. It caps this at somaxconn.
@@ -178,7 +180,7 @@ class Hub:
         within `timeout_s` (default `shutdown_timeout_s`), dropping what is still open then."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (
-            self.settings.shutdown_timeout_s if timeout_s is None else timeout_s
+            self.options.session.shutdown_timeout_s if timeout_s is None else timeout_s
         )
         if self._server is not None:
             self._server.close()
@@ -217,24 +219,30 @@ class Hub:
     @property
     def accepting(self) -> bool:
         """Whether new devices are let in: listening, not draining, below max_connections."""
-        return (
-            self.listening and not self.draining and len(self.slots) < self.settings.max_connections
-        )
+        return self.listening and not self._full()
 
-    def reconfigure(self, settings: Settings, schemas: MeasurementSchemas) -> None:
-        """Apply reloaded settings and schemas to the hub and every open connection."""
-        self.settings = settings
+    def _full(self) -> bool:
+        return self.draining or len(self.slots) >= self.options.admission.max_connections
+
+    def apply(self, options: GatewayOptions) -> None:
+        """Use reloaded options from now on, on every open connection too."""
+        previous, self.options = self.options, options
+        if options.readings != previous.readings:
+            self._validators.clear()
+        if options.session != previous.session:
+            for session in self._sessions.values():
+                session.apply_limits(options.session)
+
+    def apply_schemas(self, schemas: MeasurementSchemas) -> None:
+        """Validate readings against reloaded measurement schemas from now on."""
         self.schemas = schemas
         self._validators.clear()
-        self.session_limits = SessionLimits.of(settings)
-        for session in self._sessions.values():
-            session.apply_limits(self.session_limits)
 
     def validator(self, ns_per_unit: int) -> ReadingsValidator:
         """The readings validator for one precision, under the current schemas and limits."""
         found = self._validators.get(ns_per_unit)
         if found is None:
-            limits = ReadingLimits.of(self.settings)
+            limits = self.options.readings
             found = self._validators[ns_per_unit] = self.schemas.validator(ns_per_unit, limits)
         return found
 
@@ -275,7 +283,7 @@ class Hub:
         blocked_s = limiter.blocked_for(source, now)
         try:
             token, ns_per_unit = read_credentials(
-                request.path, request.headers, self.settings.allowed_origins
+                request.path, request.headers, self.options.admission.allowed_origins
             )
             self._check_room()
             if blocked_s and not limiter.may_check(source, now):
@@ -306,7 +314,7 @@ class Hub:
         return None
 
     def _check_room(self) -> None:
-        if self.draining or len(self.slots) >= self.settings.max_connections:
+        if self._full():
             raise HandshakeRefused(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 "the hub is not accepting connections now",
@@ -323,7 +331,7 @@ class Hub:
                 source,
                 limiter.block_s,
                 limiter.burst,
-                self.settings.auth_failures_per_min,
+                self.options.admission.auth_failures_per_min,
             )
         else:
             self.stranger_log.line(
@@ -335,10 +343,7 @@ class Hub:
         if handshake is None:  # lost before its handler ran: nothing to serve
             return
         device_id = handshake.device_id
-        ports = SessionPorts(
-            self.pipeline, self.registry, self.presence, self, self.metrics, drain=self
-        )
-        session = DeviceSession(connection, handshake, ports, self.session_limits)
+        session = DeviceSession(connection, handshake, self._ports, self.options.session)
         previous = self._sessions.get(device_id)
         self._sessions[device_id] = session
         if previous is not None:
@@ -372,7 +377,7 @@ class Hub:
 
     async def _keep_presence(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.presence_flush_s)
+            await asyncio.sleep(self.options.fleet.presence_flush_s)
             await self._record_presence()
 
     async def _record_presence(self) -> None:

@@ -35,6 +35,7 @@ from hub.errors import Overloaded, ProtocolError, UnsupportedData
 from hub.gateway.session_ports import SessionPorts
 from hub.ops.logs import device_extra
 from hub.ops.metrics import error_label
+from hub.registry.records import ConfigState
 from schemas.codes import CloseCode
 from schemas.messages import Config, ConfigAck
 
@@ -126,10 +127,13 @@ class DeviceSession:
             if self._acks is not None:
                 self._acks.task.cancel()
 
-    async def push_config(self) -> None:
-        """Send the desired config if the device has not answered its latest version."""
+    async def push_config(self, state: ConfigState | None = None) -> None:
+        """Send the desired config if the device has not answered its latest version: from
+        `state` when the caller read it (the fleet watcher reads a whole change's at once),
+        else as the config store has it now."""
         async with self._config_lock:
-            state = await self._ports.configs.config_state(self.device_id)
+            if state is None:
+                state = await self._ports.configs.config_state(self.device_id)
             send = self.machine.config_to_send(state.version, state.pending, state.config)
             if send is None:
                 return

@@ -6,24 +6,24 @@ import logging
 import ssl
 
 from hub.errors import ConfigError
-from hub.settings import Settings
+from hub.options import ListenOptions
 
 log = logging.getLogger("hub.server")
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
+def tls_context(listen: ListenOptions) -> ssl.SSLContext | None:
     """The server TLS context for `tls_cert`/`tls_key`, or None to serve plain ws://."""
-    if settings.tls_cert is None or settings.tls_key is None:
+    if listen.tls_cert is None or listen.tls_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        context.load_cert_chain(listen.tls_cert, listen.tls_key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            f"cannot use TLS certificate {settings.tls_cert} with key {settings.tls_key}: "
+            f"cannot use TLS certificate {listen.tls_cert} with key {listen.tls_key}: "
             f"{getattr(exc, 'strerror', None) or exc}"
         ) from None
-    if settings.tls_key.stat().st_mode & 0o077:
-        log.warning("TLS key %s is readable by other users: chmod 600 it", settings.tls_key)
+    if listen.tls_key.stat().st_mode & 0o077:
+        log.warning("TLS key %s is readable by other users: chmod 600 it", listen.tls_key)
     return context

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hub.core.dialects import Dialect
-from hub.settings import Settings
+from hub.options import BatchOptions
 
 
 @dataclass(eq=False)
@@ -38,12 +38,13 @@ class Batch:
 class Accumulator:
     """The open batch, the sealed ones, and the count of readings not yet durable.
 
-    Reads `batch_size`, `flush_interval_s` and `max_pending_readings` from `settings`, which
-    a reload may replace; `default_dialect` is the dialect of lines submitted without one.
+    Reads `batch_size`, `flush_interval_s` and `max_pending_readings` from `options`, which
+    a reload may replace (`apply`); `default_dialect` is the dialect of lines submitted
+    without one.
     """
 
-    def __init__(self, settings: Settings, default_dialect: Callable[[], Dialect]) -> None:
-        self.settings = settings
+    def __init__(self, options: BatchOptions, default_dialect: Callable[[], Dialect]) -> None:
+        self.options = options
         self._default_dialect = default_dialect
         self._current: Batch | None = None
         self._sealed: asyncio.Queue[Batch] = asyncio.Queue()
@@ -57,7 +58,7 @@ class Accumulator:
 
     def has_room(self, count: int) -> bool:
         """Whether `submit` of `count` points would go through now, without waiting."""
-        return self._pending == 0 or self._pending + count <= self.settings.max_pending_readings
+        return self._pending == 0 or self._pending + count <= self.options.max_pending_readings
 
     async def submit(
         self, lines: str, count: int, dialect: Dialect | None = None
@@ -85,11 +86,11 @@ class Accumulator:
             batch = None
         if batch is None:
             batch = self._current = Batch(dialect)
-            loop.call_later(self.settings.flush_interval_s, self._seal_if_current, batch)
+            loop.call_later(self.options.flush_interval_s, self._seal_if_current, batch)
         batch.chunks.append(lines)
         batch.count += count
         batch.waiters.append(done)
-        if batch.count >= self.settings.batch_size:
+        if batch.count >= self.options.batch_size:
             self._seal_if_current(batch)
         return done
 

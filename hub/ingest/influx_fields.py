@@ -18,7 +18,7 @@ import aiohttp
 
 from hub.core.fieldtypes import TYPE_NAMES
 from hub.errors import PermanentWriteError, TransientWriteError
-from hub.settings import Settings
+from hub.options import InfluxOptions
 
 MAX_ANSWER_BYTES = 32 * 2**20
 """Largest `/query` answer read: a schema past this is left to learning as the hub writes."""
@@ -79,22 +79,22 @@ def field_types(answer: dict[str, Any]) -> dict[tuple[str, str], type]:
 
 
 async def fetch_field_types(
-    settings: Settings, api: str, timeout_s: float = 10.0
+    options: InfluxOptions, api: str, timeout_s: float = 10.0
 ) -> ServerFieldTypes:
     """Ask the server; raises TransientWriteError when it cannot be reached, and
     PermanentWriteError when it refuses the question (no such database, no v1 mapping of a
     2.x bucket, not allowed)."""
-    assert settings.influx_url is not None
-    database, _, policy = settings.influx_bucket.partition("/")
+    assert options.url is not None
+    database, _, policy = options.bucket.partition("/")
     auth, headers = None, {}
-    if settings.influx_token is not None:
-        secret = settings.influx_token.get_secret_value()
+    if options.token is not None:
+        secret = options.token.get_secret_value()
         user, sep, password = secret.partition(":")
         if api == "v1" and sep:
             auth = aiohttp.BasicAuth(user, password)
         else:
             headers["Authorization"] = f"Token {secret}"
-    url = settings.influx_url.rstrip("/") + "/query"
+    url = options.url.rstrip("/") + "/query"
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with aiohttp.ClientSession(timeout=timeout, auth=auth, headers=headers) as session:

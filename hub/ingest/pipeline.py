@@ -42,7 +42,7 @@ from hub.ingest.sinkhealth import SinkHealth, backoff_s
 from hub.ingest.sinks import Sink
 from hub.ingest.stats import PipelineCounters, WriteStats
 from hub.ingest.writers import SinkWriter, Writers
-from hub.settings import Settings
+from hub.options import BatchOptions, InfluxOptions
 
 log = logging.getLogger("hub.pipeline")
 
@@ -56,10 +56,13 @@ class Pipeline:
         self,
         sink: Sink | None,
         dead_letters: DeadLetterFile,
-        settings: Settings,
+        options: BatchOptions,
         buffer: Buffer | None = None,
+        influx: InfluxOptions | None = None,
     ) -> None:
+        """`influx`: where to ask which field types the server holds (not asked without)."""
         self._sink = sink
+        self._influx = influx
         self.spool = buffer
         """Where batches wait while the server fails (the disk spool when the hub runs)."""
         self.counters = PipelineCounters()
@@ -68,14 +71,14 @@ class Pipeline:
         self.dead_letters = dead_letters
         self.field_catalog = FieldTypes()
         """Field types InfluxDB holds or will, per shard group: see `field_types`."""
-        self._accumulator = Accumulator(settings, self._default_dialect)
+        self._accumulator = Accumulator(options, self._default_dialect)
         self._buffer = BufferAccess(buffer) if buffer is not None else None
         self._writer = (
             None
             if sink is None
             else SinkWriter(
                 sink,
-                settings,
+                options,
                 self.health,
                 self.counters,
                 self.write_stats,
@@ -87,7 +90,7 @@ class Pipeline:
             self.counters,
             self.field_catalog,
             self._write_again,
-            lambda: self._settings.write_deadline_s,
+            lambda: self._options.write_deadline_s,
         )
         self._writers = Writers(
             self._accumulator,
@@ -96,9 +99,9 @@ class Pipeline:
             self.health,
             self._refusals,
             self.counters,
-            settings,
+            options,
         )
-        self._settings = settings
+        self._options = options
         self._tasks: list[asyncio.Task[None]] = []
         # The session's hot path, bound straight to the accumulator (no call in between):
         # `has_room(count)`, `submit_nowait(lines, count, dialect=None)` and the awaitable
@@ -108,17 +111,18 @@ class Pipeline:
         self.submit = self._accumulator.submit
 
     @property
-    def settings(self) -> Settings:
-        """The settings every part reads; a reload replaces them."""
-        return self._settings
+    def options(self) -> BatchOptions:
+        """The options every part reads."""
+        return self._options
 
-    @settings.setter
-    def settings(self, settings: Settings) -> None:
-        self._settings = settings
-        self._accumulator.settings = settings
-        self._writers.settings = settings
+    def apply(self, options: BatchOptions) -> None:
+        """Use reloaded options from now on (of them, a reload changes only the live
+        `max_pending_readings`)."""
+        self._options = options
+        self._accumulator.options = options
+        self._writers.options = options
         if self._writer is not None:
-            self._writer.settings = settings
+            self._writer.options = options
 
     @property
     def sink(self) -> Sink | None:
@@ -171,8 +175,10 @@ class Pipeline:
         if self._buffer is not None and self._writer is not None:
             replayer = Replayer(self._buffer, self._writer, self._refusals, self.counters)
             self._tasks.append(asyncio.create_task(replayer.run(), name="replayer"))
-        if self.sink is not None:
-            self._tasks.append(asyncio.create_task(self._ask_field_types(), name="field-types"))
+        if self.sink is not None and self._influx is not None:
+            self._tasks.append(
+                asyncio.create_task(self._ask_field_types(self._influx), name="field-types")
+            )
 
     def flush(self) -> None:
         """Seal the open batch now instead of waiting for its age."""
@@ -196,7 +202,7 @@ class Pipeline:
         assert self._writer is not None, "refused by a server, so there is one"
         await self._writer.write_again(body)
 
-    async def _ask_field_types(self) -> None:
+    async def _ask_field_types(self, influx: InfluxOptions) -> None:
         """Learn InfluxDB's field types and shard group duration once it answers."""
         assert self.sink is not None
         attempt = 0
@@ -205,7 +211,7 @@ class Pipeline:
                 return  # not InfluxDB: no field types to conflict with
             if self.sink.dialect.has_field_types:
                 try:
-                    found = await fetch_field_types(self.settings, self.sink.name)
+                    found = await fetch_field_types(influx, self.sink.name)
                 except TransientWriteError as exc:
                     log.log(
                         logging.INFO if attempt == 0 else logging.DEBUG,
@@ -226,5 +232,5 @@ class Pipeline:
                         f"{self.field_catalog.shard_ns / 1e9:g}",
                     )
                     return
-            await asyncio.sleep(backoff_s(attempt, None, self.settings))
+            await asyncio.sleep(backoff_s(attempt, None, self._options))
             attempt += 1

@@ -46,7 +46,7 @@ class Replayer:
                 batch = await self.buffer.oldest()
             except OSError as exc:
                 log.error("cannot read %s: %s", self.buffer.buffer.location, exc)
-                await asyncio.sleep(backoff_s(attempt, None, self.writer.settings))
+                await asyncio.sleep(backoff_s(attempt, None, self.writer.options))
                 attempt += 1
                 continue
             if batch is None:
@@ -64,7 +64,7 @@ class Replayer:
                     await self.writer.write(body, points)
             except TransientWriteError as exc:
                 self.writer.failed(exc)
-                await asyncio.sleep(backoff_s(attempt, exc.retry_after, self.writer.settings))
+                await asyncio.sleep(backoff_s(attempt, exc.retry_after, self.writer.options))
                 attempt += 1
                 continue
             except PermanentWriteError as exc:

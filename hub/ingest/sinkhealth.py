@@ -19,7 +19,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hub.settings import Settings
+from hub.options import BatchOptions
 
 
 class SinkState(enum.Enum):
@@ -79,13 +79,13 @@ class SinkHealth:
 def backoff_s(
     attempt: int,
     retry_after: float | None,
-    settings: Settings,
+    options: BatchOptions,
     uniform: Callable[[float, float], float] = random.uniform,
 ) -> float:
     """How long to wait before retry `attempt` (0 first): the server's `Retry-After` if it
     gave one (capped at six times `retry_max_s`), else capped exponential backoff from
     `retry_initial_s`, with jitter."""
     if retry_after is not None:
-        return min(retry_after, settings.retry_max_s * 6)
-    cap = min(settings.retry_max_s, settings.retry_initial_s * 2**attempt)
-    return uniform(settings.retry_initial_s / 2, cap)
+        return min(retry_after, options.retry_max_s * 6)
+    cap = min(options.retry_max_s, options.retry_initial_s * 2**attempt)
+    return uniform(options.retry_initial_s / 2, cap)

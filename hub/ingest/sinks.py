@@ -19,7 +19,7 @@ from influxdb_client.domain.write_precision import WritePrecision
 
 from hub.core.dialects import Dialect
 from hub.errors import ConfigError, PermanentWriteError, TransientWriteError
-from hub.settings import Settings
+from hub.options import InfluxOptions
 
 log = logging.getLogger("hub.influx")
 
@@ -79,20 +79,20 @@ class V1Sink:
     name = "v1"
     dialect = Dialect.INFLUXDB_1  # only InfluxDB 1.x serves this API
 
-    def __init__(self, settings: Settings) -> None:
-        assert settings.influx_url is not None
-        database, _, retention = settings.influx_bucket.partition("/")
-        self._url = settings.influx_url.rstrip("/") + "/write"
+    def __init__(self, options: InfluxOptions) -> None:
+        assert options.url is not None
+        database, _, retention = options.bucket.partition("/")
+        self._url = options.url.rstrip("/") + "/write"
         self._params = {"db": database, "precision": "ns"}
         if retention:
             self._params["rp"] = retention
         self._auth: aiohttp.BasicAuth | None = None
-        if settings.influx_token is not None:
-            user, sep, password = settings.influx_token.get_secret_value().partition(":")
+        if options.token is not None:
+            user, sep, password = options.token.get_secret_value().partition(":")
             if not sep:
                 raise ConfigError("for the v1 API, --influx-token is 'user:password'")
             self._auth = aiohttp.BasicAuth(user, password)
-        self._timeout = aiohttp.ClientTimeout(total=settings.influx_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(total=options.timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     async def detect(self) -> None:
@@ -124,14 +124,14 @@ class V2Sink:
 
     name = "v2"
 
-    def __init__(self, settings: Settings, dialect: Dialect = Dialect.STRICT) -> None:
+    def __init__(self, options: InfluxOptions, dialect: Dialect = Dialect.STRICT) -> None:
         self.dialect = dialect
-        assert settings.influx_url is not None
-        self._bucket = settings.influx_bucket
-        self._org = settings.influx_org
-        self._url = settings.influx_url
-        self._token = settings.influx_token
-        self._timeout_ms = int(settings.influx_timeout_s * 1000)
+        assert options.url is not None
+        self._bucket = options.bucket
+        self._org = options.org
+        self._url = options.url
+        self._token = options.token
+        self._timeout_ms = int(options.timeout_s * 1000)
         self._client: InfluxDBClientAsync | None = None
 
     async def detect(self) -> None:
@@ -202,10 +202,10 @@ class AutoSink:
     """Asks the server which API it speaks (on the first write, until it answers), then
     writes through the matching sink. The hub can start while InfluxDB is down."""
 
-    def __init__(self, settings: Settings) -> None:
-        assert settings.influx_url is not None
-        self._settings = settings
-        self._url = settings.influx_url
+    def __init__(self, options: InfluxOptions) -> None:
+        assert options.url is not None
+        self._options = options
+        self._url = options.url
         self._inner: Sink | None = None
 
     @property
@@ -222,7 +222,7 @@ class AutoSink:
         """Ask `/ping` now; raises TransientWriteError while the server cannot be reached."""
         if self._inner is None:
             api, dialect = await detect_server(self._url)
-            self._inner = V1Sink(self._settings) if api == "v1" else V2Sink(self._settings, dialect)
+            self._inner = V1Sink(self._options) if api == "v1" else V2Sink(self._options, dialect)
             log.info(
                 "InfluxDB at %s speaks the %s write API; lines follow the %s dialect",
                 self._url,
@@ -242,20 +242,20 @@ class AutoSink:
             await self._inner.close()
 
 
-async def open_sink(settings: Settings) -> Sink:
-    """The sink the settings ask for; `auto` asks the server once now, or later if it is away."""
-    if settings.influx_url is None:
+async def open_sink(options: InfluxOptions) -> Sink:
+    """The sink the options ask for; `auto` asks the server once now, or later if it is away."""
+    if options.url is None:
         raise ConfigError("no InfluxDB configured: give --influx-url or HUB_INFLUX_URL")
-    if settings.influx_api == "v1":
-        return V1Sink(settings)
-    if settings.influx_api == "v2":
+    if options.api == "v1":
+        return V1Sink(options)
+    if options.api == "v2":
         # Only to learn the kind of server; not knowing (STRICT) is the cautious answer.
         try:
-            _, dialect = await detect_server(settings.influx_url)
+            _, dialect = await detect_server(options.url)
         except TransientWriteError:
             dialect = Dialect.STRICT
-        return V2Sink(settings, dialect)
-    sink = AutoSink(settings)
+        return V2Sink(options, dialect)
+    sink = AutoSink(options)
     try:
         await sink.detect()
     except TransientWriteError as exc:

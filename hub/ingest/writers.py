@@ -29,7 +29,7 @@ from hub.ingest.refusals import Refusals
 from hub.ingest.sinkhealth import SinkHealth, backoff_s
 from hub.ingest.sinks import Sink
 from hub.ingest.stats import TIMEOUT, PipelineCounters, WriteStats
-from hub.settings import Settings
+from hub.options import BatchOptions
 
 log = logging.getLogger("hub.pipeline")
 
@@ -43,14 +43,14 @@ class SinkWriter:
     def __init__(
         self,
         sink: Sink,
-        settings: Settings,
+        options: BatchOptions,
         health: SinkHealth,
         counters: PipelineCounters,
         stats: WriteStats,
         where_failed_go: str,
     ) -> None:
         self.sink = sink
-        self.settings = settings
+        self.options = options
         self.health = health
         self.counters = counters
         self.stats = stats
@@ -61,12 +61,12 @@ class SinkWriter:
         """Write to the server within the deadline; a late answer is a transient failure."""
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.settings.write_deadline_s):
+            async with asyncio.timeout(self.options.write_deadline_s):
                 await self.sink.write(body)
         except TimeoutError:
             self.stats.failed(TIMEOUT)
             raise TransientWriteError(
-                f"no answer within {self.settings.write_deadline_s:g} s"
+                f"no answer within {self.options.write_deadline_s:g} s"
             ) from None
         except WriteError as exc:
             self.stats.failed(exc.status)
@@ -82,7 +82,7 @@ class SinkWriter:
 
     async def write_again(self, body: bytes) -> None:
         """One write of part of a refused batch, to find what the server refuses."""
-        async with asyncio.timeout(self.settings.write_deadline_s):
+        async with asyncio.timeout(self.options.write_deadline_s):
             await self.sink.write(body)
 
     def failed(self, exc: TransientWriteError) -> None:
@@ -133,7 +133,7 @@ class Writers:
         health: SinkHealth,
         refusals: Refusals,
         counters: PipelineCounters,
-        settings: Settings,
+        options: BatchOptions,
     ) -> None:
         self.accumulator = accumulator
         self.writer = writer
@@ -141,13 +141,13 @@ class Writers:
         self.health = health
         self.refusals = refusals
         self.counters = counters
-        self.settings = settings
+        self.options = options
 
     def start(self) -> list[asyncio.Task[None]]:
         """Start `max_inflight_writes` writer tasks."""
         return [
             asyncio.create_task(self._work(), name=f"writer-{n}")
-            for n in range(self.settings.max_inflight_writes)
+            for n in range(self.options.max_inflight_writes)
         ]
 
     async def _work(self) -> None:
@@ -185,7 +185,7 @@ class Writers:
                     return
                 buffer_refused = True
             self.counters.retries += 1
-            await asyncio.sleep(backoff_s(attempt, retry_after, self.settings))
+            await asyncio.sleep(backoff_s(attempt, retry_after, self.options))
             attempt += 1
 
     async def _to_buffer(

@@ -41,6 +41,12 @@ class ConfigStore(Protocol):
         if there is no such device."""
         ...
 
+    async def config_states(self, device_ids: Sequence[str]) -> list[ConfigState]:
+        """`config_state` of many devices in one call (a push to the whole fleet asks for
+        thousands at once): each known device once, in no set order; unknown ids are left
+        out, not an error (a device deleted since the change was read)."""
+        ...
+
     async def record_config_ack(
         self, device_id: str, version: int, ok: bool, error: str | None
     ) -> bool:

@@ -109,6 +109,11 @@ class ThreadedSQLiteRegistry:
         """See `ConfigStore.config_state`."""
         return await self._run(lambda engine: engine.config_state(device_id))
 
+    async def config_states(self, device_ids: Sequence[str]) -> list[ConfigState]:
+        """See `ConfigStore.config_states`: one job on the thread, however many devices."""
+        wanted = list(device_ids)  # the caller may change its collection while the thread works
+        return await self._run(lambda engine: engine.config_states(wanted))
+
     async def record_config_ack(
         self, device_id: str, version: int, ok: bool, error: str | None
     ) -> bool:

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 log = logging.getLogger("hub.registry")
 
@@ -26,6 +26,9 @@ T = TypeVar("T")
 
 _Job = tuple[Callable[[Any], Any], "asyncio.Future[Any]"]
 _STOP = object()
+BATCH_JOBS = 64
+"""Jobs already queued that run before their callers hear back, in one wake-up of the loop:
+at ~20-75 us a query, a few ms at most."""
 
 
 class OwningThread(Generic[Owned]):
@@ -46,7 +49,7 @@ class OwningThread(Generic[Owned]):
         self._idle_s = idle_s
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping = False
+        self._finished = False
 
     async def start(self) -> None:
         """Start the thread and create the object on it; raises what `create` raised."""
@@ -67,10 +70,13 @@ class OwningThread(Generic[Owned]):
 
     async def stop(self, last: Callable[[Owned], None]) -> None:
         """Run `last(owned)` once the jobs asked for are done, then end the thread."""
-        # No idle duty from now on: after `last` (a close) it would find the object closed.
-        self._stopping = True
+
+        def finish(owned: Owned) -> None:
+            self._finished = True  # on the thread: no idle duty on what `last` closes
+            last(owned)
+
         try:
-            await self.run(last)
+            await self.run(finish)
         finally:
             self._jobs.put(_STOP)
 
@@ -89,25 +95,48 @@ class OwningThread(Generic[Owned]):
                 job = None
             if job is _STOP:
                 return
-            if isinstance(job, tuple):
-                work, future = job
-                try:
-                    result = work(owned)
-                except Exception as exc:
-                    self._settle(future, None, exc)
-                else:
-                    self._settle(future, result, None)
-            if time.monotonic() >= next_idle and not self._stopping:
+            if isinstance(job, tuple) and self._run_queued(job, owned):
+                return  # the stop came behind the jobs just run
+            if not self._finished and time.monotonic() >= next_idle:
                 try:
                     self._idle(owned)
                 except Exception:  # e.g. the file unreadable for a moment: next time
                     log.exception("%s: idle duty failed", self._name)
                 next_idle = time.monotonic() + self._idle_s
 
+    def _run_queued(self, first: _Job, owned: Owned) -> bool:
+        """Run `first` and the jobs queued behind it (up to `BATCH_JOBS`), then settle all
+        their futures in one call to the loop: a storm of 10,000 calls wakes the loop a few
+        hundred times instead of 10,000 (each wake-up cost ~100 us of both threads' time).
+        True if the stop came meanwhile (after the jobs before it were settled)."""
+        done: list[tuple[asyncio.Future[Any], Any, Exception | None]] = []
+        job: _Job | object = first
+        stop = False
+        while True:
+            work, future = cast(_Job, job)
+            try:
+                done.append((future, work(owned), None))
+            except Exception as exc:
+                done.append((future, None, exc))
+            if len(done) >= BATCH_JOBS:
+                break
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                stop = True
+                break
+        self._settle_all(done)
+        return stop
+
     def _settle(self, future: asyncio.Future[Any], result: Any, exc: Exception | None) -> None:
+        self._settle_all([(future, result, exc)])
+
+    def _settle_all(self, done: list[tuple[asyncio.Future[Any], Any, Exception | None]]) -> None:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self._loop.call_soon_threadsafe(_settle, future, result, exc)
+            self._loop.call_soon_threadsafe(_settle_all, done)
 
     def send(self, callback: Callable[[], None]) -> None:
         """From the thread: have the loop call `callback()` soon."""
@@ -116,10 +145,11 @@ class OwningThread(Generic[Owned]):
             self._loop.call_soon_threadsafe(callback)
 
 
-def _settle(future: asyncio.Future[Any], result: Any, exc: Exception | None) -> None:
-    if future.cancelled():  # the caller gave up waiting; the job ran anyway
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+def _settle_all(done: list[tuple[asyncio.Future[Any], Any, Exception | None]]) -> None:
+    for future, result, exc in done:
+        if future.cancelled():  # the caller gave up waiting; the job ran anyway
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
