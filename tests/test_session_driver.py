@@ -19,6 +19,7 @@ from typing import Any, cast
 import msgpack
 import pytest
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame
 from websockets.protocol import Protocol, Side
 
 from hub.core.dialects import Dialect
@@ -66,6 +67,7 @@ class MemoryConnection:
         self.writes += 1
         self._device_side.receive_data(b"".join(chunks))
         for event in self._device_side.events_received():
+            assert isinstance(event, Frame)
             self.sent.append(msgpack.unpackb(event.data))
         self.changed.set()
 
