@@ -155,13 +155,14 @@ def prepare_readings(
         # tuple, one lookup, one `%` for a point of a shape seen before (`point_template`).
         values = fields.values()
         if tags:
-            shape = (device_id, name, *tags.items(), *fields, *map(type, values))
+            key = (device_id, name, *tags.items(), *fields, *map(type, values))
         else:
-            shape = (device_id, name, *fields, *map(type, values))
-        template = shapes.get(shape, _UNSEEN)
+            key = (device_id, name, *fields, *map(type, values))
         try:
-            if template is _UNSEEN:
-                template = _learn_shape(shapes, shape, name, tags, fields, device_id, dialect)
+            shape = shapes.get(key) or _learn_shape(
+                shapes, key, name, tags, fields, device_id, dialect
+            )
+            template = shape.template
             if template is None:  # bools or strings among the values
                 tags = {**tags, DEVICE_TAG: device_id} if tags else {DEVICE_TAG: device_id}
                 line = format_point(name, tags, fields, time_ns, dialect)
@@ -172,7 +173,8 @@ def prepare_readings(
             continue
         if field_types is not None:
             # A shape already checked in this shard group, with nothing learnt since that
-            # contradicts it, needs no check (`FieldTypes.verified`).
+            # contradicts it, needs no check (`FieldTypes.verified`, keyed by the `_Shape`:
+            # hashed by identity, cheaper than its key again).
             group = (time_ns - GO_ZERO_TIME_NS) // shard_ns
             if verified.get(shape) != group:
                 if conflict := field_types.check(name, fields, time_ns):
@@ -185,29 +187,37 @@ def prepare_readings(
     return PreparedReadings(lines="\n".join(lines), accepted=len(lines), reasons=reasons)
 
 
-_UNSEEN: Any = object()
-_SHAPES: dict[Dialect, dict[tuple[Any, ...], str | None]] = {dialect: {} for dialect in Dialect}
-"""Per dialect, the line template of each shape seen (device, measurement, tags, field keys
-and value types); None for a shape `format_point` formats (bools, strings)."""
+class _Shape:
+    """What is known of a shape (device, measurement, tags, field keys and value types):
+    its line template, or None for a shape `format_point` formats (bools, strings)."""
+
+    __slots__ = ("template",)
+
+    def __init__(self, template: str | None) -> None:
+        self.template = template
+
+
+_SHAPES: dict[Dialect, dict[tuple[Any, ...], _Shape]] = {dialect: {} for dialect in Dialect}
+"""Per dialect, each shape seen, by its key (see `prepare_readings`)."""
 
 
 def _learn_shape(
-    shapes: dict[tuple[Any, ...], str | None],
-    shape: tuple[Any, ...],
+    shapes: dict[tuple[Any, ...], _Shape],
+    key: tuple[Any, ...],
     name: str,
     tags: dict[str, str] | None,
     fields: dict[str, Any],
     device_id: str,
     dialect: Dialect,
-) -> str | None:
-    """The template of a shape not seen yet, remembered; ValueError for text `dialect`
-    cannot store exactly (not remembered: such readings are refused, and rare)."""
+) -> _Shape:
+    """The shape of a key not seen yet, remembered; ValueError for text `dialect` cannot
+    store exactly (not remembered: such readings are refused, and rare)."""
     with_device = {**tags, DEVICE_TAG: device_id} if tags else {DEVICE_TAG: device_id}
-    template = point_template(name, with_device, fields, dialect)
+    shape = _Shape(point_template(name, with_device, fields, dialect))
     if len(shapes) >= CACHE_LIMIT:
         shapes.clear()
-    shapes[shape] = template
-    return template
+    shapes[key] = shape
+    return shape
 
 
 def bounded_reasons(reasons: dict[int, list[str]]) -> dict[int, list[str]]:
