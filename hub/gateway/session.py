@@ -341,7 +341,7 @@ class DeviceSession:
         traffic = self._ports.metrics.traffic
         presence = self._ports.presence
         frames: list[bytes] = []  # acks encoded in this turn of the event loop, not yet written
-        size = 0
+        size = acked = 0  # their bytes, and the readings they accept
         try:
             while True:
                 ack = machine.next_ack()
@@ -352,8 +352,7 @@ class DeviceSession:
                     # Sent as far as the machine is concerned: written before anything waits.
                     machine.ack_sent()
                     traffic.readings_stored += ack.accepted
-                    traffic.acks += 1
-                    presence.stored(self.device_id, ack.accepted)
+                    acked += ack.accepted
                     if size < ACK_WRITE_BYTES:
                         continue
                 awaited = machine.awaited
@@ -362,7 +361,9 @@ class DeviceSession:
                     continue
                 if frames:  # before waiting: every ack this turn made, in one write
                     await self._write_acks(frames)
-                    frames, size = [], 0
+                    traffic.acks += len(frames)
+                    presence.stored(self.device_id, acked)
+                    frames, size, acked = [], 0, 0
                     continue
                 if machine.acks_stopped:
                     return  # a message can no longer be stored: the hub is stopping
