@@ -2,7 +2,8 @@
 
     python benchmarks/bench_core.py [--batch 50] [--seconds 2] [--no-schema] [--no-field-types]
 
-Prints readings/s and microseconds per reading for each step and for the whole core, for
+Prints microseconds of thread CPU per reading for each step and for the whole core (the best
+of many short rounds, interleaved, so that other work on the machine inflates it least), for
 messages of `--batch` readings with four float fields and one tag, as the simulator sends,
 validated against the simulator's measurement schema (what `device-sim bench` gives the
 hub), or with `--no-schema` by the general rules alone. "whole core" takes the session's
@@ -10,9 +11,7 @@ path: `decode_device_frame` (frames over 16 KiB, from about 120 readings, are sc
 prepared a slice at a time, `hub.frames` and `hub.slices`), then the ack. Formatting
 includes the check of field types against the hub-wide catalog (`hub.fieldtypes`), as when
 the hub writes to InfluxDB; `--no-field-types` leaves it out, as for VictoriaMetrics. The
-last line is what the check adds per reading: the best thread-CPU time of many short
-interleaved rounds with and without it, steadier than the wall-clock rates above on a
-machine shared with others.
+last line is what the check adds per reading, measured the same way with and without it.
 """
 
 from __future__ import annotations
@@ -56,18 +55,6 @@ def message(batch: int) -> bytes:
     return packed
 
 
-def rate(step: Callable[[], object], seconds: float) -> float:
-    """Calls per second of `step`, best of three rounds."""
-    best = 0.0
-    for _ in range(3):
-        calls, started = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - started) < seconds / 3:
-            step()
-            calls += 1
-        best = max(best, calls / elapsed)
-    return best
-
-
 def cpu_us(step: Callable[[], object], per_call: int, seconds: float) -> float:
     """Thread-CPU microseconds per reading over one round of `step` calls."""
     calls, started = 0, time.thread_time()
@@ -75,6 +62,16 @@ def cpu_us(step: Callable[[], object], per_call: int, seconds: float) -> float:
         step()
         calls += 1
     return elapsed / (calls * per_call) * 1e6
+
+
+def best_cpu_us(steps: list[Callable[[], object]], per_call: int, seconds: float) -> list[float]:
+    """The best thread-CPU microseconds per reading of each of `steps`, over rounds of
+    0.05 s taking turns for about `seconds` in all."""
+    best = [float("inf")] * len(steps)
+    for _ in range(max(1, int(seconds / 0.05 / len(steps)))):
+        for n, step in enumerate(steps):
+            best[n] = min(best[n], cpu_us(step, per_call, 0.05))
+    return best
 
 
 def main() -> None:
@@ -151,14 +148,16 @@ def main() -> None:
     schema = "no schema" if args.no_schema else "the simulator's schema"
     checked = "without" if field_types is None else "with"
     print(f"{args.batch} readings a message, {len(frame)} bytes, {schema}, {checked} field types")
-    for name, step in [
+    steps = [
         ("decode (msgpack + envelope)", decode),
         ("validate (pydantic)", validate),
         ("validate + format (prepare_readings)", prepare),
         ("whole core", whole),
-    ]:
-        per_s = rate(step, args.seconds) * args.batch
-        print(f"{name:<40} {per_s:>12,.0f} readings/s  {1e6 / per_s:6.2f} us/reading")
+    ]
+    for (name, _), us in zip(
+        steps, best_cpu_us([s for _, s in steps], args.batch, args.seconds), strict=True
+    ):
+        print(f"{name:<40} {1e6 / us:>12,.0f} readings/s  {us:6.2f} us/reading")
     if field_types is not None:
         catalog = field_types
 
@@ -170,10 +169,7 @@ def main() -> None:
                 readings, validator, "dev-1", 10**6, time.time_ns(), field_types=catalog
             )
 
-        best = [float("inf"), float("inf")]
-        for _ in range(max(1, int(args.seconds * 10))):
-            for n, variant in enumerate((without_check, with_check)):
-                best[n] = min(best[n], cpu_us(variant, args.batch, 0.05))
+        best = best_cpu_us([without_check, with_check], args.batch, args.seconds)
         print(
             f"{'field type check (best thread CPU)':<40} {best[0]:.2f} -> {best[1]:.2f} "
             f"us/reading ({best[1] - best[0]:+.2f})"

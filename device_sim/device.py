@@ -28,10 +28,10 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from device_sim.sensors import SensorProfile
+from device_sim.sensors import SensorProfile, readings_frame
 from device_sim.stats import FleetStats
 from schemas.codes import QUERY_PRECISIONS, CloseCode
-from schemas.messages import Ack, Config, Reading
+from schemas.messages import Ack, Config
 from sensorhub_client.connection import DeviceClient, Precision
 
 # Re-exported: the simulator's devices use the public client's reconnect policy.
@@ -149,7 +149,8 @@ class DeviceReport:
 
 @dataclass(eq=False, slots=True)
 class _Message:
-    readings: list[Reading]
+    readings: list[bytes]
+    """Each reading packed (`SensorProfile.packed_reading`)."""
     times: list[int]
 
 
@@ -159,6 +160,8 @@ class _Connection:
     opened_at: float
     acked: bool = False
     closed: bool = False
+    seq: int = 0
+    """The last `seq` sent on this connection."""
 
 
 _STOP_ON_STATUS = {
@@ -373,7 +376,7 @@ class SimulatedDevice:
             last = max(now - (batch - 1 - index) * spacing, last + 1)
             times.append(last)
         self._last_time = last
-        message = _Message([self._sensor.reading(t) for t in times], times)
+        message = _Message([self._sensor.packed_reading(t) for t in times], times)
         number = self._next_number
         self._next_number += 1
         self._unacked[number] = message
@@ -388,7 +391,9 @@ class SimulatedDevice:
         self._in_flight += 1
         self.stats.in_flight += count
         try:
-            future = await connection.client.send_readings(message.readings)
+            connection.seq += 1
+            frame = readings_frame(connection.seq, message.readings)
+            future = await connection.client.send_raw(frame, connection.seq)
         except BaseException:
             self._in_flight -= 1
             self.stats.in_flight -= count

@@ -169,8 +169,8 @@ class RegistryContract:
         """Each known device once, as `config_state` has it; unknown and repeated ids do not
         count, and no id at all is no state at all."""
         ids = [f"d{n:03}" for n in range(600)]  # more than one SQL statement's worth of ids
-        backend.operator.add_many(ids)
-        versions = backend.operator.set_config(ids[::2], updates={"x": 1})
+        await backend.operator.add_many(ids)
+        versions = await backend.operator.set_config(ids[::2], updates={"x": 1})
         assert await backend.ports.record_config_ack(ids[0], versions[ids[0]], False, "no")
         asked = [*reversed(ids), "ghost", ids[5], ids[0]]
         states = await backend.ports.config_states(asked)

@@ -11,13 +11,16 @@ and test_limits.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
 import pytest
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame
+from websockets.protocol import Protocol, Side
 
 from hub.core.dialects import Dialect
 from hub.core.fieldtypes import FieldTypes
@@ -36,13 +39,37 @@ WAIT_S = 10.0
 
 
 class MemoryConnection:
-    """Frames the test puts in; messages and the close the session sends, as dicts."""
+    """Frames the test puts in; messages and the close the session sends, as dicts.
+
+    Besides `send`, it has what the session uses to write several messages at once, as a
+    websockets connection has: `send_context()`, a real sans-I/O `protocol` that frames
+    them, and a `transport` whose `writelines` reads the frames back. `writes` counts the
+    socket writes: one per `send`, one per `writelines`.
+    """
 
     def __init__(self) -> None:
         self.incoming: asyncio.Queue[bytes | str | None] = asyncio.Queue()
         self.sent: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
         self.changed = asyncio.Event()
+        self.writes = 0
+        self.protocol = Protocol(Side.SERVER)
+        self.transport = self
+        self._device_side = Protocol(Side.CLIENT)
+
+    @contextlib.asynccontextmanager
+    async def send_context(self) -> AsyncIterator[None]:
+        """The connection is open: let the caller use the protocol."""
+        yield
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        """One socket write of frames: read back as the device would."""
+        self.writes += 1
+        self._device_side.receive_data(b"".join(chunks))
+        for event in self._device_side.events_received():
+            assert isinstance(event, Frame)
+            self.sent.append(msgpack.unpackb(event.data))
+        self.changed.set()
 
     async def _frames(self) -> AsyncIterator[bytes | str]:
         while (frame := await self.incoming.get()) is not None and self.closed is None:
@@ -53,6 +80,7 @@ class MemoryConnection:
 
     async def send(self, message: bytes) -> None:
         """Record a message sent to the device."""
+        self.writes += 1
         self.sent.append(msgpack.unpackb(message))
         self.changed.set()
 
@@ -197,6 +225,22 @@ async def test_acks_are_sent_in_read_order_as_durability_arrives(
     await running.connection.until(3)
     assert running.connection.kinds() == ["ack 0", "ack 1", "ack 2"]
     assert running.hub.stored_readings == 3
+
+
+async def test_acks_ready_together_go_out_in_one_write(running: Running) -> None:
+    """Messages that became durable together are acked with one socket write, in order;
+    one that becomes durable later gets a write of its own."""
+    await running.feed(readings(0), readings(1), readings(2), readings(3), submitted=4)
+    for n in (2, 0, 1):
+        running.ingest.submitted[n].set_result(None)
+    await running.connection.until(3)
+    assert running.connection.kinds() == ["ack 0", "ack 1", "ack 2"]
+    assert running.connection.writes == 1
+    running.ingest.submitted[3].set_result(None)
+    await running.connection.until(4)
+    assert running.connection.kinds() == ["ack 0", "ack 1", "ack 2", "ack 3"]
+    assert running.connection.writes == 2
+    assert running.hub.stored_readings == 4
 
 
 @pytest.mark.parametrize(

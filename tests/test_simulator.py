@@ -9,13 +9,20 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from device_sim.client import DeviceClient
 from device_sim.device import DeviceState, reconnect_delay
 from device_sim.fleet import Credentials, FleetReport, run_fleet
 from device_sim.local_servers import LocalServer, influxql
-from device_sim.sensors import MEASUREMENT, SCHEMA_TOML
+from device_sim.sensors import (
+    MEASUREMENT,
+    OUT_OF_RANGE_HUMIDITY,
+    SCHEMA_TOML,
+    SensorProfile,
+    readings_frame,
+)
 from device_sim.stats import FleetStats
 from hub.registry.sqlite import Registry
 from hub.settings import Settings
@@ -168,6 +175,24 @@ async def test_unacked_readings_are_resent_after_the_hub_restarts(
     assert report.total("reconnects") >= len(creds)
     assert report.acked == report.sent
     assert_acked_exactly_stored(report, influxdb, influx_db_name)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("invalid_ratio", [0.0, 0.3])
+def test_prepacked_readings_are_the_bytes_msgpack_packs(invalid_ratio: float) -> None:
+    """The load generator's prepacked readings and frames are byte for byte what packing
+    the same readings gives, out-of-range ones included."""
+    packed = SensorProfile(random.Random(5), "room-7", invalid_ratio)
+    plain = SensorProfile(random.Random(5), "room-7", invalid_ratio)
+    start = 1_700_000_000_000_000
+    readings = [plain.reading(start + n) for n in range(3000)]
+    prepacked = [packed.packed_reading(start + n) for n in range(3000)]
+    assert prepacked == [msgpack.packb(reading) for reading in readings]
+    if invalid_ratio:
+        assert any(r["fields"]["humidity"] == OUT_OF_RANGE_HUMIDITY for r in readings)
+    for seq in (0, 1, 127, 128, 65_536, 2**40):
+        message = {"type": "readings", "seq": seq, "readings": readings[:50]}
+        assert readings_frame(seq, prepacked[:50]) == msgpack.packb(message)
 
 
 @pytest.mark.unit

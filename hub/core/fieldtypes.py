@@ -20,7 +20,7 @@ conflict there is left to InfluxDB, whose refusal then goes to the dead letters)
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 from hub.core.lineprotocol import FieldValue
 
@@ -72,6 +72,11 @@ class FieldTypes:
         self.max_entries = max_entries
         self._groups: dict[tuple[str, int], dict[str, type]] = {}
         self._entries = 0
+        self.verified: dict[Hashable, int] = {}
+        """Shapes (a caller's key naming a measurement, its field keys and their value types)
+        that `check` passed, by the shard group (`time_ns - GO_ZERO_TIME_NS) // shard_ns`)
+        they passed in: a reading of that shape in that group would pass again, so the
+        caller need not ask. Emptied whenever a known type changes or is forgotten."""
 
     @property
     def entries(self) -> int:
@@ -90,6 +95,7 @@ class FieldTypes:
             return
         old, groups = self.shard_ns, self._groups
         self.shard_ns, self._groups, self._entries = shard_ns, {}, 0
+        self.verified.clear()
         if shard_ns % old:
             return
         for (measurement, group), known in groups.items():
@@ -131,12 +137,21 @@ class FieldTypes:
             self._learn(key, fields.items())
         return None
 
+    def mark_verified(self, shape: Hashable, group: int) -> None:
+        """Remember that `check` passed a reading of `shape` in shard group `group` (see
+        `verified`): bounded like the types, emptied past `max_entries`."""
+        if len(self.verified) >= self.max_entries:
+            self.verified.clear()
+        self.verified[shape] = group
+
     def learn(self, measurement: str, field: str, kind: type, time_ns: int) -> None:
         """Record that `field` has type `kind` in the shard group of `time_ns`, as InfluxDB
         says; what it says wins over what the hub learnt."""
         key = (measurement, (time_ns - GO_ZERO_TIME_NS) // self.shard_ns)
         known = self._groups.get(key)
         if known is not None and field in known:
+            if known[field] is not kind:
+                self.verified.clear()  # what passed may conflict now
             known[field] = kind
         else:
             self._learn(key, [(field, kind)], types=True)
@@ -160,3 +175,4 @@ class FieldTypes:
         while self._entries > self.max_entries:
             # Forget the group learnt first (dicts keep insertion order); this one last.
             self._entries -= 1 + len(self._groups.pop(next(iter(self._groups))))
+            self.verified.clear()

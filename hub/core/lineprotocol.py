@@ -32,6 +32,7 @@ __all__ = [
     "escape_tag",
     "format_field_value",
     "format_point",
+    "point_template",
     "unrepresentable",
 ]
 
@@ -154,6 +155,18 @@ def _escaped_field_key(key: str, dialect: Dialect) -> str:
     return _cache_put(_CACHES[dialect][2], key, escape_field_key(key, dialect) + "=")
 
 
+def _series(measurement: str, tags: Mapping[str, str], dialect: Dialect) -> str:
+    """The escaped measurement and tag set of a line, checked for `dialect`."""
+    measurements, tag_sets, _ = _CACHES[dialect]
+    line = measurements.get(measurement) or _escaped_measurement(measurement, dialect)
+    if tags:
+        # Keyed by the tags in their given order: tuple(items) is cheaper than sorting.
+        items = tuple(tags.items())
+        tag_set = tag_sets.get(items)
+        line += _escaped_tag_set(items, dialect) if tag_set is None else tag_set
+    return line
+
+
 def format_point(
     measurement: str,
     tags: Mapping[str, str],
@@ -169,13 +182,8 @@ def format_point(
     Raises ValueError with the reason for anything `hub.dialects` says `dialect` refuses,
     so what is written always reads back exactly from that server.
     """
-    measurements, tag_sets, keys = _CACHES[dialect]
-    line = measurements.get(measurement) or _escaped_measurement(measurement, dialect)
-    if tags:
-        # Keyed by the tags in their given order: tuple(items) is cheaper than sorting.
-        items = tuple(tags.items())
-        tag_set = tag_sets.get(items)
-        line += _escaped_tag_set(items, dialect) if tag_set is None else tag_set
+    line = _series(measurement, tags, dialect)
+    keys = _CACHES[dialect][2]
     if not fields:
         raise ValueError(f"measurement {measurement!r}: a point needs at least one field")
     sep = " "
@@ -196,6 +204,44 @@ def format_point(
             line = f"{line}{sep}{escaped_key}{_other_field_value(key, value, dialect)}"
         sep = ","
     return f"{line} {time_ns}"
+
+
+_PLACEHOLDERS: dict[type, str] = {float: "%r", int: "%di"}
+"""Per value type, what `format_point` writes for it, as a %-format placeholder (a float's
+repr; an int with its `i`). Bools and strings have none: their shapes take `format_point`."""
+
+
+def point_template(
+    measurement: str,
+    tags: Mapping[str, str],
+    fields: Mapping[str, FieldValue],
+    dialect: Dialect = Dialect.STRICT,
+) -> str | None:
+    """A %-format string for every point of this shape: `template % (*values, time_ns)` is
+    exactly `format_point(measurement, tags, fields, time_ns, dialect)` for any `fields` with
+    the same keys, in the same order, and values of the same types.
+
+    The names are escaped and checked once, here (ValueError as `format_point`), so that a
+    point of a known shape costs one `%` (the values' reprs). None when a value is not a
+    float or an int: those shapes are formatted by `format_point`.
+    """
+    placeholders = []
+    for value in fields.values():
+        placeholder = _PLACEHOLDERS.get(type(value))
+        if placeholder is None:
+            return None
+        placeholders.append(placeholder)
+    if not fields:
+        raise ValueError(f"measurement {measurement!r}: a point needs at least one field")
+    text = [_series(measurement, tags, dialect).replace("%", "%%")]
+    keys = _CACHES[dialect][2]
+    sep = " "
+    for key, placeholder in zip(fields, placeholders, strict=True):
+        escaped_key = keys.get(key) or _escaped_field_key(key, dialect)
+        text += (sep, escaped_key.replace("%", "%%"), placeholder)
+        sep = ","
+    text.append(" %d")
+    return "".join(text)
 
 
 def _other_field_value(key: str, value: FieldValue, dialect: Dialect) -> str:

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hub.core.dialects import Dialect
-from hub.core.fieldtypes import FieldTypes
-from hub.core.lineprotocol import format_point
+from hub.core.fieldtypes import GO_ZERO_TIME_NS, FieldTypes
+from hub.core.lineprotocol import CACHE_LIMIT, format_point, point_template
 from hub.core.measurements import ReadingsValidator
 from hub.core.protocol import DEFAULT_MAX_DEPTH, check_readings_depth, cut_reasons
 from hub.settings import Settings, parse_rfc3339_ns
@@ -134,6 +134,9 @@ def prepare_readings(
     # Refused outside [earliest, latest]; one comparison per reading on the hot path.
     earliest = TIME_MIN_NS if time_limits.earliest_ns is None else time_limits.earliest_ns
     latest = arrival_ns + time_limits.max_future_ns
+    shapes = _SHAPES[dialect]
+    if field_types is not None:
+        verified, shard_ns = field_types.verified, field_types.shard_ns
     for index, reading in zip(indices, valid, strict=True):
         if len(reading) != len(readings[index]):
             unchecked.append(index)
@@ -145,27 +148,76 @@ def prepare_readings(
             if not earliest <= time_ns <= latest:
                 reasons[index] = [time_limits.problem(time_ns, arrival_ns) or "time"]
                 continue
+        name = reading["name"]
+        fields = reading["fields"]
         tags = reading.get("tags")
+        # The shape: what the line's text depends on but for the values and the time. One
+        # tuple, one lookup, one `%` for a point of a shape seen before (`point_template`).
+        values = fields.values()
         if tags:
-            tags[DEVICE_TAG] = device_id
+            key = (device_id, name, *tags.items(), *fields, *map(type, values))
         else:
-            tags = {DEVICE_TAG: device_id}
+            key = (device_id, name, *fields, *map(type, values))
         try:
-            line = format_point(
-                reading["name"], tags, reading["fields"], time_ns, dialect
+            shape = shapes.get(key) or _learn_shape(
+                shapes, key, name, tags, fields, device_id, dialect
             )
+            template = shape.template
+            if template is None:  # bools or strings among the values
+                tags = {**tags, DEVICE_TAG: device_id} if tags else {DEVICE_TAG: device_id}
+                line = format_point(name, tags, fields, time_ns, dialect)
+            else:
+                line = template % (*values, time_ns)
         except ValueError as exc:  # text line protocol cannot carry exactly
             reasons[index] = [str(exc)]
             continue
-        if field_types is not None and (
-            conflict := field_types.check(reading["name"], reading["fields"], time_ns)
-        ):
-            reasons[index] = [conflict]
-            continue
+        if field_types is not None:
+            # A shape already checked in this shard group, with nothing learnt since that
+            # contradicts it, needs no check (`FieldTypes.verified`, keyed by the `_Shape`:
+            # hashed by identity, cheaper than its key again).
+            group = (time_ns - GO_ZERO_TIME_NS) // shard_ns
+            if verified.get(shape) != group:
+                if conflict := field_types.check(name, fields, time_ns):
+                    reasons[index] = [conflict]
+                    continue
+                field_types.mark_verified(shape, group)
         lines.append(line)
     if unchecked:
         check_readings_depth(readings, unchecked, max_depth)
     return PreparedReadings(lines="\n".join(lines), accepted=len(lines), reasons=reasons)
+
+
+class _Shape:
+    """What is known of a shape (device, measurement, tags, field keys and value types):
+    its line template, or None for a shape `format_point` formats (bools, strings)."""
+
+    __slots__ = ("template",)
+
+    def __init__(self, template: str | None) -> None:
+        self.template = template
+
+
+_SHAPES: dict[Dialect, dict[tuple[Any, ...], _Shape]] = {dialect: {} for dialect in Dialect}
+"""Per dialect, each shape seen, by its key (see `prepare_readings`)."""
+
+
+def _learn_shape(
+    shapes: dict[tuple[Any, ...], _Shape],
+    key: tuple[Any, ...],
+    name: str,
+    tags: dict[str, str] | None,
+    fields: dict[str, Any],
+    device_id: str,
+    dialect: Dialect,
+) -> _Shape:
+    """The shape of a key not seen yet, remembered; ValueError for text `dialect` cannot
+    store exactly (not remembered: such readings are refused, and rare)."""
+    with_device = {**tags, DEVICE_TAG: device_id} if tags else {DEVICE_TAG: device_id}
+    shape = _Shape(point_template(name, with_device, fields, dialect))
+    if len(shapes) >= CACHE_LIMIT:
+        shapes.clear()
+    shapes[key] = shape
+    return shape
 
 
 def bounded_reasons(reasons: dict[int, list[str]]) -> dict[int, list[str]]:

@@ -41,6 +41,9 @@ from schemas.messages import Config, ConfigAck
 
 log = logging.getLogger("hub.session")
 
+ACK_WRITE_BYTES = 64 * 1024
+"""Acks written at once at most (the socket's buffer then drains before more are written)."""
+
 
 class _AckSender:
     """The ack sender task of a session and what it waits on.
@@ -341,25 +344,39 @@ class DeviceSession:
         machine = self.machine
         traffic = self._ports.metrics.traffic
         presence = self._ports.presence
+        frames: list[bytes] = []  # acks encoded in this turn of the event loop, not yet written
+        size = acked = 0  # their bytes, and the readings they accept
         try:
             while True:
                 ack = machine.next_ack()
-                if ack is None:
-                    if machine.acks_stopped:
-                        return  # a message can no longer be stored: the hub is stopping
-                    acks.progress.set()
-                    awaited = machine.awaited
-                    if awaited is None:  # nothing owed: wait for the next message
-                        acks.ready.clear()
-                        await acks.ready.wait()
-                    else:  # the oldest message's durability, in the order they were read
-                        await self._settle(awaited, acks.durables.pop(awaited))
+                if ack is not None:
+                    frame = encode_ack(ack.seq, ack.accepted, ack.reasons)
+                    frames.append(frame)
+                    size += len(frame)
+                    # Sent as far as the machine is concerned: written before anything waits.
+                    machine.ack_sent()
+                    traffic.readings_stored += ack.accepted
+                    acked += ack.accepted
+                    if size < ACK_WRITE_BYTES:
+                        continue
+                awaited = machine.awaited
+                if awaited is not None and acks.durables[awaited].done() and size < ACK_WRITE_BYTES:
+                    await self._settle(awaited, acks.durables.pop(awaited))  # does not suspend
                     continue
-                traffic.readings_stored += ack.accepted
-                await self.connection.send(encode_ack(ack.seq, ack.accepted, ack.reasons))
-                machine.ack_sent()
-                traffic.acks += 1
-                presence.stored(self.device_id, ack.accepted)
+                if frames:  # before waiting: every ack this turn made, in one write
+                    await self._write_acks(frames)
+                    traffic.acks += len(frames)
+                    presence.stored(self.device_id, acked)
+                    frames, size, acked = [], 0, 0
+                    continue
+                if machine.acks_stopped:
+                    return  # a message can no longer be stored: the hub is stopping
+                acks.progress.set()
+                if awaited is None:  # nothing owed: wait for the next message
+                    acks.ready.clear()
+                    await acks.ready.wait()
+                else:  # the oldest message's durability, in the order they were read
+                    await self._settle(awaited, acks.durables.pop(awaited))
         except (ConnectionClosed, RuntimeError):
             pass  # the device is gone or the hub is stopping: what is unacked, it resends
         finally:
@@ -368,6 +385,22 @@ class DeviceSession:
             machine.acks_failed()
             acks.durables.clear()
             acks.progress.set()
+
+    async def _write_acks(self, frames: list[bytes]) -> None:
+        """Send `frames`, each a message, with one write to the socket: websockets' `send`
+        writes every message on its own, one syscall each."""
+        connection = self.connection
+        if len(frames) == 1:
+            await connection.send(frames[0])
+            return
+        # send_context checks the state and waits for the drain, as for one send; its
+        # protocol frames the messages, and the transport takes them in one writelines.
+        async with connection.send_context():
+            protocol = connection.protocol
+            for frame in frames:
+                protocol.send_binary(frame)
+            # Frames only: the end-of-stream marker follows a close, which cannot come here.
+            connection.transport.writelines(protocol.data_to_send())
 
     async def _settle(self, ticket: int, durable: asyncio.Future[None]) -> None:
         """Wait for a message's readings to be durable, and tell the machine how it went."""
