@@ -30,6 +30,7 @@ from hub.ops.sdnotify import Notifier
 from hub.registry.sqlite import secure_state_dir
 from hub.registry.thread import ThreadedSQLiteRegistry
 from hub.settings import Settings, reload_changes
+from hub.workers.slots import HEALTH_PORT_KEY, WorkerSlot
 
 log = logging.getLogger("hub")
 
@@ -44,8 +45,11 @@ class HubService:
         *,
         notifier: Notifier | None = None,
         load_settings: Callable[[], Settings] | None = None,
+        worker: WorkerSlot | None = None,
     ) -> None:
         self.settings = settings
+        self.worker = worker
+        """The slot of one worker of `hub serve --workers N`; None for a hub of its own."""
         self._sink = sink
         self._hub: Hub | None = None
         self._health: HealthServer | None = None
@@ -80,7 +84,9 @@ class HubService:
         registry = await ThreadedSQLiteRegistry.open(
             settings.registry_path, settings.registry_poll_s
         )
-        spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+        worker = self.worker
+        spool_dir = worker.spool_dir if worker is not None else settings.spool_dir
+        spool = Spool(spool_dir, settings.spool_max_bytes)  # locked: SpoolInUse if taken
         sink = self._sink
         if sink is None and settings.influx_url is not None:
             sink = await open_sink(settings)
@@ -91,11 +97,16 @@ class HubService:
                 settings.spool_dir,
             )
         metrics = HubMetrics()
-        dead_letters = DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes)
+        dead_letters = DeadLetterFile(
+            worker.dead_letter_path if worker is not None else settings.dead_letter_path,
+            settings.dead_letter_max_bytes,
+        )
         pipeline = Pipeline(sink, dead_letters, settings, spool)
         metrics.watch_writes(pipeline.write_stats)
         pipeline.start()
-        self._hub = Hub(settings, registry, schemas, pipeline, metrics)
+        self._hub = Hub(
+            settings, registry, schemas, pipeline, metrics, one_of_workers=worker is not None
+        )
         metrics.watch(self._hub)
         if settings.health_enabled:
             self._health = HealthServer(
@@ -109,7 +120,8 @@ class HubService:
                 await self._health.stop()
             raise
         log.info(
-            "hub listening on %s:%d, writing to %s (%s API, bucket %s), on %s's event loop",
+            "%s listening on %s:%d, writing to %s (%s API, bucket %s), on %s's event loop",
+            f"{worker.name} ({worker.node_id})" if worker is not None else "hub",
             self._hub.host,
             self._hub.port,
             settings.influx_url or "nowhere yet (spool only)",
@@ -119,7 +131,9 @@ class HubService:
         )
         if self._health is not None:
             log.info("health and metrics at %s/healthz and /metrics", self._health.url)
-        self._notifier.ready(f"listening on {self._hub.host}:{self._hub.port}")
+        # A worker tells its supervisor where its /healthz and /metrics are.
+        health = () if self._health is None else (f"{HEALTH_PORT_KEY}={self._health.port}",)
+        self._notifier.ready(f"listening on {self._hub.host}:{self._hub.port}", *health)
         if self._notifier.watchdog_s is not None:
             self._watchdog = asyncio.create_task(self._notifier.keep_alive(), name="watchdog")
 
@@ -206,10 +220,17 @@ class HubService:
         await self.stop()
 
 
-async def serve(settings: Settings, load_settings: Callable[[], Settings] | None = None) -> None:
-    """Run the hub until SIGTERM or SIGINT, telling systemd how it goes; SIGHUP reloads the
-    schemas and the live settings, which `load_settings` reads again from their sources."""
-    service = HubService(settings, notifier=Notifier(), load_settings=load_settings)
+async def serve(
+    settings: Settings,
+    load_settings: Callable[[], Settings] | None = None,
+    worker: WorkerSlot | None = None,
+) -> None:
+    """Run the hub (or one `worker` of several) until SIGTERM or SIGINT, telling systemd (or
+    the supervisor) how it goes; SIGHUP reloads the schemas and the live settings, which
+    `load_settings` reads again from their sources."""
+    service = HubService(
+        settings, notifier=Notifier(), load_settings=load_settings, worker=worker
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Before start(): systemd may signal as soon as READY=1 is out.

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8765
 
+    # Workers (hub.workers): processes accepting on one port, and this hub's name
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    node_id: Annotated[str, Field(max_length=200, pattern=r"^[^\s/]*$")] = ""
+    """Empty: HOSTNAME:PORT. Worker K of several is NODE_ID/K."""
+
     # InfluxDB
     influx_url: str | None = None
     influx_api: InfluxApi = "auto"

@@ -6,8 +6,10 @@ import contextlib
 import csv
 import functools
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TextIO
 
@@ -23,11 +25,12 @@ from hub.cli.common import (
     settings_from,
     when,
 )
-from hub.cli.fleet import config_app, device_app, devices_command, parse_assignments, spool_app
+from hub.cli.fleet import config_app, device_app, devices_command, parse_assignments
+from hub.cli.spool import spool_app
 from hub.cli.top import top_command
 from hub.errors import HubError
-from hub.ops.logs import configure_logging
-from hub.settings import InfluxApi, LogFormat, LogLevel, load_settings
+from hub.ops.logs import configure_logging, tag_worker_lines
+from hub.settings import InfluxApi, LogFormat, LogLevel, Settings, load_settings
 
 app = typer.Typer(
     help="IoT sensor ingestion hub: devices stream readings over WebSocket into InfluxDB.",
@@ -50,6 +53,9 @@ def serve(
     state_dir: StateDirOption = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on [8765].")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes accepting on the port [1].")
+    ] = None,
     influx_url: Annotated[str | None, typer.Option(help="InfluxDB base URL.")] = None,
     influx_bucket: Annotated[
         str | None, typer.Option(help="v2 bucket, or v1 database as db or db/rp [sensors].")
@@ -96,6 +102,7 @@ def serve(
         "state_dir": state_dir,
         "host": host,
         "port": port,
+        "workers": workers,
         "influx_url": influx_url,
         "influx_bucket": influx_bucket,
         "influx_org": influx_org,
@@ -116,15 +123,36 @@ def serve(
     configure_logging(settings.log_level, settings.log_format)
     from hub.ops.runtime import run_event_loop
     from hub.service import serve as run_service
+    from hub.workers import slots
 
     # A SIGHUP reads the same sources again: the flags stay, the files may have changed.
     reload = functools.partial(load_settings, config, **flags)
     try:
-        run_event_loop(run_service(settings, reload))
+        worker = slots.worker_slot(os.environ, settings)
+        if worker is None and settings.workers > 1:
+            from hub.workers.supervisor import supervise
+
+            # The workers run this same command line (python -m hub: also from a venv's hub).
+            argv = [sys.executable, "-m", "hub", *sys.argv[1:]]
+            raise typer.Exit(run_event_loop(supervise(settings, argv)))
+        if worker is not None:
+            slots.adopt_passed_socket(os.environ, os.getpid())
+            tag_worker_lines(worker.number)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the supervisor's, sent to all
+            settings = slots.worker_settings(settings)
+            reload = functools.partial(_as_worker, reload)
+        run_event_loop(run_service(settings, reload, worker))
     except HubError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+
+
+def _as_worker(load: Callable[[], Settings]) -> Settings:
+    """A worker's settings, read again: its health listener stays its own."""
+    from hub.workers.slots import worker_settings
+
+    return worker_settings(load())
 
 
 @token_app.command("add")
