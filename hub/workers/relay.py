@@ -52,9 +52,10 @@ class NotifyRelay:
     def start(self) -> None:
         """Read datagrams on the running loop."""
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._socket.fileno(), self._readable)
+        self._loop.add_reader(self._socket.fileno(), self.read_pending)
 
-    def _readable(self) -> None:
+    def read_pending(self) -> None:
+        """Handle every datagram waiting (the loop calls this when the socket is readable)."""
         while True:
             try:
                 data, ancillary, _, _ = self._socket.recvmsg(
