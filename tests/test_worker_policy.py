@@ -8,6 +8,7 @@ from hub.workers.policy import (
     DEFAULT_WORKER_WATCHDOG_S,
     MAX_RESTART_DELAY_S,
     STABLE_AFTER_S,
+    START_TIMEOUT_S,
     SlotState,
     all_alive,
     all_ready,
@@ -24,7 +25,7 @@ def test_restart_delay_doubles_from_half_a_second_up_to_its_cap() -> None:
     assert restart_delay_s(50) == MAX_RESTART_DELAY_S
 
 
-def test_worker_watchdog_is_half_of_systemds() -> None:
+def test_worker_watchdog_is_half_of_systemds_period() -> None:
     """A frozen worker is replaced before systemd gives up on the hub; without systemd's
     watchdog the default applies."""
     assert worker_watchdog_s(30.0) == 15.0
@@ -64,13 +65,23 @@ def test_a_dead_slot_is_due_after_its_delay() -> None:
 
 
 def test_a_worker_that_stops_notifying_is_hung_not_alive() -> None:
-    """Alive while it showed life within the watchdog period; then hung (to be killed)."""
+    """Once it listened: alive while it showed life within the watchdog period; then hung
+    (to be killed)."""
     slot = SlotState(1)
     slot.spawned(100, now=0.0)
+    slot.became_ready(1.0, health_port=9001)
     assert slot.alive(5.0, 10.0) and not slot.hung(5.0, 10.0)
     slot.showed_life(8.0)
     assert slot.alive(17.0, 10.0)
     assert slot.hung(18.5, 10.0) and not slot.alive(18.5, 10.0)
+
+
+def test_a_starting_worker_has_until_the_start_timeout() -> None:
+    """A worker says nothing while it starts: silence is not a hang until START_TIMEOUT_S."""
+    slot = SlotState(1)
+    slot.spawned(100, now=0.0)
+    assert slot.alive(START_TIMEOUT_S - 1, 2.0)
+    assert slot.hung(START_TIMEOUT_S + 1, 2.0)
 
 
 def test_a_slot_without_a_process_is_neither_alive_nor_hung() -> None:

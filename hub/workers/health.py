@@ -95,9 +95,7 @@ class SupervisorHealth:
                 bodies[worker] = None
         combined = combine_health(bodies)
         for slot in self.supervisor.slots:  # which process holds each slot, and how often
-            combined.body["workers"][str(slot.number)].update(
-                pid=slot.pid, restarts=slot.restarts
-            )
+            combined.body["workers"][str(slot.number)].update(pid=slot.pid, restarts=slot.restarts)
         return web.json_response(combined.body, status=combined.status)
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -7,8 +7,10 @@ row the slot has died. From these:
 * a dead slot is restarted after `restart_delay_s(failures)`: 0.5 s, doubling, at most
   `MAX_RESTART_DELAY_S`; a worker that stayed up `STABLE_AFTER_S` resets the count, so a
   crash once a day restarts at once while a crash loop backs off;
-* a slot is *alive* while its process runs and showed life within the worker watchdog
-  period; a process that stops showing life (frozen, hung loop) is killed and restarted;
+* a slot is *alive* while its process runs and, once it listened, showed life within the
+  worker watchdog period (before that: within `START_TIMEOUT_S` of its start, since a
+  worker says nothing while it starts); a process that stops showing life (frozen, a hung
+  loop) is killed and restarted;
 * the hub is *ready* (READY=1 to systemd) once every slot's process has said READY=1, and
   the supervisor pings systemd's watchdog only while every slot is alive.
 """
@@ -22,6 +24,8 @@ MAX_RESTART_DELAY_S = 15.0
 STABLE_AFTER_S = 30.0
 DEFAULT_WORKER_WATCHDOG_S = 20.0
 """Without systemd's watchdog: a worker that shows no life for this long is restarted."""
+START_TIMEOUT_S = 120.0
+"""A worker that has not listened this long after its start is restarted."""
 
 
 def restart_delay_s(failures: int) -> float:
@@ -30,8 +34,9 @@ def restart_delay_s(failures: int) -> float:
 
 
 def worker_watchdog_s(systemd_watchdog_s: float | None) -> float:
-    """How long a worker may show no life: half of systemd's watchdog period, so that a
-    frozen worker is replaced before systemd gives up on the whole hub; else the default."""
+    """How long a worker may show no life: half of systemd's watchdog period (`WatchdogSec`),
+    so that a frozen worker is replaced before systemd gives up on the whole hub; without
+    systemd's watchdog, the default."""
     if systemd_watchdog_s is None:
         return DEFAULT_WORKER_WATCHDOG_S
     return systemd_watchdog_s / 2
@@ -46,6 +51,9 @@ class SlotState:
     started_at: float = 0.0
     last_life: float = 0.0
     ready: bool = False
+    """Listening, and not reloading."""
+    listened: bool = False
+    """The process said READY=1 at least once."""
     health_port: int | None = None
     failures: int = 0
     restarts: int = 0
@@ -55,7 +63,7 @@ class SlotState:
     def spawned(self, pid: int, now: float) -> None:
         """A new process took the slot."""
         self.pid, self.started_at, self.last_life = pid, now, now
-        self.ready, self.health_port, self.restart_at = False, None, None
+        self.ready, self.listened, self.health_port, self.restart_at = False, False, None, None
 
     def showed_life(self, now: float) -> None:
         """The process sent a notification."""
@@ -63,15 +71,15 @@ class SlotState:
 
     def became_ready(self, now: float, health_port: int | None) -> None:
         """The process listens (READY=1)."""
-        self.ready, self.last_life = True, now
+        self.ready, self.listened, self.last_life = True, True, now
         if health_port is not None:
             self.health_port = health_port
 
     def died(self, now: float, *, expected: bool) -> float | None:
         """The process ended. Unless `expected` (a rolling restart, the hub stopping), the
         slot is due again after the backoff: returns the delay, and counts the restart."""
-        stable = self.ready and now - self.started_at >= STABLE_AFTER_S
-        self.pid, self.ready, self.health_port = None, False, None
+        stable = self.listened and now - self.started_at >= STABLE_AFTER_S
+        self.pid, self.ready, self.listened, self.health_port = None, False, False, None
         if expected:
             self.restart_at = None
             return None
@@ -82,12 +90,17 @@ class SlotState:
         return delay
 
     def alive(self, now: float, watchdog_s: float) -> bool:
-        """Whether a process holds the slot and showed life recently."""
-        return self.pid is not None and now - self.last_life <= watchdog_s
+        """Whether a process holds the slot and showed life recently enough."""
+        return self.pid is not None and not self.hung(now, watchdog_s)
 
     def hung(self, now: float, watchdog_s: float) -> bool:
-        """Whether the slot's process runs but stopped showing life: kill it."""
-        return self.pid is not None and now - self.last_life > watchdog_s
+        """Whether the slot's process runs but stopped showing life (or never started to
+        listen): kill it."""
+        if self.pid is None:
+            return False
+        if not self.listened:
+            return now - self.started_at > START_TIMEOUT_S
+        return now - self.last_life > watchdog_s
 
     def due(self, now: float) -> bool:
         """Whether a dead slot should be started now."""

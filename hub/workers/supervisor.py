@@ -34,12 +34,19 @@ import time
 from collections.abc import Callable, Sequence
 from subprocess import DEVNULL
 
-from hub.gateway.activation import SD_LISTEN_FDS_START, take_device_socket
+from hub.errors import ConfigError
+from hub.gateway.activation import SD_LISTEN_FDS_START, take_device_sockets
 from hub.ops.sdnotify import Notifier
 from hub.registry.sqlite import Registry, secure_state_dir
 from hub.settings import Settings
 from hub.workers.health import SupervisorHealth
-from hub.workers.policy import SlotState, all_alive, all_ready, worker_watchdog_s
+from hub.workers.policy import (
+    START_TIMEOUT_S,
+    SlotState,
+    all_alive,
+    all_ready,
+    worker_watchdog_s,
+)
 from hub.workers.relay import NotifyRelay
 from hub.workers.slots import HEALTH_PORT_KEY, WORKER_VARIABLE, node_id, slot_variable
 
@@ -71,12 +78,18 @@ class Supervisor:
         self.count = settings.workers
         self.worker_argv = list(worker_argv)
         self.notifier = notifier or Notifier({})
-        self.watchdog_s = worker_watchdog_s(self.notifier.watchdog_s)
+        # Notifier.watchdog_s is its ping interval: half of systemd's WatchdogSec.
+        systemd_watchdog = self.notifier.watchdog_s
+        self.watchdog_s = worker_watchdog_s(
+            None if systemd_watchdog is None else systemd_watchdog * 2
+        )
         self.slots = [SlotState(number) for number in range(1, self.count + 1)]
         self._relays = {s.number: NotifyRelay(s.number, self._listener(s)) for s in self.slots}
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._waiters: set[asyncio.Task[None]] = set()
         self._expected_exits: set[int] = set()
+        self._killed: set[int] = set()
+        """Hung workers sent SIGKILL, not yet reaped."""
         self._stopping = False
         self._started = False
         self._failed: StartFailed | None = None
@@ -85,7 +98,10 @@ class Supervisor:
         """Set by a slot's READY=1, for a rolling restart to wait on."""
         self._reloading: set[int] | None = None
         self._rolling: asyncio.Task[None] | None = None
-        self._shared: socket.socket | None = None
+        self._passed: list[socket.socket] = []
+        """systemd's sockets: one for all workers, or one each (`hub.socket`, ReusePort)."""
+        self._spawning = asyncio.Lock()
+        """Held from putting a worker's socket at fd 3 until its process exists."""
         self._reserved: socket.socket | None = None
         self.host, self.port = settings.host, settings.port
         self.health = SupervisorHealth(self) if settings.health_enabled else None
@@ -99,9 +115,29 @@ class Supervisor:
             registry.mark_all_offline()  # once, here: never by a worker (its siblings' devices)
         finally:
             registry.close()
-        self._shared = take_device_socket()
-        if self._shared is not None:
-            self.host, self.port = self._shared.getsockname()[:2]
+        passed = take_device_sockets()
+        if len(passed) not in (0, 1, self.count):
+            raise ConfigError(
+                f"socket activation: {len(passed)} device sockets passed for "
+                f"{self.count} workers: give one for all, or one per worker"
+            )
+        # Held at fresh descriptors. Fd 3 stays open for good (never free for another file):
+        # it is where each worker's socket is put, with dup2, just before that worker starts.
+        self._passed = [socket.socket(fileno=os.dup(s.fileno())) for s in passed]
+        for taken in passed:
+            if taken.fileno() == SD_LISTEN_FDS_START:
+                taken.detach()
+            else:
+                taken.close()
+        if self._passed:
+            self.host, self.port = self._passed[0].getsockname()[:2]
+            if len(self._passed) == 1 and self.count > 1:
+                log.info(
+                    "one socket from systemd for %d workers: whichever is idle first accepts, "
+                    "so connections spread unevenly; one ListenStream= per worker in "
+                    "hub.socket, with ReusePort=yes, spreads them by address",
+                    self.count,
+                )
         else:
             self._reserved = reserve_port(self.settings.host, self.settings.port)
             self.port = self._reserved.getsockname()[1]
@@ -115,23 +151,28 @@ class Supervisor:
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             env.pop(name, None)
         argv = [*self.worker_argv]
-        pass_fds: tuple[int, ...] = ()
-        if self._shared is not None:
-            # sd_listen_fds for the worker: it sets LISTEN_PID to itself (hub.workers.slots).
-            assert self._shared.fileno() == SD_LISTEN_FDS_START, "systemd's socket is fd 3"
+        listener: socket.socket | None = None
+        if self._passed:
+            # sd_listen_fds for the worker: its socket at fd 3; it names itself LISTEN_PID.
+            listener = self._passed[(slot.number - 1) % len(self._passed)]
             env["LISTEN_FDS"], env["LISTEN_FDNAMES"] = "1", "devices"
-            pass_fds = (self._shared.fileno(),)
         else:
             argv += ["--port", str(self.port)]  # port 0 resolved once, for all
-        self._launch(slot, argv, env, pass_fds)
+        slot.restart_at = None  # starting: not due again while its process is being made
+        self._launch(slot, argv, env, listener)
 
     def _launch(
-        self, slot: SlotState, argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...]
+        self, slot: SlotState, argv: list[str], env: dict[str, str], listener: socket.socket | None
     ) -> None:
         async def start_and_wait() -> None:
-            process = await asyncio.create_subprocess_exec(
-                *argv, env=env, pass_fds=pass_fds, stdin=DEVNULL
-            )
+            async with self._spawning:
+                pass_fds: tuple[int, ...] = ()
+                if listener is not None:
+                    os.dup2(listener.fileno(), SD_LISTEN_FDS_START, inheritable=False)
+                    pass_fds = (SD_LISTEN_FDS_START,)
+                process = await asyncio.create_subprocess_exec(
+                    *argv, env=env, pass_fds=pass_fds, stdin=DEVNULL
+                )
             self._processes[slot.number] = process
             self._relays[slot.number].expected_pid = process.pid
             slot.spawned(process.pid, time.monotonic())
@@ -163,6 +204,7 @@ class Supervisor:
         self._relays[slot.number].expected_pid = None
         expected = pid in self._expected_exits or self._stopping
         self._expected_exits.discard(pid)
+        self._killed.discard(pid)
         was_ready = slot.ready
         how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
         if not self._started and not was_ready and not self._stopping:
@@ -211,14 +253,20 @@ class Supervisor:
             for slot in self.slots:
                 if slot.due(now):
                     self._spawn(slot)
-                elif slot.hung(now, self.watchdog_s) and slot.pid is not None:
+                elif (
+                    slot.hung(now, self.watchdog_s)
+                    and slot.pid is not None
+                    and slot.pid not in self._killed
+                ):
                     log.error(
-                        "worker %d/%d (pid %d) sent nothing for %.0f s (frozen?): killing it",
-                        slot.number, self.count, slot.pid, self.watchdog_s,
+                        "worker %d/%d (pid %d) %s (frozen?): killing it",
+                        slot.number, self.count, slot.pid,
+                        f"sent nothing for {self.watchdog_s:g} s" if slot.listened
+                        else f"did not listen within {START_TIMEOUT_S:g} s",
                     )  # fmt: skip
+                    self._killed.add(slot.pid)  # one kill; its exit restarts the slot
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(slot.pid, signal.SIGKILL)
-                    slot.showed_life(now)  # one kill; its exit restarts the slot
             if not self._started and all_ready(self.slots):
                 self._started = True
                 self.notifier.ready(self.status_text())
@@ -237,7 +285,12 @@ class Supervisor:
 
     def status_text(self) -> str:
         """systemd's STATUS=: where the workers listen."""
-        where = "the socket systemd passed" if self._shared is not None else "SO_REUSEPORT"
+        if not self._passed:
+            where = "SO_REUSEPORT"
+        elif len(self._passed) == 1:
+            where = "the socket systemd passed"
+        else:
+            where = f"the {len(self._passed)} sockets systemd passed"
         return f"{self.count} workers listening on {self.host}:{self.port} ({where})"
 
     def reload(self) -> None:
@@ -317,6 +370,8 @@ class Supervisor:
             relay.close()
         if self._reserved is not None:
             self._reserved.close()
+        for passed in self._passed:
+            passed.close()
         self.notifier.close()
         log.info("stopped")
 
