@@ -40,8 +40,15 @@ from device_sim.local_servers import (
     start_influxdb,
 )
 from hub.ops.top import parse_scrape
+from hub.workers.exposition import by_worker
 
 DB = "bench"
+AS_SYSTEMD_DOES = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 def process_tree_cpu_s(pid: int) -> float:
@@ -81,12 +88,11 @@ class BenchHub:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind(("127.0.0.1", self.port))
             listener.listen(4096)
-            os.dup2(listener.fileno(), 3)  # sd_listen_fds: the first passed descriptor is 3
             self.listener = listener
-            pass_fds = (3,)
+            pass_fds = (listener.fileno(),)
             env.update(LISTEN_FDS="1", LISTEN_FDNAMES="devices")
-            # LISTEN_PID must be the hub's own pid: the shell's, which exec hands on.
-            argv = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *argv]
+            # As systemd starts a unit: the socket at fd 3, LISTEN_PID the hub's own pid.
+            argv = [sys.executable, "-c", AS_SYSTEMD_DOES, str(listener.fileno()), *argv]
         self.log = open(base / f"hub-{self.port}.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
             argv, env=env, pass_fds=pass_fds, stdout=self.log, stderr=subprocess.STDOUT
@@ -95,9 +101,10 @@ class BenchHub:
     def scrape(self) -> dict[str, float]:
         """Each worker's open connections (the hub's own for one process)."""
         _, body = http_request(f"http://127.0.0.1:{self.health_port}/metrics", timeout=5)
-        scrape = parse_scrape(body.decode(), time.time())
-        per_worker = scrape.by_label("hub_connections", "worker")
-        return per_worker or {"1": scrape.value("hub_connections")}
+        text = body.decode()
+        return by_worker(text, "hub_connections") or {
+            "1": parse_scrape(text, time.time()).value("hub_connections")
+        }
 
     async def ready(self) -> None:
         """Until every worker listens."""
@@ -120,7 +127,6 @@ class BenchHub:
         self.log.close()
         if self.listener is not None:
             self.listener.close()
-            os.close(3)
 
 
 async def spread(hub: BenchHub, creds: list[Credentials]) -> dict[str, float]:

@@ -491,10 +491,10 @@ def test_stop_drains_and_exits_cleanly(booted: Booted) -> None:
 
 def worker_connections(booted: Booted) -> dict[str, float]:
     """Each worker's open connections, from the supervisor's /metrics."""
-    from hub.ops.top import parse_scrape
+    from hub.workers.exposition import by_worker
 
     _, body = http_request(f"http://127.0.0.1:{booted.health_port}/metrics", timeout=5)
-    return parse_scrape(body.decode(), time.time()).by_label("hub_connections", "worker")
+    return by_worker(body.decode(), "hub_connections")
 
 
 def worker_pids(booted: Booted) -> dict[str, int | None]:

@@ -10,7 +10,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from hub.ops.sdnotify import Notifier
-from hub.workers.exposition import combine_health, merge_expositions, render
+from hub.workers.exposition import (
+    by_worker,
+    combine_health,
+    fold_workers,
+    merge_expositions,
+    render,
+)
 from hub.workers.relay import NotifyRelay, parse_notification
 
 pytestmark = pytest.mark.unit
@@ -110,3 +116,33 @@ def test_the_relay_hears_its_process_and_nobody_else() -> None:
         notifier.close()
         relay.close()
     assert heard == [{"READY": "1", "STATUS": "listening", "HUB_HEALTH_PORT": "1234"}]
+
+
+def test_hub_top_reads_a_hub_of_workers_as_one() -> None:
+    """The worker label folded away: counts and sizes summed, accepting if any worker is,
+    InfluxDB healthy only if every worker's writes are; a single hub stays as it is."""
+    samples = {
+        ("hub_connections", (("worker", "1"),)): 3.0,
+        ("hub_connections", (("worker", "2"),)): 5.0,
+        ("hub_handshakes_refused_total", (("reason", "x"), ("worker", "1"))): 1.0,
+        ("hub_handshakes_refused_total", (("reason", "x"), ("worker", "2"))): 2.0,
+        ("hub_accepting", (("worker", "1"),)): 0.0,
+        ("hub_accepting", (("worker", "2"),)): 1.0,
+        ("hub_influx_healthy", (("worker", "1"),)): 1.0,
+        ("hub_influx_healthy", (("worker", "2"),)): 0.0,
+    }
+    assert fold_workers(samples) == {
+        ("hub_connections", ()): 8.0,
+        ("hub_handshakes_refused_total", (("reason", "x"),)): 3.0,
+        ("hub_accepting", ()): 1.0,
+        ("hub_influx_healthy", ()): 0.0,
+    }
+    single = {("hub_connections", ()): 4.0}
+    assert fold_workers(single) == single
+
+
+def test_each_workers_value_of_a_sample() -> None:
+    """by_worker reads one sample per worker from the supervisor's exposition."""
+    text = render(merge_expositions({"1": exposition(3, 0), "2": exposition(7, 0)})).decode()
+    assert by_worker(text, "hub_connections") == {"1": 3.0, "2": 7.0}
+    assert by_worker(text, "hub_missing") == {}

@@ -11,7 +11,7 @@ from typing import Any
 
 from device_sim.hub_process import HubProcess
 from device_sim.local_servers import LocalServer, free_port, http_request, influxql, quote_string
-from hub.ops.top import parse_scrape
+from hub.workers.exposition import by_worker
 
 READY_S = 60.0
 FAST = {
@@ -47,10 +47,9 @@ class WorkersHub(HubProcess):
     def metrics(self) -> dict[str, dict[str, float]]:
         """Per metric name (a few), each worker's value: {"hub_connections": {"1": 3.0}}."""
         _, body = http_request(f"http://127.0.0.1:{self.health_port}/metrics", timeout=5)
-        scrape = parse_scrape(body.decode(), time.time())
         names = ("hub_connections", "hub_worker_up", "hub_worker_restarts_total",
                  "hub_readings_stored_total")  # fmt: skip
-        return {name: scrape.by_label(name, "worker") for name in names}
+        return {name: by_worker(body.decode(), name) for name in names}
 
     def worker_pids(self) -> dict[int, int | None]:
         """Each slot's process id, as the supervisor says."""

@@ -20,6 +20,43 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 WORKER_LABEL = "worker"
+ANY_WORKER = frozenset({"hub_accepting", "hub_spool_full", "hub_spool_oldest_age_seconds"})
+"""Gauges whose hub-wide value is the largest of the workers' (accepting if any worker is)."""
+EVERY_WORKER = frozenset({"hub_influx_healthy"})
+"""Gauges whose hub-wide value is the smallest (healthy only if every worker's writes are)."""
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+"""A sample's name and its sorted labels."""
+
+
+def by_worker(text: str, name: str) -> dict[str, float]:
+    """Each worker's value of the sample `name` (without other labels) in the supervisor's
+    exposition: `{"1": 480.0, "2": 520.0}`. Pure."""
+    return {
+        sample.labels[WORKER_LABEL]: float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and set(sample.labels) == {WORKER_LABEL}
+    }
+
+
+def fold_workers(samples: Mapping[SampleKey, float]) -> dict[SampleKey, float]:
+    """The hub's samples from its workers': the `worker` label dropped, values summed
+    (counters, histogram buckets, connections, sizes), or the largest or smallest for the
+    gauges that say yes or no (`ANY_WORKER`, `EVERY_WORKER`). A hub without workers'
+    labels comes back as it is. Pure."""
+    folded: dict[SampleKey, float] = {}
+    for (name, labels), value in samples.items():
+        key = (name, tuple(item for item in labels if item[0] != WORKER_LABEL))
+        if key not in folded:
+            folded[key] = value
+        elif name in ANY_WORKER:
+            folded[key] = max(folded[key], value)
+        elif name in EVERY_WORKER:
+            folded[key] = min(folded[key], value)
+        else:
+            folded[key] += value
+    return folded
 
 
 def merge_expositions(by_worker: Mapping[str, str]) -> list[Metric]:
