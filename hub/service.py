@@ -30,7 +30,7 @@ from hub.ops.sdnotify import Notifier
 from hub.registry.sqlite import secure_state_dir
 from hub.registry.thread import ThreadedSQLiteRegistry
 from hub.settings import Settings, reload_changes
-from hub.workers.slots import HEALTH_PORT_KEY, WorkerSlot
+from hub.workers.slots import HEALTH_PORT_KEY, WorkerSlot, adopt_orphan_spools
 
 log = logging.getLogger("hub")
 
@@ -86,6 +86,8 @@ class HubService:
         )
         worker = self.worker
         spool_dir = worker.spool_dir if worker is not None else settings.spool_dir
+        if worker is None:  # a hub that had workers before: their spools replay here
+            adopt_orphan_spools(settings.state_dir, spool_dir, workers=1)
         spool = Spool(spool_dir, settings.spool_max_bytes)  # locked: SpoolInUse if taken
         sink = self._sink
         if sink is None and settings.influx_url is not None:
@@ -228,9 +230,7 @@ async def serve(
     """Run the hub (or one `worker` of several) until SIGTERM or SIGINT, telling systemd (or
     the supervisor) how it goes; SIGHUP reloads the schemas and the live settings, which
     `load_settings` reads again from their sources."""
-    service = HubService(
-        settings, notifier=Notifier(), load_settings=load_settings, worker=worker
-    )
+    service = HubService(settings, notifier=Notifier(), load_settings=load_settings, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Before start(): systemd may signal as soon as READY=1 is out.

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from hub.errors import ConfigError
+from hub.errors import ConfigError, SpoolInUse
+from hub.ingest.spool import Spool, move_segments
 from hub.settings import Settings
 from hub.workers.slots import (
     WORKER_VARIABLE,
+    adopt_orphan_spools,
     adopt_passed_socket,
     node_id,
+    orphan_spools,
     slot_variable,
     spool_directories,
     worker_settings,
@@ -91,3 +94,67 @@ def test_a_worker_takes_the_socket_its_supervisor_passed() -> None:
     named = {WORKER_VARIABLE: "1/2", "LISTEN_FDS": "1", "LISTEN_PID": "7"}
     adopt_passed_socket(named, 4242)
     assert named["LISTEN_PID"] == "7"
+
+
+def spooled(directory: Path, *bodies: bytes) -> None:
+    """A spool at `directory` holding `bodies`, closed."""
+    spool = Spool(directory, max_bytes=2**20, segment_bytes=40)
+    for body in bodies:
+        spool.append(body, 1)
+    spool.close()
+
+
+def replayed(directory: Path) -> list[bytes]:
+    """The bodies a spool replays, in order."""
+    spool = Spool(directory, max_bytes=2**20)
+    bodies = []
+    while (batch := spool.oldest()) is not None:
+        bodies.append(batch.body)
+        spool.written(batch)
+    spool.close()
+    return bodies
+
+
+def test_the_spools_no_process_takes_are_orphans(tmp_path: Path) -> None:
+    """With N workers: the single hub's spool and the slots past N; with one process: every
+    slot's."""
+    for path in ("spool", "workers/1/spool", "workers/2/spool", "workers/3/spool"):
+        (tmp_path / path).mkdir(parents=True)
+    assert orphan_spools(tmp_path, 2) == [tmp_path / "spool", tmp_path / "workers/3/spool"]
+    assert orphan_spools(tmp_path, 1) == [tmp_path / f"workers/{k}/spool" for k in (1, 2, 3)]
+    assert orphan_spools(tmp_path, 3) == [tmp_path / "spool"]
+
+
+def test_orphan_segments_move_after_the_targets_own_in_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After `workers` was lowered, slot 3's batches replay in slot 1's spool, after what it
+    held; a spool another process holds is left, with a warning."""
+    spooled(tmp_path / "workers/1/spool", b"own 1", b"own 2")
+    spooled(tmp_path / "workers/3/spool", b"orphan 1", b"orphan 2", b"orphan 3")
+    held = Spool(tmp_path / "spool", max_bytes=2**20)  # as `hub spool replay` would hold it
+    held.append(b"held 1", 1)
+    try:
+        adopt_orphan_spools(tmp_path, tmp_path / "workers/1/spool", workers=2)
+    finally:
+        held.close()
+    assert replayed(tmp_path / "workers/1/spool") == [
+        b"own 1", b"own 2", b"orphan 1", b"orphan 2", b"orphan 3"
+    ]  # fmt: skip
+    assert replayed(tmp_path / "workers/3/spool") == []
+    assert replayed(tmp_path / "spool") == [b"held 1"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("moved 3 spool segments from" in m for m in messages), messages
+    assert any("is in use by process" in m for m in messages), messages
+
+
+def test_moving_needs_both_locks(tmp_path: Path) -> None:
+    """A target spool in use refuses the move, and nothing moves."""
+    spooled(tmp_path / "a", b"x 1")
+    target = Spool(tmp_path / "b", max_bytes=2**20)
+    try:
+        with pytest.raises(SpoolInUse):
+            move_segments(tmp_path / "a", tmp_path / "b")
+    finally:
+        target.close()
+    assert replayed(tmp_path / "a") == [b"x 1"]

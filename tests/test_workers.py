@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from device_sim.hub_process import provision
 from device_sim.local_servers import LocalServer, create_database, free_port, start_influxdb
 from device_sim.stats import FleetStats
 from hub.ingest.spool import read_status
+from tests.nspawn import ensure_host_tools
 from tests.support import HubProcess
 from tests.workers_support import WorkersHub, stored_times
 
@@ -354,3 +356,49 @@ async def test_spool_replay_writes_a_dead_hubs_spools_from_another_process(
         ).stdout
     )
     assert after["batches"] == 0
+
+
+async def test_workers_share_the_one_socket_systemd_passes(
+    tmp_path: Path, influx: LocalServer
+) -> None:
+    """Socket-activated with one socket, as the shipped hub.socket passes (systemd's own
+    systemd-socket-activate): the supervisor hands it to both workers, which serve devices
+    on it and bind nothing of their own; the spread is printed, and the hub says at start
+    that one socket spreads unevenly."""
+    ensure_host_tools()  # systemd-container depends on systemd, which has the tool
+    tool = shutil.which("systemd-socket-activate")
+    assert tool is not None
+    hub = WorkersHub(tmp_path / "state", influx, DB, 2)
+    own_port = free_port()
+    argv = list(hub.argv)
+    argv[argv.index("--port") + 1] = str(own_port)
+    hub.argv = [tool, "-l", f"127.0.0.1:{hub.port}", "--fdname=devices", *argv]
+    await hub.start()
+    try:
+        creds = devices(hub, 20)
+        clients = [DeviceClient(hub.url, device.token) for device in creds]
+        base_ms = time.time_ns() // 10**6
+
+        async def store_one(number: int, client: DeviceClient) -> int:
+            await client.__aenter__()
+            return (
+                await asyncio.wait_for(client.store(reading(1.0, base_ms + number)), 30)
+            ).accepted
+
+        try:
+            accepted = await asyncio.gather(*(store_one(n, c) for n, c in enumerate(clients)))
+            await hub.until(
+                "every connection counted",
+                lambda: sum(hub.metrics()["hub_connections"].values()) == 20,
+            )
+            spread = hub.metrics()["hub_connections"]
+            print(f"20 devices over 2 workers on one passed socket: {spread}")
+        finally:
+            await close_all(clients)
+        assert accepted == [1] * 20
+        assert "one socket from systemd for 2 workers" in hub.log
+        assert hub.log.count("the socket systemd passed") == 3  # the supervisor, each worker
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", own_port)
+    finally:
+        assert await hub.stop() == 0

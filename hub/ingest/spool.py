@@ -278,6 +278,34 @@ def _segments_in(directory: Path) -> Iterator[tuple[int, Path, int, list[_Record
         yield number, path, len(data), records, damaged
 
 
+def move_segments(source: Path, target: Path) -> int:
+    """Move every segment of the spool at `source` into the spool at `target`, after the
+    segments it holds, in their order; holding both spools' locks (`SpoolInUse` if another
+    process holds either). The number of segments moved. For a spool no process will take
+    again (a worker slot gone after `workers` was lowered): its batches replay in `target`."""
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    source_lock = SpoolLock(source)
+    try:
+        target_lock = SpoolLock(target)
+        try:
+            numbers = [int(p.stem) for p in target.glob("*" + SEGMENT_SUFFIX) if p.stem.isdigit()]
+            number = max(numbers, default=0)
+            moved = 0
+            for path in sorted(source.glob("*" + SEGMENT_SUFFIX)):
+                if path.stem.isdigit():
+                    number += 1
+                    os.rename(path, target / f"{number:012d}{SEGMENT_SUFFIX}")
+                    moved += 1
+            if moved:
+                _fsync_directory(target)  # the new names first: a crash leaves a copy, not none
+                _fsync_directory(source)
+            return moved
+        finally:
+            target_lock.release()
+    finally:
+        source_lock.release()
+
+
 def _fsync_directory(directory: Path) -> None:
     # A new file's name is durable only once its directory is synced.
     fd = os.open(directory, os.O_RDONLY)

@@ -13,13 +13,17 @@ The registry (`STATE_DIR/registry.sqlite3`) is shared by all. Pure, but for `soc
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.errors import ConfigError
+from hub.errors import ConfigError, SpoolInUse
+from hub.ingest.spool import SEGMENT_SUFFIX, move_segments
 from hub.settings import Settings
+
+log = logging.getLogger("hub.workers")
 
 WORKER_VARIABLE = "SENSOR_HUB_WORKER"
 WORKERS_DIR = "workers"
@@ -84,6 +88,39 @@ def spool_directories(state_dir: Path) -> list[tuple[str, Path]]:
         if spool.is_dir():
             found.append((f"worker {number}", spool))
     return found
+
+
+def orphan_spools(state_dir: Path, workers: int) -> list[Path]:
+    """The spools in `state_dir` that no process of a hub with `workers` workers takes:
+    the single hub's (`spool/`) when there are several workers, and every slot's past
+    `workers` (each slot's when there is one process)."""
+    orphans = []
+    for name, directory in spool_directories(state_dir):
+        if name == "hub":
+            if workers > 1:
+                orphans.append(directory)
+        elif workers == 1 or int(name.split()[1]) > workers:
+            orphans.append(directory)
+    return orphans
+
+
+def adopt_orphan_spools(state_dir: Path, into: Path, workers: int) -> None:
+    """Move what waits in orphan spools (`orphan_spools`) into the spool at `into`, which
+    replays it: after `workers` changed, nothing acked is left behind. A spool another
+    process holds (`hub spool replay`) is left, with a warning."""
+    for orphan in orphan_spools(state_dir, workers):
+        if not any(orphan.glob("*" + SEGMENT_SUFFIX)):
+            continue
+        try:
+            moved = move_segments(orphan, into)
+        except SpoolInUse as exc:
+            log.warning("left %s: %s", orphan, exc)
+            continue
+        log.warning(
+            "moved %d spool segments from %s (not used with workers = %d) to %s: they are "
+            "written to InfluxDB from there",
+            moved, orphan, workers, into,
+        )  # fmt: skip
 
 
 def node_id(settings: Settings) -> str:

@@ -48,7 +48,14 @@ from hub.workers.policy import (
     worker_watchdog_s,
 )
 from hub.workers.relay import NotifyRelay
-from hub.workers.slots import HEALTH_PORT_KEY, WORKER_VARIABLE, node_id, slot_variable
+from hub.workers.slots import (
+    HEALTH_PORT_KEY,
+    WORKER_VARIABLE,
+    WorkerSlot,
+    adopt_orphan_spools,
+    node_id,
+    slot_variable,
+)
 
 log = logging.getLogger("hub.workers")
 
@@ -115,6 +122,8 @@ class Supervisor:
             registry.mark_all_offline()  # once, here: never by a worker (its siblings' devices)
         finally:
             registry.close()
+        first = WorkerSlot(1, self.count, self.settings.state_dir, "")
+        adopt_orphan_spools(self.settings.state_dir, first.spool_dir, self.count)
         passed = take_device_sockets()
         if len(passed) not in (0, 1, self.count):
             raise ConfigError(
