@@ -46,6 +46,8 @@ class OwningThread(Generic[Owned]):
         self._idle_s = idle_s
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        """Set by the last job (`stop`): from then on only _STOP is waited for."""
 
     async def start(self) -> None:
         """Start the thread and create the object on it; raises what `create` raised."""
@@ -66,8 +68,13 @@ class OwningThread(Generic[Owned]):
 
     async def stop(self, last: Callable[[Owned], None]) -> None:
         """Run `last(owned)` once the jobs asked for are done, then end the thread."""
+
+        def closing(owned: Owned) -> None:
+            self._closing = True  # no idle duty after this: `last` closes what it uses
+            last(owned)
+
         try:
-            await self.run(last)
+            await self.run(closing)
         finally:
             self._jobs.put(_STOP)
 
@@ -80,8 +87,9 @@ class OwningThread(Generic[Owned]):
         self._settle(created, None, None)
         next_idle = time.monotonic() + self._idle_s
         while True:
+            wait_s = None if self._closing else max(0.0, next_idle - time.monotonic())
             try:
-                job = self._jobs.get(timeout=max(0.0, next_idle - time.monotonic()))
+                job = self._jobs.get(timeout=wait_s)
             except queue.Empty:
                 job = None
             if job is _STOP:
@@ -94,7 +102,7 @@ class OwningThread(Generic[Owned]):
                     self._settle(future, None, exc)
                 else:
                     self._settle(future, result, None)
-            if time.monotonic() >= next_idle:
+            if time.monotonic() >= next_idle and not self._closing:
                 try:
                     self._idle(owned)
                 except Exception:  # e.g. the file unreadable for a moment: next time

@@ -104,6 +104,11 @@ class Supervisor:
         self._listening: dict[int, asyncio.Event] = {}
         """Set by a slot's READY=1, for a rolling restart to wait on."""
         self._reloading: set[int] | None = None
+        """During a reload: the slots whose READY=1 it still waits for."""
+        self._reload_pending: set[int] = set()
+        """Slots that were starting when a reload came: SIGHUP once they listen."""
+        self._starting: set[int] = set()
+        """Slots whose process is being made (not in `_processes` yet)."""
         self._rolling: asyncio.Task[None] | None = None
         self._passed: list[socket.socket] = []
         """systemd's sockets: one for all workers, or one each (`hub.socket`, ReusePort)."""
@@ -152,6 +157,8 @@ class Supervisor:
             self.port = self._reserved.getsockname()[1]
 
     def _spawn(self, slot: SlotState) -> None:
+        if slot.number in self._starting or slot.number in self._processes:
+            return  # one process per slot (the tick and a rolling restart may both ask)
         env = dict(os.environ)
         env[WORKER_VARIABLE] = slot_variable(slot.number, self.count)
         env["NOTIFY_SOCKET"] = self._relays[slot.number].address
@@ -174,14 +181,19 @@ class Supervisor:
         self, slot: SlotState, argv: list[str], env: dict[str, str], listener: socket.socket | None
     ) -> None:
         async def start_and_wait() -> None:
-            async with self._spawning:
-                pass_fds: tuple[int, ...] = ()
-                if listener is not None:
-                    os.dup2(listener.fileno(), SD_LISTEN_FDS_START, inheritable=False)
-                    pass_fds = (SD_LISTEN_FDS_START,)
-                process = await asyncio.create_subprocess_exec(
-                    *argv, env=env, pass_fds=pass_fds, stdin=DEVNULL
-                )
+            try:
+                async with self._spawning:
+                    pass_fds: tuple[int, ...] = ()
+                    if listener is not None:
+                        os.dup2(listener.fileno(), SD_LISTEN_FDS_START, inheritable=False)
+                        pass_fds = (SD_LISTEN_FDS_START,)
+                    process = await asyncio.create_subprocess_exec(
+                        *argv, env=env, pass_fds=pass_fds, stdin=DEVNULL
+                    )
+            finally:
+                self._starting.discard(slot.number)
+            if self._stopping:  # the stop began while it was being made: it drains too
+                process.send_signal(signal.SIGTERM)
             self._processes[slot.number] = process
             self._relays[slot.number].expected_pid = process.pid
             slot.spawned(process.pid, time.monotonic())
@@ -189,6 +201,7 @@ class Supervisor:
             status = await process.wait()
             self._exited(slot, process.pid, status)
 
+        self._starting.add(slot.number)
         task = asyncio.create_task(start_and_wait(), name=f"worker-{slot.number}")
         self._waiters.add(task)
         task.add_done_callback(self._waiters.discard)
@@ -202,6 +215,9 @@ class Supervisor:
                 slot.became_ready(now, int(port) if port.isdigit() else None)
                 if self._reloading is not None:
                     self._reloading.discard(slot.number)
+                if slot.number in self._reload_pending:  # started during a reload
+                    self._reload_pending.discard(slot.number)
+                    self._signal(slot, signal.SIGHUP)
                 if (listening := self._listening.get(slot.number)) is not None:
                     listening.set()
                 self._changed.set()
@@ -214,7 +230,7 @@ class Supervisor:
         expected = pid in self._expected_exits or self._stopping
         self._expected_exits.discard(pid)
         self._killed.discard(pid)
-        was_ready = slot.ready
+        was_ready = slot.listened
         how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
         if not self._started and not was_ready and not self._stopping:
             self._failed = self._failed or StartFailed(slot.number, status if status > 0 else 2)
@@ -303,13 +319,20 @@ class Supervisor:
         return f"{self.count} workers listening on {self.host}:{self.port} ({where})"
 
     def reload(self) -> None:
-        """SIGHUP: every worker reloads; READY=1 again once each has."""
+        """SIGHUP: every worker that listens reloads, READY=1 again once each has; one still
+        starting gets its SIGHUP once it listens (before, SIGHUP would end it)."""
+        if not self._started:
+            log.warning("reload asked for during start-up: the workers read the settings anew")
+            return
         self.notifier.reloading()
-        self._reloading = {s.number for s in self.slots if s.pid is not None}
+        listening = {s.number for s in self.slots if s.pid is not None and s.listened}
+        self._reload_pending = {s.number for s in self.slots if s.number not in listening}
+        self._reloading = set(listening)
         for slot in self.slots:
-            slot.ready = False if slot.pid is not None else slot.ready
-            self._signal(slot, signal.SIGHUP)
-        log.info("reload: SIGHUP sent to %d workers", len(self._reloading))
+            if slot.number in listening:
+                slot.ready = False
+                self._signal(slot, signal.SIGHUP)
+        log.info("reload: SIGHUP sent to %d workers", len(listening))
 
     def rolling_restart(self) -> None:
         """SIGUSR2: replace the workers one at a time."""
