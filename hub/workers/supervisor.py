@@ -294,8 +294,8 @@ class Supervisor:
                         os.kill(slot.pid, signal.SIGKILL)
             if not self._started and all_ready(self.slots):
                 self._started = True
-                self.notifier.ready(self.status_text())
                 log.info("all %d workers listening on %s:%d", self.count, self.host, self.port)
+                self.notifier.ready(self.status_text())  # after the line: the journal's order
             if self._reloading is not None and not self._reloading:
                 self._reloading = None
                 self.notifier.ready(self.status_text())
