@@ -34,8 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from subprocess import DEVNULL
 
-from hub.errors import ConfigError
-from hub.gateway.activation import SD_LISTEN_FDS_START, take_device_sockets
+from hub.gateway.activation import SD_LISTEN_FDS_START
 from hub.ops.sdnotify import Notifier
 from hub.registry.sqlite import Registry, secure_state_dir
 from hub.settings import Settings
@@ -47,6 +46,7 @@ from hub.workers.policy import (
     all_ready,
     worker_watchdog_s,
 )
+from hub.workers.ports import reserve_port, take_passed_sockets
 from hub.workers.relay import NotifyRelay
 from hub.workers.slots import (
     HEALTH_PORT_KEY,
@@ -129,20 +129,7 @@ class Supervisor:
             registry.close()
         first = WorkerSlot(1, self.count, self.settings.state_dir, "")
         adopt_orphan_spools(self.settings.state_dir, first.spool_dir, self.count)
-        passed = take_device_sockets()
-        if len(passed) not in (0, 1, self.count):
-            raise ConfigError(
-                f"socket activation: {len(passed)} device sockets passed for "
-                f"{self.count} workers: give one for all, or one per worker"
-            )
-        # Held at fresh descriptors. Fd 3 stays open for good (never free for another file):
-        # it is where each worker's socket is put, with dup2, just before that worker starts.
-        self._passed = [socket.socket(fileno=os.dup(s.fileno())) for s in passed]
-        for taken in passed:
-            if taken.fileno() == SD_LISTEN_FDS_START:
-                taken.detach()
-            else:
-                taken.close()
+        self._passed = take_passed_sockets(self.count)
         if self._passed:
             self.host, self.port = self._passed[0].getsockname()[:2]
             if len(self._passed) == 1 and self.count > 1:
@@ -190,6 +177,13 @@ class Supervisor:
                     process = await asyncio.create_subprocess_exec(
                         *argv, env=env, pass_fds=pass_fds, stdin=DEVNULL
                     )
+            except OSError as exc:  # no process at all (out of memory, of pids): try again
+                slot.died(time.monotonic(), expected=self._stopping)
+                log.error("cannot start worker %d/%d: %s", slot.number, self.count, exc)
+                if not self._started and self._failed is None:
+                    self._failed = StartFailed(slot.number, 2)
+                self._changed.set()
+                return
             finally:
                 self._starting.discard(slot.number)
             if self._stopping:  # the stop began while it was being made: it drains too
@@ -406,26 +400,6 @@ class Supervisor:
             passed.close()
         self.notifier.close()
         log.info("stopped")
-
-
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound to `host:port` with SO_REUSEPORT, not listening: it keeps the port for
-    the workers (and names it, for port 0) but takes no connection. An `OSError` when
-    something already listens there: workers must not join another server's port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))  # without SO_REUSEPORT: fails if anyone holds the port
-        port = probe.getsockname()[1]
-    reserved = socket.socket(family, socket.SOCK_STREAM)
-    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        reserved.bind((host, port))
-    except OSError:
-        reserved.close()
-        raise
-    return reserved
 
 
 async def supervise(settings: Settings, worker_argv: Sequence[str]) -> int:
