@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hub.ops.sdnotify import Notifier
 from hub.workers.exposition import (
+    SampleKey,
     by_worker,
     combine_health,
     fold_workers,
@@ -137,7 +138,7 @@ def test_hub_top_reads_a_hub_of_workers_as_one() -> None:
         ("hub_accepting", ()): 1.0,
         ("hub_influx_healthy", ()): 0.0,
     }
-    single = {("hub_connections", ()): 4.0}
+    single: dict[SampleKey, float] = {("hub_connections", ()): 4.0}
     assert fold_workers(single) == single
 
 
