@@ -2,9 +2,10 @@
 
 Whoever writes or replays a spool holds its lock for as long as it has the spool open: the
 hub (or one worker slot, `STATE_DIR/workers/K/spool`) from start to stop, `hub spool replay`
-while it replays. A second process gets `SpoolInUse` naming the holder's pid, which the lock
-file records. The kernel drops a `flock` when its holder dies, however it dies, so a crashed
-hub never leaves a stale lock behind; the pid in the file is only for the error message.
+while it replays. A second process gets `SpoolInUse` naming the holder's pid, read from the
+kernel's table of locks. The kernel drops a `flock` when its holder dies, however it dies,
+so a crashed hub never leaves a stale lock behind. The file stays empty: the spool's size
+is its segments'.
 
 A lock file is never deleted: deleting it while another process waits to lock it would let
 two processes each lock a different file of the same name.
@@ -36,16 +37,11 @@ class SpoolLock:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = _recorded_pid(handle)
             handle.close()
-            raise SpoolInUse(str(directory), pid) from None
+            raise SpoolInUse(str(directory), holder_of(directory)) from None
         except BaseException:
             handle.close()
             raise
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
         self._handle: IO[str] | None = handle
 
     @property
@@ -83,11 +79,4 @@ def holder_in(table: str, major: int, minor: int, inode: int) -> int | None:
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
             with contextlib.suppress(ValueError):
                 return int(fields[4])
-    return None
-
-
-def _recorded_pid(handle: IO[str]) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        handle.seek(0)
-        return int(handle.read(32).strip())
     return None
