@@ -54,7 +54,9 @@ async def hub(tmp_path: Path, influx: LocalServer) -> AsyncIterator[WorkersHub]:
     """`hub serve --workers 2`, every worker listening; stopped by pid at the end."""
     schemas = tmp_path / "schemas.toml"
     schemas.write_text(LOOSE)
-    process = WorkersHub(tmp_path / "state", influx, DB, 2, "--schemas", str(schemas))
+    process = WorkersHub(
+        tmp_path / "state", influx, DB, 2, "--schemas", str(schemas), "--node-id", "edge-1"
+    )
     await process.start()
     try:
         yield process
@@ -127,6 +129,8 @@ async def test_devices_spread_over_the_workers(hub: WorkersHub) -> None:
     spread = max(per_worker.values()) / (200 / 2)
     print(f"connections per worker after 200: {per_worker}; max/mean {spread:.3f}")
     assert sorted(per_worker) == ["1", "2"]
+    assert "worker 1/2 (edge-1/1) listening" in hub.log
+    assert "worker 2/2 (edge-1/2) listening" in hub.log
     # Binomial(200, 1/2): one standard deviation is 7 connections; 1.5 is 7 of them.
     assert spread <= 1.5
 

@@ -56,6 +56,9 @@ def serve(
     workers: Annotated[
         int | None, typer.Option(help="Worker processes accepting on the port [1].")
     ] = None,
+    node_id: Annotated[
+        str | None, typer.Option(help="This hub's name among hubs [HOSTNAME:PORT].")
+    ] = None,
     influx_url: Annotated[str | None, typer.Option(help="InfluxDB base URL.")] = None,
     influx_bucket: Annotated[
         str | None, typer.Option(help="v2 bucket, or v1 database as db or db/rp [sensors].")
@@ -103,6 +106,7 @@ def serve(
         "host": host,
         "port": port,
         "workers": workers,
+        "node_id": node_id,
         "influx_url": influx_url,
         "influx_bucket": influx_bucket,
         "influx_org": influx_org,
