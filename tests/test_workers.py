@@ -7,10 +7,12 @@ Every test that streams compares, device by device, the acked timestamps with In
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from device_sim.hub_process import provision
 from device_sim.local_servers import LocalServer, create_database, free_port, start_influxdb
 from device_sim.stats import FleetStats
 from hub.ingest.spool import read_status
+from hub.workers.relay import parse_notification
 from tests.nspawn import ensure_host_tools
 from tests.support import HubProcess
 from tests.workers_support import WorkersHub, stored_times
@@ -406,3 +409,65 @@ async def test_workers_share_the_one_socket_systemd_passes(
             await asyncio.open_connection("127.0.0.1", own_port)
     finally:
         assert await hub.stop() == 0
+
+
+class FakeServiceManager:
+    """The service manager's end of sd_notify, as systemd has it: a datagram socket named
+    in NOTIFY_SOCKET, every notification kept with its arrival time."""
+
+    def __init__(self) -> None:
+        self.address = f"@sensor-hub-test-{os.getpid()}-{time.monotonic_ns()}"
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        self.socket.bind("\0" + self.address[1:])
+        self.received: list[tuple[float, dict[str, str]]] = []
+
+    async def listen(self) -> None:
+        """Keep every datagram until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.socket, 4096)
+            self.received.append((time.monotonic(), parse_notification(data)))
+
+    def said(self, key: str, value: str = "1") -> list[float]:
+        """When each notification with KEY=VALUE came."""
+        return [at for at, message in self.received if message.get(key) == value]
+
+
+async def test_systemd_hears_ready_once_all_listen_and_a_frozen_worker_is_replaced(
+    tmp_path: Path, influx: LocalServer
+) -> None:
+    """Under a service manager with a 4 s watchdog (the protocol systemd speaks): READY=1
+    comes once both workers listen, WATCHDOG=1 keeps coming; a worker frozen with SIGSTOP
+    is killed after 2 s of silence and its slot restarted, and SIGTERM says STOPPING=1."""
+    manager = FakeServiceManager()
+    listening = asyncio.create_task(manager.listen())
+    hub = WorkersHub(tmp_path / "state", influx, DB, 2)
+    assert hub.env is not None
+    hub.env.update(NOTIFY_SOCKET=manager.address, WATCHDOG_USEC="4000000")
+    try:
+        await hub.start()
+        await hub.until("READY=1", lambda: manager.said("READY"))
+        ready = next(m for _, m in manager.received if m.get("READY") == "1")
+        assert ready["STATUS"] == f"2 workers listening on 127.0.0.1:{hub.port} (SO_REUSEPORT)"
+        assert hub.all_listening()
+        await hub.until("two watchdog pings", lambda: len(manager.said("WATCHDOG")) >= 2)
+        frozen = hub.worker_pids()[1]
+        assert frozen is not None
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            await hub.until(
+                "the frozen worker replaced",
+                lambda: hub.worker_pids()[1] not in (None, frozen) and hub.all_listening(),
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+        assert f"worker 1/2 (pid {frozen}) sent nothing for 2 s (frozen?): killing it" in hub.log
+        assert hub.metrics()["hub_worker_restarts_total"]["1"] == 1.0
+        assert await hub.stop() == 0
+        assert manager.said("STOPPING")
+    finally:
+        listening.cancel()
+        manager.socket.close()
+        if hub.process is not None and hub.process.poll() is None:
+            await hub.stop()
