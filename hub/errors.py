@@ -7,6 +7,7 @@ HubError
 │   └── RateLimited          over the device's message or reading rate (1008)
 │       └── Overloaded       more than the hub can take: its write pipeline stays full (1013)
 ├── ConfigError              a settings or measurement schema file is wrong
+├── SpoolInUse               another live process holds a spool directory; `path`, `pid`
 ├── RegistryError            the device registry refused an operation
 │   ├── UnknownDevice
 │   ├── DeviceExists
@@ -66,6 +67,20 @@ class Overloaded(RateLimited):
 
 class ConfigError(HubError):
     """A configuration or schema file cannot be used."""
+
+
+class SpoolInUse(HubError):
+    """Another live process holds the lock of a spool directory (a second hub on the same
+    state directory and worker slot, or a replay of a spool its hub still writes)."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(
+            f"the spool at {path} is in use by {holder}: two processes never share a spool "
+            "(is another hub running on this state directory?)"
+        )
+        self.path = path
+        self.pid = pid
 
 
 class RegistryError(HubError):

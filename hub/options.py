@@ -68,6 +68,18 @@ class RegistryOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """How many processes serve the port (`hub serve --workers N`, hub.workers)."""
+
+    count: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Self:
+        """The `workers` group."""
+        return cls(settings.workers)
+
+
+@dataclass(frozen=True, slots=True)
 class FleetOptions:
     """How often the hub looks at the registry: operator changes, and presence."""
 
@@ -264,6 +276,7 @@ class ServiceOptions:
 OPTION_GROUPS: dict[type[Any], tuple[str, ...]] = {
     StorageOptions: ("storage",),
     RegistryOptions: ("registry",),
+    WorkerOptions: ("workers",),
     FleetOptions: ("fleet",),
     ListenOptions: ("listen",),
     AdmissionOptions: ("capacity", "strangers"),
@@ -291,6 +304,7 @@ class HubOptions:
 
     storage: StorageOptions
     registry: RegistryOptions
+    workers: WorkerOptions
     gateway: GatewayOptions
     influx: InfluxOptions
     batch: BatchOptions
@@ -305,6 +319,7 @@ class HubOptions:
         return cls(
             StorageOptions.of(settings),
             RegistryOptions.of(settings),
+            WorkerOptions.of(settings),
             GatewayOptions.of(settings),
             InfluxOptions.of(settings),
             BatchOptions.of(settings),

@@ -31,6 +31,7 @@ from hub.options import HubOptions, live_changes
 from hub.registry.backends import default_node_id, open_hub_registry
 from hub.registry.sqlite import secure_state_dir
 from hub.settings import Settings, reload_changes
+from hub.workers.slots import HEALTH_PORT_KEY, WorkerSlot, adopt_orphan_spools
 
 log = logging.getLogger("hub")
 
@@ -45,10 +46,13 @@ class HubService:
         *,
         notifier: Notifier | None = None,
         load_settings: Callable[[], Settings] | None = None,
+        worker: WorkerSlot | None = None,
     ) -> None:
         self.settings = settings
         self.options = HubOptions.of(settings)
         """Each part's options, from `settings`; a reload replaces the live ones."""
+        self.worker = worker
+        """The slot of one worker of `hub serve --workers N`; None for a hub of its own."""
         self._sink = sink
         self._hub: Hub | None = None
         self._health: HealthServer | None = None
@@ -91,7 +95,11 @@ class HubService:
             options.registry.node_id or default_node_id(listen.port),
             f"{listen.host}:{listen.port}",
         )
-        spool = Spool(storage.spool_dir, storage.spool_max_bytes)
+        worker = self.worker
+        spool_dir = worker.spool_dir if worker is not None else storage.spool_dir
+        if worker is None:  # a hub that had workers before: their spools replay here
+            adopt_orphan_spools(storage.state_dir, spool_dir, workers=1)
+        spool = Spool(spool_dir, storage.spool_max_bytes)  # locked: SpoolInUse if taken
         sink = self._sink
         if sink is None and options.influx.url is not None:
             sink = await open_sink(options.influx)
@@ -102,12 +110,17 @@ class HubService:
                 storage.spool_dir,
             )
         metrics = HubMetrics()
-        dead_letters = DeadLetterFile(storage.dead_letter_path, storage.dead_letter_max_bytes)
+        dead_letters = DeadLetterFile(
+            worker.dead_letter_path if worker is not None else storage.dead_letter_path,
+            storage.dead_letter_max_bytes,
+        )
         influx = options.influx if options.influx.url is not None else None
         pipeline = Pipeline(sink, dead_letters, options.batch, spool, influx)
         metrics.watch_writes(pipeline.write_stats)
         pipeline.start()
-        self._hub = Hub(options.gateway, registry, schemas, pipeline, metrics)
+        self._hub = Hub(
+            options.gateway, registry, schemas, pipeline, metrics, one_of_workers=worker is not None
+        )
         metrics.watch(self._hub)
         if options.health.enabled:
             self._health = HealthServer(
@@ -121,7 +134,8 @@ class HubService:
                 await self._health.stop()
             raise
         log.info(
-            "hub listening on %s:%d, writing to %s (%s API, bucket %s), on %s's event loop",
+            "%s listening on %s:%d, writing to %s (%s API, bucket %s), on %s's event loop",
+            f"{worker.name} ({worker.node_id})" if worker is not None else "hub",
             self._hub.host,
             self._hub.port,
             options.influx.url or "nowhere yet (spool only)",
@@ -131,7 +145,9 @@ class HubService:
         )
         if self._health is not None:
             log.info("health and metrics at %s/healthz and /metrics", self._health.url)
-        self._notifier.ready(f"listening on {self._hub.host}:{self._hub.port}")
+        # A worker tells its supervisor where its /healthz and /metrics are.
+        health = () if self._health is None else (f"{HEALTH_PORT_KEY}={self._health.port}",)
+        self._notifier.ready(f"listening on {self._hub.host}:{self._hub.port}", *health)
         if self._notifier.watchdog_s is not None:
             self._watchdog = asyncio.create_task(self._notifier.keep_alive(), name="watchdog")
 
@@ -231,10 +247,15 @@ def reload_parts(hub: Hub, current: HubOptions, fresh: HubOptions) -> list[str]:
     return sorted(changed)
 
 
-async def serve(settings: Settings, load_settings: Callable[[], Settings] | None = None) -> None:
-    """Run the hub until SIGTERM or SIGINT, telling systemd how it goes; SIGHUP reloads the
-    schemas and the live settings, which `load_settings` reads again from their sources."""
-    service = HubService(settings, notifier=Notifier(), load_settings=load_settings)
+async def serve(
+    settings: Settings,
+    load_settings: Callable[[], Settings] | None = None,
+    worker: WorkerSlot | None = None,
+) -> None:
+    """Run the hub (or one `worker` of several) until SIGTERM or SIGINT, telling systemd (or
+    the supervisor) how it goes; SIGHUP reloads the schemas and the live settings, which
+    `load_settings` reads again from their sources."""
+    service = HubService(settings, notifier=Notifier(), load_settings=load_settings, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Before start(): systemd may signal as soon as READY=1 is out.

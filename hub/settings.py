@@ -127,6 +127,7 @@ GROUPS: dict[str, SettingGroup] = {
     ),
     "fleet": SettingGroup(("registry_poll_s", "presence_flush_s")),
     "registry": SettingGroup(("registry_url", "node_id")),
+    "workers": SettingGroup(("workers",)),
     "log_level": SettingGroup(("log_level",), live=True),
     "log_format": SettingGroup(("log_format",)),
     "health": SettingGroup(("health_enabled", "health_host", "health_port")),
@@ -166,6 +167,12 @@ class Settings(BaseSettings):
     # Listening
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8765
+
+    # Workers (hub.workers): processes accepting on one port, and this hub's name
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    node_id: Annotated[str, Field(max_length=200, pattern=r"^[^\s/]*$")] = ""
+    """This hub's name among those sharing a registry (`hub nodes`, `hub devices`); empty:
+    HOSTNAME:PORT. Worker K of several is NODE_ID/K."""
 
     # InfluxDB
     influx_url: str | None = None
@@ -235,8 +242,6 @@ class Settings(BaseSettings):
     # Fleet
     registry_url: str = ""
     """Empty: SQLite in the state directory; `postgresql://USER@HOST:PORT/DB`: shared."""
-    node_id: str = ""
-    """This hub's name among those sharing a PostgreSQL registry; empty: HOSTNAME:PORT."""
     registry_poll_s: PositiveFloat = 0.01
     presence_flush_s: PositiveFloat = 0.5
 

@@ -343,6 +343,28 @@ async def test_no_idle_duty_runs_after_the_last_job(caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.unit
+async def test_no_idle_duty_runs_even_when_due_as_the_last_job_returns() -> None:
+    """`stop`'s last job closes what the idle duty uses: the duty never runs after it, even
+    when it is due right then (it did, and logged "Cannot operate on a closed database"
+    as the hub stopped)."""
+    closed = threading.Event()
+    after_close: list[float] = []
+
+    def idle(_: None) -> None:
+        if closed.is_set():
+            after_close.append(time.monotonic())
+
+    def last(_: None) -> None:
+        closed.set()
+        time.sleep(0.02)  # past idle_s: the duty is due when the last job returns
+
+    owner: OwningThread[None] = OwningThread("test-owner", lambda: None, idle, 0.001)
+    await owner.start()
+    await owner.stop(last)
+    assert after_close == []
+
+
+@pytest.mark.unit
 async def test_a_failed_start_raises_the_creation_error() -> None:
     """What `create` raised is what `start` raises."""
 

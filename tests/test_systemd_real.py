@@ -3,8 +3,9 @@ systemd-nspawn (tests/nspawn.py), the hub installed in it as docs/deploy.md says
 through `systemctl` and `journalctl` inside, with devices on the host and the suite's InfluxDB.
 
 One booted machine serves the whole module; its tests run in order on it. The tree has no
-procps, so `systemctl reload` proves ExecReload needs no /bin/kill. Workers (`--workers N`)
-do not exist yet: their part of issue 15 is not here.
+procps, so `systemctl reload` proves ExecReload needs no /bin/kill. The last tests run the
+same units with `workers = 2` in hub.toml: a supervisor sharing hub.socket's socket with two
+worker processes.
 """
 
 from __future__ import annotations
@@ -174,7 +175,10 @@ def main_pid(booted: Booted) -> int:
 def booted(installed: Booted) -> Booted:
     """The machine with the hub started (the tests run in order; this lets one run alone)."""
     if installed.show("ActiveState") != "active":
-        installed.systemctl("start", "hub.socket", "hub.service")
+        try:
+            installed.systemctl("start", "hub.socket", "hub.service")
+        except MachineError as exc:
+            pytest.fail(f"{exc}\n{installed.journal()[-4000:]}")
     return installed
 
 
@@ -427,6 +431,7 @@ def test_restart_refuses_no_device_and_loses_nothing_acked(booted: Booted) -> No
             asyncio.create_task(connect_in_a_loop(booted, d, stop, restarting, seen[d]))
             for d in devices
         ]
+
         async def until(condition: Callable[[], bool]) -> None:
             while not condition():
                 if failed := [loop for loop in loops if loop.done()]:
@@ -479,3 +484,200 @@ def test_stop_drains_and_exits_cleanly(booted: Booted) -> None:
     assert hub_lines[-1].endswith("stopped"), hub_lines[-5:]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", booted.port), timeout=2).close()
+
+
+# --- Workers: the same units with `workers = 2` ------------------------------------------------
+
+
+def worker_connections(booted: Booted) -> dict[str, float]:
+    """Each worker's open connections, from the supervisor's /metrics."""
+    from hub.workers.exposition import by_worker
+
+    _, body = http_request(f"http://127.0.0.1:{booted.health_port}/metrics", timeout=5)
+    return by_worker(body.decode(), "hub_connections")
+
+
+def worker_pids(booted: Booted) -> dict[str, int | None]:
+    """Which process holds each slot, from the supervisor's /healthz."""
+    workers: dict[str, dict[str, int | None]] = booted.health()["workers"]  # type: ignore[assignment]
+    return {slot: body["pid"] for slot, body in workers.items()}
+
+
+WORKERS_SOCKET_DROP_IN = "[Socket]\nReusePort=yes\nListenStream=127.0.0.1:{port}\n"
+"""As docs/deploy.md says for two workers: a second socket on the port (test.conf has the
+first), both in one SO_REUSEPORT group, so that the kernel spreads devices over them."""
+
+
+@pytest.fixture
+def with_workers(installed: Booted) -> Booted:
+    """The hub started with `workers = 2` and a socket per worker (the earlier tests
+    stopped the single hub and its socket)."""
+    toml = installed.root / "etc/sensor-hub/hub.toml"
+    if "workers = 2" not in toml.read_text():
+        installed.systemctl("stop", "hub.socket", "hub.service")
+        toml.write_text(toml.read_text() + "workers = 2\n")
+        (installed.root / "etc/sensor-hub/schemas.toml").write_text(LOOSE)
+        drop_in(
+            installed.root,
+            "hub.socket",
+            WORKERS_SOCKET_DROP_IN.format(port=installed.port),
+            name="workers.conf",
+        )
+        installed.systemctl("daemon-reload")
+    if installed.show("ActiveState") != "active":
+        try:
+            installed.systemctl("start", "hub.socket", "hub.service")
+        except MachineError as exc:
+            pytest.fail(f"{exc}\n{installed.journal()[-4000:]}")
+    return installed
+
+
+@pytest.mark.e2e
+def test_workers_become_ready_on_the_socket_systemd_holds(with_workers: Booted) -> None:
+    """`systemctl start` returns once both workers listen on hub.socket's socket: the status
+    says so, /healthz counts two healthy workers, each logged its start line."""
+    booted = with_workers
+    assert booted.show("StatusText") == (
+        f"2 workers listening on 127.0.0.1:{booted.port} (the 2 sockets systemd passed)"
+    )
+    health = booted.health()
+    assert (health["status"], health["workers_healthy"]) == ("ok", 2)
+    journal = booted.journal()
+    for number in (1, 2):
+        assert f"worker {number}/2 (" in journal and f"hub[{number}]: worker {number}/2" in journal
+    started = journal.rindex("Started hub.service")
+    assert journal.rindex("all 2 workers listening", 0, started) < started
+
+
+@pytest.mark.e2e
+def test_workers_stream_and_reload_together(with_workers: Booted) -> None:
+    """Devices on the host are spread over both workers (printed), acked and stored;
+    `systemctl reload` makes the new schema judge every open connection on both."""
+    booted = with_workers
+    ids = [f"wsensor-{n}" for n in range(24)]
+    tokens = [booted.token(device_id) for device_id in ids]
+    pid = main_pid(booted)
+
+    async def stream_and_reload() -> list[bool]:
+        clients = [DeviceClient(booted.url, token) for token in tokens]
+        for client in clients:
+            await client.__aenter__()
+        try:
+            for number, client in enumerate(clients):
+                cool = [{**COOL[0], "time": 1_700_000_100_000 + number}]
+                assert (await asyncio.wait_for(client.store(cool), 30)).accepted == 1
+            spread = worker_connections(booted)
+            print(f"24 devices over 2 workers on systemd's 2 sockets: {spread}")
+            # Binomial(24, 1/2): one worker without any has odds of 1 in 8 million.
+            assert sorted(k for k, v in spread.items() if v) == ["1", "2"], spread
+            (booted.root / "etc/sensor-hub/schemas.toml").write_text(STRICT)
+            await asyncio.to_thread(booted.systemctl, "reload", "hub.service")
+            rejected = []
+            for number, client in enumerate(clients):
+                hot = [{**HOT[0], "time": 1_700_000_200_000 + number}]
+                rejected.append(bool((await asyncio.wait_for(client.store(hot), 30)).rejected))
+            return rejected
+        finally:
+            for client in clients:
+                await client.__aexit__(None, None, None)
+
+    assert asyncio.run(stream_and_reload()) == [True] * len(ids), booted.journal()[-3000:]
+    assert main_pid(booted) == pid
+    assert booted.show("ActiveState") == "active"
+    stored = points(booted.influx, booted.db, "environment")
+    assert {p["device"] for p in stored} >= set(ids)
+    assert booted.journal().count("reloaded: measurement schemas") >= 2
+
+
+@pytest.mark.e2e
+def test_a_rolling_restart_refuses_no_device_and_loses_nothing(with_workers: Booted) -> None:
+    """SIGUSR2 to the supervisor (`systemctl kill --kill-whom=main`) replaces the workers one
+    at a time while devices connect in a loop: none is refused, every acked reading is in
+    InfluxDB, both slots run new processes, the supervisor stays."""
+    booted = with_workers
+    (booted.root / "etc/sensor-hub/schemas.toml").write_text(LOOSE)
+    booted.systemctl("reload", "hub.service")
+    pid, before = main_pid(booted), worker_pids(booted)
+    devices = [f"rolling-{n}" for n in range(3)]
+    seen = {device: DeviceLoop() for device in devices}
+
+    def replaced() -> bool:
+        try:
+            now, healthy = worker_pids(booted), booted.health()["workers_healthy"]
+        except OSError:
+            return False
+        return healthy == 2 and all(now[slot] not in (None, before[slot]) for slot in now)
+
+    async def run() -> None:
+        stop, rolling = asyncio.Event(), asyncio.Event()
+        loops = [
+            asyncio.create_task(connect_in_a_loop(booted, d, stop, rolling, seen[d]))
+            for d in devices
+        ]
+
+        async def until(condition: Callable[[], bool]) -> None:
+            while not condition():
+                if failed := [loop for loop in loops if loop.done()]:
+                    await failed[0]
+                await asyncio.sleep(0.05)
+
+        await until(lambda: min(len(s.acked) for s in seen.values()) >= 5)
+        rolling.set()
+        await asyncio.to_thread(
+            booted.systemctl, "kill", "--kill-whom=main", "--signal=SIGUSR2", "hub.service"
+        )
+        while not await asyncio.to_thread(replaced):  # off the loop: the devices keep going
+            await until(lambda: True)
+            await asyncio.sleep(0.2)
+        rolling.clear()
+        after = {d: len(s.acked) for d, s in seen.items()}
+        await until(lambda: all(len(seen[d].acked) >= after[d] + 5 for d in devices))
+        stop.set()
+        await asyncio.gather(*loops)
+
+    asyncio.run(asyncio.wait_for(run(), WAIT_S * 2))
+    for device, s in seen.items():
+        print(
+            f"{device}: {len(s.acked)} acked, {s.interrupted} interrupted by a worker's drain, "
+            f"{s.started_during_restart_and_acked} started during the rolling restart and acked"
+        )
+    assert [s.refused for s in seen.values()] == [[], [], []]
+    assert main_pid(booted) == pid
+    assert "rolling restart done" in booted.journal()
+    after = worker_pids(booted)
+    assert all(after[slot] not in (None, before[slot]) for slot in ("1", "2")), (before, after)
+    stored = points(booted.influx, booted.db, "environment")
+    for device in devices:
+        times = {p["time"] // 1_000_000 for p in stored if p.get("run") == device}
+        missing = [t for t in seen[device].acked if t not in times]
+        assert missing == [], f"{device}: acked but not in InfluxDB: {missing[:10]}"
+
+
+@pytest.mark.e2e
+def test_workers_stop_cleanly(with_workers: Booted) -> None:
+    """`systemctl stop` drains both workers: a device is closed with 1001, the service
+    exits 0 after the supervisor's "stopped", and no worker is left."""
+    booted = with_workers
+    token = booted.token("sensor-1")
+    killed_before = booted.machine.run("journalctl", "-u", "hub.service").stdout.count("SIGKILL")
+
+    async def stop_while_connected() -> int | None:
+        async with DeviceClient(booted.url, token) as client:
+            assert (await asyncio.wait_for(client.store(COOL), 30)).accepted == 1
+            await asyncio.to_thread(booted.systemctl, "stop", "hub.socket", "hub.service")
+            code, _ = await asyncio.wait_for(client.wait_closed(), 30)
+            return code
+
+    assert asyncio.run(stop_while_connected()) == 1001
+    assert booted.show("ActiveState") == "inactive"
+    assert (booted.show("Result"), booted.show("ExecMainStatus")) == ("success", "0")
+    lines = [line for line in booted.journal().splitlines() if "hub.service" not in line]
+    assert lines[-1] == "INFO hub.workers: stopped", lines[-5:]
+    drain = max(i for i, line in enumerate(lines) if "stopping: draining 2 workers" in line)
+    assert sorted(line for line in lines[drain:] if line.endswith(": stopped")) == [
+        "INFO hub.workers: stopped",
+        "INFO hub[1]: stopped",
+        "INFO hub[2]: stopped",
+    ]
+    killed = booted.machine.run("journalctl", "-u", "hub.service").stdout.count("SIGKILL")
+    assert killed == killed_before, "a worker was left for systemd to kill"

@@ -7,8 +7,10 @@ import csv
 import functools
 import logging
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TextIO
 
@@ -25,17 +27,11 @@ from hub.cli.common import (
     when,
     with_registry,
 )
-from hub.cli.fleet import (
-    config_app,
-    device_app,
-    devices_command,
-    nodes_command,
-    parse_assignments,
-    spool_app,
-)
+from hub.cli.fleet import config_app, device_app, devices_command, nodes_command, parse_assignments
+from hub.cli.spool import spool_app
 from hub.cli.top import top_command
 from hub.errors import HubError
-from hub.ops.logs import configure_logging
+from hub.ops.logs import configure_logging, tag_worker_lines
 from hub.registry.url import has_password
 from hub.settings import InfluxApi, LogFormat, LogLevel, Settings, load_settings
 
@@ -68,6 +64,9 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on [8765].")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes accepting on the port [1].")
+    ] = None,
     influx_url: Annotated[str | None, typer.Option(help="InfluxDB base URL.")] = None,
     influx_bucket: Annotated[
         str | None, typer.Option(help="v2 bucket, or v1 database as db or db/rp [sensors].")
@@ -116,6 +115,7 @@ def serve(
         "node_id": node_id,
         "host": host,
         "port": port,
+        "workers": workers,
         "influx_url": influx_url,
         "influx_bucket": influx_bucket,
         "influx_org": influx_org,
@@ -141,15 +141,36 @@ def serve(
         )
     from hub.ops.runtime import run_event_loop
     from hub.service import serve as run_service
+    from hub.workers import slots
 
     # A SIGHUP reads the same sources again: the flags stay, the files may have changed.
     reload = functools.partial(load_settings, config, **flags)
     try:
-        run_event_loop(run_service(settings, reload))
+        worker = slots.worker_slot(os.environ, settings)
+        if worker is None and settings.workers > 1:
+            from hub.workers.supervisor import supervise
+
+            # The workers run this same command line (python -m hub: also from a venv's hub).
+            argv = [sys.executable, "-m", "hub", *sys.argv[1:]]
+            raise typer.Exit(run_event_loop(supervise(settings, argv)))
+        if worker is not None:
+            slots.adopt_passed_socket(os.environ, os.getpid())
+            tag_worker_lines(worker.number)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the supervisor's, sent to all
+            settings = slots.worker_settings(settings)
+            reload = functools.partial(_as_worker, reload)
+        run_event_loop(run_service(settings, reload, worker))
     except HubError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+
+
+def _as_worker(load: Callable[[], Settings]) -> Settings:
+    """A worker's settings, read again: its health listener stays its own."""
+    from hub.workers.slots import worker_settings
+
+    return worker_settings(load())
 
 
 @token_app.command("add")

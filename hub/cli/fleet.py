@@ -20,7 +20,6 @@ from hub.cli.common import (
     when,
     with_registry,
 )
-from hub.ingest.spool import read_status
 from hub.registry.operator import OperatorRegistry
 from hub.registry.records import ConfigState, Device, Presence
 
@@ -304,35 +303,3 @@ def nodes_command(
             f"{row['last_heartbeat']:<21} {row['live_connections']:>11} "
             f"{'yes' if row['live'] else 'no'}"
         )
-
-
-spool_app = typer.Typer(
-    help="The disk spool of batches waiting for InfluxDB.", no_args_is_help=True
-)
-
-
-@spool_app.command("status")
-def spool_status(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    config: ConfigOption = None,
-    state_dir: StateDirOption = None,
-) -> None:
-    """Segments, bytes, batches and readings waiting for InfluxDB, and the oldest one's age."""
-    settings = settings_from(config, state_dir=state_dir)
-    status = read_status(settings.spool_dir)
-    report = {
-        "directory": str(settings.spool_dir),
-        "segments": status.segments,
-        "bytes": status.bytes,
-        "max_bytes": settings.spool_max_bytes,
-        "batches": status.batches,
-        "readings": status.points,
-        "oldest": when(status.oldest),
-        "oldest_age_s": None if status.oldest is None else round(time.time() - status.oldest, 1),
-        "damaged_bytes": status.skipped_bytes,
-    }
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))
-        return
-    for key, value in report.items():
-        typer.echo(f"{key + ':':<24}{'-' if value is None else value}")

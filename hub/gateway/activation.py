@@ -67,23 +67,34 @@ def passed_fds(environ: Mapping[str, str], pid: int) -> list[PassedFd]:
     ]
 
 
-def choose_device_fd(fds: list[PassedFd]) -> PassedFd | None:
-    """The device port among the passed descriptors: the one named `devices`, or the only
-    one there is. Pure. Several without that name is a `ConfigError`."""
+def choose_device_fds(fds: list[PassedFd]) -> list[PassedFd]:
+    """The device ports among the passed descriptors: those named `devices`, or the only
+    one there is (several for the workers of `hub serve --workers N`, one each). Pure.
+    Several without that name is a `ConfigError`."""
     named = [fd for fd in fds if fd.name == DEVICES_FD_NAME]
-    if len(named) > 1:
-        raise ConfigError(f"socket activation: {len(named)} sockets named {DEVICES_FD_NAME!r}")
     if named:
-        return named[0]
+        return named
     if len(fds) == 1:
-        return fds[0]
+        return fds
     if fds:
         raise ConfigError(
             f"socket activation: {len(fds)} sockets passed "
             f"({', '.join(fd.name for fd in fds)}) and none has "
             f"FileDescriptorName={DEVICES_FD_NAME}"
         )
-    return None
+    return []
+
+
+def choose_device_fd(fds: list[PassedFd]) -> PassedFd | None:
+    """The one device port among the passed descriptors (`choose_device_fds`); several
+    named `devices` are a `ConfigError` for a hub of its own. Pure."""
+    chosen = choose_device_fds(fds)
+    if len(chosen) > 1:
+        raise ConfigError(
+            f"socket activation: {len(chosen)} sockets named {DEVICES_FD_NAME!r}: one per "
+            "worker is for `hub serve --workers N`; a single hub takes one"
+        )
+    return chosen[0] if chosen else None
 
 
 def take_device_socket(environ: MutableMapping[str, str] | None = None) -> socket.socket | None:
@@ -93,23 +104,40 @@ def take_device_socket(environ: MutableMapping[str, str] | None = None) -> socke
     closed with a warning. Each process can take it once.
     """
     environ = os.environ if environ is None else environ
+    chosen = choose_device_fd(passed_fds(environ, os.getpid()))
+    taken = take_device_sockets(environ, only=[chosen] if chosen is not None else [])
+    return taken[0] if taken else None
+
+
+def take_device_sockets(
+    environ: MutableMapping[str, str] | None = None, only: list[PassedFd] | None = None
+) -> list[socket.socket]:
+    """Every listening device socket systemd passed to this process (`choose_device_fds`,
+    or `only` those), each checked to be a listening TCP socket; empty to bind one.
+
+    Reads and removes the `LISTEN_*` variables; descriptors other than the device ports are
+    closed with a warning.
+    """
+    environ = os.environ if environ is None else environ
     fds = passed_fds(environ, os.getpid())
     for name in _VARIABLES:
         environ.pop(name, None)
-    chosen = choose_device_fd(fds)
+    chosen = choose_device_fds(fds) if only is None else only
     for passed in fds:
         os.set_inheritable(passed.fd, False)
-        if passed is not chosen:
+        if passed not in chosen:
             log.warning(
                 "socket activation: closing descriptor %d (%s): the hub listens for devices "
-                "on one socket, named %s",
+                "on the sockets named %s",
                 passed.fd,
                 passed.name,
                 DEVICES_FD_NAME,
             )
             os.close(passed.fd)
-    if chosen is None:
-        return None
+    return [_listening(passed) for passed in chosen]
+
+
+def _listening(chosen: PassedFd) -> socket.socket:
     listener = socket.socket(fileno=chosen.fd)
     if listener.type != socket.SOCK_STREAM or listener.family not in (
         socket.AF_INET,

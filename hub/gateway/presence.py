@@ -45,10 +45,12 @@ class PresenceTracker:
         self._dirty: dict[str, _Live] = {}
         self._events: list[str] = []
 
-    async def load(self) -> None:
+    async def load(self, mark_all_offline: bool = True) -> None:
         """Before the first device connects: record everyone offline (a previous hub run may
-        have died without saying) and continue each device's count of stored readings."""
-        await self.store.mark_all_offline()
+        have died without saying; not by one worker of several, whose siblings hold devices)
+        and continue each device's count of stored readings."""
+        if mark_all_offline:
+            await self.store.mark_all_offline()
         stored = await self.store.presence()
         self._stored = {p.device_id: p.readings_stored for p in stored.values()}
 

@@ -69,8 +69,12 @@ class Hub:
         schemas: MeasurementSchemas,
         pipeline: Pipeline,
         metrics: HubMetrics,
+        *,
+        one_of_workers: bool = False,
     ) -> None:
         self.options = options
+        # A worker of `hub serve --workers N` shares the device port with its siblings.
+        self.one_of_workers = one_of_workers
         self.registry = registry
         self.schemas = schemas
         self.pipeline = pipeline
@@ -122,13 +126,15 @@ class Hub:
     async def start(self) -> Server:
         """Listen for devices and start watching the registry."""
         s = self.options.listen
-        await self.presence.load()
+        await self.presence.load(mark_all_offline=not self.one_of_workers)
         if (files := raise_file_limit(self.options.admission.max_connections)) is not None:
             self.strangers.fit_to(files.soft)
         listener = take_device_socket()  # hub.socket's, or None: bind host:port as always
         self._socket_from_systemd = listener is not None
         where: dict[str, Any] = (
-            {"sock": listener} if listener is not None else {"host": s.host, "port": s.port}
+            {"sock": listener}
+            if listener is not None
+            else {"host": s.host, "port": s.port, "reuse_port": self.one_of_workers or None}
         )
         self._server = await serve(
             self._session,
@@ -167,8 +173,9 @@ class Hub:
     def stop_accepting(self) -> None:
         """On systemd's socket, stop accepting as the drain begins: devices that connect
         during a restart then wait in the backlog (systemd keeps the socket open) for the
-        next hub instead of getting 503. A socket of our own stays open and answers 503."""
-        if self._socket_from_systemd and self._server is not None:
+        next hub instead of getting 503; a worker's port, likewise, for its siblings to take.
+        A socket of a hub's own stays open and answers 503."""
+        if (self._socket_from_systemd or self.one_of_workers) and self._server is not None:
             self._server.server.close()
 
     async def acks_sent(self) -> None:

@@ -17,6 +17,9 @@ at power loss) ends that segment: it is reported once with the bytes skipped, an
 segments after it replay normally.
 Appends always go to a fresh segment after a restart, never after a damaged tail.
 
+A `Spool` holds its directory's lock (`hub.ingest.spoollock`) from open to `close`: two
+processes never write or replay one spool; the second gets `SpoolInUse`.
+
 The methods do blocking file I/O; the pipeline calls them from a worker thread, one at a time
 (`hub.ingest.buffer.BufferAccess`). `Spool` is the durable `hub.ingest.buffer.Buffer`.
 """
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hub.core.dialects import Dialect
+from hub.ingest.spoollock import SpoolLock
 
 log = logging.getLogger("hub.spool")
 
@@ -123,6 +127,7 @@ class Spool:
 
     def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = 16 * 2**20) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = SpoolLock(directory)  # before reading: the holder may be writing
         self.directory = directory
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
@@ -189,8 +194,9 @@ class Spool:
         self._active = None
 
     def close(self) -> None:
-        """Close the open segment."""
+        """Close the open segment and let another process take the spool."""
         self._close_active()
+        self._lock.release()
 
     # Replaying
 
@@ -270,6 +276,34 @@ def _segments_in(directory: Path) -> Iterator[tuple[int, Path, int, list[_Record
             continue
         records, damaged = scan_segment(data)
         yield number, path, len(data), records, damaged
+
+
+def move_segments(source: Path, target: Path) -> int:
+    """Move every segment of the spool at `source` into the spool at `target`, after the
+    segments it holds, in their order; holding both spools' locks (`SpoolInUse` if another
+    process holds either). The number of segments moved. For a spool no process will take
+    again (a worker slot gone after `workers` was lowered): its batches replay in `target`."""
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    source_lock = SpoolLock(source)
+    try:
+        target_lock = SpoolLock(target)
+        try:
+            numbers = [int(p.stem) for p in target.glob("*" + SEGMENT_SUFFIX) if p.stem.isdigit()]
+            number = max(numbers, default=0)
+            moved = 0
+            for path in sorted(source.glob("*" + SEGMENT_SUFFIX)):
+                if path.stem.isdigit():
+                    number += 1
+                    os.rename(path, target / f"{number:012d}{SEGMENT_SUFFIX}")
+                    moved += 1
+            if moved:
+                _fsync_directory(target)  # the new names first: a crash leaves a copy, not none
+                _fsync_directory(source)
+            return moved
+        finally:
+            target_lock.release()
+    finally:
+        source_lock.release()
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -246,3 +246,23 @@ def set_level(level: str) -> None:
     root = logging.getLogger()
     root.setLevel(level)
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
+
+
+class WorkerTag(logging.Filter):
+    """Names the worker in each line of one of several: `hub.server[2]: ...`, so the lines
+    of N processes on one stdout (one journal) can be told apart."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__()
+        self.suffix = f"[{number}]"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.endswith(self.suffix):
+            record.name += self.suffix
+        return True
+
+
+def tag_worker_lines(number: int) -> None:
+    """From now on, every line `configure_logging` prints names worker `number`."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WorkerTag(number))

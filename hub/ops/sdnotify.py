@@ -68,9 +68,9 @@ class Notifier:
             return False
         return True
 
-    def ready(self, status: str) -> None:
-        """Start-up (or a reload) is complete."""
-        self.notify("READY=1", f"STATUS={status}")
+    def ready(self, status: str, *extra: str) -> None:
+        """Start-up (or a reload) is complete; `extra` assignments go in the same datagram."""
+        self.notify("READY=1", f"STATUS={status}", *extra)
 
     def reloading(self) -> None:
         """A reload begins; `ready` ends it."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from hub.registry.sqlite import Presence
+from hub.workers.exposition import fold_workers
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 """A sample's name and its sorted labels."""
@@ -41,12 +42,13 @@ class Scrape:
 
 
 def parse_scrape(text: str, at: float) -> Scrape:
-    """The Prometheus text format as a `Scrape` taken at `at` (a monotonic time)."""
+    """The Prometheus text format as a `Scrape` taken at `at` (a monotonic time); a hub of
+    several workers as one (`hub.workers.exposition.fold_workers`)."""
     samples: dict[SampleKey, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
-    return Scrape(at, samples)
+    return Scrape(at, fold_workers(samples))
 
 
 def increase(before: float, after: float) -> float:

@@ -89,8 +89,9 @@ class OwningThread(Generic[Owned]):
         self._settle(created, None, None)
         next_idle = time.monotonic() + self._idle_s
         while True:
+            wait_s = None if self._finished else max(0.0, next_idle - time.monotonic())
             try:
-                job = self._jobs.get(timeout=max(0.0, next_idle - time.monotonic()))
+                job = self._jobs.get(timeout=wait_s)
             except queue.Empty:
                 job = None
             if job is _STOP:
