@@ -133,6 +133,8 @@ class AdmissionOptions:
     max_request_header_bytes: int
     request_header_timeout_s: float
     proxy_protocol_from: tuple[str, ...]
+    registry_timeout_s: float
+    registry_outage_admit_s: float
 
     @classmethod
     def of(cls, settings: Settings) -> Self:
@@ -147,6 +149,8 @@ class AdmissionOptions:
             settings.max_request_header_bytes,
             settings.request_header_timeout_s,
             tuple(settings.proxy_protocol_from),
+            settings.registry_timeout_s,
+            settings.registry_outage_admit_s,
         )
 
 

@@ -123,6 +123,8 @@ GROUPS: dict[str, SettingGroup] = {
             "max_request_header_bytes",
             "request_header_timeout_s",
             "proxy_protocol_from",
+            "registry_timeout_s",
+            "registry_outage_admit_s",
         )
     ),
     "fleet": SettingGroup(("registry_poll_s", "presence_flush_s")),
@@ -240,6 +242,12 @@ class Settings(BaseSettings):
     shutdown_timeout_s: PositiveFloat = 10.0
 
     # Fleet
+    registry_timeout_s: PositiveFloat = 5.0
+    """A registry call (a handshake's token lookup, a presence flush) that takes longer
+    counts as the registry being unavailable: the handshake gets 503 with Retry-After."""
+    registry_outage_admit_s: Annotated[float, Field(ge=0)] = 0.0
+    """While the registry is unavailable, let in a token this hub verified within this many
+    seconds (0: nobody; see hub/gateway/registryhealth.py for the trade-off)."""
     registry_url: str = ""
     """Empty: SQLite in the state directory; `postgresql://USER@HOST:PORT/DB`: shared."""
     registry_poll_s: PositiveFloat = 0.01

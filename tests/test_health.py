@@ -141,6 +141,7 @@ async def test_healthz_is_200_while_accepting_and_storing(
         "accepting": True,
         "storing": True,
         "influxdb": "ok",
+        "registry": "ok",
         "reasons": [],
         "warnings": [],
     }
@@ -204,9 +205,9 @@ async def test_metrics_show_spooled_points_while_influxdb_is_gone(
     assert value(samples, "hub_influx_errors_total", status="unreachable") >= 1
 
 
-def health(**changes: bool) -> HealthInputs:
+def health(**changes: bool | str) -> HealthInputs:
     """Health inputs of a hub that is fine, with `changes`."""
-    fine = {
+    fine: dict[str, bool | str] = {
         "listening": True,
         "draining": False,
         "accepting": True,
@@ -215,7 +216,7 @@ def health(**changes: bool) -> HealthInputs:
         "has_spool": True,
         "spool_full": False,
     }
-    return HealthInputs(**{**fine, **changes})
+    return HealthInputs(**{**fine, **changes})  # type: ignore[arg-type]
 
 
 @pytest.mark.unit

@@ -20,12 +20,18 @@ anyway); once the registry is back, the safety net closes it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
-from hub.registry.records import Credential
+from hub.errors import HubError, RegistryUnavailable
+from hub.registry.ports import HubRegistry
+from hub.registry.records import ConfigState, Credential, Device, DeviceChange, Presence
+
+T = TypeVar("T")
 
 log = logging.getLogger("hub.registry")
 
@@ -126,3 +132,120 @@ class VerifiedTokens:
         if credential.expires_at is not None and credential.expires_at <= wall:
             return None
         return credential
+
+
+PROBE_EVERY_S = 1.0
+"""While a late call hangs (a frozen server, a partition), how often another call may try:
+the registry's return is noticed within about this plus `registry_timeout_s`."""
+
+
+class WatchedRegistry:
+    """The hub's registry ports with every call's outcome reported to a `RegistryHealth`.
+
+    A call that fails for want of a registry (refused, cut off, frozen past `timeout_s`,
+    SQLite locked past its busy timeout) raises `RegistryUnavailable`, which the callers
+    handle as "not now" without a traceback; the registry's own answers (`UnknownDevice`,
+    ...) pass through as they are.
+    """
+
+    def __init__(self, registry: HubRegistry, health: RegistryHealth, timeout_s: float) -> None:
+        self._registry = registry
+        self.health = health
+        self.timeout_s = timeout_s
+        self._probe: asyncio.Task[Any] | None = None
+        """A call that outlived `timeout_s` and has not finished: until it does (or for
+        PROBE_EVERY_S), the registry counts as unavailable without asking it again."""
+        self._probe_started = 0.0
+
+    async def _call(self, what: str, call: Coroutine[Any, Any, T]) -> T:
+        # While the registry is down, one call at a time finds out whether it is back (the
+        # probe); the others fail at once, so a connect storm during an outage costs nothing.
+        probing = self._probe is not None and not self._probe.done()
+        if probing and time.monotonic() - self._probe_started < PROBE_EVERY_S:
+            call.close()
+            raise RegistryUnavailable(f"registry {what}: still unavailable")
+        task: asyncio.Task[T] = asyncio.ensure_future(call)
+        # Not asyncio.timeout: a driver may take long to give a cancelled call back (asyncpg
+        # cancelling on a frozen server); the caller is answered on time all the same.
+        done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+        if not done:
+            task.add_done_callback(_ignore_outcome)
+            self._probe, self._probe_started = task, time.monotonic()
+            self.health.failed(what, TimeoutError(f"no answer within {self.timeout_s:g} s"))
+            raise RegistryUnavailable(f"registry {what}: no answer within {self.timeout_s:g} s")
+        try:
+            result = task.result()
+        except HubError as answer:
+            if isinstance(answer, RegistryUnavailable):
+                self.health.failed(what, answer)
+                raise
+            self.health.succeeded()  # it answered, with a refusal
+            raise
+        except Exception as exc:
+            self.health.failed(what, exc)
+            raise RegistryUnavailable(f"registry {what} failed: {describe(exc)}") from exc
+        self.health.succeeded()
+        return result
+
+    async def credential(self, token_hash: str) -> Credential | None:
+        """See `CredentialStore.credential`."""
+        return await self._call("token lookup", self._registry.credential(token_hash))
+
+    async def device(self, device_id: str) -> Device | None:
+        """See `CredentialStore.device`."""
+        return await self._call("device lookup", self._registry.device(device_id))
+
+    async def config_state(self, device_id: str) -> ConfigState:
+        """See `ConfigStore.config_state`."""
+        return await self._call("config lookup", self._registry.config_state(device_id))
+
+    async def config_states(self, device_ids: Sequence[str]) -> list[ConfigState]:
+        """See `ConfigStore.config_states`."""
+        return await self._call("config lookup", self._registry.config_states(device_ids))
+
+    async def record_config_ack(
+        self, device_id: str, version: int, ok: bool, error: str | None
+    ) -> bool:
+        """See `ConfigStore.record_config_ack`."""
+        return await self._call(
+            "config answer", self._registry.record_config_ack(device_id, version, ok, error)
+        )
+
+    async def record_presence(self, states: Sequence[Presence]) -> None:
+        """See `PresenceStore.record_presence`."""
+        await self._call("presence flush", self._registry.record_presence(states))
+
+    async def mark_all_offline(self) -> None:
+        """See `PresenceStore.mark_all_offline`."""
+        await self._call("presence reset", self._registry.mark_all_offline())
+
+    async def presence(self) -> dict[str, Presence]:
+        """See `PresenceStore.presence`."""
+        return await self._call("presence read", self._registry.presence())
+
+    async def change_seq(self) -> int:
+        """See `ChangeFeed.change_seq`."""
+        return await self._call("change read", self._registry.change_seq())
+
+    async def changes_since(self, seq: int) -> tuple[int, list[DeviceChange]]:
+        """See `ChangeFeed.changes_since`."""
+        return await self._call("change read", self._registry.changes_since(seq))
+
+    async def wait_for_change(self, timeout_s: float) -> bool:
+        """See `ChangeFeed.wait_for_change`: it waits by design, so no timeout of ours."""
+        try:
+            return await self._registry.wait_for_change(timeout_s)
+        except Exception as exc:
+            self.health.failed("change watch", exc)
+            raise RegistryUnavailable(f"registry change watch failed: {describe(exc)}") from exc
+
+    async def close(self) -> None:
+        """See `HubRegistry.close`."""
+        await self._registry.close()
+
+
+def _ignore_outcome(task: asyncio.Task[Any]) -> None:
+    """A late call's result or error, fetched so that asyncio does not log it: the caller
+    was told "unavailable" already."""
+    if not task.cancelled():
+        task.exception()

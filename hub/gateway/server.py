@@ -11,21 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Coroutine
-from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
 from hub.core.dialects import Dialect
-from hub.core.handshake import Handshake, HandshakeRefused, read_credentials
 from hub.core.measurements import MeasurementSchemas, ReadingsValidator
 from hub.core.proxyheader import TrustedProxies
 from hub.core.ratelimit import FailedHandshakeLimiter
+from hub.errors import RegistryUnavailable
 from hub.gateway.activation import take_device_socket
 from hub.gateway.admission import (
     ConnectionSlots,
@@ -34,9 +31,10 @@ from hub.gateway.admission import (
     StrangerLog,
     guarded_connection,
     peer_of,
-    source_of,
 )
+from hub.gateway.handshakes import HandshakeGate
 from hub.gateway.presence import PresenceTracker
+from hub.gateway.registryhealth import RegistryHealth, WatchedRegistry
 from hub.gateway.rotation import ROTATED_OUT_REASON, RotationWatch
 from hub.gateway.session import DeviceSession
 from hub.gateway.session_ports import SessionPorts
@@ -45,15 +43,13 @@ from hub.gateway.watcher import FleetWatcher
 from hub.ingest.pipeline import Pipeline
 from hub.ops.filelimit import raise_file_limit
 from hub.ops.logs import RedactingFilter, device_extra
-from hub.ops.metrics import HubMetrics, refusal_reason
+from hub.ops.metrics import HubMetrics
 from hub.options import GatewayOptions
 from hub.registry.ports import HubRegistry
-from hub.registry.records import hash_token
 from schemas.codes import CloseCode
 
 log = logging.getLogger("hub.server")
 
-RETRY_AFTER_S = 5
 LISTEN_BACKLOG = 4096
 STOP_GRACE_S = 0.5
 """After the deadline: how long the handlers of dropped connections get to finish."""
@@ -75,6 +71,11 @@ class Hub:
         self.options = options
         # A worker of `hub serve --workers N` shares the device port with its siblings.
         self.one_of_workers = one_of_workers
+        admission = options.admission
+        # Every registry call's outcome is watched: an outage is logged once, shown by
+        # /healthz, counted, and answered "not now" (503 to new devices) without tracebacks.
+        self.registry_health = RegistryHealth()
+        registry = WatchedRegistry(registry, self.registry_health, admission.registry_timeout_s)
         self.registry = registry
         self.schemas = schemas
         self.pipeline = pipeline
@@ -87,7 +88,6 @@ class Hub:
         self.rotation = RotationWatch(registry)
         self.stranger_counts = StrangerCounts()
         self.stranger_log = StrangerLog(log, self.stranger_counts, time.monotonic)
-        admission = options.admission
         self.strangers = StrangerGuard(
             admission.max_unauthenticated_per_source,
             admission.request_header_timeout_s,
@@ -107,11 +107,10 @@ class Hub:
         self._background: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._validators: dict[int, ReadingsValidator] = {}
-        self.failed_handshakes = FailedHandshakeLimiter(
-            admission.auth_failures_burst,
-            admission.auth_failures_per_min / 60,
-            admission.auth_block_s,
-        )
+        self.gate = HandshakeGate(
+            admission, registry, self.slots, self._full, metrics, self.stranger_log,
+            self.stranger_counts,
+        )  # fmt: skip
 
     @property
     def live_devices(self) -> set[str]:
@@ -144,7 +143,7 @@ class Hub:
             # compression next to secrets invites CRIME-style guessing
             compression="deflate" if s.compression else None,
             # HTTP
-            process_request=self._process_request,
+            process_request=self.gate.process_request,
             server_header=None,
             # Strangers: per-source cap, header deadline and size (hub.admission)
             create_connection=guarded_connection(self.strangers),
@@ -231,9 +230,15 @@ class Hub:
     def _full(self) -> bool:
         return self.draining or len(self.slots) >= self.options.admission.max_connections
 
+    @property
+    def failed_handshakes(self) -> FailedHandshakeLimiter:
+        """Failed handshakes per source, and the blocks they earned."""
+        return self.gate.failed_handshakes
+
     def apply(self, options: GatewayOptions) -> None:
         """Use reloaded options from now on, on every open connection too."""
         previous, self.options = self.options, options
+        self.gate.options = options.admission
         if options.readings != previous.readings:
             self._validators.clear()
         if options.session != previous.session:
@@ -265,86 +270,6 @@ class Hub:
         assert self._bound is not None, "start() first"
         return int(self._bound[1])
 
-    async def _process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
-        # Never log request.path: its query string may hold the token.
-        try:
-            return await self._admit(connection, request)
-        except Exception as exc:  # e.g. the client reset the connection: one line, no traceback
-            self.stranger_counts.handshake_errors += 1
-            self.stranger_log.line(
-                logging.WARNING,
-                "handshake from %s failed: %s",
-                source_of(connection),
-                type(exc).__name__,
-            )
-            return connection.respond(
-                HTTPStatus.INTERNAL_SERVER_ERROR, "the hub could not answer this handshake\n"
-            )
-
-    async def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        source = source_of(connection)
-        limiter = self.failed_handshakes
-        now = time.monotonic()
-        blocked_s = limiter.blocked_for(source, now)
-        try:
-            token, ns_per_unit = read_credentials(
-                request.path, request.headers, self.options.admission.allowed_origins
-            )
-            self._check_room()
-            if blocked_s and not limiter.may_check(source, now):
-                raise _blocked(blocked_s)
-            credential = await self.registry.credential(hash_token(token))
-            if credential is None:
-                raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
-            self._check_room()  # again: others may have been let in, or a drain begun, meanwhile
-        except HandshakeRefused as refused:
-            refusal = refused
-            if refusal.status == HTTPStatus.UNAUTHORIZED and blocked_s:
-                refusal = _blocked(blocked_s)  # a wrong guess looks like any other while blocked
-            elif refusal.status == HTTPStatus.UNAUTHORIZED:
-                self._handshake_failed(source, now)
-            if refusal.status == HTTPStatus.TOO_MANY_REQUESTS:
-                limiter.refused_while_blocked()
-            self.metrics.handshakes_refused.labels(refusal_reason(refusal.status)).inc()
-            response = connection.respond(refusal.status, refusal.message + "\n")
-            if refusal.retry_after is not None:
-                response.headers["Retry-After"] = str(math.ceil(refusal.retry_after))
-            return response
-        self.slots.admit(
-            connection,
-            Handshake(
-                credential.device_id, ns_per_unit, credential.token_hash, credential.expires_at
-            ),
-        )
-        return None
-
-    def _check_room(self) -> None:
-        if self._full():
-            raise HandshakeRefused(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "the hub is not accepting connections now",
-                retry_after=RETRY_AFTER_S,
-            )
-
-    def _handshake_failed(self, source: str, now: float) -> None:
-        limiter = self.failed_handshakes
-        if limiter.failed(source, now):
-            self.stranger_log.line(
-                logging.WARNING,
-                "handshakes from %s refused for %g s: more failed handshakes (bad or missing "
-                "token) than %d at once or %g a minute",
-                source,
-                limiter.block_s,
-                limiter.burst,
-                self.options.admission.auth_failures_per_min,
-            )
-        else:
-            self.stranger_log.line(
-                logging.INFO, "handshake from %s refused: invalid or missing token", source
-            )
-
     async def _session(self, connection: ServerConnection) -> None:
         handshake = self.slots.get(connection)
         if handshake is None:  # lost before its handler ran: nothing to serve
@@ -364,11 +289,18 @@ class Hub:
         self.metrics.connections_opened.inc()
         log.info("device %s connected from %s", device_id, remote, extra=device_extra(device_id))
         try:
-            device = await self.registry.device(device_id)
-            if device is None or not device.active:
+            try:
+                device = await self.registry.device(device_id)
+                revoked = device is None or not device.active
+                works = revoked or await self.rotation.token_works(
+                    connection, device_id, handshake.token_hash
+                )
+            except RegistryUnavailable:  # admitted from memory: the registry checks it later
+                revoked, works = False, True
+            if revoked:
                 # Revoked between the handshake and now: the watcher could not see us yet.
                 await session.revoke()
-            elif not await self.rotation.token_works(connection, device_id, handshake.token_hash):
+            elif not works:
                 await session.revoke(ROTATED_OUT_REASON)
             else:
                 await session.run()
@@ -388,8 +320,10 @@ class Hub:
             await self._record_presence()
 
     async def _record_presence(self) -> None:
-        try:
+        # Unavailable: said once by the registry's health; the next flush writes it all.
+        with contextlib.suppress(RegistryUnavailable):
             await self.presence.flush()
+        try:
             events = self.presence.take_events()
             if events:
                 # Formatted with format_point's default, the strict dialect.
@@ -401,14 +335,6 @@ class Hub:
         task = asyncio.create_task(_quietly(work))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-def _blocked(blocked_s: float) -> HandshakeRefused:
-    return HandshakeRefused(
-        HTTPStatus.TOO_MANY_REQUESTS,
-        "too many failed handshakes from this address; retry later",
-        retry_after=blocked_s,
-    )
 
 
 async def _quietly(work: Coroutine[Any, Any, None]) -> None:

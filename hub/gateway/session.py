@@ -31,7 +31,7 @@ from hub.core.protocol import ReadingsFrame, TelegrafFrame, encode, encode_ack
 from hub.core.readings import PreparedReadings, bounded_reasons, prepare_readings
 from hub.core.session import Close, SessionLimits, SessionMachine, config_result
 from hub.core.slices import SLICE_ITEMS, prepare_in_slices, prepare_list_in_slices
-from hub.errors import Overloaded, ProtocolError, UnsupportedData
+from hub.errors import Overloaded, ProtocolError, RegistryUnavailable, UnsupportedData
 from hub.gateway.session_ports import SessionPorts
 from hub.ops.logs import device_extra
 from hub.ops.metrics import error_label
@@ -109,7 +109,8 @@ class DeviceSession:
     async def run(self) -> None:
         """Serve the connection until it closes."""
         try:
-            await self.push_config()
+            with contextlib.suppress(RegistryUnavailable):  # said once; pushed on a change
+                await self.push_config()
             close = await self._receive()
             if close is None:
                 return  # the device closed: what it did not see acked, it resends
@@ -196,7 +197,10 @@ class DeviceSession:
         elif isinstance(event, TelegrafFrame | SlicedTelegraf):
             await self._telegraf(event, arrival_ns)
         elif isinstance(event, ConfigAck):
-            await self._config_answered(event)
+            # Unavailable: said once; still pending, so pushed (and answered) again at the
+            # device's next connection.
+            with contextlib.suppress(RegistryUnavailable):
+                await self._config_answered(event)
 
     async def _readings(self, event: ReadingsFrame | SlicedReadings, arrival_ns: int) -> None:
         prepared = await self._prepare(event.readings, arrival_ns)

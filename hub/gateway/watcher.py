@@ -16,10 +16,15 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+from hub.errors import RegistryUnavailable
 from hub.gateway.rotation import RotationWatch
 from hub.gateway.session import DeviceSession
 from hub.ops.logs import device_extra
 from hub.registry.ports import ChangeFeed, ConfigStore
+
+OUTAGE_RETRY_S = 0.2
+"""How soon the watcher asks again after the registry failed (it may be polled every 10 ms;
+an outage must not become a busy loop). Within the 2 s in which pushes catch up."""
 
 log = logging.getLogger("hub.server")
 
@@ -47,21 +52,31 @@ class FleetWatcher:
         self.rotation = rotation
         self.retry_s = retry_s
         self.spawn = spawn
+        self._owed_pushes: set[DeviceSession] = set()
+        """Sessions whose changed config could not be read (registry unavailable): retried
+        every OUTAGE_RETRY_S until it can, so no push is lost to an outage."""
+        self._owed_rechecks: set[DeviceSession] = set()
 
     async def run(self) -> None:
         """Watch until cancelled."""
         seen_change = await self.feed.change_seq()
         missed = False  # a signal was taken but its changes could not be read: read again
         while True:
+            await self._retry_owed()
+            owed = bool(self._owed_pushes or self._owed_rechecks)
             try:
-                if not missed and not await self.feed.wait_for_change(WATCH_WAIT_S):
+                wait_s = OUTAGE_RETRY_S if owed else WATCH_WAIT_S
+                if not missed and not await self.feed.wait_for_change(wait_s):
                     continue
                 missed = True
                 seen_change, changes = await self.feed.changes_since(seen_change)
                 missed = False
-            except Exception:  # the registry unreadable for now: try again shortly
+            except RegistryUnavailable:  # said once by the registry's health: try again shortly
+                await asyncio.sleep(max(self.retry_s, OUTAGE_RETRY_S))
+                continue
+            except Exception:  # a bug, not an outage: say so, and go on watching
                 log.exception("reading operator changes from the registry failed")
-                await asyncio.sleep(self.retry_s)
+                await asyncio.sleep(max(self.retry_s, OUTAGE_RETRY_S))
                 continue
             changed: list[tuple[DeviceSession, int]] = []
             for change in changes:
@@ -85,8 +100,10 @@ class FleetWatcher:
         (a device slow to take its config must not hold up the others')."""
         try:
             states = await self.configs.config_states([s.device_id for s in sessions])
-        except Exception:  # the registry unreadable for now: the next change or connect pushes
-            log.exception("reading the configs of %d changed devices failed", len(sessions))
+        except Exception as exc:  # the registry unreadable for now: retried, see _owed_pushes
+            if not isinstance(exc, RegistryUnavailable):
+                log.exception("reading the configs of %d changed devices failed", len(sessions))
+            self._owed_pushes.update(sessions)
             return
         by_device = {state.device_id: state for state in states}
         for session in sessions:
@@ -97,9 +114,23 @@ class FleetWatcher:
     async def _recheck_token(self, session: DeviceSession) -> None:
         try:
             await self.rotation.recheck(session.connection, session.device_id, session.token_hash)
-        except Exception:  # the registry unreadable for now: the next change checks again
-            log.exception(
-                "device %s: re-reading its token failed",
-                session.device_id,
-                extra=device_extra(session.device_id),
-            )
+        except Exception as exc:  # the registry unreadable for now: retried
+            if not isinstance(exc, RegistryUnavailable):
+                log.exception(
+                    "device %s: re-reading its token failed",
+                    session.device_id,
+                    extra=device_extra(session.device_id),
+                )
+            self._owed_rechecks.add(session)
+
+    async def _retry_owed(self) -> None:
+        """Once more, the pushes and token checks an outage held up (of sessions still
+        live; a reconnected device gets its config at its handshake anyway)."""
+        pushes, self._owed_pushes = self._owed_pushes, set()
+        rechecks, self._owed_rechecks = self._owed_rechecks, set()
+        live = [s for s in pushes if self.sessions.get(s.device_id) is s]
+        if live:
+            await self._push_configs(live)
+        for session in rechecks:
+            if self.sessions.get(session.device_id) is session:
+                self.spawn(self._recheck_token(session))

@@ -33,6 +33,8 @@ class HealthInputs:
     influx_healthy: bool
     has_spool: bool
     spool_full: bool
+    registry: str = "ok"
+    """"ok", or "unavailable for N s": then new devices get 503, connected ones go on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class Health:
     accepting: bool
     storing: bool
     influxdb: str
+    registry: str = "ok"
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -71,7 +74,15 @@ def assess(inputs: HealthInputs) -> Health:
             reasons.append(f"InfluxDB {influxdb} and no spool: acks wait")
     elif not inputs.influx_healthy:
         warnings.append(f"InfluxDB {influxdb}: batches go to the spool")
-    return Health(accepting and storing, accepting, storing, influxdb, reasons, warnings)
+    if inputs.registry != "ok":
+        # A warning, not a 503: every hub shares the registry, and a balancer taking them
+        # all out would cut the devices that are still streaming.
+        warnings.append(
+            f"registry {inputs.registry}: new devices get 503, connected ones keep streaming"
+        )
+    return Health(
+        accepting and storing, accepting, storing, influxdb, inputs.registry, reasons, warnings
+    )
 
 
 def inputs_of(hub: HubView) -> HealthInputs:
@@ -85,6 +96,7 @@ def inputs_of(hub: HubView) -> HealthInputs:
         influx_healthy=pipeline.healthy,
         has_spool=pipeline.spool is not None,
         spool_full=pipeline.spool_full,
+        registry=hub.registry_health.describe(),
     )
 
 

@@ -110,6 +110,12 @@ class HubMetrics:
             ["reason"],
             registry=r,
         )
+        self.admitted_from_memory = Counter(
+            "hub_admitted_from_memory",
+            "Handshakes let in while the registry was unavailable, on a token verified within "
+            "registry_outage_admit_s.",
+            registry=r,
+        )
         # Configuration pushed to devices
         self.config_pushes = Counter("hub_config_pushes", "Configs sent to devices.", registry=r)
         self.config_acks = Counter(
@@ -275,6 +281,13 @@ class StateCollector(Collector):
             strangers.log_lines_suppressed,
         )
         yield _gauge("hub_accepting", "1 while new devices are let in.", hub.accepting)
+        registry = hub.registry_health
+        yield _gauge("hub_registry_up", "1 while the registry answers.", registry.up)
+        yield _counter(
+            "hub_registry_failures",
+            "Registry calls that failed (unreachable, frozen, locked).",
+            registry.failures,
+        )
         yield _gauge("hub_pending_readings", "Readings not yet durable.", pipeline.pending)
         yield _gauge("hub_influx_healthy", "1 while writes to InfluxDB succeed.", pipeline.healthy)
         c = pipeline.counters

@@ -96,7 +96,9 @@ async def open_pool(url: str, size: int = POOL_SIZE) -> asyncpg.Pool:
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
             url,
-            min_size=1,
+            # No floor: after an outage asyncpg would restore it with a traceback a try, in a
+            # loop; the next call opens what it needs (the pool keeps idle ones 5 min).
+            min_size=0,
             max_size=size,
             init=_prepare,
             timeout=CONNECT_TIMEOUT_S,
