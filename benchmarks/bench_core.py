@@ -29,8 +29,9 @@ from hub.core.fieldtypes import FieldTypes
 from hub.core.frames import FrameLimits, SlicedReadings, decode_device_frame
 from hub.core.measurements import MeasurementSchemas, SchemaFile
 from hub.core.protocol import DEFAULT_MAX_DEPTH, ReadingsFrame, decode_frame, encode_ack
-from hub.core.readings import PreparedReadings, TimeLimits, prepare_readings
+from hub.core.readings import PreparedReadings, prepare_readings
 from hub.core.slices import prepare_in_slices
+from hub.options import time_limits
 from hub.settings import Settings
 
 
@@ -92,7 +93,7 @@ def main() -> None:
     readings = decoded.readings
     field_types = None if args.no_field_types else FieldTypes()
     # As the hub runs against InfluxDB 1.x with default settings: its dialect and time limits.
-    dialect, limits = Dialect.INFLUXDB_1, TimeLimits.of(Settings())
+    dialect, limits = Dialect.INFLUXDB_1, time_limits(Settings())
 
     def decode() -> object:
         return decode_frame(frame, 5000)

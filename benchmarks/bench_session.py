@@ -37,6 +37,7 @@ from hub.core.session import SessionLimits
 from hub.gateway.session import DeviceSession
 from hub.gateway.session_ports import SessionPorts
 from hub.ops.metrics import HubMetrics
+from hub.options import session_limits
 from hub.registry.records import ConfigState
 from hub.settings import Settings
 
@@ -198,7 +199,7 @@ def new_session(connection: object, ports: SessionPorts, limits: SessionLimits) 
     )
 
 
-BENCH_LIMITS = SessionLimits.of(Settings().model_copy(update=UNLIMITED_RATES))
+BENCH_LIMITS = session_limits(Settings().model_copy(update=UNLIMITED_RATES))
 
 
 async def idle_bytes(sessions: int, validator: ReadingsValidator) -> float:

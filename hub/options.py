@@ -11,22 +11,72 @@ reload the service builds them again from the reloaded settings and gives each p
 live options changed its new object (`live_changes`, then the part's `apply`): it never
 reaches into a part.
 
-The device session's own options are `hub.core.session.SessionLimits` (with the frame and
-time limits inside it) and `hub.core.measurements.ReadingLimits`: pure code, built by their
-own `of(settings)`, listed in `OPTION_GROUPS` like the rest.
+The device session's own options are pure code's types: `hub.core.session.SessionLimits`
+(with `FrameLimits` and `TimeLimits` inside) and `hub.core.measurements.ReadingLimits`;
+they are built here too (`session_limits`, `reading_limits`, ...), so that pure code never
+sees `Settings`.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Self
 
 from pydantic import SecretStr
 
+from hub.core.frames import FrameLimits
 from hub.core.measurements import ReadingLimits
+from hub.core.readings import TimeLimits
 from hub.core.session import SessionLimits
-from hub.settings import GROUPS, InfluxApi, LogFormat, LogLevel, Settings
+from hub.settings import GROUPS, InfluxApi, LogFormat, LogLevel, Settings, parse_rfc3339_ns
+
+
+def frame_limits(settings: Settings) -> FrameLimits:
+    """What one device frame may hold."""
+    return FrameLimits(
+        settings.max_readings_per_message,
+        settings.max_nesting_depth,
+        settings.max_objects_per_message,
+    )
+
+
+def time_limits(settings: Settings) -> TimeLimits:
+    """Times no working clock produces (`min_time`, `max_future_s`)."""
+    return _time_limits(settings.min_time, settings.max_future_s)
+
+
+@functools.lru_cache(maxsize=8)
+def _time_limits(min_time: str, max_future_s: float) -> TimeLimits:
+    return TimeLimits(parse_rfc3339_ns(min_time) if min_time else None, int(max_future_s * 1e9))
+
+
+def session_limits(settings: Settings) -> SessionLimits:
+    """What one connection may do."""
+    return SessionLimits(
+        messages_per_s=settings.device_messages_per_s,
+        readings_per_s=settings.device_readings_per_s,
+        bytes_per_s=settings.device_bytes_per_s,
+        burst_s=settings.device_burst_s,
+        max_message_bytes=settings.max_message_bytes,
+        max_unacked_messages=settings.max_unacked_messages,
+        overload_close_s=settings.overload_close_s,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
+        frame=frame_limits(settings),
+        time=time_limits(settings),
+    )
+
+
+def reading_limits(settings: Settings) -> ReadingLimits:
+    """How big one reading may be."""
+    return ReadingLimits(
+        settings.max_fields_per_reading,
+        settings.max_tags_per_reading,
+        settings.max_name_chars,
+        settings.max_string_chars,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +220,8 @@ class GatewayOptions:
         return cls(
             ListenOptions.of(settings),
             AdmissionOptions.of(settings),
-            SessionLimits.of(settings),
-            ReadingLimits.of(settings),
+            session_limits(settings),
+            reading_limits(settings),
             FleetOptions.of(settings),
         )
 
@@ -295,6 +345,22 @@ OPTION_GROUPS: dict[type[Any], tuple[str, ...]] = {
 }
 """The groups (`hub.settings.GROUPS`) each options object is built from, all of them:
 whether it is live (replaced on a reload) follows from them."""
+
+BUILDERS: dict[type[Any], Callable[[Settings], Any]] = {
+    StorageOptions: StorageOptions.of,
+    FleetOptions: FleetOptions.of,
+    ListenOptions: ListenOptions.of,
+    AdmissionOptions: AdmissionOptions.of,
+    SessionLimits: session_limits,
+    ReadingLimits: reading_limits,
+    InfluxOptions: InfluxOptions.of,
+    BatchOptions: BatchOptions.of,
+    LogOptions: LogOptions.of,
+    HealthOptions: HealthOptions.of,
+    SchemaOptions: SchemaOptions.of,
+    ServiceOptions: ServiceOptions.of,
+}
+"""How each options object of `OPTION_GROUPS` is built from `Settings`."""
 
 
 def is_live(options: type[Any]) -> bool:

@@ -19,12 +19,12 @@ import pytest
 from websockets.asyncio.server import ServerConnection
 
 from hub.core.handshake import Handshake
-from hub.core.session import SessionLimits
 from hub.gateway.rotation import RotationWatch
 from hub.gateway.session import DeviceSession
 from hub.gateway.session_ports import SessionPorts
 from hub.gateway.watcher import FleetWatcher
 from hub.ops.metrics import HubMetrics
+from hub.options import session_limits
 from hub.registry.records import ConfigState, Credential, DeviceChange
 from hub.settings import Settings
 
@@ -138,7 +138,7 @@ async def fleet() -> AsyncIterator[Fleet]:
     connections = {d: SentConfigs(sent) for d in ids}
     unused: Any = None  # ingest, presence, validators, drain: an idle session never asks
     ports = SessionPorts(unused, registry, unused, unused, HubMetrics(), unused)
-    limits = SessionLimits.of(Settings())
+    limits = session_limits(Settings())
     sessions = {
         d: DeviceSession(
             cast(ServerConnection, connections[d]), Handshake(d, 10**6, d), ports, limits

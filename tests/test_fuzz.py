@@ -48,8 +48,9 @@ from hub.core.protocol import (
     TelegrafFrame,
     decode_frame,
 )
-from hub.core.readings import TimeLimits, prepare_readings
+from hub.core.readings import prepare_readings
 from hub.errors import InvalidMessage
+from hub.options import time_limits
 from hub.settings import Settings
 from schemas.messages import Ack
 from tests.support import HubProcess, add_device, hub_settings
@@ -339,7 +340,7 @@ def line_protocol_points(lines: str) -> list[tuple[str, dict[str, str], dict[str
 _VALIDATOR = MeasurementSchemas().validator(MS, LIMITS)
 
 
-_TIME_LIMITS = TimeLimits.of(Settings())  # the default min_time and max_future_s
+_TIME_LIMITS = time_limits(Settings())  # the default min_time and max_future_s
 
 
 def expected_answer(frame: bytes, dialect: Dialect = Dialect.STRICT) -> Answer:

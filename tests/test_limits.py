@@ -24,6 +24,7 @@ from hub.core.readings import (
     rejections,
 )
 from hub.errors import InvalidMessage
+from hub.options import reading_limits
 from hub.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -225,7 +226,7 @@ def test_long_unknown_type_is_echoed_cut_short() -> None:
 
 def test_reading_limits_default_to_the_settings() -> None:
     """ReadingLimits.defaults() are the default settings' limits."""
-    assert ReadingLimits.defaults() == ReadingLimits.of(Settings(state_dir=Path("/nonexistent")))
+    assert ReadingLimits.defaults() == reading_limits(Settings(state_dir=Path("/nonexistent")))
 
 
 @pytest.mark.parametrize(

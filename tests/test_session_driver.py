@@ -25,11 +25,11 @@ from websockets.protocol import Protocol, Side
 from hub.core.dialects import Dialect
 from hub.core.fieldtypes import FieldTypes
 from hub.core.handshake import Handshake
-from hub.core.measurements import MeasurementSchemas, ReadingLimits, ReadingsValidator
-from hub.core.session import SessionLimits
+from hub.core.measurements import MeasurementSchemas, ReadingsValidator
 from hub.gateway.session import DeviceSession
 from hub.gateway.session_ports import SessionPorts
 from hub.ops.metrics import HubMetrics
+from hub.options import reading_limits, session_limits
 from hub.registry.records import ConfigState
 from hub.settings import Settings
 
@@ -145,7 +145,7 @@ class Hub:
     def __init__(self) -> None:
         self.draining = False
         self.stored_readings = 0
-        self._validator = MeasurementSchemas().validator(10**6, ReadingLimits.of(Settings()))
+        self._validator = MeasurementSchemas().validator(10**6, reading_limits(Settings()))
 
     async def config_state(self, device_id: str) -> ConfigState:
         """No config to push."""
@@ -206,7 +206,7 @@ async def running() -> AsyncIterator[Running]:
         cast(ServerConnection, connection),
         Handshake("dev-1", 10**6),
         ports,
-        SessionLimits.of(settings),
+        session_limits(settings),
     )
     task = asyncio.create_task(session.run())
     yield Running(session, connection, ingest, hub, task)

@@ -30,6 +30,7 @@ from hub.core.session import (
     config_result,
 )
 from hub.errors import InvalidMessage, Overloaded, ProtocolError, RateLimited, UnsupportedData
+from hub.options import frame_limits, session_limits, time_limits
 from schemas.codes import CloseCode, ErrorCode
 from schemas.messages import ConfigAck, ErrorMessage
 from tests.support import hub_settings
@@ -391,7 +392,7 @@ def test_session_limits_come_from_the_settings(tmp_path: Path) -> None:
         shutdown_timeout_s=13,
         max_readings_per_message=17,
     )
-    got = SessionLimits.of(settings)
+    got = session_limits(settings)
     assert (got.messages_per_s, got.readings_per_s, got.bytes_per_s, got.burst_s) == (
         3,
         30,
@@ -400,8 +401,8 @@ def test_session_limits_come_from_the_settings(tmp_path: Path) -> None:
     )
     assert (got.max_message_bytes, got.max_unacked_messages) == (2000, 9)
     assert (got.overload_close_s, got.shutdown_timeout_s) == (11, 13)
-    assert got.frame == FrameLimits.of(settings) and got.frame.max_readings == 17
-    assert got.time == TimeLimits.of(settings)
+    assert got.frame == frame_limits(settings) and got.frame.max_readings == 17
+    assert got.time == time_limits(settings)
     assert got.byte_burst == 2000  # 300 * 4 is less than one frame
 
 

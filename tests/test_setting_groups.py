@@ -22,7 +22,14 @@ from hub.gateway.server import Hub
 from hub.ingest.deadletters import DeadLetterFile
 from hub.ingest.pipeline import Pipeline
 from hub.ops.metrics import HubMetrics
-from hub.options import OPTION_GROUPS, GatewayOptions, HubOptions, is_live, live_changes
+from hub.options import (
+    BUILDERS,
+    OPTION_GROUPS,
+    GatewayOptions,
+    HubOptions,
+    is_live,
+    live_changes,
+)
 from hub.registry.ports import HubRegistry
 from hub.service import reload_parts
 from hub.settings import GROUPS, LIVE_SETTINGS, Settings, reload_changes
@@ -85,7 +92,7 @@ def test_each_options_object_is_built_from_its_groups_only(options: type[Any]) -
     """What `of(settings)` reads is within the groups it names; and it reads something of
     each of them."""
     reads = _Reads(Settings())
-    options.of(cast(Settings, reads))
+    BUILDERS[options](cast(Settings, reads))
     groups = {name: GROUPS[name].settings for name in OPTION_GROUPS[options]}
     allowed = {setting for settings in groups.values() for setting in settings}
     assert reads.read <= allowed, f"reads settings of other groups: {reads.read - allowed}"
@@ -100,6 +107,11 @@ def test_every_setting_reaches_some_part() -> None:
     HubOptions.of(cast(Settings, reads))
     # log_format is the CLI's: it installs the handler before the service exists.
     assert set(Settings.model_fields) - reads.read == set()
+
+
+def test_every_options_object_has_its_groups_and_its_builder() -> None:
+    """The two tables name the same types."""
+    assert set(BUILDERS) == set(OPTION_GROUPS)
 
 
 def test_liveness_of_each_options_object_follows_from_its_groups() -> None:

@@ -20,6 +20,7 @@ from hub.cli.check import describe
 from hub.core.measurements import MeasurementSchemas
 from hub.core.readings import NO_TIME_LIMITS, TimeLimits, prepare_readings
 from hub.errors import ConfigError
+from hub.options import time_limits
 from hub.service import HubService
 from hub.settings import LIVE_SETTINGS, Settings, load_settings, parse_rfc3339_ns, reload_changes
 from tests.support import add_device, hub_settings, points
@@ -45,7 +46,7 @@ def reading(time_ms: int | msgpack.Timestamp | None = None) -> dict[str, Any]:
     return found
 
 
-DEFAULTS = TimeLimits.of(Settings())
+DEFAULTS = time_limits(Settings())
 
 
 # --- the rule, pure -------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_the_bound_itself_is_accepted() -> None:
 @pytest.mark.unit
 def test_empty_min_time_turns_the_lower_bound_off() -> None:
     """With min_time empty, 1970 and 1900 are stored (InfluxDB's own range still holds)."""
-    limits = TimeLimits.of(Settings(min_time=""))
+    limits = time_limits(Settings(min_time=""))
     assert limits.earliest_ns is None
     prepared = prepare([reading(0), reading(-2_208_988_800_000)], limits, time.time_ns())
     assert prepared.accepted == 2
@@ -151,7 +152,7 @@ def test_without_limits_only_influxdbs_range_applies() -> None:
 def test_min_time_is_rfc_3339(text: str, ns: int) -> None:
     """RFC 3339 times with Z or an offset, fractions included, to the exact nanosecond."""
     assert parse_rfc3339_ns(text) == ns
-    assert TimeLimits.of(Settings(min_time=text)).earliest_ns == ns
+    assert time_limits(Settings(min_time=text)).earliest_ns == ns
 
 
 @pytest.mark.unit

@@ -57,15 +57,6 @@ class FrameLimits:
     max_depth: int = _DEFAULTS["max_nesting_depth"].default
     max_objects: int = _DEFAULTS["max_objects_per_message"].default
 
-    @classmethod
-    def of(cls, settings: Settings) -> FrameLimits:
-        """The limits `settings` set."""
-        return cls(
-            settings.max_readings_per_message,
-            settings.max_nesting_depth,
-            settings.max_objects_per_message,
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class ItemSpans:

@@ -32,7 +32,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Required, Union, cast
+from typing import Annotated, Any, Literal, NotRequired, Required, Union, cast
 
 import msgpack
 from pydantic import (
@@ -65,9 +65,6 @@ from schemas.messages import (
     FieldValue,
 )
 
-if TYPE_CHECKING:
-    from hub.settings import Settings
-
 FieldType = Literal["float", "int", "bool", "string"]
 
 RESERVED_PREFIX = "hub_"
@@ -84,16 +81,6 @@ class ReadingLimits:
     max_tags: int
     max_name_chars: int
     max_string_chars: int
-
-    @classmethod
-    def of(cls, settings: Settings) -> ReadingLimits:
-        """The limits `settings` set."""
-        return cls(
-            settings.max_fields_per_reading,
-            settings.max_tags_per_reading,
-            settings.max_name_chars,
-            settings.max_string_chars,
-        )
 
     @classmethod
     def defaults(cls) -> ReadingLimits:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -12,7 +11,6 @@ from hub.core.fieldtypes import GO_ZERO_TIME_NS, FieldTypes
 from hub.core.lineprotocol import CACHE_LIMIT, format_point, point_template
 from hub.core.measurements import ReadingsValidator
 from hub.core.protocol import DEFAULT_MAX_DEPTH, check_readings_depth, cut_reasons
-from hub.settings import Settings, parse_rfc3339_ns
 from schemas.messages import TIME_MIN_NS, Rejection
 
 DEVICE_TAG = "device"
@@ -57,11 +55,6 @@ class TimeLimits:
     earliest_ns: int | None
     max_future_ns: int
 
-    @classmethod
-    def of(cls, settings: Settings) -> TimeLimits:
-        """The limits `settings` set (cached: looked up for every message)."""
-        return _time_limits(settings.min_time, settings.max_future_s)
-
     def problem(self, time_ns: int, now_ns: int) -> str | None:
         """Why a reading stamped `time_ns` is refused when the hub's clock says `now_ns`."""
         if self.earliest_ns is not None and time_ns < self.earliest_ns:
@@ -79,11 +72,6 @@ class TimeLimits:
 
 NO_TIME_LIMITS = TimeLimits(None, 2**63)
 """Only InfluxDB's own range, which the validator checks."""
-
-
-@functools.lru_cache(maxsize=8)
-def _time_limits(min_time: str, max_future_s: float) -> TimeLimits:
-    return TimeLimits(parse_rfc3339_ns(min_time) if min_time else None, int(max_future_s * 1e9))
 
 
 def _rfc3339(time_ns: int) -> str:

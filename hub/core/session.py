@@ -24,7 +24,6 @@ from hub.core.frames import FrameLimits
 from hub.core.ratelimit import TokenBucket
 from hub.core.readings import TimeLimits
 from hub.errors import Overloaded, ProtocolError, RateLimited, UnsupportedData
-from hub.settings import Settings
 from schemas.codes import CloseCode
 from schemas.messages import ConfigAck, ErrorMessage
 
@@ -47,7 +46,8 @@ ConfigResult = Literal["applied", "refused", "ignored"]
 
 @dataclass(frozen=True, slots=True)
 class SessionLimits:
-    """What one connection may do, from the settings; replaced whole on a reload."""
+    """What one connection may do (built from the settings by `hub.options`); replaced whole
+    on a reload."""
 
     messages_per_s: float
     readings_per_s: float
@@ -59,22 +59,6 @@ class SessionLimits:
     shutdown_timeout_s: float
     frame: FrameLimits
     time: TimeLimits
-
-    @classmethod
-    def of(cls, settings: Settings) -> SessionLimits:
-        """The limits `settings` set."""
-        return cls(
-            messages_per_s=settings.device_messages_per_s,
-            readings_per_s=settings.device_readings_per_s,
-            bytes_per_s=settings.device_bytes_per_s,
-            burst_s=settings.device_burst_s,
-            max_message_bytes=settings.max_message_bytes,
-            max_unacked_messages=settings.max_unacked_messages,
-            overload_close_s=settings.overload_close_s,
-            shutdown_timeout_s=settings.shutdown_timeout_s,
-            frame=FrameLimits.of(settings),
-            time=TimeLimits.of(settings),
-        )
 
     @property
     def byte_burst(self) -> float:
