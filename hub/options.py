@@ -348,6 +348,8 @@ whether it is live (replaced on a reload) follows from them."""
 
 BUILDERS: dict[type[Any], Callable[[Settings], Any]] = {
     StorageOptions: StorageOptions.of,
+    RegistryOptions: RegistryOptions.of,
+    WorkerOptions: WorkerOptions.of,
     FleetOptions: FleetOptions.of,
     ListenOptions: ListenOptions.of,
     AdmissionOptions: AdmissionOptions.of,
