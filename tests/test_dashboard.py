@@ -135,7 +135,7 @@ def now_ms() -> int:
 
 @pytest.fixture(scope="module")
 def observed(influxdb: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
-    """A `hub serve` with two devices: `busy-1` streams now and stays connected; `silent-1`
+    """A `hub serve --workers 2` with two devices: `busy-1` streams now and stays connected; `silent-1`
     sent 15 minutes ago (explicit times) and has gone. Queried while `busy-1` is online."""
     db = "dashboard_test"
     create_database(influxdb.url, db)
@@ -145,7 +145,11 @@ def observed(influxdb: LocalServer, tmp_path_factory: pytest.TempPathFactory) ->
     health_port = free_port()
 
     async def run() -> Observed:
-        hub = HubProcess(state, influxdb, db, "--health-port", str(health_port))
+        # Two workers: the supervisor's /metrics carries every sample with its `worker`,
+        # and the workers' own metrics (hub_worker_up, restarts), which the panels use.
+        hub = HubProcess(
+            state, influxdb, db, "--health-port", str(health_port), "--workers", "2"
+        )
         async with hub:
             then = now_ms() - 15 * 60 * 1000
             async with DeviceClient(hub.url, silent) as client:
