@@ -314,3 +314,71 @@ async def test_the_live_view_follows_the_hub_in_a_terminal(
     while "readings in/s" in (shown := await asyncio.to_thread(screen)):
         assert time.monotonic() < deadline, shown
         await asyncio.sleep(0.1)
+
+
+SUPERVISOR_EXPOSITION = """\
+# TYPE hub_connections gauge
+hub_connections{worker="1"} 3.0
+hub_connections{worker="2"} 5.0
+hub_connections{worker="10"} 0.0
+# TYPE hub_worker_up gauge
+hub_worker_up{worker="1"} 1.0
+hub_worker_up{worker="2"} 1.0
+hub_worker_up{worker="10"} 0.0
+# TYPE hub_worker_restarts counter
+hub_worker_restarts_total{worker="1"} 0.0
+hub_worker_restarts_total{worker="2"} 0.0
+hub_worker_restarts_total{worker="10"} 4.0
+"""
+
+
+@pytest.mark.unit
+def test_a_hub_of_workers_is_one_hub_and_each_worker_a_line() -> None:
+    """The supervisor's samples fold into the hub's totals; each worker keeps its state,
+    in the order of their numbers; a hub of one process has no worker lines."""
+    found = parse_scrape(SUPERVISOR_EXPOSITION, 1.0)
+    assert found.value("hub_connections") == 8.0
+    assert [(w.worker, w.up, w.connections, w.restarts) for w in found.workers] == [
+        ("1", True, 3, 0),
+        ("2", True, 5, 0),
+        ("10", False, 0, 4),
+    ]
+    assert scrape(1.0, 0, 0, 0, 0).workers == ()
+
+
+@pytest.mark.e2e
+async def test_once_shows_each_worker_of_a_hub_of_workers(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """Against `hub serve --workers 2`, a frame names both workers, up, with the devices
+    each holds adding up to the hub's connections."""
+    state = tmp_path / "state"
+    tokens = [add_device(hub_settings(state, None), f"w-{n}") for n in range(4)]
+    health_port = free_port()
+    hub = HubProcess(
+        state, influxdb, influx_db_name, "--health-port", str(health_port), "--workers", "2"
+    )
+    async with hub:
+        clients = [DeviceClient(hub.url, token) for token in tokens]
+        for client in clients:
+            await asyncio.wait_for(client.connect(), WAIT_S)
+        try:
+            traffic = Traffic(hub, f"http://127.0.0.1:{health_port}", state)
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                result = await asyncio.to_thread(
+                    subprocess.run, traffic.top_argv("--once"), capture_output=True, text=True,
+                    timeout=WAIT_S, env={**os.environ, "COLUMNS": "120"},
+                )  # fmt: skip
+                assert result.returncode == 0, result.stderr
+                held = [int(n) for n in re.findall(r"\b[12]: up, (\d+) conn", result.stdout)]
+                if len(held) == 2 and sum(held) == len(tokens):
+                    break
+                assert time.monotonic() < deadline, result.stdout
+                await asyncio.sleep(0.2)
+            print(result.stdout)
+            assert number_after("connections", result.stdout) == len(tokens)
+        finally:
+            for client in clients:
+                await asyncio.wait_for(client.close(), WAIT_S)
+    assert await hub.stop() == 0

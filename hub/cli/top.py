@@ -137,6 +137,15 @@ def render(frame: Frame | None, source: str, error: str | None = None) -> Render
     state = "accepting devices" if frame.accepting else "NOT ACCEPTING devices"
     influx = "InfluxDB ok" if frame.influx_healthy else "InfluxDB FAILING (spooling)"
     header = Text(f"hub top: {source}  |  {state}  |  {influx}", style="bold")
+    if frame.workers:
+        header.append(
+            "\nworkers  "
+            + "   ".join(
+                f"{w.worker}: {'up' if w.up else 'DOWN'}, {w.connections} conn"
+                + (f", {w.restarts} restarts" if w.restarts else "")
+                for w in frame.workers
+            )
+        )
     if error:
         header.append(f"\nlast read failed: {error}", style="red")
 

@@ -15,18 +15,30 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from hub.registry.sqlite import Presence
-from hub.workers.exposition import fold_workers
+from hub.workers.exposition import WORKER_LABEL, fold_workers
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 """A sample's name and its sorted labels."""
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerLine:
+    """One worker of `hub serve --workers N`, as its supervisor's /metrics tells."""
+
+    worker: str
+    up: bool
+    connections: int
+    restarts: int
+
+
+@dataclass(frozen=True, slots=True)
 class Scrape:
-    """One read of `/metrics`: every sample by name and labels, and when it was taken."""
+    """One read of `/metrics`: every sample by name and labels (a hub of workers folded
+    into one), the workers one by one, and when it was taken."""
 
     at: float
     samples: Mapping[SampleKey, float]
+    workers: tuple[WorkerLine, ...] = ()
 
     def value(self, name: str, **labels: str) -> float:
         """One sample's value; 0 if the hub does not export it (yet)."""
@@ -48,7 +60,33 @@ def parse_scrape(text: str, at: float) -> Scrape:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
-    return Scrape(at, fold_workers(samples))
+    return Scrape(at, fold_workers(samples), workers_of(samples))
+
+
+def workers_of(samples: Mapping[SampleKey, float]) -> tuple[WorkerLine, ...]:
+    """Each worker's state from a supervisor's samples (none for a hub of one process),
+    in the order of their numbers."""
+    per: dict[str, dict[str, float]] = {}
+    for (name, labels), value in samples.items():
+        worker = dict(labels).get(WORKER_LABEL)
+        if worker is not None and name in _WORKER_SAMPLES:
+            per.setdefault(worker, {})[name] = per.get(worker, {}).get(name, 0.0) + value
+    return tuple(
+        WorkerLine(
+            worker,
+            seen.get("hub_worker_up", 0.0) == 1.0,
+            int(seen.get("hub_connections", 0.0)),
+            int(seen.get("hub_worker_restarts_total", 0.0)),
+        )
+        for worker, seen in sorted(per.items(), key=lambda item: _number(item[0]))
+    )
+
+
+_WORKER_SAMPLES = frozenset({"hub_worker_up", "hub_connections", "hub_worker_restarts_total"})
+
+
+def _number(worker: str) -> tuple[int, str]:
+    return (int(worker), "") if worker.isdigit() else (1 << 30, worker)
 
 
 def increase(before: float, after: float) -> float:
@@ -128,6 +166,7 @@ class Frame:
     spool_oldest_s: float
     spool_full: bool
     dead_letter_points: int
+    workers: tuple[WorkerLine, ...] = ()
     busiest: list[DeviceLine] = field(default_factory=list)
     silent: list[DeviceLine] = field(default_factory=list)
 
@@ -181,6 +220,7 @@ def build_frame(
         spool_oldest_s=after.value("hub_spool_oldest_age_seconds"),
         spool_full=after.value("hub_spool_full") == 1,
         dead_letter_points=int(after.value("hub_dead_letter_points_total")),
+        workers=after.workers,
         busiest=busiest_devices(presence_before, presence_after, interval, top),
         silent=silent_devices(presence_after.values(), now, silent_after_s, lookback_s, top),
     )
