@@ -174,7 +174,7 @@ class Hub:
         during a restart then wait in the backlog (systemd keeps the socket open) for the
         next hub instead of getting 503; a worker's port, likewise, for its siblings to take.
         A socket of a hub's own stays open and answers 503."""
-        if (self._socket_from_systemd or self.one_of_workers) and self._server is not None:
+        if self._hands_over and self._server is not None:
             self._server.server.close()
 
     async def acks_sent(self) -> None:
@@ -228,7 +228,17 @@ class Hub:
         return self.listening and not self._full()
 
     def _full(self) -> bool:
-        return self.draining or len(self.slots) >= self.options.admission.max_connections
+        # Draining on a socket that outlives this process (systemd's, or the port the
+        # workers share), the listener is closed at once and new devices wait in the backlog
+        # for the next process; a handshake already under way is let in, not refused, and
+        # closed with 1001 with everyone, which a device takes as "reconnect", not "refused".
+        refusing = self.draining and not self._hands_over
+        return refusing or len(self.slots) >= self.options.admission.max_connections
+
+    @property
+    def _hands_over(self) -> bool:
+        """Whether another process takes over this one's listening socket."""
+        return self._socket_from_systemd or self.one_of_workers
 
     @property
     def failed_handshakes(self) -> FailedHandshakeLimiter:
