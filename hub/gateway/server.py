@@ -17,6 +17,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from hub.core.dialects import Dialect
 from hub.core.measurements import MeasurementSchemas, ReadingsValidator
@@ -51,6 +52,9 @@ from schemas.codes import CloseCode
 log = logging.getLogger("hub.server")
 
 LISTEN_BACKLOG = 4096
+HANDOVER_GRACE_S = 1.0
+"""How long a stop on a taken-over socket waits for handshakes under way to finish."""
+HANDOVER_POLL_S = 0.02
 STOP_GRACE_S = 0.5
 """After the deadline: how long the handlers of dropped connections get to finish."""
 
@@ -189,6 +193,8 @@ class Hub:
             self.options.session.shutdown_timeout_s if timeout_s is None else timeout_s
         )
         if self._server is not None:
+            if self._hands_over:
+                await self._let_handshakes_finish(min(deadline, loop.time() + HANDOVER_GRACE_S))
             self._server.close()
             self.strangers.abort_waiting()
             try:
@@ -206,6 +212,20 @@ class Hub:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.1, deadline - loop.time())):
                 await self._record_presence()
+
+    async def _let_handshakes_finish(self, until: float) -> None:
+        """Before closing a socket another process takes over: the connections this one
+        accepted but has not answered yet would be refused (503) or cut (headers unread) by
+        the close, which a device takes as a failed connect; their handshakes finish first
+        (let in, they are closed with 1001 with the rest), until `until` at the latest."""
+        assert self._server is not None
+        loop = asyncio.get_running_loop()
+        while loop.time() < until:
+            connections = self._server.all_connections
+            if not any(c.protocol.state is State.CONNECTING for c in connections):
+                return
+            # Polled: websockets signals no handshake's end but to its own handler.
+            await asyncio.sleep(HANDOVER_POLL_S)
 
     def _drop_connections(self, server: Server) -> None:
         log.warning(
