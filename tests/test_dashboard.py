@@ -135,8 +135,9 @@ def now_ms() -> int:
 
 @pytest.fixture(scope="module")
 def observed(influxdb: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
-    """A `hub serve --workers 2` with two devices: `busy-1` streams now and stays connected; `silent-1`
-    sent 15 minutes ago (explicit times) and has gone. Queried while `busy-1` is online."""
+    """A `hub serve --workers 2` with two devices: `busy-1` streams now and stays connected;
+    `silent-1` sent 15 minutes ago (explicit times) and has gone. Queried while `busy-1` is
+    online."""
     db = "dashboard_test"
     create_database(influxdb.url, db)
     state = tmp_path_factory.mktemp("dashboard") / "state"
