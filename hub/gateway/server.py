@@ -37,6 +37,7 @@ from hub.gateway.admission import (
     peer_of,
     source_of,
 )
+from hub.gateway.ownership import Ownership
 from hub.gateway.presence import PresenceTracker
 from hub.gateway.rotation import ROTATED_OUT_REASON, RotationWatch
 from hub.gateway.session import DeviceSession
@@ -91,14 +92,15 @@ class Hub:
             self.stranger_counts,
             TrustedProxies(settings.proxy_protocol_from),
         )
-        self._sessions: dict[str, DeviceSession] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.ownership = Ownership(registry, self.presence, self._spawn)
+        self._sessions = self.ownership.sessions
         self.watcher = FleetWatcher(
             registry, self._sessions, self.rotation, settings.registry_poll_s, self._spawn
         )
         self._server: Server | None = None
         self._socket_from_systemd = False
         self._bound: Any = None  # (host, port, ...) of the device socket, once listening
-        self._background: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._validators: dict[int, ReadingsValidator] = {}
         self.failed_handshakes = FailedHandshakeLimiter(
@@ -159,6 +161,7 @@ class Hub:
         self._loops = [
             asyncio.create_task(self.watcher.run(), name="registry-watch"),
             asyncio.create_task(self._keep_presence(), name="presence"),
+            asyncio.create_task(self.ownership.run(), name="ownership-safety-net"),
         ]
         return self._server
 
@@ -335,20 +338,22 @@ class Hub:
         if handshake is None:  # lost before its handler ran: nothing to serve
             return
         device_id = handshake.device_id
-        ports = SessionPorts(
-            self.pipeline, self.registry, self.presence, self, self.metrics, drain=self
-        )
-        session = DeviceSession(connection, handshake, ports, self.session_limits)
-        previous = self._sessions.get(device_id)
-        self._sessions[device_id] = session
-        if previous is not None:
-            # Not awaited: a vanished old peer must not delay the new session.
-            self._spawn(
-                previous.connection.close(CloseCode.REPLACED, "replaced by a newer connection")
-            )
-            self.presence.disconnected(device_id, f"{CloseCode.REPLACED} replaced")
         remote = _address(connection)
-        self.presence.connected(device_id, remote)
+        try:  # one live connection per device across hubs: the other hub closes its own
+            claim = await self.ownership.claim(device_id, remote)
+        except Exception as exc:  # the registry unreachable: come back later
+            log.warning("device %s: claiming its connection failed: %r", device_id, exc)
+            claim = None
+        if claim is None:  # revoked since the lookup, this hub's lease run out, or no registry
+            with contextlib.suppress(ConnectionClosed):
+                await connection.close(CloseCode.TRY_AGAIN_LATER, "the hub cannot take it now")
+            return
+        configs = self.ownership.configs(claim)
+        ports = SessionPorts(self.pipeline, configs, self.presence, self, self.metrics, drain=self)
+        session = DeviceSession(connection, handshake, ports, self.session_limits)
+        if not self.ownership.hold(session, configs):
+            return  # a connection of a newer claim holds the device: this one closes, 4000
+        self.presence.connected(device_id, remote, claim.epoch)
         self.metrics.connections_opened.inc()
         log.info("device %s connected from %s", device_id, remote, extra=device_extra(device_id))
         try:
@@ -363,8 +368,7 @@ class Hub:
         finally:
             self.rotation.forget(connection)
             reason = _close_reason(connection)
-            if self._sessions.get(device_id) is session:
-                del self._sessions[device_id]
+            if self.ownership.release(session):  # its presence row released by epoch
                 self.presence.disconnected(device_id, reason)
             log.info(
                 "device %s disconnected (%s)", device_id, reason, extra=device_extra(device_id)
