@@ -23,8 +23,12 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Protocol
 
+from websockets.asyncio.server import ServerConnection
+
+from hub.core.handshake import HandshakeRefused
 from hub.gateway.rotation import ROTATED_OUT_REASON
 from hub.gateway.session import DeviceSession
 from hub.ops.logs import device_extra
@@ -37,6 +41,8 @@ log = logging.getLogger("hub.server")
 SAFETY_NET_S = 5.0
 """How often the hub checks all its claimed sessions against the registry."""
 REPLACED_REASON = "replaced by a newer connection"
+CLAIM_RETRY_AFTER_S = 5
+"""`Retry-After` of a handshake whose device could not be claimed."""
 
 
 class ClaimStore(ConfigStore, OwnershipStore, Protocol):
@@ -160,15 +166,35 @@ class Ownership:
         self._presence = presence
         self._spawn = spawn
         self._safety_net_s = safety_net_s
+        self._unstarted: dict[ServerConnection, tuple[str, int]] = {}
         store.watch_takeovers(self.taken_over)
 
-    async def claim(self, device_id: str, remote_address: str) -> Claim | None:
-        """Claim the device's connection for a new session (see `OwnershipStore.claim`)."""
-        return await self._store.claim(device_id, remote_address)
+    async def claim(self, connection: ServerConnection, device_id: str, remote: str) -> Claim:
+        """Claim the device's connection for a handshake, before its upgrade: once the
+        device's connect returns, every later handshake of it is the newer one. Refused
+        (503, `Retry-After`) when the device cannot be claimed now. Released at once if the
+        connection is lost before its session starts (`started`)."""
+        claim = await self._store.claim(device_id, remote)
+        if claim is None:  # revoked since the lookup, or this hub's lease has run out
+            raise HandshakeRefused(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the hub cannot take this device's connection now",
+                retry_after=CLAIM_RETRY_AFTER_S,
+            )
+        if claim.epoch:
+            self._unstarted[connection] = (device_id, claim.epoch)
+            connection.connection_lost_waiter.add_done_callback(
+                lambda _: self._lost_before_start(connection)
+            )
+        return claim
 
-    def configs(self, claim: Claim) -> ClaimedConfigs:
-        """The config store of the session of `claim`."""
-        return ClaimedConfigs(self._store, claim.epoch)
+    def started(self, connection: ServerConnection) -> None:
+        """The connection's session starts: from now on its end releases its claim."""
+        self._unstarted.pop(connection, None)
+
+    def configs(self, epoch: int) -> ClaimedConfigs:
+        """The config store of the session of claim `epoch`."""
+        return ClaimedConfigs(self._store, epoch)
 
     def hold(self, session: DeviceSession, configs: ClaimedConfigs) -> bool:
         """Make `session` its device's live one, closing the one it replaces with 4000.
@@ -224,6 +250,11 @@ class Ownership:
                     self._spawn(session.revoke(ROTATED_OUT_REASON))
                 else:
                     self._spawn(session.push_config())
+
+    def _lost_before_start(self, connection: ServerConnection) -> None:
+        unstarted = self._unstarted.pop(connection, None)
+        if unstarted is not None:
+            self._spawn(self._store.release(*unstarted))
 
     def _close_replaced(self, session: DeviceSession, reason: str) -> None:
         # Not awaited: a vanished old peer must not delay the new session.

@@ -287,6 +287,10 @@ class Hub:
             if credential is None:
                 raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
             self._check_room()  # again: others may have been let in, or a drain begun, meanwhile
+            # Last: a claim rings the hub holding the device, which closes it.
+            claim = await self.ownership.claim(
+                connection, credential.device_id, _address(connection)
+            )
         except HandshakeRefused as refused:
             refusal = refused
             if refusal.status == HTTPStatus.UNAUTHORIZED and blocked_s:
@@ -303,7 +307,11 @@ class Hub:
         self.slots.admit(
             connection,
             Handshake(
-                credential.device_id, ns_per_unit, credential.token_hash, credential.expires_at
+                credential.device_id,
+                ns_per_unit,
+                credential.token_hash,
+                credential.expires_at,
+                claim.epoch,
             ),
         )
         return None
@@ -338,22 +346,14 @@ class Hub:
         if handshake is None:  # lost before its handler ran: nothing to serve
             return
         device_id = handshake.device_id
-        remote = _address(connection)
-        try:  # one live connection per device across hubs: the other hub closes its own
-            claim = await self.ownership.claim(device_id, remote)
-        except Exception as exc:  # the registry unreachable: come back later
-            log.warning("device %s: claiming its connection failed: %r", device_id, exc)
-            claim = None
-        if claim is None:  # revoked since the lookup, this hub's lease run out, or no registry
-            with contextlib.suppress(ConnectionClosed):
-                await connection.close(CloseCode.TRY_AGAIN_LATER, "the hub cannot take it now")
-            return
-        configs = self.ownership.configs(claim)
+        self.ownership.started(connection)
+        configs = self.ownership.configs(handshake.epoch)
         ports = SessionPorts(self.pipeline, configs, self.presence, self, self.metrics, drain=self)
         session = DeviceSession(connection, handshake, ports, self.session_limits)
         if not self.ownership.hold(session, configs):
             return  # a connection of a newer claim holds the device: this one closes, 4000
-        self.presence.connected(device_id, remote, claim.epoch)
+        remote = _address(connection)
+        self.presence.connected(device_id, remote, handshake.epoch)
         self.metrics.connections_opened.inc()
         log.info("device %s connected from %s", device_id, remote, extra=device_extra(device_id))
         try:

@@ -119,6 +119,11 @@ class OwnershipStore(Protocol):
         once another handshake claimed the device since."""
         ...
 
+    async def release(self, device_id: str, epoch: int) -> None:
+        """Give up the claim of `epoch` at once (its connection never became a session); a
+        no-op once another handshake claimed the device. Sessions release with presence."""
+        ...
+
     def watch_takeovers(self, listener: Callable[[str, int], None]) -> None:
         """Call `listener(device_id, epoch)` when another hub claims a device this one held,
         with the new epoch (sessions with an older one must close)."""

@@ -139,6 +139,9 @@ class ThreadedSQLiteRegistry:
         """See `OwnershipStore.record_claimed_config_ack`: as `record_config_ack`."""
         return await self.record_config_ack(device_id, version, ok, error)
 
+    async def release(self, device_id: str, epoch: int) -> None:
+        """See `OwnershipStore.release`: nothing was claimed."""
+
     def watch_takeovers(self, listener: Callable[[str, int], None]) -> None:
         """See `OwnershipStore.watch_takeovers`: no other hub ever takes a device over."""
 

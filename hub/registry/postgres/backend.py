@@ -161,6 +161,10 @@ class PostgresRegistry:
         )
         return row is not None
 
+    async def release(self, device_id: str, epoch: int) -> None:
+        """See `OwnershipStore.release`."""
+        await self._pool.execute(q.RELEASE_CONNECTION, device_id, self.node_id, epoch)
+
     def watch_takeovers(self, listener: Callable[[str, int], None]) -> None:
         """See `OwnershipStore.watch_takeovers`: heard on the doorbell's channel."""
         self._doorbell.on_takeover(listener)
