@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
+from hub.gateway.ownership import SAFETY_NET_S
 from hub.registry.postgres.backend import PostgresRegistry
+from hub.registry.postgres.doorbell import LISTENER_NAME
 from hub.registry.postgres.operator import PostgresOperator
 from hub.registry.records import HeldSession, Presence, StaleReason, hash_token
 from schemas.codes import CloseCode
@@ -124,6 +127,47 @@ async def test_a_device_moving_to_another_hub_is_closed_on_the_first_at_once(
     assert percentile(ms, 0.99) < CLOSE_BOUND_S * 1000, ms
     for process in two_hubs.values():
         assert "Traceback" not in process.log, process.log
+
+
+async def test_a_takeover_whose_doorbell_was_lost_is_closed_by_the_safety_net(
+    two_hubs: dict[str, HubProcess], postgres_db: PostgresDatabase, pg: asyncpg.Connection
+) -> None:
+    """Both hubs' listeners cut, then the device moves: nobody listens when the claim rings,
+    and the old hub's safety net closes the old connection with 4000 within its period
+    (printed). A listener back in time makes the try inconclusive: moved back, tried again."""
+    env = {"HUB_REGISTRY_URL": postgres_db.dsn}
+    added = await hub_command("token", "add", "mover", env=env)
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    names = list(two_hubs)
+    current = DeviceClient(two_hubs[names[0]].url, token)
+    await asyncio.wait_for(current.connect(), WAIT_S)
+    listeners = (
+        "SELECT {} FROM pg_stat_activity"
+        " WHERE application_name = $1 AND datname = current_database()"
+    )
+    try:
+        for attempt in range(1, 6):
+            # Waits for the backends to end (PostgreSQL 14+), so none of them hears the claim.
+            await pg.fetchval(
+                listeners.format("count(pg_terminate_backend(pid, 5000))"), LISTENER_NAME
+            )
+            moved = DeviceClient(two_hubs[names[attempt % 2]].url, token)
+            began = time.perf_counter()
+            await asyncio.wait_for(moved.connect(), WAIT_S)
+            lost = await pg.fetchval(listeners.format("count(*)"), LISTENER_NAME) == 0
+            code, _ = await asyncio.wait_for(current.wait_closed(), SAFETY_NET_S + WAIT_S)
+            closed_s = time.perf_counter() - began
+            await asyncio.wait_for(current.close(), WAIT_S)
+            current = moved
+            assert code == CloseCode.REPLACED
+            if lost:
+                print(f"lost takeover doorbell: old connection closed {closed_s:.2f} s later")
+                break
+        else:
+            pytest.fail("five tries, and a listener was back before the claim every time")
+    finally:
+        await asyncio.wait_for(current.close(), WAIT_S)
 
 
 async def test_a_stale_sessions_late_writes_lose_and_its_hub_hears_the_takeover(
