@@ -57,6 +57,7 @@ class FakeStore:
         self.stale = stale or []
         self.checked: list[list[HeldSession]] = []
         self.listener: Callable[[str, int], None] | None = None
+        self.missed: Callable[[], None] | None = None
 
     async def config_state(self, device_id: str) -> ConfigState:
         return ConfigState(device_id, {"x": 1}, 7, 7, True, None, 1.0)
@@ -77,8 +78,11 @@ class FakeStore:
     async def release(self, device_id: str, epoch: int) -> None:
         pass
 
-    def watch_takeovers(self, listener: Callable[[str, int], None]) -> None:
+    def watch_takeovers(
+        self, listener: Callable[[str, int], None], missed: Callable[[], None]
+    ) -> None:
         self.listener = listener
+        self.missed = missed
 
     async def stale_sessions(self, sessions: Sequence[HeldSession]) -> list[StaleSession]:
         self.checked.append(list(sessions))
@@ -227,3 +231,22 @@ async def test_the_safety_net_acts_on_every_reason() -> None:
     assert sessions["rotated"].asked == ["revoke: token rotated out"]
     assert sessions["behind"].asked == ["push_config"]
     assert sessions["gone"].asked == [] and sessions["gone"].connection.closed is None
+
+
+async def test_the_safety_net_checks_at_once_when_takeovers_may_have_been_missed() -> None:
+    """The listener reconnected (`missed`): the net checks now, not a period later."""
+    store, spawn = FakeStore(), Spawned()
+    ownership = Ownership(cast(ClaimStore, store), Disconnects(), spawn, safety_net_s=3600)
+    ownership.hold(real(session("d")), ownership.configs(1))
+    net = asyncio.create_task(ownership.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert store.checked == []  # an hour to go
+        assert store.missed is not None
+        store.missed()
+        async with asyncio.timeout(WAIT_S):
+            while not store.checked:
+                await asyncio.sleep(0.01)
+        assert store.checked == [[HeldSession("d", 1, 0, "h-d")]]
+    finally:
+        net.cancel()

@@ -8,18 +8,20 @@ doorbell (`watch_takeovers`, with the new epoch: a session claimed here since st
 session's late writes name its epoch (`ClaimedConfigs` for its config answers,
 `Presence.epoch` for presence and its release) and lose to a newer claim.
 
-A notification can be lost (the doorbell's connection dropped), so every `SAFETY_NET_S`
-the hub also asks the registry about all its claimed sessions (`stale_sessions`): one taken
-over is closed with 4000, one revoked or on a token rotated out past its grace with 4001,
-and one behind on its config is sent the newest. That bounds how long a lost notification
-leaves two sessions of one device, or a revoked device connected, at `SAFETY_NET_S` plus
-one check. With SQLite (one process owns every connection) every epoch is 0 and the net
-has nothing to ask.
+A notification can be lost (the doorbell's connection dropped), so every `SAFETY_NET_S`,
+and at once when the doorbell listens again after losing its connection, the hub also asks
+the registry about all its claimed sessions (`stale_sessions`): one taken over is closed
+with 4000, one revoked or on a token rotated out past its grace with 4001, and one behind
+on its config is sent the newest. That bounds how long a lost notification leaves two
+sessions of one device, or a revoked device connected, at `SAFETY_NET_S` plus one check.
+With SQLite (one process owns every connection) every epoch is 0 and the net has nothing
+to ask.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
@@ -167,7 +169,8 @@ class Ownership:
         self._spawn = spawn
         self._safety_net_s = safety_net_s
         self._unstarted: dict[ServerConnection, tuple[str, int]] = {}
-        store.watch_takeovers(self.taken_over)
+        self._check_now = asyncio.Event()
+        store.watch_takeovers(self.taken_over, self._check_now.set)
 
     async def claim(self, connection: ServerConnection, device_id: str, remote: str) -> Claim:
         """Claim the device's connection for a handshake, before its upgrade: once the
@@ -223,10 +226,14 @@ class Ownership:
             self._close_replaced(session, f"{CloseCode.REPLACED} taken over by another hub")
 
     async def run(self) -> None:
-        """The safety net, every `safety_net_s` until cancelled."""
+        """The safety net, every `safety_net_s` and whenever takeovers may have gone
+        unheard, until cancelled."""
         failing = False
         while True:
-            await asyncio.sleep(self._safety_net_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._safety_net_s):
+                    await self._check_now.wait()
+            self._check_now.clear()
             held = self.sessions.claimed()
             if not held:
                 continue

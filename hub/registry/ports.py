@@ -124,9 +124,12 @@ class OwnershipStore(Protocol):
         no-op once another handshake claimed the device. Sessions release with presence."""
         ...
 
-    def watch_takeovers(self, listener: Callable[[str, int], None]) -> None:
+    def watch_takeovers(
+        self, listener: Callable[[str, int], None], missed: Callable[[], None]
+    ) -> None:
         """Call `listener(device_id, epoch)` when another hub claims a device this one held,
-        with the new epoch (sessions with an older one must close)."""
+        with the new epoch (sessions with an older one must close), and `missed()` when
+        such news may have been lost (the notification listener reconnected)."""
         ...
 
     async def stale_sessions(self, sessions: Sequence[HeldSession]) -> list[StaleSession]:

@@ -142,7 +142,9 @@ class ThreadedSQLiteRegistry:
     async def release(self, device_id: str, epoch: int) -> None:
         """See `OwnershipStore.release`: nothing was claimed."""
 
-    def watch_takeovers(self, listener: Callable[[str, int], None]) -> None:
+    def watch_takeovers(
+        self, listener: Callable[[str, int], None], missed: Callable[[], None]
+    ) -> None:
         """See `OwnershipStore.watch_takeovers`: no other hub ever takes a device over."""
 
     async def stale_sessions(self, sessions: Sequence[HeldSession]) -> list[StaleSession]:

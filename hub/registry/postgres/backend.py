@@ -165,9 +165,12 @@ class PostgresRegistry:
         """See `OwnershipStore.release`."""
         await self._pool.execute(q.RELEASE_CONNECTION, device_id, self.node_id, epoch)
 
-    def watch_takeovers(self, listener: Callable[[str, int], None]) -> None:
-        """See `OwnershipStore.watch_takeovers`: heard on the doorbell's channel."""
-        self._doorbell.on_takeover(listener)
+    def watch_takeovers(
+        self, listener: Callable[[str, int], None], missed: Callable[[], None]
+    ) -> None:
+        """See `OwnershipStore.watch_takeovers`: heard on the doorbell's channel, missed
+        while its connection was away."""
+        self._doorbell.on_takeover(listener, missed)
 
     async def stale_sessions(self, sessions: Sequence[HeldSession]) -> list[StaleSession]:
         """See `OwnershipStore.stale_sessions`: `STALE_SESSIONS`, a chunk at a time."""

@@ -55,10 +55,14 @@ class Doorbell:
         self._listening = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_takeover: Callable[[str, int], None] | None = None
+        self._on_relisten: Callable[[], None] | None = None
 
-    def on_takeover(self, listener: Callable[[str, int], None]) -> None:
-        """Call `listener(device_id, epoch)` for every takeover heard from now on."""
+    def on_takeover(self, listener: Callable[[str, int], None], missed: Callable[[], None]) -> None:
+        """Call `listener(device_id, epoch)` for every takeover heard from now on, and
+        `missed()` each time LISTEN is in place again after the connection was lost
+        (takeovers rung meanwhile went unheard)."""
         self._on_takeover = listener
+        self._on_relisten = missed
 
     def start(self) -> None:
         """Begin listening, in a task of its own, until `close`."""
@@ -118,6 +122,8 @@ class Doorbell:
                 continue
             try:
                 await self._listen(conn)
+                if self._on_relisten is not None:
+                    self._on_relisten()
                 if lost_since is not None:
                     log.info(
                         "registry listener connected again after %.1f s; catching up",
