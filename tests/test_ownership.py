@@ -9,6 +9,8 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
+import pytest
+
 from hub.gateway.ownership import ClaimedConfigs, ClaimStore, Ownership, SessionTable
 from hub.gateway.session import DeviceSession
 from hub.registry.records import (
@@ -19,6 +21,8 @@ from hub.registry.records import (
     StaleSession,
 )
 from schemas.codes import CloseCode
+
+pytestmark = pytest.mark.unit
 
 WAIT_S = 5.0
 

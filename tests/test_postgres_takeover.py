@@ -134,7 +134,8 @@ async def test_a_takeover_whose_doorbell_was_lost_is_closed_by_the_safety_net(
 ) -> None:
     """Both hubs' listeners cut, then the device moves: nobody listens when the claim rings,
     and the old hub's safety net (run as its listener is back, at the latest within its
-    period) closes the old connection with 4000 (printed). A listener back in time makes the try inconclusive: moved back, tried again."""
+    period) closes the old connection with 4000 (printed). A listener back in time makes
+    the try inconclusive: moved back, tried again."""
     env = {"HUB_REGISTRY_URL": postgres_db.dsn}
     added = await hub_command("token", "add", "mover", env=env)
     assert added.returncode == 0, added.stderr

@@ -309,9 +309,10 @@ DELETE FROM changes WHERE created_at < now() - make_interval(secs => $1::float8)
 """Forget changes older than $1 s; a hub behind that long checks every session instead."""
 
 
-# --- The hub's ports today (hub.registry.postgres.backend) ---------------------------------
-# Until a handshake claims its device (CLAIM_CONNECTION, with sessions that carry epochs),
-# the hub's ports record presence by device and read every changed device, as on SQLite.
+# --- Also used by the hub's ports (hub.registry.postgres.backend) --------------------------
+# The change feed reads every changed device, as on SQLite, and presence rows of no claim
+# (epoch 0: only tests write them) are recorded by device; claimed sessions use the epoch
+# statements above.
 
 CHANGE_SEQ = """
 SELECT value FROM change_seq
