@@ -129,6 +129,42 @@ async def test_a_device_moving_to_another_hub_is_closed_on_the_first_at_once(
         assert "Traceback" not in process.log, process.log
 
 
+async def test_a_second_connection_to_the_same_hub_replaces_the_first_and_leaving_releases(
+    two_hubs: dict[str, HubProcess], postgres_db: PostgresDatabase
+) -> None:
+    """On one hub of a PostgreSQL registry, a second connection of a device closes the first
+    with 4000 (no doorbell: the hub's own table); the newer one streams, its config answer
+    counts, and once it leaves `hub devices` shows the device offline with no hub."""
+    env = {"HUB_REGISTRY_URL": postgres_db.dsn}
+    added = await hub_command("token", "add", "twice", env=env)
+    assert added.returncode == 0, added.stderr
+    pushed = await hub_command("config", "set", "twice", "x=1", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    hub = two_hubs["hub-a"]
+    first = DeviceClient(hub.url, added.stdout.strip())
+    second = DeviceClient(hub.url, added.stdout.strip())
+    await asyncio.wait_for(first.connect(), WAIT_S)
+    try:
+        await asyncio.wait_for(second.connect(), WAIT_S)
+        code, _ = await asyncio.wait_for(first.wait_closed(), WAIT_S)
+        assert code == CloseCode.REPLACED
+        reading = [{"name": "env", "fields": {"t": 1.0}}]
+        assert (await asyncio.wait_for(second.store(reading), WAIT_S)).accepted == 1
+
+        async def row() -> Any:
+            listed = await hub_command("devices", "--json", env=env)
+            return {r["device"]: r for r in json.loads(listed.stdout)}["twice"]
+
+        held = await eventually(
+            row, lambda r: r["config_acknowledged"] == 1 and r["hub"] == "hub-a", "acked"
+        )
+        assert held["online"]
+    finally:
+        await asyncio.wait_for(second.close(), WAIT_S)
+        await asyncio.wait_for(first.close(), WAIT_S)
+    await eventually(row, lambda r: not r["online"] and r["hub"] is None, "twice offline")
+
+
 async def test_a_takeover_whose_doorbell_was_lost_is_closed_by_the_safety_net(
     two_hubs: dict[str, HubProcess], postgres_db: PostgresDatabase, pg: asyncpg.Connection
 ) -> None:
