@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import pytest
+from websockets.asyncio.server import ServerConnection
 
 from hub.gateway.ownership import ClaimedConfigs, ClaimStore, Ownership, SessionTable
 from hub.gateway.session import DeviceSession
@@ -60,6 +61,7 @@ class FakeStore:
     def __init__(self, stale: list[StaleSession] | None = None) -> None:
         self.stale = stale or []
         self.checked: list[list[HeldSession]] = []
+        self.released: list[tuple[str, int]] = []
         self.listener: Callable[[str, int], None] | None = None
         self.missed: Callable[[], None] | None = None
 
@@ -80,7 +82,7 @@ class FakeStore:
         return True
 
     async def release(self, device_id: str, epoch: int) -> None:
-        pass
+        self.released.append((device_id, epoch))
 
     def watch_takeovers(
         self, listener: Callable[[str, int], None], missed: Callable[[], None]
@@ -254,3 +256,31 @@ async def test_the_safety_net_checks_at_once_when_takeovers_may_have_been_missed
         assert store.checked == [[HeldSession("d", 1, 0, "h-d")]]
     finally:
         net.cancel()
+
+
+class LosableConnection:
+    """What a claim watches of a connection: when it is lost."""
+
+    def __init__(self) -> None:
+        self.connection_lost_waiter: asyncio.Future[None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def lose(self) -> None:
+        self.connection_lost_waiter.set_result(None)
+
+
+async def test_a_claim_whose_connection_is_lost_before_its_session_is_released() -> None:
+    """Claimed, then lost before the upgrade became a session: released at once, by its
+    epoch; a connection whose session started is left to the session's end."""
+    store, spawn = FakeStore(), Spawned()
+    ownership = Ownership(cast(ClaimStore, store), Disconnects(), spawn)
+    lost, served = LosableConnection(), LosableConnection()
+    assert await ownership.claim(cast(ServerConnection, lost), "a", "192.0.2.1:1") == Claim(1)
+    await ownership.claim(cast(ServerConnection, served), "b", "192.0.2.1:2")
+    ownership.started(cast(ServerConnection, served))
+    lost.lose()
+    served.lose()
+    await asyncio.sleep(0)  # the futures' callbacks run at the next turn of the loop
+    await spawn.settle()
+    assert store.released == [("a", 1)]

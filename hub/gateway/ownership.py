@@ -261,7 +261,18 @@ class Ownership:
     def _lost_before_start(self, connection: ServerConnection) -> None:
         unstarted = self._unstarted.pop(connection, None)
         if unstarted is not None:
-            self._spawn(self._store.release(*unstarted))
+            self._spawn(self._release(*unstarted))
+
+    async def _release(self, device_id: str, epoch: int) -> None:
+        try:
+            await self._store.release(device_id, epoch)
+        except Exception as exc:  # left held: the device's next handshake claims it again
+            log.warning(
+                "device %s: releasing its claim failed: %r",
+                device_id,
+                exc,
+                extra=device_extra(device_id),
+            )
 
     def _close_replaced(self, session: DeviceSession, reason: str) -> None:
         # Not awaited: a vanished old peer must not delay the new session.
