@@ -151,7 +151,9 @@ def prepare_readings(
         else:
             tags = {DEVICE_TAG: device_id}
         try:
-            line = format_point(reading["name"], tags, reading["fields"], time_ns, dialect)
+            line = format_point(
+                reading["name"], tags, reading["fields"], time_ns, dialect
+            )
         except ValueError as exc:  # text line protocol cannot carry exactly
             reasons[index] = [str(exc)]
             continue
