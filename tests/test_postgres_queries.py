@@ -110,7 +110,8 @@ async def test_concurrent_claims_form_one_chain_of_epochs(
 async def test_the_previous_owner_hears_the_takeover_on_its_channel(
     postgres_db: PostgresDatabase, db: asyncpg.Connection
 ) -> None:
-    """A takeover rings the old owner's channel with `takeover:DEVICE_ID`, and only it."""
+    """A takeover rings the old owner's channel with `takeover:EPOCH:DEVICE_ID` (the new
+    epoch), and only it."""
     await add_devices(db, "d1")
     await register(db, "hub-a")
     await register(db, "hub-b")
@@ -125,7 +126,8 @@ async def test_the_previous_owner_hears_the_takeover_on_its_channel(
         await claim(db, "d1", "hub-a")
         await claim(db, "d1", "hub-b")
         channel, payload = await asyncio.wait_for(heard.get(), WAIT_S)
-        assert (channel, payload) == (q.node_channel("hub-a"), q.TAKEOVER_PAYLOAD_PREFIX + "d1")
+        assert (channel, payload) == (q.node_channel("hub-a"), q.TAKEOVER_PAYLOAD_PREFIX + "2:d1")
+        assert q.parse_takeover(payload) == ("d1", 2)
         await listener.execute("SELECT 1")  # any notification still queued arrives with this
         assert heard.empty()
     finally:

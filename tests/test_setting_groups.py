@@ -160,7 +160,7 @@ async def test_a_reload_changing_each_live_setting_reaches_its_part(
     settings = Settings(state_dir=tmp_path)
     current = HubOptions.of(settings)
     pipeline = Pipeline(None, DeadLetterFile(tmp_path / "dead.jsonl", 2**20), current.batch)
-    registry = cast(HubRegistry, object())  # stored, never called before start()
+    registry = cast(HubRegistry, _Unstarted())
     hub = Hub(current.gateway, registry, MeasurementSchemas(), pipeline, HubMetrics())
     fresh = HubOptions.of(settings.model_copy(update={name: _changed(name, settings, schema_file)}))
     applied = reload_parts(hub, current, fresh)
@@ -196,3 +196,11 @@ def test_gateway_options_hold_the_session_and_reading_limits_of_the_settings() -
     assert (gateway.session.messages_per_s, gateway.readings.max_fields) == (3, 9)
     with pytest.raises(AttributeError):
         gateway.listen.port = 1  # type: ignore[misc]
+
+
+class _Unstarted:
+    """A registry a hub that never starts is built with: only the takeover watch is
+    registered at construction (hub.gateway.ownership); nothing is called."""
+
+    def watch_takeovers(self, listener: object, missed: object) -> None:
+        """Registered, never rung."""

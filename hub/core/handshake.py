@@ -22,6 +22,8 @@ class Handshake:
     token_hash: str = ""
     expires_at: float | None = None
     """When the token stops working: set for a rotated-out token in its grace period."""
+    epoch: int = 0
+    """The handshake's claim of the device's connection (`Claim.epoch`; 0: unclaimed)."""
 
 
 class HandshakeRefused(HubError):

@@ -379,6 +379,12 @@ def peer_of(connection: ServerConnection) -> tuple[str, int] | None:
     return peer if isinstance(peer, tuple) else None
 
 
+def address_of(connection: ServerConnection) -> str:
+    """The client's `host:port` for logs and presence."""
+    peer = peer_of(connection)
+    return f"{peer[0]}:{peer[1]}" if peer is not None else "an unknown address"
+
+
 def source_of(connection: ServerConnection) -> str:
     """Whom a handshake is charged to (see `source_key`), or "unknown"."""
     source = getattr(connection, "source", None)

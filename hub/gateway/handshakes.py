@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from websockets.asyncio.server import ServerConnection
@@ -22,12 +22,18 @@ from websockets.http11 import Request, Response
 from hub.core.handshake import Handshake, HandshakeRefused, read_credentials
 from hub.core.ratelimit import FailedHandshakeLimiter
 from hub.errors import RegistryUnavailable
-from hub.gateway.admission import ConnectionSlots, StrangerCounts, StrangerLog, source_of
+from hub.gateway.admission import (
+    ConnectionSlots,
+    StrangerCounts,
+    StrangerLog,
+    address_of,
+    source_of,
+)
 from hub.gateway.registryhealth import VerifiedTokens
 from hub.ops.metrics import HubMetrics, refusal_reason
 from hub.options import AdmissionOptions
 from hub.registry.ports import CredentialStore
-from hub.registry.records import Credential, hash_token
+from hub.registry.records import Claim, Credential, hash_token
 
 RETRY_AFTER_S = 5
 """What a 503 asks a device to wait before trying again."""
@@ -40,16 +46,20 @@ class HandshakeGate:
         self,
         options: AdmissionOptions,
         credentials: CredentialStore,
+        claim: Callable[[ServerConnection, str, str], Awaitable[Claim]],
         slots: ConnectionSlots,
         full: Callable[[], bool],
         metrics: HubMetrics,
         stranger_log: StrangerLog,
         stranger_counts: StrangerCounts,
     ) -> None:
-        """`full`: whether the hub takes nobody now (draining, or at max_connections)."""
+        """`claim`: take the device's one live connection for this handshake (across hubs:
+        hub.gateway.ownership); `full`: whether the hub takes nobody now (draining, or at
+        max_connections)."""
         self.options = options
         """Replaced on a reload (`Hub.apply`)."""
         self.registry = credentials
+        self._claim = claim
         self.slots = slots
         self._full = full
         self.metrics = metrics
@@ -99,6 +109,8 @@ class HandshakeGate:
             if credential is None:
                 raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
             self._check_room()  # again: others may have been let in, or a drain begun, meanwhile
+            # Last: a claim rings the hub holding the device, which closes it.
+            claim = await self._claim_now(connection, credential.device_id)
         except HandshakeRefused as refused:
             refusal = refused
             if refusal.status == HTTPStatus.UNAUTHORIZED and blocked_s:
@@ -115,7 +127,11 @@ class HandshakeGate:
         self.slots.admit(
             connection,
             Handshake(
-                credential.device_id, ns_per_unit, credential.token_hash, credential.expires_at
+                credential.device_id,
+                ns_per_unit,
+                credential.token_hash,
+                credential.expires_at,
+                claim.epoch,
             ),
         )
         return None
@@ -140,6 +156,21 @@ class HandshakeGate:
         else:
             self.verified_tokens.remember(credential)
         return credential
+
+    async def _claim_now(self, connection: ServerConnection, device_id: str) -> Claim:
+        """The device's claim; 503 with Retry-After while the registry cannot give it (a
+        device admitted from memory during an outage holds epoch 0: no claim, as on
+        SQLite, until it reconnects)."""
+        try:
+            return await self._claim(connection, device_id, address_of(connection))
+        except RegistryUnavailable:
+            if self.verified_tokens.max_age_s > 0:
+                return Claim(0, None)
+            raise HandshakeRefused(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the device registry is unavailable; try again later",
+                retry_after=RETRY_AFTER_S,
+            ) from None
 
     def _check_room(self) -> None:
         if self._full():
@@ -174,5 +205,3 @@ def _blocked(blocked_s: float) -> HandshakeRefused:
         "too many failed handshakes from this address; retry later",
         retry_after=blocked_s,
     )
-
-

@@ -30,6 +30,7 @@ class _Live:
     connected_since: float
     last_seen: float
     readings_stored: int
+    epoch: int = 0
     online: bool = True
 
 
@@ -54,10 +55,10 @@ class PresenceTracker:
         stored = await self.store.presence()
         self._stored = {p.device_id: p.readings_stored for p in stored.values()}
 
-    def connected(self, device_id: str, remote_address: str) -> None:
-        """A device's connection opened."""
+    def connected(self, device_id: str, remote_address: str, epoch: int = 0) -> None:
+        """A device's connection opened, its session holding the claim of `epoch`."""
         now = time.time()
-        live = _Live(remote_address, now, now, self._stored.get(device_id, 0))
+        live = _Live(remote_address, now, now, self._stored.get(device_id, 0), epoch)
         self._live[device_id] = live
         self._mark(device_id, live, online=True)
         self._event(device_id, now, event="connected", remote=remote_address, online=True)
@@ -109,6 +110,7 @@ class PresenceTracker:
                 live.connected_since,
                 live.last_seen,
                 live.readings_stored,
+                live.epoch,
             )
             for device_id, live in dirty.items()
         ]

@@ -29,7 +29,16 @@ from typing import Any, TypeVar
 
 from hub.errors import HubError, RegistryUnavailable
 from hub.registry.ports import HubRegistry
-from hub.registry.records import ConfigState, Credential, Device, DeviceChange, Presence
+from hub.registry.records import (
+    Claim,
+    ConfigState,
+    Credential,
+    Device,
+    DeviceChange,
+    HeldSession,
+    Presence,
+    StaleSession,
+)
 
 T = TypeVar("T")
 
@@ -238,6 +247,33 @@ class WatchedRegistry:
         except Exception as exc:
             self.health.failed("change watch", exc)
             raise RegistryUnavailable(f"registry change watch failed: {describe(exc)}") from exc
+
+    async def claim(self, device_id: str, remote_address: str) -> Claim | None:
+        """See `OwnershipStore.claim`."""
+        return await self._call("claim", self._registry.claim(device_id, remote_address))
+
+    async def record_claimed_config_ack(
+        self, device_id: str, epoch: int, version: int, ok: bool, error: str | None
+    ) -> bool:
+        """See `OwnershipStore.record_claimed_config_ack`."""
+        return await self._call(
+            "config answer",
+            self._registry.record_claimed_config_ack(device_id, epoch, version, ok, error),
+        )
+
+    async def release(self, device_id: str, epoch: int) -> None:
+        """See `OwnershipStore.release`."""
+        await self._call("release", self._registry.release(device_id, epoch))
+
+    def watch_takeovers(
+        self, listener: Callable[[str, int], None], missed: Callable[[], None]
+    ) -> None:
+        """See `OwnershipStore.watch_takeovers` (no call to the registry: a registration)."""
+        self._registry.watch_takeovers(listener, missed)
+
+    async def stale_sessions(self, sessions: Sequence[HeldSession]) -> list[StaleSession]:
+        """See `OwnershipStore.stale_sessions`."""
+        return await self._call("safety net", self._registry.stale_sessions(sessions))
 
     async def close(self) -> None:
         """See `HubRegistry.close`."""

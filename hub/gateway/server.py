@@ -30,10 +30,11 @@ from hub.gateway.admission import (
     StrangerCounts,
     StrangerGuard,
     StrangerLog,
+    address_of,
     guarded_connection,
-    peer_of,
 )
 from hub.gateway.handshakes import HandshakeGate
+from hub.gateway.ownership import Ownership
 from hub.gateway.presence import PresenceTracker
 from hub.gateway.registryhealth import RegistryHealth, WatchedRegistry
 from hub.gateway.rotation import ROTATED_OUT_REASON, RotationWatch
@@ -86,8 +87,6 @@ class Hub:
         self.metrics = metrics
         self.presence = PresenceTracker(registry)
         self.draining = False
-        # One for every session: the same parts, and not an object per idle connection.
-        self._ports = SessionPorts(pipeline, registry, self.presence, self, metrics, drain=self)
         self.slots = ConnectionSlots()
         self.rotation = RotationWatch(registry)
         self.stranger_counts = StrangerCounts()
@@ -100,7 +99,9 @@ class Hub:
             self.stranger_counts,
             TrustedProxies(admission.proxy_protocol_from),
         )
-        self._sessions: dict[str, DeviceSession] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.ownership = Ownership(registry, self.presence, self._spawn)
+        self._sessions = self.ownership.sessions
         poll_s = options.fleet.registry_poll_s
         self.watcher = FleetWatcher(
             registry, registry, self._sessions, self.rotation, poll_s, self._spawn
@@ -108,12 +109,11 @@ class Hub:
         self._server: Server | None = None
         self._socket_from_systemd = False
         self._bound: Any = None  # (host, port, ...) of the device socket, once listening
-        self._background: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._validators: dict[int, ReadingsValidator] = {}
         self.gate = HandshakeGate(
-            admission, registry, self.slots, self._full, metrics, self.stranger_log,
-            self.stranger_counts,
+            admission, registry, self.ownership.claim, self.slots, self._full, metrics,
+            self.stranger_log, self.stranger_counts,
         )  # fmt: skip
 
     @property
@@ -170,6 +170,7 @@ class Hub:
         self._loops = [
             asyncio.create_task(self.watcher.run(), name="registry-watch"),
             asyncio.create_task(self._keep_presence(), name="presence"),
+            asyncio.create_task(self.ownership.run(), name="ownership-safety-net"),
         ]
         return self._server
 
@@ -305,17 +306,14 @@ class Hub:
         if handshake is None:  # lost before its handler ran: nothing to serve
             return
         device_id = handshake.device_id
-        session = DeviceSession(connection, handshake, self._ports, self.options.session)
-        previous = self._sessions.get(device_id)
-        self._sessions[device_id] = session
-        if previous is not None:
-            # Not awaited: a vanished old peer must not delay the new session.
-            self._spawn(
-                previous.connection.close(CloseCode.REPLACED, "replaced by a newer connection")
-            )
-            self.presence.disconnected(device_id, f"{CloseCode.REPLACED} replaced")
-        remote = _address(connection)
-        self.presence.connected(device_id, remote)
+        self.ownership.started(connection)
+        configs = self.ownership.configs(handshake.epoch)
+        ports = SessionPorts(self.pipeline, configs, self.presence, self, self.metrics, drain=self)
+        session = DeviceSession(connection, handshake, ports, self.options.session)
+        if not self.ownership.hold(session, configs):
+            return  # a connection of a newer claim holds the device: this one closes, 4000
+        remote = address_of(connection)
+        self.presence.connected(device_id, remote, handshake.epoch)
         self.metrics.connections_opened.inc()
         log.info("device %s connected from %s", device_id, remote, extra=device_extra(device_id))
         try:
@@ -337,8 +335,7 @@ class Hub:
         finally:
             self.rotation.forget(connection)
             reason = _close_reason(connection)
-            if self._sessions.get(device_id) is session:
-                del self._sessions[device_id]
+            if self.ownership.release(session):  # its presence row released by epoch
                 self.presence.disconnected(device_id, reason)
             log.info(
                 "device %s disconnected (%s)", device_id, reason, extra=device_extra(device_id)
@@ -382,11 +379,6 @@ def _redacting_logger(name: str) -> logging.Logger:
     if not any(isinstance(f, RedactingFilter) for f in logger.filters):
         logger.addFilter(RedactingFilter())
     return logger
-
-
-def _address(connection: ServerConnection) -> str:
-    peer = peer_of(connection)
-    return f"{peer[0]}:{peer[1]}" if peer is not None else "an unknown address"
 
 
 def _close_reason(connection: ServerConnection) -> str:

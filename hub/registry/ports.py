@@ -2,10 +2,11 @@
 
 Each part of the hub is handed only the port it uses: the handshake and the rotation watch
 a `CredentialStore`, a device session a `ConfigStore`, the presence tracker a
-`PresenceStore`, the fleet watcher a `ChangeFeed`. `HubRegistry` is all of them, what
-`hub.service` opens and closes. Every method is a coroutine so that no backend blocks the
-event loop: the SQLite one (hub.registry.thread) runs its queries on a thread of its own,
-the PostgreSQL one (hub.registry.postgres.backend) awaits asyncpg.
+`PresenceStore`, the fleet watcher a `ChangeFeed`, the session table an `OwnershipStore`.
+`HubRegistry` is all of them, what `hub.service` opens and closes. Every method is a
+coroutine so that no backend blocks the event loop: the SQLite one (hub.registry.thread)
+runs its queries on a thread of its own, the PostgreSQL one (hub.registry.postgres.backend)
+awaits asyncpg.
 tests/registry_contract.py is what each backend must pass.
 
 Operator commands (add, revoke, rotate, set config, labels) are not here: the CLI is a
@@ -14,10 +15,19 @@ short-lived process with a port of its own (`hub.registry.operator.OperatorRegis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from hub.registry.records import ConfigState, Credential, Device, DeviceChange, Presence
+from hub.registry.records import (
+    Claim,
+    ConfigState,
+    Credential,
+    Device,
+    DeviceChange,
+    HeldSession,
+    Presence,
+    StaleSession,
+)
 
 
 class CredentialStore(Protocol):
@@ -93,7 +103,50 @@ class ChangeFeed(Protocol):
         ...
 
 
-class HubRegistry(CredentialStore, ConfigStore, PresenceStore, ChangeFeed, Protocol):
+class OwnershipStore(Protocol):
+    """One live connection per device across every hub sharing the registry.
+
+    A handshake `claim`s its device; the session's later writes name the claim's epoch
+    (`record_claimed_config_ack`, and `Presence.epoch` for presence and the release at its
+    end) and lose to a newer one. With one process owning every connection (SQLite) a claim is a
+    no-op, epoch 0, and the hub's own session table is the whole story.
+    """
+
+    async def claim(self, device_id: str, remote_address: str) -> Claim | None:
+        """Make this hub the holder of the device's connection (from `remote_address`);
+        the hub that held it hears `watch_takeovers`. None: the device cannot be claimed
+        now (revoked, unknown, or this hub's lease has run out)."""
+        ...
+
+    async def record_claimed_config_ack(
+        self, device_id: str, epoch: int, version: int, ok: bool, error: str | None
+    ) -> bool:
+        """`ConfigStore.record_config_ack` from the session of claim `epoch`: also False
+        once another handshake claimed the device since."""
+        ...
+
+    async def release(self, device_id: str, epoch: int) -> None:
+        """Give up the claim of `epoch` at once (its connection never became a session); a
+        no-op once another handshake claimed the device. Sessions release with presence."""
+        ...
+
+    def watch_takeovers(
+        self, listener: Callable[[str, int], None], missed: Callable[[], None]
+    ) -> None:
+        """Call `listener(device_id, epoch)` when another hub claims a device this one held,
+        with the new epoch (sessions with an older one must close), and `missed()` when
+        such news may have been lost (the notification listener reconnected)."""
+        ...
+
+    async def stale_sessions(self, sessions: Sequence[HeldSession]) -> list[StaleSession]:
+        """The safety net: which of these sessions of this hub must close or be sent a
+        config, and why (covers a takeover or a change whose notification was lost)."""
+        ...
+
+
+class HubRegistry(
+    CredentialStore, ConfigStore, PresenceStore, ChangeFeed, OwnershipStore, Protocol
+):
     """Every port, as one backend serves them; closed when the hub stops."""
 
     async def close(self) -> None:

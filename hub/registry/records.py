@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hub.core.protocol import config_frame_problem
@@ -82,6 +83,49 @@ class Presence:
     connected_since: float | None
     last_seen: float | None
     readings_stored: int
+    epoch: int = 0
+    """The epoch of the session this row is about (`Claim.epoch`); 0 for a device not
+    claimed (SQLite, where one process owns every connection): recorded by device then."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A handshake's claim of its device's one live connection across hubs."""
+
+    epoch: int
+    """Only grows per device; every later action of the session names it (0: unclaimed)."""
+    previous_owner: str | None = None
+    """The node it took the device from (None: nobody, or a registry with one owner)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldSession:
+    """A live session as the safety net checks it (`OwnershipStore.stale_sessions`)."""
+
+    device_id: str
+    epoch: int
+    config_version: int
+    """The newest config version the session sent or found already answered."""
+    token_hash: str
+
+
+class StaleReason(StrEnum):
+    """Why a held session must be acted on."""
+
+    REVOKED = "revoked"  # close with 4001
+    TAKEN_OVER = "taken_over"  # another handshake claimed the device since: close with 4000
+    TOKEN_RETIRED = "token_retired"  # noqa: S105 (a reason, not a secret); rotated out, its grace over: close with 4001
+    CONFIG = "config"  # a newer config than the session knows: push it
+
+
+@dataclass(frozen=True, slots=True)
+class StaleSession:
+    """A held session the safety net found stale, and why."""
+
+    device_id: str
+    epoch: int
+    reason: StaleReason
+    config_version: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Self, TypeVar
 
-from hub.registry.records import ConfigState, Credential, Device, DeviceChange, Presence
+from hub.registry.records import (
+    Claim,
+    ConfigState,
+    Credential,
+    Device,
+    DeviceChange,
+    HeldSession,
+    Presence,
+    StaleSession,
+)
 from hub.registry.sqlite import BUSY_TIMEOUT_S, Registry
 from hub.registry.worker import OwningThread
 
@@ -121,6 +130,31 @@ class ThreadedSQLiteRegistry:
         return await self._write(
             lambda engine: engine.record_config_ack(device_id, version, ok, error)
         )
+
+    # OwnershipStore: one process owns every connection of a SQLite registry, so its own
+    # session table is the whole story (a second connection replaces the first there).
+
+    async def claim(self, device_id: str, remote_address: str) -> Claim | None:
+        """See `OwnershipStore.claim`: nothing to claim from anyone, epoch 0."""
+        return Claim(0)
+
+    async def record_claimed_config_ack(
+        self, device_id: str, epoch: int, version: int, ok: bool, error: str | None
+    ) -> bool:
+        """See `OwnershipStore.record_claimed_config_ack`: as `record_config_ack`."""
+        return await self.record_config_ack(device_id, version, ok, error)
+
+    async def release(self, device_id: str, epoch: int) -> None:
+        """See `OwnershipStore.release`: nothing was claimed."""
+
+    def watch_takeovers(
+        self, listener: Callable[[str, int], None], missed: Callable[[], None]
+    ) -> None:
+        """See `OwnershipStore.watch_takeovers`: no other hub ever takes a device over."""
+
+    async def stale_sessions(self, sessions: Sequence[HeldSession]) -> list[StaleSession]:
+        """See `OwnershipStore.stale_sessions`: the watcher sees every change at once."""
+        return []
 
     # PresenceStore
 

@@ -1,8 +1,10 @@
 """`HubRegistry` on PostgreSQL: the hub's ports (hub.registry.ports) over an asyncpg pool.
 
 Every statement is one of `queries`; this module only binds parameters and builds records.
-The hub is one node of the fleet (`NodeLease`): its presence flushes make it the owner of
-the devices connected to it, and a device is shown online while its owner's lease is live.
+The hub is one node of the fleet (`NodeLease`): a handshake claims its device
+(`CLAIM_CONNECTION`), the session's presence, config answers and release name the claim's
+epoch and lose to a newer claim, and a device is shown online while its owner's lease is
+live. The previous owner hears of a claim on its doorbell (`watch_takeovers`).
 `wait_for_change` is the `Doorbell`: LISTEN on the node's channel, with a catch-up by change
 sequence after every (re)connection of the listener and every second, since the tables, not
 the notifications, are the truth.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Self
 
 import asyncpg
@@ -27,11 +29,23 @@ from hub.registry.postgres.connect import open_pool, seconds
 from hub.registry.postgres.doorbell import CATCH_UP_S, Doorbell
 from hub.registry.postgres.lease import NodeLease
 from hub.registry.postgres.rows import config_state_of, device_of, presence_of
-from hub.registry.records import ConfigState, Credential, Device, DeviceChange, Presence
+from hub.registry.records import (
+    Claim,
+    ConfigState,
+    Credential,
+    Device,
+    DeviceChange,
+    HeldSession,
+    Presence,
+    StaleReason,
+    StaleSession,
+)
 
 CLOSE_TIMEOUT_S = 5.0
 """How long closing waits for statements still running before the connections are cut."""
 _MAX_VERSION = 2**63  # bigint: an answer to a higher version was never sent
+SESSIONS_PER_CHECK = 1000
+"""Sessions per `STALE_SESSIONS` statement: one statement never carries a whole fleet."""
 
 
 class PostgresRegistry:
@@ -116,10 +130,71 @@ class PostgresRegistry:
         """See `ConfigStore.record_config_ack`."""
         if not 0 <= version < _MAX_VERSION:
             return False
-        if error is not None:
-            error = error.replace("\x00", "\ufffd")  # text columns cannot hold NUL
-        row = await self._pool.fetchrow(q.RECORD_DEVICE_CONFIG_ACK, device_id, version, ok, error)
+        row = await self._pool.fetchrow(
+            q.RECORD_DEVICE_CONFIG_ACK, device_id, version, ok, _storable(error)
+        )
         return row is not None
+
+    # OwnershipStore
+
+    async def claim(self, device_id: str, remote_address: str) -> Claim | None:
+        """See `OwnershipStore.claim`: one statement, which also rings the previous owner."""
+        row = await self._pool.fetchrow(
+            # The schema's bound: one overlong address must not fail the handshake.
+            q.CLAIM_CONNECTION,
+            device_id,
+            self.node_id,
+            remote_address[:300],
+        )
+        if row is None:
+            return None
+        return Claim(int(row["epoch"]), row["previous_owner"])
+
+    async def record_claimed_config_ack(
+        self, device_id: str, epoch: int, version: int, ok: bool, error: str | None
+    ) -> bool:
+        """See `OwnershipStore.record_claimed_config_ack`."""
+        if not 0 <= version < _MAX_VERSION:
+            return False
+        row = await self._pool.fetchrow(
+            q.RECORD_CONFIG_ACK, device_id, version, ok, _storable(error), self.node_id, epoch
+        )
+        return row is not None
+
+    async def release(self, device_id: str, epoch: int) -> None:
+        """See `OwnershipStore.release`."""
+        await self._pool.execute(q.RELEASE_CONNECTION, device_id, self.node_id, epoch)
+
+    def watch_takeovers(
+        self, listener: Callable[[str, int], None], missed: Callable[[], None]
+    ) -> None:
+        """See `OwnershipStore.watch_takeovers`: heard on the doorbell's channel, missed
+        while its connection was away."""
+        self._doorbell.on_takeover(listener, missed)
+
+    async def stale_sessions(self, sessions: Sequence[HeldSession]) -> list[StaleSession]:
+        """See `OwnershipStore.stale_sessions`: `STALE_SESSIONS`, a chunk at a time."""
+        found: list[StaleSession] = []
+        for start in range(0, len(sessions), SESSIONS_PER_CHECK):
+            chunk = sessions[start : start + SESSIONS_PER_CHECK]
+            rows = await self._pool.fetch(
+                q.STALE_SESSIONS,
+                self.node_id,
+                [s.device_id for s in chunk],
+                [s.epoch for s in chunk],
+                [s.config_version for s in chunk],
+                [s.token_hash for s in chunk],
+            )
+            found.extend(
+                StaleSession(
+                    row["device_id"],
+                    int(row["epoch"]),
+                    StaleReason(row["reason"]),
+                    int(row["config_version"] or 0),
+                )
+                for row in rows
+            )
+        return found
 
     # PresenceStore
 
@@ -131,17 +206,35 @@ class PostgresRegistry:
             return
         ids = [p.device_id for p in rows]
         deltas = [p.readings_stored - self._recorded_stored.get(p.device_id, 0) for p in rows]
+        # Claimed sessions name their epoch: a stale owner's flush changes nothing. Rows
+        # without one (no claim) are recorded by device, as on SQLite.
+        by_device = [p for p in rows if p.epoch == 0]
+        touched = [p for p in rows if p.epoch and p.online]
+        released = [p for p in rows if p.epoch and not p.online]
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                q.RECORD_PRESENCE,
-                self.node_id,
-                ids,
-                [p.online for p in rows],
-                # The schema's bound: one overlong address must not fail every flush.
-                [None if p.remote_address is None else p.remote_address[:300] for p in rows],
-                [p.connected_since for p in rows],
-                [p.last_seen for p in rows],
-            )
+            if by_device:
+                await conn.execute(
+                    q.RECORD_PRESENCE,
+                    self.node_id,
+                    [p.device_id for p in by_device],
+                    [p.online for p in by_device],
+                    # The schema's bound: one overlong address must not fail every flush.
+                    [None if p.remote_address is None else p.remote_address[:300]
+                     for p in by_device],
+                    [p.connected_since for p in by_device],
+                    [p.last_seen for p in by_device],
+                )  # fmt: skip
+            for query, sessions in (
+                (q.TOUCH_CONNECTIONS, touched),
+                (q.RELEASE_CONNECTIONS, released),
+            ):
+                if sessions:
+                    await conn.execute(
+                        query,
+                        self.node_id,
+                        [p.device_id for p in sessions],
+                        [p.epoch for p in sessions],
+                    )
             await conn.execute(q.ADD_READINGS_STORED, ids, deltas)
         for p in rows:  # only once committed: a failed flush is sent again, whole
             self._recorded_stored[p.device_id] = p.readings_stored
@@ -187,3 +280,8 @@ class PostgresRegistry:
     async def wait_for_change(self, timeout_s: float) -> bool:
         """See `ChangeFeed.wait_for_change`: the doorbell, or its catch-up."""
         return await self._doorbell.wait(timeout_s)
+
+
+def _storable(error: str | None) -> str | None:
+    """A device's error text as a text column can hold it (no NUL)."""
+    return None if error is None else error.replace("\x00", "\ufffd")

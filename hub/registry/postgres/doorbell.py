@@ -10,6 +10,10 @@ sequence is past the highest one the feed has handed out or rung for, it rings. 
 notification costs at most `catch_up_s`, never a change; and the periodic read also finds a
 connection that stopped answering (a frozen server), which is then dropped and opened again.
 
+Takeovers (`takeover:EPOCH:DEVICE_ID`, rung by another node's claim of a device this one
+held) arrive on the same channel and go straight to the takeover listener: they are not
+changes of the feed, and closing the old connection must not wait for a read.
+
 Nothing on the ingest path notifies, and this connection runs nothing else.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import asyncpg
 
@@ -49,6 +54,15 @@ class Doorbell:
         self._rung = asyncio.Event()
         self._listening = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._on_takeover: Callable[[str, int], None] | None = None
+        self._on_relisten: Callable[[], None] | None = None
+
+    def on_takeover(self, listener: Callable[[str, int], None], missed: Callable[[], None]) -> None:
+        """Call `listener(device_id, epoch)` for every takeover heard from now on, and
+        `missed()` each time LISTEN is in place again after the connection was lost
+        (takeovers rung meanwhile went unheard)."""
+        self._on_takeover = listener
+        self._on_relisten = missed
 
     def start(self) -> None:
         """Begin listening, in a task of its own, until `close`."""
@@ -87,7 +101,10 @@ class Doorbell:
 
     def _heard(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         if not payload.startswith(q.CHANGE_PAYLOAD_PREFIX):
-            return  # a takeover: not a change of the feed
+            takeover = q.parse_takeover(payload)
+            if takeover is not None and self._on_takeover is not None:
+                self._on_takeover(*takeover)
+            return  # not a change of the feed
         try:
             self._ring_for(int(payload.removeprefix(q.CHANGE_PAYLOAD_PREFIX)))
         except ValueError:
@@ -105,6 +122,8 @@ class Doorbell:
                 continue
             try:
                 await self._listen(conn)
+                if self._on_relisten is not None:
+                    self._on_relisten()
                 if lost_since is not None:
                     log.info(
                         "registry listener connected again after %.1f s; catching up",

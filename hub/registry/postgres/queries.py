@@ -21,7 +21,7 @@ trip, and takes its row locks in one place:
   only says "read the log": `CHANGES_SINCE` is the truth, read after every (re)connection of
   the hub's listener and after every doorbell. NOTIFY takes an instance-wide lock at commit,
   so nothing on the ingest path rings: only operator changes and takeovers
-  (`takeover:DEVICE_ID` to the previous owner) do.
+  (`takeover:EPOCH:DEVICE_ID` to the previous owner) do.
 * Counters. `ADD_READINGS_STORED` adds each hub's deltas; no hub overwrites another's count.
 """
 
@@ -32,6 +32,16 @@ import hashlib
 CHANNEL_PREFIX = "hub_node_"
 CHANGE_PAYLOAD_PREFIX = "change:"
 TAKEOVER_PAYLOAD_PREFIX = "takeover:"
+
+
+def parse_takeover(payload: str) -> tuple[str, int] | None:
+    """(device id, new epoch) of a `takeover:EPOCH:DEVICE_ID` payload; None for any other."""
+    if not payload.startswith(TAKEOVER_PAYLOAD_PREFIX):
+        return None
+    epoch, sep, device_id = payload.removeprefix(TAKEOVER_PAYLOAD_PREFIX).partition(":")
+    if not sep or not device_id or not epoch.isdigit():
+        return None
+    return device_id, int(epoch)
 
 
 def node_channel(node_id: str) -> str:
@@ -119,7 +129,7 @@ WITH claimed AS (
               previous.epoch AS previous_epoch
 ),
 rung AS (
-    SELECT pg_notify(hub_node_channel(previous_owner), 'takeover:' || device_id)
+    SELECT pg_notify(hub_node_channel(previous_owner), 'takeover:' || epoch || ':' || device_id)
     FROM claimed WHERE previous_owner IS NOT NULL AND previous_owner <> $2
 )
 SELECT epoch, previous_owner, previous_epoch, (SELECT count(*) FROM rung) AS notified
@@ -128,7 +138,9 @@ FROM claimed
 """Node $2 takes device $1's connection from address $3; returns the new epoch.
 
 Also returns the owner and epoch it took over (NULL owner: nobody held it) and rings the
-previous owner's channel with `takeover:DEVICE_ID` when that is another node. No row: the
+previous owner's channel with `takeover:EPOCH:DEVICE_ID` (the new epoch: a session of the
+device with an older one closes; a newer one, claimed there since, stays) when that is
+another node. No row: the
 device is unknown or revoked, or node $2's lease has expired (a frozen hub must not claim).
 """
 
@@ -138,6 +150,15 @@ WHERE device_id = $1 AND owner_node = $2 AND epoch = $3
 RETURNING device_id
 """
 """Node $2 ends its session of epoch $3 with device $1; no row if it was taken over."""
+
+RELEASE_CONNECTIONS = """
+UPDATE connections AS c SET owner_node = NULL, released_at = now(), last_seen = now()
+FROM unnest($2::text[], $3::bigint[]) AS s(device_id, epoch)
+WHERE c.device_id = s.device_id AND c.epoch = s.epoch AND c.owner_node = $1
+RETURNING c.device_id
+"""
+"""`RELEASE_CONNECTION` of many sessions of node $1 at once (device ids $2, epochs $3), as
+the presence flush records the ends of sessions; returns those it released."""
 
 TOUCH_CONNECTIONS = """
 UPDATE connections AS c SET last_seen = now()
@@ -288,9 +309,10 @@ DELETE FROM changes WHERE created_at < now() - make_interval(secs => $1::float8)
 """Forget changes older than $1 s; a hub behind that long checks every session instead."""
 
 
-# --- The hub's ports today (hub.registry.postgres.backend) ---------------------------------
-# Until a handshake claims its device (CLAIM_CONNECTION, with sessions that carry epochs),
-# the hub's ports record presence by device and read every changed device, as on SQLite.
+# --- Also used by the hub's ports (hub.registry.postgres.backend) --------------------------
+# The change feed reads every changed device, as on SQLite, and presence rows of no claim
+# (epoch 0: only tests write them) are recorded by device; claimed sessions use the epoch
+# statements above.
 
 CHANGE_SEQ = """
 SELECT value FROM change_seq
