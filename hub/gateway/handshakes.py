@@ -48,20 +48,22 @@ class HandshakeGate:
         credentials: CredentialStore,
         claim: Callable[[ServerConnection, str, str], Awaitable[Claim]],
         slots: ConnectionSlots,
-        full: Callable[[], bool],
+        full: Callable[[int], bool],
         metrics: HubMetrics,
         stranger_log: StrangerLog,
         stranger_counts: StrangerCounts,
     ) -> None:
         """`claim`: take the device's one live connection for this handshake (across hubs:
         hub.gateway.ownership); `full`: whether the hub takes nobody now (draining, or at
-        max_connections)."""
+        max_connections) with that many more slots taken."""
         self.options = options
         """Replaced on a reload (`Hub.apply`)."""
         self.registry = credentials
         self._claim = claim
         self.slots = slots
         self._full = full
+        self._admitting = 0
+        """Handshakes past their last room check, awaiting their claim: slots taken."""
         self.metrics = metrics
         self.stranger_log = stranger_log
         self.stranger_counts = stranger_counts
@@ -109,8 +111,13 @@ class HandshakeGate:
             if credential is None:
                 raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
             self._check_room()  # again: others may have been let in, or a drain begun, meanwhile
-            # Last: a claim rings the hub holding the device, which closes it.
-            claim = await self._claim_now(connection, credential.device_id)
+            # Last: a claim rings the hub holding the device, which closes it. Its slot is
+            # reserved across the await, so that two handshakes cannot both take the last one.
+            self._admitting += 1
+            try:
+                claim = await self._claim_now(connection, credential.device_id)
+            finally:
+                self._admitting -= 1
         except HandshakeRefused as refused:
             refusal = refused
             if refusal.status == HTTPStatus.UNAUTHORIZED and blocked_s:
@@ -173,7 +180,7 @@ class HandshakeGate:
             ) from None
 
     def _check_room(self) -> None:
-        if self._full():
+        if self._full(self._admitting):
             raise HandshakeRefused(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 "the hub is not accepting connections now",

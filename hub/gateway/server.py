@@ -248,13 +248,14 @@ class Hub:
         """Whether new devices are let in: listening, not draining, below max_connections."""
         return self.listening and not self._full()
 
-    def _full(self) -> bool:
+    def _full(self, pending: int = 0) -> bool:
         # Draining on a socket that outlives this process (systemd's, or the port the
         # workers share), the listener is closed at once and new devices wait in the backlog
         # for the next process; a handshake already under way is let in, not refused, and
         # closed with 1001 with everyone, which a device takes as "reconnect", not "refused".
         refusing = self.draining and not self._hands_over
-        return refusing or len(self.slots) >= self.options.admission.max_connections
+        taken = len(self.slots) + pending  # `pending`: admitted, not yet in a slot
+        return refusing or taken >= self.options.admission.max_connections
 
     @property
     def _hands_over(self) -> bool:
