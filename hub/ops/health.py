@@ -11,6 +11,7 @@ behind nginx, or let Prometheus scrape it locally, rather than opening it to the
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,20 +113,9 @@ class HealthServer:
 
     async def start(self) -> None:
         """Listen; a port that cannot be bound is a `HubError` saying which."""
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            self._runner = None
-            raise HubError(
-                f"cannot listen for health checks on {self.host}:{self._port}: {exc.strerror}"
-            ) from None
+        self._runner = await serve_operator_listener(
+            self.host, self._port, self._healthz, self._metrics
+        )
 
     @property
     def port(self) -> int:
@@ -154,3 +144,25 @@ class HealthServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def serve_operator_listener(
+    host: str, port: int, healthz: Handler, metrics: Handler
+) -> web.AppRunner:
+    """Serve `GET /healthz` and `GET /metrics` on `host:port` (a hub's, or a supervisor's
+    for its workers); a port that cannot be bound is a `HubError` saying which."""
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        reason = exc.strerror
+        raise HubError(f"cannot listen for health checks on {host}:{port}: {reason}") from None
+    return runner

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from hub.errors import HubError
+from hub.ops.health import serve_operator_listener
 from hub.settings import Settings
 from hub.workers.exposition import WORKER_LABEL, combine_health, merge_expositions, render
 from hub.workers.policy import SlotState
@@ -45,21 +45,9 @@ class SupervisorHealth:
     async def start(self) -> None:
         """Listen; a port that cannot be bound is a `HubError` saying which."""
         settings = self.supervisor.settings
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, settings.health_host, settings.health_port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            self._runner = None
-            raise HubError(
-                f"cannot listen for health checks on {settings.health_host}:"
-                f"{settings.health_port}: {exc.strerror}"
-            ) from None
+        self._runner = await serve_operator_listener(
+            settings.health_host, settings.health_port, self._healthz, self._metrics
+        )
         self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WORKER_ANSWER_S))
 
     async def stop(self) -> None:
