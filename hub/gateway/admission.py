@@ -168,6 +168,9 @@ class StrangerGuard:
         self.log = log
         self.counts = counts
         self.waiting: set[ServerConnection] = set()
+        self.opening: set[ServerConnection] = set()
+        """Connections accepted whose handshake is not over (headers unread, or being
+        answered): a stop on a socket another process takes over lets them finish first."""
 
     def fit_to(self, open_files: int) -> None:
         """Keep one source below a quarter of the process's descriptors, whatever the
@@ -214,7 +217,10 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
             super().__init__(*args, **kwargs)
 
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
-            await super().handshake(*args, **kwargs)
+            try:
+                await super().handshake(*args, **kwargs)
+            finally:
+                guard.opening.discard(self)
             # websockets keeps the request and response for the connection's lifetime; their
             # headers (~3 KiB an idle connection) are read only during the handshake.
             for message in (self.request, self.response):
@@ -223,6 +229,7 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
+            guard.opening.add(self)
             # Read now: under uvloop, asking a reset transport later raises.
             self.peer = _peer_of(transport)
             if self.peer and self.peer[0] in guard.trusted_proxies:
@@ -320,6 +327,7 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_waiting()
+            guard.opening.discard(self)
             super().connection_lost(exc)
 
         def _arm(self, delay_s: float) -> None:

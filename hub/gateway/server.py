@@ -17,7 +17,6 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from hub.core.dialects import Dialect
 from hub.core.measurements import MeasurementSchemas, ReadingsValidator
@@ -222,8 +221,7 @@ class Hub:
         assert self._server is not None
         loop = asyncio.get_running_loop()
         while loop.time() < until:
-            connections = self._server.all_connections
-            if not any(c.protocol.state is State.CONNECTING for c in connections):
+            if not self.strangers.opening:
                 return
             # Polled: websockets signals no handshake's end but to its own handler.
             await asyncio.sleep(HANDOVER_POLL_S)
