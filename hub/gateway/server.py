@@ -180,6 +180,11 @@ class Hub:
         A socket of a hub's own stays open and answers 503."""
         if self._hands_over and self._server is not None:
             self._server.server.close()
+            # websockets answers 503 to any handshake that succeeds once its listener is
+            # closed; this one is closed only so that new devices wait in the backlog for the
+            # next process: the handshakes under way are let in (then closed with 1001 with
+            # the rest), so websockets is told the server still serves them.
+            self._server.is_serving = lambda: True  # type: ignore[method-assign]
 
     async def acks_sent(self) -> None:
         """Wait until every session has answered every message it received."""
@@ -239,7 +244,7 @@ class Hub:
     @property
     def listening(self) -> bool:
         """Whether the device port is open."""
-        return self._server is not None and self._server.is_serving()
+        return self._server is not None and self._server.server.is_serving()
 
     @property
     def accepting(self) -> bool:
