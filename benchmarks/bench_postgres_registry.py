@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from device_sim.servers.postgres import start_postgres
 from hub.registry.postgres.backend import PostgresRegistry
 from hub.registry.postgres.operator import PostgresOperator
 from hub.registry.records import Presence, hash_token
-from tests.servers.postgres import start_postgres
 
 
 def quantiles(samples: list[float]) -> str:

@@ -44,6 +44,8 @@ from typing import Any, Self
 
 INFLUXD = Path("/usr/bin/influxd")
 VICTORIA_METRICS = Path("/usr/bin/victoria-metrics")
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+HAPROXY = Path("/usr/sbin/haproxy")
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 30
@@ -55,7 +57,12 @@ class ServerError(RuntimeError):
     """A local server is not installed, or could not be started or queried."""
 
 
-PACKAGES = {INFLUXD: "influxdb", VICTORIA_METRICS: "victoria-metrics"}
+PACKAGES = {
+    INFLUXD: "influxdb",
+    VICTORIA_METRICS: "victoria-metrics",
+    **{PG_BIN / tool: "postgresql" for tool in ("initdb", "postgres", "psql", "pg_isready")},
+    HAPROXY: "haproxy",
+}
 """The Debian package each server binary comes from."""
 
 

@@ -84,8 +84,7 @@ class UnitGuard:
             sock = args[0]
             if isinstance(sock, socket.socket) and sock.family in _INET:
                 refusal = (
-                    f"unit test {test} used the network ({event} {args[1]!r}): "
-                    "mark it integration"
+                    f"unit test {test} used the network ({event} {args[1]!r}): mark it integration"
                 )
         if refusal is not None:
             self.refusals.append(refusal)

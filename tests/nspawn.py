@@ -254,9 +254,13 @@ def build_wheels(project: Path, out: Path) -> Path:
     the project's tracked files: setuptools' `build/` in the work tree keeps modules that were
     moved or deleted since, and would put them in the wheel."""
     source = out / "source"
-    listed = subprocess.run(
-        ["git", "-C", str(project), "ls-files", "-z"], capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "-C", str(project), "ls-files", "-z"], capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (project / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)

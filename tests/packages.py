@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from device_sim.local_servers import INFLUXD, PACKAGES, VICTORIA_METRICS
+from device_sim.local_servers import HAPROXY, INFLUXD, PACKAGES, PG_BIN, VICTORIA_METRICS
 
 INSTALL_TIMEOUT_S = 900.0
 
@@ -32,9 +32,7 @@ def exists(path: str) -> bool:
     return Path(path).exists()
 
 
-def install_missing(
-    packages: Mapping[str, str], present: Callable[[str], bool] = _which
-) -> None:
+def install_missing(packages: Mapping[str, str], present: Callable[[str], bool] = _which) -> None:
     """Install the Debian package of each tool (`{tool: package}`) that `present` misses.
 
     `present` defaults to "on PATH"; pass `exists`-like checks for absolute paths. Raises
@@ -61,8 +59,10 @@ def install_missing(
             result = run(install)
     still = sorted(tool for tool in packages if not present(tool))
     if still:
-        why = "apt-get is not on PATH" if result is None else (
-            f"`{' '.join(install)}` exited {result.returncode}: {result.stderr[-2000:]}"
+        why = (
+            "apt-get is not on PATH"
+            if result is None
+            else (f"`{' '.join(install)}` exited {result.returncode}: {result.stderr[-2000:]}")
         )
         raise InstallError(f"{', '.join(still)} missing ({' '.join(missing)}); {why}")
 
@@ -72,3 +72,13 @@ def ensure_database_servers() -> None:
     install_missing(
         {str(binary): PACKAGES[binary] for binary in (INFLUXD, VICTORIA_METRICS)}, exists
     )
+
+
+def ensure_postgres() -> None:
+    """PostgreSQL 15's initdb, postgres, psql and pg_isready, from Debian's postgresql."""
+    install_missing({str(b): pkg for b, pkg in PACKAGES.items() if b.parent == PG_BIN}, exists)
+
+
+def ensure_haproxy() -> None:
+    """HAProxy, from Debian's haproxy."""
+    install_missing({str(HAPROXY): PACKAGES[HAPROXY]}, exists)

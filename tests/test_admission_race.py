@@ -52,9 +52,7 @@ async def test_two_handshakes_claiming_at_once_cannot_both_take_the_last_slot(
             while not both_inside.is_set() and not any(a.done() for a in attempts):
                 await asyncio.sleep(0.01)
         release.set()
-        results = await asyncio.wait_for(
-            asyncio.gather(*attempts, return_exceptions=True), WAIT_S
-        )
+        results = await asyncio.wait_for(asyncio.gather(*attempts, return_exceptions=True), WAIT_S)
         try:
             refused = [r for r in results if isinstance(r, InvalidStatus)]
             assert len(refused) == 1, results

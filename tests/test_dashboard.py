@@ -148,9 +148,7 @@ def observed(influxdb: LocalServer, tmp_path_factory: pytest.TempPathFactory) ->
     async def run() -> Observed:
         # Two workers: the supervisor's /metrics carries every sample with its `worker`,
         # and the workers' own metrics (hub_worker_up, restarts), which the panels use.
-        hub = HubProcess(
-            state, influxdb, db, "--health-port", str(health_port), "--workers", "2"
-        )
+        hub = HubProcess(state, influxdb, db, "--health-port", str(health_port), "--workers", "2")
         async with hub:
             then = now_ms() - 15 * 60 * 1000
             async with DeviceClient(hub.url, silent) as client:

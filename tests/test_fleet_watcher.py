@@ -201,9 +201,7 @@ async def test_an_unreadable_registry_loses_no_later_push(fleet: Fleet) -> None:
     await fleet.until_each_has(1, ids)
     calls = fleet.registry.config_states_calls
     assert calls[0] == 5 and len(calls) >= 2 and set(calls) == {5}, calls
-    assert {c["version"] for d in ids for c in fleet.connections[d].configs[-1:]} == {
-        VERSION + 1
-    }
+    assert {c["version"] for d in ids for c in fleet.connections[d].configs[-1:]} == {VERSION + 1}
 
 
 async def test_a_push_the_registry_could_not_read_is_retried_until_it_can(fleet: Fleet) -> None:

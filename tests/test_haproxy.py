@@ -14,8 +14,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from device_sim.local_servers import ServerError
-from tests.servers.haproxy import ConfigFor, HAProxyServer, websocket_config
-from tests.servers.processes import process_tree
+from device_sim.servers.haproxy import ConfigFor, HAProxyServer, websocket_config
+from device_sim.servers.processes import process_tree
 
 pytestmark = pytest.mark.integration
 

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from device_sim.local_servers import free_port
+from device_sim.servers.postgres import PostgresDatabase
 from hub.cli.top import read_presence
 from hub.errors import DeviceExists, RegistryError, RegistryUnavailable
 from hub.registry.postgres import operator as operator_module
@@ -22,7 +23,6 @@ from hub.registry.postgres.lease import LEASE_S
 from hub.registry.postgres.operator import PostgresOperator
 from hub.registry.records import Presence, hash_token
 from hub.settings import load_settings
-from tests.servers.postgres import PostgresDatabase
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from device_sim.servers.postgres import PostgresDatabase
 from hub.registry.postgres import operator_queries as oq
 from hub.registry.postgres import queries as q
 from hub.registry.postgres.migrations import migrate
 from hub.registry.sqlite import hash_token
-from tests.servers.postgres import PostgresDatabase
 
 pytestmark = pytest.mark.integration
 

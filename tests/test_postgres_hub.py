@@ -22,8 +22,8 @@ import pytest
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, free_port
+from device_sim.servers.postgres import PostgresDatabase, PostgresServer
 from schemas.codes import CloseCode
-from tests.servers.postgres import PostgresDatabase, PostgresServer
 from tests.support import HubProcess, points
 
 pytestmark = pytest.mark.e2e

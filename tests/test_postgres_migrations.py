@@ -9,6 +9,7 @@ import sys
 import asyncpg
 import pytest
 
+from device_sim.servers.postgres import PostgresDatabase
 from hub.registry.postgres.migrations import (
     MIGRATION_LOCK_KEY,
     Migration,
@@ -17,7 +18,6 @@ from hub.registry.postgres.migrations import (
     check_sequence,
     migrate,
 )
-from tests.servers.postgres import PostgresDatabase
 
 pytestmark = pytest.mark.integration
 

@@ -23,8 +23,8 @@ from websockets.exceptions import InvalidStatus
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
+from device_sim.servers.postgres import PostgresServer
 from tests.attack_support import AttackedHub
-from tests.servers.postgres import PostgresServer
 from tests.test_postgres_hub import hub_command
 
 pytestmark = pytest.mark.e2e

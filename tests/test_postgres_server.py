@@ -13,8 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.servers.postgres import PostgresDatabase, PostgresServer
-from tests.servers.processes import kill_tree, process_tree, stop_tree
+from device_sim.servers.postgres import PostgresDatabase, PostgresServer
+from device_sim.servers.processes import kill_tree, process_tree, stop_tree
 
 pytestmark = pytest.mark.integration
 

@@ -18,13 +18,13 @@ import pytest
 
 from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer
+from device_sim.servers.postgres import PostgresDatabase
 from hub.gateway.ownership import SAFETY_NET_S
 from hub.registry.postgres.backend import PostgresRegistry
 from hub.registry.postgres.doorbell import LISTENER_NAME
 from hub.registry.postgres.operator import PostgresOperator
 from hub.registry.records import HeldSession, Presence, StaleReason, hash_token
 from schemas.codes import CloseCode
-from tests.servers.postgres import PostgresDatabase
 from tests.support import HubProcess
 from tests.test_postgres_hub import WAIT_S, eventually, hub_command
 

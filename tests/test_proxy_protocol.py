@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from device_sim.local_servers import LocalServer, free_port
+from device_sim.local_servers import HAPROXY, LocalServer, free_port
+from device_sim.servers.haproxy import HAProxyServer, proxy_protocol_config
 from sensorhub_client.connection import DeviceClient
 from tests.attack_support import (
     READING,
@@ -31,7 +32,7 @@ from tests.attack_support import (
     register,
     upgrade_request,
 )
-from tests.servers.haproxy import HAPROXY, HAProxyServer, ensure_installed, proxy_protocol_config
+from tests.packages import ensure_haproxy
 
 pytestmark = pytest.mark.e2e
 
@@ -189,7 +190,7 @@ async def test_a_balancer_without_a_header_is_dropped_and_nobody_else_may_send_o
 def test_the_documented_haproxy_config_is_one_haproxy_accepts(tmp_path: Path) -> None:
     """docs/scale-out.md's HAProxy configuration passes `haproxy -c` (bound to a free
     loopback port instead of :443)."""
-    ensure_installed()
+    ensure_haproxy()
     text = (Path(__file__).parents[1] / "docs" / "scale-out.md").read_text()
     found = re.search(r"```haproxy\n(.*?)```", text, re.S)
     assert found, "no haproxy block in docs/scale-out.md"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from device_sim.servers.postgres import PostgresDatabase
 from hub.registry.operator import OperatorRegistry
 from hub.registry.ports import HubRegistry
 from hub.registry.postgres.backend import PostgresRegistry
@@ -24,7 +25,6 @@ from hub.registry.postgres.operator import PostgresOperator
 from hub.registry.sqlite_operator import SQLiteOperator
 from hub.registry.thread import ThreadedSQLiteRegistry
 from tests.registry_contract import Backend, RegistryContract
-from tests.servers.postgres import PostgresDatabase
 
 POLL_S = 0.01
 

@@ -10,13 +10,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.servers.haproxy import ConfigFor, HAProxyServer, start_haproxy
-from tests.servers.postgres import PostgresDatabase, PostgresServer, start_postgres
+from device_sim.servers.haproxy import ConfigFor, HAProxyServer, start_haproxy
+from device_sim.servers.postgres import PostgresDatabase, PostgresServer, start_postgres
+from tests.packages import ensure_haproxy, ensure_postgres
 
 
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     """A real PostgreSQL 15 for the whole session; never stop or freeze it in a test."""
+    ensure_postgres()
     server = start_postgres(tmp_path_factory.mktemp("postgres"))
     try:
         yield server
@@ -46,6 +48,7 @@ async def pg(postgres_db: PostgresDatabase) -> AsyncIterator[asyncpg.Connection]
 @pytest.fixture
 def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
     """A PostgreSQL for this test alone, to freeze, kill and restart; stopped after it."""
+    ensure_postgres()
     server = start_postgres(tmp_path / "own-postgres")
     try:
         yield server
@@ -59,6 +62,7 @@ def haproxy(tmp_path: Path) -> Iterator[Callable[[ConfigFor], HAProxyServer]]:
 
     Every one started is stopped after the test.
     """
+    ensure_haproxy()
     started: list[HAProxyServer] = []
 
     def start(config_for: ConfigFor) -> HAProxyServer:

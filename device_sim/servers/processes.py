@@ -1,4 +1,4 @@
-"""What the test-server launchers share: installing Debian packages, signalling a process tree.
+"""What the server launchers share: signalling a process tree, reading its log.
 
 Every server runs in its own session, so its process id is also its process group id. Its
 children may lead groups of their own (PostgreSQL's backends do), so a signal meant for the

@@ -1,4 +1,4 @@
-"""A throwaway HAProxy 2.6 for tests: `haproxy -f FILE -db` with a config written per test.
+"""A throwaway HAProxy 2.6 (tests, chaos): `haproxy -f FILE -db` with a config written per use.
 
 Debian's `haproxy` package. `-db` keeps it in the foreground as one process (no daemon, no
 master), so the pid Popen returns is HAProxy's and a SIGTERM stops it at once; SIGKILL
@@ -17,9 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from device_sim.local_servers import ServerError, free_port
-from tests.packages import exists, install_missing
-from tests.servers.processes import (
+from device_sim.local_servers import HAPROXY, ServerError, free_port, require_installed
+from device_sim.servers.processes import (
     STOP_TIMEOUT_S,
     kill_tree,
     read_tail,
@@ -27,16 +26,10 @@ from tests.servers.processes import (
     stop_tree,
 )
 
-HAPROXY = Path("/usr/sbin/haproxy")
 START_TIMEOUT_S = 15.0
 
 ConfigFor = Callable[[int], str]
 """Makes a config's text given the port HAProxy's frontend is to listen on."""
-
-
-def ensure_installed() -> None:
-    """Install Debian's `haproxy` package if the binary is missing."""
-    install_missing({str(HAPROXY): "haproxy"}, exists)
 
 
 def websocket_config(port: int, backends: Sequence[tuple[str, int]], health_path: str = "") -> str:
@@ -192,7 +185,7 @@ def start_haproxy(
     base_dir: Path, config_for: ConfigFor, timeout: float = START_TIMEOUT_S
 ) -> HAProxyServer:
     """Write `config_for(free port)` to a new dir under `base_dir`, check it, start HAProxy."""
-    ensure_installed()
+    require_installed(HAPROXY)
     base_dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="haproxy-", dir=base_dir))
     last_error: ServerError | None = None

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL 15 for tests: initdb on a temp dir, postgres on a free loopback port.
+"""A throwaway PostgreSQL 15 (tests, benchmarks, chaos): initdb on a temp dir, a free port.
 
 Debian's `postgresql` package puts initdb and postgres in /usr/lib/postgresql/15/bin. Both
 refuse to run as root, so under root they run as the `postgres` user, with the data and socket
@@ -41,9 +41,8 @@ from typing import Any, Self
 
 import asyncpg
 
-from device_sim.local_servers import ServerError, free_port
-from tests.packages import exists, install_missing
-from tests.servers.processes import (
+from device_sim.local_servers import PG_BIN, ServerError, free_port, require_installed
+from device_sim.servers.processes import (
     STOP_TIMEOUT_S,
     kill_tree,
     read_tail,
@@ -51,7 +50,6 @@ from tests.servers.processes import (
     stop_tree,
 )
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 INITDB = PG_BIN / "initdb"
 POSTGRES = PG_BIN / "postgres"
 PSQL = PG_BIN / "psql"
@@ -69,13 +67,6 @@ TEST_SETTINGS = {
     "max_connections": "200",
     "log_line_prefix": "%m [%p] ",
 }
-
-
-def ensure_installed() -> None:
-    """Install Debian's `postgresql` package if initdb or postgres is missing."""
-    install_missing(
-        {str(tool): "postgresql" for tool in (INITDB, POSTGRES, PSQL, PG_ISREADY)}, exists
-    )
 
 
 def _run_as() -> str | None:
@@ -244,7 +235,8 @@ class PostgresDatabase:
 
 def start_postgres(base_dir: Path, timeout: float = START_TIMEOUT_S) -> PostgresServer:
     """initdb a new cluster and start it on a free port; its log goes under `base_dir`."""
-    ensure_installed()
+    for binary in (INITDB, POSTGRES, PSQL, PG_ISREADY):
+        require_installed(binary)
     base_dir.mkdir(parents=True, exist_ok=True)
     owner = _run_as()
     root = Path(tempfile.mkdtemp(prefix="sensor-hub-postgres-"))
