@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from hub.gateway.registryhealth import RegistryHealth, VerifiedTokens, describe
+from hub.gateway.registryhealth import RegistryHealth, VerifiedTokens, error_line
 from hub.registry.records import Credential
 
 pytestmark = pytest.mark.unit
@@ -56,10 +56,10 @@ def test_a_second_outage_is_logged_again() -> None:
     assert not health.up and health.failures == 2
 
 
-def test_describe_names_the_error_on_one_line() -> None:
+def test_error_line_names_the_error_on_one_line() -> None:
     """Type and first line of the message; the type alone when there is none."""
-    assert describe(TimeoutError()) == "TimeoutError"
-    assert describe(OSError("no route\nmore")) == "OSError: no route"
+    assert error_line(TimeoutError()) == "TimeoutError"
+    assert error_line(OSError("no route\nmore")) == "OSError: no route"
 
 
 def credential(device: str, expires_at: float | None = None) -> Credential:

@@ -81,7 +81,7 @@ class RegistryHealth:
                 "registry unavailable (%s failed: %s): connected devices keep streaming, new "
                 "devices get 503 until it is back; said once, until it is",
                 what,
-                describe(exc),
+                error_line(exc),
             )
 
     def describe(self) -> str:
@@ -89,7 +89,7 @@ class RegistryHealth:
         return "ok" if self.up else f"unavailable for {self.down_for_s():.0f} s"
 
 
-def describe(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     """One line naming an error: its type and message (a timeout has none)."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
@@ -192,7 +192,7 @@ class WatchedRegistry:
             raise
         except Exception as exc:
             self.health.failed(what, exc)
-            raise RegistryUnavailable(f"registry {what} failed: {describe(exc)}") from exc
+            raise RegistryUnavailable(f"registry {what} failed: {error_line(exc)}") from exc
         self.health.succeeded()
         return result
 
@@ -246,7 +246,7 @@ class WatchedRegistry:
             return await self._registry.wait_for_change(timeout_s)
         except Exception as exc:
             self.health.failed("change watch", exc)
-            raise RegistryUnavailable(f"registry change watch failed: {describe(exc)}") from exc
+            raise RegistryUnavailable(f"registry change watch failed: {error_line(exc)}") from exc
 
     async def claim(self, device_id: str, remote_address: str) -> Claim | None:
         """See `OwnershipStore.claim`."""
