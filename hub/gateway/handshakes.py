@@ -131,6 +131,8 @@ class HandshakeGate:
             if refusal.retry_after is not None:
                 response.headers["Retry-After"] = str(math.ceil(refusal.retry_after))
             return response
+        if claim.previous_owner is not None:  # taken from another node (or worker)
+            self.metrics.takeovers.labels("won").inc()
         self.slots.admit(
             connection,
             Handshake(
@@ -203,7 +205,6 @@ class HandshakeGate:
             self.stranger_log.line(
                 logging.INFO, "handshake from %s refused: invalid or missing token", source
             )
-
 
 
 def _blocked(blocked_s: float) -> HandshakeRefused:

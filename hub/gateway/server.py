@@ -99,7 +99,9 @@ class Hub:
             TrustedProxies(admission.proxy_protocol_from),
         )
         self._background: set[asyncio.Task[None]] = set()
-        self.ownership = Ownership(registry, self.presence, self._spawn)
+        self.ownership = Ownership(
+            registry, self.presence, self._spawn, lost=metrics.takeovers.labels("lost").inc
+        )
         self._sessions = self.ownership.sessions
         poll_s = options.fleet.registry_poll_s
         self.watcher = FleetWatcher(

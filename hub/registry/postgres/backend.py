@@ -169,7 +169,8 @@ class PostgresRegistry:
         )
         if row is None:
             return None
-        return Claim(int(row["epoch"]), row["previous_owner"])
+        previous = row["previous_owner"]  # this node itself: a device reconnecting here
+        return Claim(int(row["epoch"]), None if previous == self.node_id else previous)
 
     async def record_claimed_config_ack(
         self, device_id: str, epoch: int, version: int, ok: bool, error: str | None
