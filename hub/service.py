@@ -88,11 +88,12 @@ class HubService:
         # SQLite: every registry query of the hub on one thread; PostgreSQL: a pool, the
         # schema migrated first. Neither blocks the loop.
         listen = options.gateway.listen
+        node_id = options.registry.node_id or default_node_id(listen.port)
         registry = await open_hub_registry(
             options.registry.url,
             storage.registry_path,
             options.gateway.fleet.registry_poll_s,
-            options.registry.node_id or default_node_id(listen.port),
+            node_id,
             f"{listen.host}:{listen.port}",
         )
         worker = self.worker
@@ -119,8 +120,9 @@ class HubService:
         metrics.watch_writes(pipeline.write_stats)
         pipeline.start()
         self._hub = Hub(
-            options.gateway, registry, schemas, pipeline, metrics, one_of_workers=worker is not None
-        )
+            options.gateway, registry, schemas, pipeline, metrics,
+            node_id=node_id, one_of_workers=worker is not None,
+        )  # fmt: skip
         metrics.watch(self._hub)
         if options.health.enabled:
             self._health = HealthServer(

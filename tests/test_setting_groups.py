@@ -161,7 +161,9 @@ async def test_a_reload_changing_each_live_setting_reaches_its_part(
     current = HubOptions.of(settings)
     pipeline = Pipeline(None, DeadLetterFile(tmp_path / "dead.jsonl", 2**20), current.batch)
     registry = cast(HubRegistry, _Unstarted())
-    hub = Hub(current.gateway, registry, MeasurementSchemas(), pipeline, HubMetrics())
+    hub = Hub(
+        current.gateway, registry, MeasurementSchemas(), pipeline, HubMetrics(), node_id="hub-test"
+    )
     fresh = HubOptions.of(settings.model_copy(update={name: _changed(name, settings, schema_file)}))
     applied = reload_parts(hub, current, fresh)
     assert applied == sorted(live_changes(current, fresh))

@@ -70,8 +70,10 @@ class Hub:
         pipeline: Pipeline,
         metrics: HubMetrics,
         *,
+        node_id: str,
         one_of_workers: bool = False,
     ) -> None:
+        """`node_id`: this hub's (or worker's) in the fleet, named in its connection events."""
         self.options = options
         # A worker of `hub serve --workers N` shares the device port with its siblings.
         self.one_of_workers = one_of_workers
@@ -84,7 +86,7 @@ class Hub:
         self.schemas = schemas
         self.pipeline = pipeline
         self.metrics = metrics
-        self.presence = PresenceTracker(registry)
+        self.presence = PresenceTracker(registry, node_id)
         self.draining = False
         self.slots = ConnectionSlots()
         self.rotation = RotationWatch(registry)
