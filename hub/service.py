@@ -122,6 +122,7 @@ class HubService:
         self._hub = Hub(
             options.gateway, registry, schemas, pipeline, metrics,
             node_id=node_id, one_of_workers=worker is not None,
+            workers=worker.count if worker is not None else 1,
         )  # fmt: skip
         metrics.watch(self._hub)
         if options.health.enabled:
@@ -159,10 +160,9 @@ class HubService:
         hub = self.hub
         self._notifier.stopping()
         log.info("stopping: refusing new connections, flushing what devices sent")
-        hub.draining = True
-        hub.stop_accepting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.service.shutdown_timeout_s
+        hub.begin_drain(self.options.service.shutdown_timeout_s)
 
         async def within_deadline(step: Awaitable[None]) -> None:
             try:

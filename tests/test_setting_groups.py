@@ -123,6 +123,7 @@ def test_liveness_of_each_options_object_follows_from_its_groups() -> None:
         "BatchOptions",
         "LogOptions",
         "SchemaOptions",
+        "DrainOptions",
     }
 
 
@@ -175,7 +176,7 @@ async def test_a_reload_changing_each_live_setting_reaches_its_part(
         assert applied == ["schemas"]
     else:
         (path,) = applied  # exactly the part whose group the setting is in
-        assert path in {"gateway.admission", "gateway.session", "batch", "log"}
+        assert path in {"gateway.admission", "gateway.session", "gateway.drain", "batch", "log"}
         assert hub.schemas.source.measurements == {}
 
 
