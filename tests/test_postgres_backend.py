@@ -154,6 +154,12 @@ async def test_each_hubs_feed_reads_only_the_devices_it_holds(
             patch.setattr(backend_module, "FEED_PAGE_ROWS", 4)
             _, paged = await hubs[0].changes_since(seen[0])
         assert {c.device_id for c in paged} == held[0]
+        # By the owner when read: a device claimed since (it moved) comes with its changes.
+        assert await hubs[0].claim(ids[1], "192.0.2.1:2") is not None
+        _, moved = await hubs[0].changes_since(seen[0])
+        assert {c.device_id for c in moved} == held[0] | {ids[1]}
+        _, left = await hubs[1].changes_since(seen[1])
+        assert {c.device_id for c in left} == held[1] - {ids[1]}
     finally:
         for hub in hubs:
             await hub.close()
