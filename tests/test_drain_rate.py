@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import time
 from pathlib import Path
 
@@ -40,23 +41,35 @@ def test_the_interval_is_the_rate_unless_the_window_is_too_short() -> None:
 
 @pytest.mark.unit
 async def test_each_close_takes_the_next_turn_once_and_late_ones_go_at_once() -> None:
-    """Turns follow each other at the interval; one close asking twice keeps its turn; the
-    window's end is the latest turn."""
-    pace = DrainPace(3, 20.0, 10.0)  # 50 ms apart
+    """Turns follow each other at 1/rate; one close asking twice keeps its turn; past the
+    window's end a close goes when it asks."""
+    pace = DrainPace(3, 20.0, 10.0)
+    t0 = pace.start
+    first, second, third = object(), object(), object()
+    assert pace.reserve(first, t0) - t0 == pytest.approx(0.0, abs=1e-9)
+    assert pace.reserve(second, t0) - t0 == pytest.approx(0.05)
+    assert pace.reserve(first, t0 + 1) - t0 == pytest.approx(0.0, abs=1e-9)  # the same turn
+    assert pace.reserve(third, t0 + 0.01) - t0 == pytest.approx(0.10)
+    assert pace.reserve(object(), t0 + 20) <= t0 + 20  # came in late: at once
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    keys = [object() for _ in range(3)]
-    times: dict[int, float] = {}
+    waited = DrainPace(2, 20.0, 10.0)
+    await waited.turn(first)
+    await waited.turn(second)  # really waits for its turn
+    assert loop.time() >= waited.start + 0.05
 
-    async def close(n: int) -> None:
-        await pace.turn(keys[n])
-        times[n] = loop.time() - started
 
-    await asyncio.gather(close(0), close(1), close(2), close(1))
-    assert times[0] < 0.04 and times[2] >= 0.099
-    assert 0.049 <= times[1] < times[2]
-    short = DrainPace(1000, 1.0, 0.5)  # 1000 sessions cannot fit: spread over 0.4 s
-    assert short.interval == pytest.approx(0.4 / 999)
+@pytest.mark.unit
+async def test_closes_asking_late_are_spread_over_the_time_left_not_bunched_at_its_end() -> None:
+    """21 sessions at 10/s would need 2 s; in the 1.6 s window of a 2 s drain, with the
+    closes asking only 0.8 s in (after the drain's flush), they are spread evenly over the
+    0.8 s left, 40 ms apart, the last at the window's end."""
+    pace = DrainPace(21, 10.0, 2.0)
+    asked = pace.start + 0.8
+    turns = [pace.reserve(object(), asked) - pace.start for _ in range(21)]
+    assert turns[0] == pytest.approx(0.8)
+    assert turns[-1] == pytest.approx(1.6)
+    gaps = [b - a for a, b in itertools.pairwise(turns)]
+    assert min(gaps) == pytest.approx(0.04) and max(gaps) == pytest.approx(0.04)
 
 
 async def drained(

@@ -41,26 +41,35 @@ def turns_window(drain_s: float) -> float:
 
 
 class DrainPace:
-    """Turns to close with 1001, one every `interval` s, the last by the end of the window;
-    a close asking after that (a session that came in late) goes at once."""
+    """Turns to close with 1001, `1/rate` apart or closer so that the sessions still to
+    close fit in what is left of the window (the quiet sessions only ask when the hub stops
+    listening, after the drain's flush); a close asking after the window goes at once."""
 
     def __init__(self, sessions: int, rate: float, drain_s: float) -> None:
-        """`sessions` to close at `rate` per second within a drain lasting `drain_s`."""
-        loop = asyncio.get_running_loop()
-        window_s = turns_window(drain_s)
-        self.interval = close_interval(sessions, rate, window_s)
-        self._loop = loop
-        self._next = loop.time()
-        self._end = self._next + window_s
+        """`sessions` to close at `rate` per second within a drain lasting `drain_s`,
+        starting now (the event loop's clock: `start`)."""
+        self.sessions = sessions
+        self.rate = rate
+        self._loop = asyncio.get_running_loop()
+        self.start = self._loop.time()
+        self._next = self.start
+        self._end = self.start + turns_window(drain_s)
         self._turns: dict[object, float] = {}
 
-    async def turn(self, closing: object) -> None:
-        """Wait for the turn of `closing`'s close: the next free one, or the one it was
-        given already (a session closing itself and websockets closing it too are one)."""
-        now = self._loop.time()
+    def reserve(self, closing: object, now: float) -> float:
+        """The time of `closing`'s turn, asked at `now`: the next free one, or the one it
+        was given already (a session closing itself and websockets closing it too are
+        one close)."""
         at = self._turns.get(closing)
         if at is None:
             at = self._turns[closing] = min(max(self._next, now), self._end)
-            self._next = at + self.interval
+            after = max(1, self.sessions - len(self._turns))  # turns still to give, after it
+            self._next = at + close_interval(after + 1, self.rate, self._end - at)
+        return at
+
+    async def turn(self, closing: object) -> None:
+        """Wait for `closing`'s turn (`reserve`)."""
+        now = self._loop.time()
+        at = self.reserve(closing, now)
         if at > now:
             await asyncio.sleep(at - now)
