@@ -1,7 +1,7 @@
 """The PostgreSQL registry: what the hub's calls cost, what watching costs, how fast the
 doorbell rings, and the operator's bulk commands.
 
-    python -m benchmarks.bench_postgres_registry [--devices 10000] [--rounds 200]
+    python -m benchmarks.bench_postgres_registry [--devices 10000] [--rounds 200] [--hubs 3]
 
 Starts a throwaway PostgreSQL 15 (tests/servers/postgres.py: Debian's package, initdb in a
 temporary directory, a free port; stopped at the end) and a fresh database owned by a
@@ -12,7 +12,10 @@ non-superuser role, then prints:
 - a presence flush of every device at once (the hub's 0.5 s flush after a connect storm);
 - `config set --all` over every device;
 - the doorbell: from a push to one held device until the hub's wait returns (p50, p99);
-- the hub's process CPU per second while nothing changes (heartbeat and catch-up reads).
+- the hub's process CPU per second while nothing changes (heartbeat and catch-up reads);
+- the change feed of a fleet: `--hubs` hubs each holding a share of the devices, a `config
+  set --all`, then what each hub's feed read hands it (rows, how many of them it holds,
+  time): what every hub pays for a fleet-wide push.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def quantiles(samples: list[float]) -> str:
     return f"p50 {statistics.median(ordered) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms"
 
 
-async def run(url: str, devices: int, rounds: int) -> None:
+async def run(url: str, devices: int, rounds: int, hubs: int) -> None:
     """Every measurement on the database at `url`."""
     operator = await PostgresOperator.open(url)
     hub = await PostgresRegistry.open(url, "bench-hub", "127.0.0.1:8765")
@@ -89,9 +92,46 @@ async def run(url: str, devices: int, rounds: int) -> None:
             await hub.wait_for_change(1.0)
         cpu = (time.process_time() - started_cpu) / (time.monotonic() - started)
         print(f"watching, nothing changes: {cpu * 1000:.2f} ms CPU per second")
+        await fleet_feed(url, operator, ids, hubs)
     finally:
         await hub.close()
         await operator.close()
+
+
+async def fleet_feed(url: str, operator: PostgresOperator, ids: list[str], hubs: int) -> None:
+    """`hubs` hubs claim the devices round robin; after one `config set --all`, print what
+    each hub's change feed read."""
+    fleet = [
+        await PostgresRegistry.open(url, f"fleet-hub-{n}", f"127.0.0.1:{9000 + n}")
+        for n in range(1, hubs + 1)
+    ]
+    try:
+        held: list[set[str]] = [set() for _ in fleet]
+        for start in range(0, len(ids), 100):
+            chunk = ids[start : start + 100]
+            owners = [n % hubs for n in range(start, start + len(chunk))]
+            claims = await asyncio.gather(
+                *(fleet[o].claim(d, "192.0.2.1:40000") for d, o in zip(chunk, owners, strict=True))
+            )
+            for device_id, owner, claim in zip(chunk, owners, claims, strict=True):
+                if claim is not None:
+                    held[owner].add(device_id)
+        seen = [await member.change_seq() for member in fleet]
+        targets = await operator.select(everyone=True)
+        await operator.set_config(targets, updates={"fleet": 1})
+        for n, member in enumerate(fleet):
+            started = time.perf_counter()
+            _, changes = await member.changes_since(seen[n])
+            took = time.perf_counter() - started
+            mine = sum(1 for change in changes if change.device_id in held[n])
+            print(
+                f"change feed of {member.node_id} after config set --all: read "
+                f"{len(changes)} devices ({mine} of the {len(held[n])} it holds) "
+                f"in {took * 1000:.0f} ms"
+            )
+    finally:
+        for member in fleet:
+            await member.close()
 
 
 def main() -> None:
@@ -99,10 +139,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--hubs", type=int, default=3, help="hubs sharing the fleet's feed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, start_postgres(Path(tmp)) as server:
         role, name = server.new_database()
-        asyncio.run(run(server.dsn(name, role), args.devices, args.rounds))
+        asyncio.run(run(server.dsn(name, role), args.devices, args.rounds, args.hubs))
 
 
 if __name__ == "__main__":

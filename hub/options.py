@@ -130,6 +130,19 @@ class WorkerOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class DrainOptions:
+    """How fast a draining hub closes its devices (hub.gateway.drain); live."""
+
+    rate: float
+    """Closes per second; 0: all at once."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> Self:
+        """The `drain` group."""
+        return cls(settings.drain_rate)
+
+
+@dataclass(frozen=True, slots=True)
 class FleetOptions:
     """How often the hub looks at the registry: operator changes, and presence."""
 
@@ -213,6 +226,7 @@ class GatewayOptions:
     session: SessionLimits
     readings: ReadingLimits
     fleet: FleetOptions
+    drain: DrainOptions
 
     @classmethod
     def of(cls, settings: Settings) -> Self:
@@ -223,6 +237,7 @@ class GatewayOptions:
             session_limits(settings),
             reading_limits(settings),
             FleetOptions.of(settings),
+            DrainOptions.of(settings),
         )
 
 
@@ -332,6 +347,7 @@ OPTION_GROUPS: dict[type[Any], tuple[str, ...]] = {
     RegistryOptions: ("registry",),
     WorkerOptions: ("workers",),
     FleetOptions: ("fleet",),
+    DrainOptions: ("drain",),
     ListenOptions: ("listen",),
     AdmissionOptions: ("capacity", "strangers"),
     SessionLimits: ("device_rates", "message_counts", "time_range", "connection"),
@@ -351,6 +367,7 @@ BUILDERS: dict[type[Any], Callable[[Settings], Any]] = {
     RegistryOptions: RegistryOptions.of,
     WorkerOptions: WorkerOptions.of,
     FleetOptions: FleetOptions.of,
+    DrainOptions: DrainOptions.of,
     ListenOptions: ListenOptions.of,
     AdmissionOptions: AdmissionOptions.of,
     SessionLimits: session_limits,

@@ -88,11 +88,12 @@ class HubService:
         # SQLite: every registry query of the hub on one thread; PostgreSQL: a pool, the
         # schema migrated first. Neither blocks the loop.
         listen = options.gateway.listen
+        node_id = options.registry.node_id or default_node_id(listen.port)
         registry = await open_hub_registry(
             options.registry.url,
             storage.registry_path,
             options.gateway.fleet.registry_poll_s,
-            options.registry.node_id or default_node_id(listen.port),
+            node_id,
             f"{listen.host}:{listen.port}",
         )
         worker = self.worker
@@ -119,8 +120,10 @@ class HubService:
         metrics.watch_writes(pipeline.write_stats)
         pipeline.start()
         self._hub = Hub(
-            options.gateway, registry, schemas, pipeline, metrics, one_of_workers=worker is not None
-        )
+            options.gateway, registry, schemas, pipeline, metrics,
+            node_id=node_id, one_of_workers=worker is not None,
+            workers=worker.count if worker is not None else 1,
+        )  # fmt: skip
         metrics.watch(self._hub)
         if options.health.enabled:
             self._health = HealthServer(
@@ -157,10 +160,9 @@ class HubService:
         hub = self.hub
         self._notifier.stopping()
         log.info("stopping: refusing new connections, flushing what devices sent")
-        hub.draining = True
-        hub.stop_accepting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.service.shutdown_timeout_s
+        hub.begin_drain(self.options.service.shutdown_timeout_s)
 
         async def within_deadline(step: Awaitable[None]) -> None:
             try:

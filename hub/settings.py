@@ -128,6 +128,7 @@ GROUPS: dict[str, SettingGroup] = {
         )
     ),
     "fleet": SettingGroup(("registry_poll_s", "presence_flush_s")),
+    "drain": SettingGroup(("drain_rate",), live=True),
     "registry": SettingGroup(("registry_url", "node_id")),
     "workers": SettingGroup(("workers",)),
     "log_level": SettingGroup(("log_level",), live=True),
@@ -240,6 +241,9 @@ class Settings(BaseSettings):
     handshake_timeout_s: PositiveFloat = 10.0
     request_header_timeout_s: PositiveFloat = 3.0
     shutdown_timeout_s: PositiveFloat = 10.0
+    drain_rate: Annotated[float, Field(ge=0)] = 200.0
+    """Closes per second (1001) of a draining hub's devices, faster if they would not all be
+    closed within `shutdown_timeout_s`; 0: all at once (hub/gateway/drain.py)."""
 
     # Fleet
     registry_timeout_s: PositiveFloat = 5.0

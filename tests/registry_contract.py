@@ -250,8 +250,11 @@ class RegistryContract:
     # --- Change feed ------------------------------------------------------------------------
 
     async def test_changes_since_names_exactly_the_changed_devices(self, backend: Backend) -> None:
-        """Config changes and revocations after a sequence, with what the hub acts on."""
+        """Config changes and revocations after a sequence, with what the hub acts on (of
+        devices it holds: a hub sharing its registry reads only its own devices' changes)."""
         await backend.operator.add_many(["a", "b", "c"])
+        for device_id in ("a", "b", "c"):
+            assert await backend.ports.claim(device_id, "192.0.2.1:1") is not None
         start = await backend.ports.change_seq()
         await backend.operator.set_config(["a"], updates={"x": 1})
         await backend.operator.revoke("b")
@@ -264,6 +267,8 @@ class RegistryContract:
     async def test_a_rotation_is_a_change(self, backend: Backend) -> None:
         """A rotated token is a change of its device (sessions re-check their tokens)."""
         await backend.operator.add_many(["a", "b"])
+        for device_id in ("a", "b"):
+            assert await backend.ports.claim(device_id, "192.0.2.1:1") is not None
         start = await backend.ports.change_seq()
         await backend.operator.rotate("a", grace_s=0)
         _, changes = await backend.ports.changes_since(start)

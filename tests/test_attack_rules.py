@@ -131,7 +131,7 @@ async def test_presence_records_a_close_reason_with_a_line_feed(tmp_path: Path) 
     operator.close()
     registry = await ThreadedSQLiteRegistry.open(path, poll_s=0.01)
     try:
-        presence = PresenceTracker(registry)
+        presence = PresenceTracker(registry, "hub-test")
         presence.connected("dev-1", "10.0.0.1:5000")
         presence.disconnected("dev-1", "1000 normal closure: bye\nFORGED" + "\r" * 200)
         events = presence.take_events()

@@ -494,6 +494,31 @@ async def test_connection_events_are_points_with_a_disconnect_reason(
     assert disconnected["reason"].startswith("1000")
 
 
+async def test_connection_events_name_the_hub_even_with_line_protocol_characters(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str
+) -> None:
+    """The `hub` tag of both events is the hub's node id, which is operator-set text: commas,
+    equals signs, quotes and backslashes are escaped, and read back as they were set."""
+    node_id = 'site=north,rack"2\\a'
+    process = HubProcess(tmp_path / "state", influxdb, influx_db_name, env={"HUB_NODE_ID": node_id})
+    await process.start()
+    try:
+        token = await add_device(process, "dev-1")
+        async with device(process, token):
+            pass
+        rows = await eventually(
+            lambda: asyncio.to_thread(points, influxdb, influx_db_name, CONNECTION_MEASUREMENT),
+            lambda rows: len(rows) == 2,
+            "a connect and a disconnect point",
+        )
+    finally:
+        assert await process.stop() == 0, process.log
+    assert sorted((row["event"], row["hub"], row["device"]) for row in rows) == [
+        ("connected", node_id, "dev-1"),
+        ("disconnected", node_id, "dev-1"),
+    ]
+
+
 async def test_revocation_is_the_recorded_disconnect_reason(
     hub: HubProcess, influxdb: LocalServer, influx_db_name: str
 ) -> None:

@@ -16,6 +16,7 @@ from device_sim.local_servers import free_port
 from device_sim.servers.postgres import PostgresDatabase
 from hub.cli.top import read_presence
 from hub.errors import DeviceExists, RegistryError, RegistryUnavailable
+from hub.registry.postgres import backend as backend_module
 from hub.registry.postgres import operator as operator_module
 from hub.registry.postgres.backend import PostgresRegistry
 from hub.registry.postgres.doorbell import LISTENER_NAME
@@ -89,6 +90,7 @@ async def test_a_change_nobody_rang_for_is_found_after_the_listener_reconnects(
     try:
         await operator.revoke("a")
         assert not await hub.wait_for_change(0.3)  # no doorbell, no catch-up yet
+        await hub.record_presence([online("a")])  # now it holds the device
         cut = await pg.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
             " WHERE application_name = $1 AND datname = current_database()",
@@ -116,6 +118,76 @@ async def test_the_periodic_catch_up_bounds_a_lost_doorbell(
         assert await hub.wait_for_change(WAIT_S)
         print(f"catch-up: rang {(time.monotonic() - started) * 1000:.0f} ms after the push")
         assert not await hub.wait_for_change(0.6)  # three catch-ups, nothing new
+    finally:
+        await hub.close()
+
+
+async def test_each_hubs_feed_reads_only_the_devices_it_holds(
+    postgres_db: PostgresDatabase, operator: PostgresOperator
+) -> None:
+    """A push to the whole fleet: each hub's feed hands it the devices it holds (claimed
+    at their handshakes), a page at a time past a full page, each device once with its
+    newest version; a revocation in the same read wins."""
+    ids = [f"d{n:03d}" for n in range(30)]
+    await operator.add_many(ids)
+    hubs = [await open_node(postgres_db, f"hub-{n}") for n in (1, 2, 3)]
+    try:
+        held: list[set[str]] = [set(), set(), set()]
+        for n, device_id in enumerate(ids):
+            assert await hubs[n % 3].claim(device_id, "192.0.2.1:1") is not None
+            held[n % 3].add(device_id)
+        seen = [await hub.change_seq() for hub in hubs]
+        await operator.set_config(ids, updates={"x": 1})
+        await operator.set_config(ids[:6], updates={"x": 2})
+        await operator.revoke(ids[0])
+        for n, hub in enumerate(hubs):
+            latest, changes = await hub.changes_since(seen[n])
+            assert latest == await hub.change_seq()
+            assert {c.device_id for c in changes} == held[n]
+            for change in changes:
+                index = ids.index(change.device_id)
+                expected = (2 if index < 6 else 1, index == 0)
+                assert (change.config_version, change.revoked) == expected, change
+            assert await hub.changes_since(latest) == (latest, [])
+        # Pages of 4 rows walk the same 10 devices (16 change rows) of hub-1.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(backend_module, "FEED_PAGE_ROWS", 4)
+            _, paged = await hubs[0].changes_since(seen[0])
+        assert {c.device_id for c in paged} == held[0]
+        # By the owner when read: a device claimed since (it moved) comes with its changes.
+        assert await hubs[0].claim(ids[1], "192.0.2.1:2") is not None
+        _, moved = await hubs[0].changes_since(seen[0])
+        assert {c.device_id for c in moved} == held[0] | {ids[1]}
+        _, left = await hubs[1].changes_since(seen[1])
+        assert {c.device_id for c in left} == held[1] - {ids[1]}
+    finally:
+        for hub in hubs:
+            await hub.close()
+
+
+async def test_a_device_served_without_a_claim_gets_the_changes_it_missed(
+    postgres_db: PostgresDatabase, operator: PostgresOperator
+) -> None:
+    """A session let in from memory (no claim, epoch 0) is not in the owner-filtered feed
+    until its presence makes this hub its holder: the feed then reports the device once, as
+    it is, rung at once when the feed had already passed one of its changes."""
+    await operator.add_many(["a", "b"])
+    hub = await open_node(postgres_db, "hub-1")
+    try:
+        start = await hub.change_seq()
+        await operator.set_config(["a"], updates={"x": 1})
+        latest, changes = await hub.changes_since(start)  # as the catch-up's read would
+        assert changes == []  # nobody holds "a"
+        await hub.record_presence([online("a")])
+        assert await hub.wait_for_change(WAIT_S)
+        _, changes = await hub.changes_since(latest)
+        assert [(c.device_id, c.config_version, c.revoked) for c in changes] == [("a", 1, False)]
+        assert await hub.changes_since(latest) == (latest, [])  # reported once
+        await hub.record_presence([online("a", stored=1)])  # the same session: no report
+        await hub.record_presence([online("b")])  # never changed: no ring
+        assert not await hub.wait_for_change(0.3)
+        _, changes = await hub.changes_since(latest)
+        assert [(c.device_id, c.config_version) for c in changes] == [("b", 0)]
     finally:
         await hub.close()
 

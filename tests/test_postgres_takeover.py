@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import statistics
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -256,3 +258,48 @@ async def test_a_stale_sessions_late_writes_lose_and_its_hub_hears_the_takeover(
         await hub_a.close()
         await hub_b.close()
         await operator.close()
+
+
+async def takeovers(process: HubProcess) -> dict[str, float]:
+    """`hub_takeovers_total` by direction, from a real scrape of the hub's /metrics."""
+    found = re.search(r"health and metrics at (http://\S+)/healthz", process.log)
+    assert found, f"no health address in the log:\n{process.log}"
+    timeout = aiohttp.ClientTimeout(total=WAIT_S)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as client,
+        client.get(found.group(1) + "/metrics") as answer,
+    ):
+        text = await answer.text()
+    counted = re.findall(r'^hub_takeovers_total\{direction="(\w+)"\} (\S+)$', text, re.M)
+    return {direction: float(value) for direction, value in counted}
+
+
+async def test_takeovers_are_counted_in_metrics_by_direction(
+    two_hubs: dict[str, HubProcess], postgres_db: PostgresDatabase
+) -> None:
+    """A device moving from hub-a to hub-b: hub-a counts one lost, hub-b one won (both at 0
+    from the start); the device reconnecting to the hub that holds it is no takeover."""
+    env = {"HUB_REGISTRY_URL": postgres_db.dsn}
+    added = await hub_command("token", "add", "counted", env=env)
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    first, second = two_hubs["hub-a"], two_hubs["hub-b"]
+    for process in (first, second):
+        assert await takeovers(process) == {"won": 0.0, "lost": 0.0}
+    old = DeviceClient(first.url, token)
+    await asyncio.wait_for(old.connect(), WAIT_S)
+    moved = DeviceClient(second.url, token)
+    await asyncio.wait_for(moved.connect(), WAIT_S)
+    code, _ = await asyncio.wait_for(old.wait_closed(), WAIT_S)
+    await asyncio.wait_for(old.close(), WAIT_S)
+    assert code == CloseCode.REPLACED
+    want = {"hub-a": {"won": 0.0, "lost": 1.0}, "hub-b": {"won": 1.0, "lost": 0.0}}
+    for name, process in two_hubs.items():
+        await eventually(functools.partial(takeovers, process), want[name].__eq__, name)
+    again = DeviceClient(second.url, token)  # replaces `moved` on the same hub
+    await asyncio.wait_for(again.connect(), WAIT_S)
+    await asyncio.wait_for(moved.wait_closed(), WAIT_S)
+    await asyncio.wait_for(moved.close(), WAIT_S)
+    await asyncio.wait_for(again.close(), WAIT_S)
+    for name, process in two_hubs.items():
+        assert await takeovers(process) == want[name], name

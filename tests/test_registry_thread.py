@@ -385,7 +385,7 @@ async def test_presence_not_stored_under_a_long_lock_is_stored_at_the_next_flush
     """A flush that gives up on the lock keeps what it could not write for the next one."""
     ports, _ = registry
     monkeypatch.setattr(thread_module, "BUSY_TIMEOUT_S", 0.2)
-    tracker = PresenceTracker(ports)
+    tracker = PresenceTracker(ports, "hub-test")
     await tracker.load()
     tracker.connected("a", "10.0.0.1:5000")
     with write_lock(tmp_path / "state" / "registry.sqlite3"), pytest.raises(sqlite3.Error):

@@ -123,6 +123,7 @@ def test_liveness_of_each_options_object_follows_from_its_groups() -> None:
         "BatchOptions",
         "LogOptions",
         "SchemaOptions",
+        "DrainOptions",
     }
 
 
@@ -161,7 +162,9 @@ async def test_a_reload_changing_each_live_setting_reaches_its_part(
     current = HubOptions.of(settings)
     pipeline = Pipeline(None, DeadLetterFile(tmp_path / "dead.jsonl", 2**20), current.batch)
     registry = cast(HubRegistry, _Unstarted())
-    hub = Hub(current.gateway, registry, MeasurementSchemas(), pipeline, HubMetrics())
+    hub = Hub(
+        current.gateway, registry, MeasurementSchemas(), pipeline, HubMetrics(), node_id="hub-test"
+    )
     fresh = HubOptions.of(settings.model_copy(update={name: _changed(name, settings, schema_file)}))
     applied = reload_parts(hub, current, fresh)
     assert applied == sorted(live_changes(current, fresh))
@@ -173,7 +176,7 @@ async def test_a_reload_changing_each_live_setting_reaches_its_part(
         assert applied == ["schemas"]
     else:
         (path,) = applied  # exactly the part whose group the setting is in
-        assert path in {"gateway.admission", "gateway.session", "batch", "log"}
+        assert path in {"gateway.admission", "gateway.session", "gateway.drain", "batch", "log"}
         assert hub.schemas.source.measurements == {}
 
 

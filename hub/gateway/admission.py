@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import CloseCode
 
 from hub.core.handshake import Handshake
 from hub.core.proxyheader import ProxyHeaderError, TrustedProxies, read_proxy_header
 from hub.core.ratelimit import TokenBucket, source_key
+from hub.gateway.drain import DrainPace
 
 LOOP_LAG_TOLERANCE_S = 0.1
 """A header deadline firing later than this finds the event loop behind (a connect storm):
@@ -185,8 +187,11 @@ class StrangerGuard:
             connection.transport.abort()
 
 
-def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
-    """A `ServerConnection` class (for `serve(create_connection=...)`) enforcing `guard`."""
+def guarded_connection(
+    guard: StrangerGuard, drain_pace: Callable[[], DrainPace | None] = lambda: None
+) -> type[ServerConnection]:
+    """A `ServerConnection` class (for `serve(create_connection=...)`) enforcing `guard`;
+    while the hub drains (`drain_pace` gives its pace), each 1001 waits for its turn."""
 
     class GuardedConnection(ServerConnection):
         """Counts itself as unauthenticated until its request is in; knows its peer."""
@@ -319,6 +324,12 @@ def guarded_connection(guard: StrangerGuard) -> type[ServerConnection]:
                 self._ignore_input = True
                 return b""
             return buffer[header.length :]
+
+        async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+            pace = drain_pace()
+            if pace is not None and code == CloseCode.GOING_AWAY:  # hub.gateway.drain
+                await pace.turn(self)
+            await super().close(code, reason)
 
         def process_event(self, event: Any) -> None:
             if self.request is None:

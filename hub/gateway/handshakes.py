@@ -39,6 +39,17 @@ RETRY_AFTER_S = 5
 """What a 503 asks a device to wait before trying again."""
 
 
+def worker_share(burst: int, per_min: float, workers: int) -> tuple[int, float]:
+    """One worker's part of the host's failed-handshake limit (burst, per minute), when
+    `workers` processes share the port: SO_REUSEPORT spreads one source's connections over
+    them by port, so each taking 1/N keeps the host's total at the setting instead of N
+    times it, with no state shared. A burst below N leaves each worker one (burst 0 stays
+    off); see docs/security.md."""
+    if workers <= 1 or burst <= 0:
+        return burst, per_min
+    return max(1, burst // workers), per_min / workers
+
+
 class HandshakeGate:
     """Decides each handshake; see the module docstring."""
 
@@ -52,10 +63,12 @@ class HandshakeGate:
         metrics: HubMetrics,
         stranger_log: StrangerLog,
         stranger_counts: StrangerCounts,
+        workers: int = 1,
     ) -> None:
         """`claim`: take the device's one live connection for this handshake (across hubs:
         hub.gateway.ownership); `full`: whether the hub takes nobody now (draining, or at
-        max_connections) with that many more slots taken."""
+        max_connections) with that many more slots taken; `workers`: processes sharing
+        the port, which share the failed-handshake limit (`worker_share`)."""
         self.options = options
         """Replaced on a reload (`Hub.apply`)."""
         self.registry = credentials
@@ -67,11 +80,10 @@ class HandshakeGate:
         self.metrics = metrics
         self.stranger_log = stranger_log
         self.stranger_counts = stranger_counts
-        self.failed_handshakes = FailedHandshakeLimiter(
-            options.auth_failures_burst,
-            options.auth_failures_per_min / 60,
-            options.auth_block_s,
+        burst, per_min = worker_share(
+            options.auth_failures_burst, options.auth_failures_per_min, workers
         )
+        self.failed_handshakes = FailedHandshakeLimiter(burst, per_min / 60, options.auth_block_s)
         self.verified_tokens = VerifiedTokens(
             options.registry_outage_admit_s, 2 * options.max_connections
         )
@@ -131,6 +143,8 @@ class HandshakeGate:
             if refusal.retry_after is not None:
                 response.headers["Retry-After"] = str(math.ceil(refusal.retry_after))
             return response
+        if claim.previous_owner is not None:  # taken from another node (or worker)
+            self.metrics.takeovers.labels("won").inc()
         self.slots.admit(
             connection,
             Handshake(
@@ -197,7 +211,7 @@ class HandshakeGate:
                 source,
                 limiter.block_s,
                 limiter.burst,
-                self.options.auth_failures_per_min,
+                limiter.per_s * 60,
             )
         else:
             self.stranger_log.line(

@@ -168,13 +168,16 @@ class Ownership:
         presence: DisconnectSink,
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         safety_net_s: float = SAFETY_NET_S,
+        lost: Callable[[], None] = lambda: None,
     ) -> None:
-        """`spawn` runs a close or a push in the background (a slow peer holds up nothing)."""
+        """`spawn` runs a close or a push in the background (a slow peer holds up nothing);
+        `lost` is told of each session closed because another node claimed its device."""
         self.sessions = SessionTable()
         self._store = store
         self._presence = presence
         self._spawn = spawn
         self._safety_net_s = safety_net_s
+        self._lost = lost
         self._unstarted: dict[ServerConnection, tuple[str, int]] = {}
         self._check_now = asyncio.Event()
         store.watch_takeovers(self.taken_over, self._check_now.set)
@@ -225,6 +228,7 @@ class Ownership:
         """Another hub claimed the device with `epoch`: close an older session of it."""
         session = self.sessions.taken_over(device_id, epoch)
         if session is not None:
+            self._lost()
             log.info(
                 "device %s: taken over by a connection to another hub",
                 device_id,

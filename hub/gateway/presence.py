@@ -4,7 +4,9 @@ The registry copy is what `hub devices` shows; it is written in one transaction 
 `presence_flush_s`, so a connect storm costs a handful of commits, not one per device. The
 tracker is handed only the registry's `PresenceStore` port.
 Connect and disconnect events also become points of the measurement
-`hub_device_connection`, so uptime can be charted beside the readings.
+`hub_device_connection`, so uptime can be charted beside the readings; each is tagged with
+the node id of the hub that wrote it (`hub`), so a device moving between hubs or workers
+shows where it was.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class _Live:
 class PresenceTracker:
     """Live connections per device, and the events to write about them."""
 
-    def __init__(self, store: PresenceStore) -> None:
+    def __init__(self, store: PresenceStore, node_id: str) -> None:
+        """`node_id`: this hub's (operator-set text, escaped as any tag value)."""
         self.store = store
+        self.node_id = node_id
         self._live: dict[str, _Live] = {}
         self._stored: dict[str, int] = {}
         # Changed since the last flush; turned into `Presence` rows only when flushed, since
@@ -128,5 +132,6 @@ class PresenceTracker:
         self._dirty[device_id] = live
 
     def _event(self, device_id: str, now: float, **fields: str | bool | float) -> None:
-        line = format_point(CONNECTION_MEASUREMENT, {"device": device_id}, fields, int(now * 1e9))
+        tags = {"device": device_id, "hub": self.node_id}
+        line = format_point(CONNECTION_MEASUREMENT, tags, fields, int(now * 1e9))
         self._events.append(line)

@@ -32,6 +32,7 @@ from hub.gateway.admission import (
     address_of,
     guarded_connection,
 )
+from hub.gateway.drain import DrainPace
 from hub.gateway.handshakes import HandshakeGate
 from hub.gateway.ownership import Ownership
 from hub.gateway.presence import PresenceTracker
@@ -70,8 +71,12 @@ class Hub:
         pipeline: Pipeline,
         metrics: HubMetrics,
         *,
+        node_id: str,
         one_of_workers: bool = False,
+        workers: int = 1,
     ) -> None:
+        """`node_id`: this hub's (or worker's) in the fleet, named in its connection events;
+        `workers`: how many processes share the device port (`hub serve --workers`)."""
         self.options = options
         # A worker of `hub serve --workers N` shares the device port with its siblings.
         self.one_of_workers = one_of_workers
@@ -84,8 +89,9 @@ class Hub:
         self.schemas = schemas
         self.pipeline = pipeline
         self.metrics = metrics
-        self.presence = PresenceTracker(registry)
+        self.presence = PresenceTracker(registry, node_id)
         self.draining = False
+        self._drain_pace: DrainPace | None = None
         self.slots = ConnectionSlots()
         self.rotation = RotationWatch(registry)
         self.stranger_counts = StrangerCounts()
@@ -99,7 +105,9 @@ class Hub:
             TrustedProxies(admission.proxy_protocol_from),
         )
         self._background: set[asyncio.Task[None]] = set()
-        self.ownership = Ownership(registry, self.presence, self._spawn)
+        self.ownership = Ownership(
+            registry, self.presence, self._spawn, lost=metrics.takeovers.labels("lost").inc
+        )
         self._sessions = self.ownership.sessions
         poll_s = options.fleet.registry_poll_s
         self.watcher = FleetWatcher(
@@ -112,7 +120,7 @@ class Hub:
         self._validators: dict[int, ReadingsValidator] = {}
         self.gate = HandshakeGate(
             admission, registry, self.ownership.claim, self.slots, self._full, metrics,
-            self.stranger_log, self.stranger_counts,
+            self.stranger_log, self.stranger_counts, workers,
         )  # fmt: skip
 
     @property
@@ -149,7 +157,7 @@ class Hub:
             process_request=self.gate.process_request,
             server_header=None,
             # Strangers: per-source cap, header deadline and size (hub.admission)
-            create_connection=guarded_connection(self.strangers),
+            create_connection=guarded_connection(self.strangers, lambda: self._drain_pace),
             # Timeouts
             open_timeout=s.handshake_timeout_s,
             ping_interval=s.ping_interval_s,
@@ -173,6 +181,14 @@ class Hub:
         ]
         return self._server
 
+    def begin_drain(self, drain_s: float) -> None:
+        """The drain begins: new devices are refused (or left in the backlog, see
+        `stop_accepting`), and the devices held are closed with 1001 at `drain_rate`
+        within `drain_s` (hub.gateway.drain) as their sessions end."""
+        self.draining = True
+        self._drain_pace = DrainPace(len(self.slots), self.options.drain.rate, drain_s)
+        self.stop_accepting()
+
     def stop_accepting(self) -> None:
         """On systemd's socket, stop accepting as the drain begins: devices that connect
         during a restart then wait in the backlog (systemd keeps the socket open) for the
@@ -191,8 +207,9 @@ class Hub:
         await asyncio.gather(*(session.acks_sent() for session in list(self._sessions.values())))
 
     async def stop(self, timeout_s: float | None = None) -> None:
-        """Stop listening, close every connection with 1001, record everyone offline; all
-        within `timeout_s` (default `shutdown_timeout_s`), dropping what is still open then."""
+        """Stop listening, close every connection with 1001 (at `drain_rate` once
+        `begin_drain` set the pace), record everyone offline; all within `timeout_s`
+        (default `shutdown_timeout_s`), dropping what is still open then."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (
             self.options.session.shutdown_timeout_s if timeout_s is None else timeout_s

@@ -20,7 +20,10 @@ Label values are a small fixed set each:
 * `hub_protocol_errors_total{error}`: why a connection was closed, `invalid_message`,
   `unsupported_data`, `rate_limited`;
 * `hub_influx_errors_total{status}`: the HTTP status, or `unreachable`, or `timeout`;
-* `hub_config_acks_total{result}`: `applied`, `refused`, `ignored` (stale or repeated).
+* `hub_config_acks_total{result}`: `applied`, `refused`, `ignored` (stale or repeated);
+* `hub_takeovers_total{direction}`: a device's one live connection moving between hubs (or
+  workers): `won`, a handshake here claimed it from another node; `lost`, a session here
+  was closed (4000) because another node claimed its device.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ _KNOWN_LABELS = {
     ),
     "protocol_errors": ("invalid_message", "unsupported_data", "rate_limited"),
     "config_acks": ("applied", "refused", "ignored"),
+    "takeovers": ("won", "lost"),
 }
 _KNOWN_INFLUX_ERRORS = (UNREACHABLE, TIMEOUT)
 
@@ -114,6 +118,13 @@ class HubMetrics:
             "hub_admitted_from_memory",
             "Handshakes let in while the registry was unavailable, on a token verified within "
             "registry_outage_admit_s.",
+            registry=r,
+        )
+        self.takeovers = Counter(
+            "hub_takeovers",
+            "Devices' live connections moved between nodes: claimed here from another (won), "
+            "or closed here because another claimed the device (lost).",
+            ["direction"],
             registry=r,
         )
         # Configuration pushed to devices

@@ -95,7 +95,8 @@ class Claim:
     epoch: int
     """Only grows per device; every later action of the session names it (0: unclaimed)."""
     previous_owner: str | None = None
-    """The node it took the device from (None: nobody, or a registry with one owner)."""
+    """The node it took the device from (None: nobody, this node itself, or a registry with
+    one owner)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,17 @@ live. The previous owner hears of a claim on its doorbell (`watch_takeovers`).
 sequence after every (re)connection of the listener and every second, since the tables, not
 the notifications, are the truth.
 
+The change feed hands a hub the changes of the devices it holds (`CHANGES_SINCE`, by the
+connection's owner when read), not the whole fleet's: a push to 10,000 devices over 3 hubs
+costs each about a third of the rows. A device connecting while a change is in flight loses
+nothing: its claim commits before its session reads its config and token, so a change
+committed before the claim is seen by that read, and one committed after it is in the
+owner's feed. A session let in from memory during an outage holds no claim (epoch 0): its
+device becomes this node's with the presence flush that records it, and its changes until
+then are caught up by reading the device as it is then (`DEVICES_AS_CHANGED`) with the
+next feed read, rung at once if the feed already passed one of its changes
+(`CHANGED_BETWEEN`).
+
 Readings-stored counters add up across hubs: the port hands over each device's total as this
 hub knows it (the count it loaded at start plus what it stored since), and this backend turns
 that into the delta since the total it last recorded for the device.
@@ -46,19 +57,29 @@ CLOSE_TIMEOUT_S = 5.0
 _MAX_VERSION = 2**63  # bigint: an answer to a higher version was never sent
 SESSIONS_PER_CHECK = 1000
 """Sessions per `STALE_SESSIONS` statement: one statement never carries a whole fleet."""
+FEED_PAGE_ROWS = 5000
+"""Changes per `CHANGES_SINCE` read: a fleet-wide push is read a page at a time."""
 
 
 class PostgresRegistry:
     """The hub's registry ports on PostgreSQL, as node `node_id`; open with `open`."""
 
-    def __init__(self, pool: asyncpg.Pool, node_id: str, doorbell: Doorbell) -> None:
-        """Use `open`: it registers the node and starts listening."""
+    def __init__(self, pool: asyncpg.Pool, node_id: str, doorbell: Doorbell, seen: int) -> None:
+        """Use `open`: it registers the node and starts listening; changes up to `seen`
+        were committed before it opened."""
         self.node_id = node_id
+        self._opened_at_seq = seen
+        self._fed_up_to = seen
+        """The newest sequence the feed has handed out."""
         self._pool = pool
         self._doorbell = doorbell
         self._lease: NodeLease | None = None
         self._online: set[str] = set()
         self._recorded_stored: dict[str, int] = {}
+        self._unclaimed_online: set[str] = set()
+        """Devices served without a claim (epoch 0) that presence recorded online here."""
+        self._adopted: set[str] = set()
+        """Of those, the ones the feed has yet to report as changed (see the docstring)."""
 
     @classmethod
     async def open(
@@ -70,7 +91,7 @@ class PostgresRegistry:
         pool = await open_pool(url)
         try:
             seen = int(await pool.fetchval(q.CHANGE_SEQ))
-            registry = cls(pool, node_id, Doorbell(url, node_id, seen, catch_up_s))
+            registry = cls(pool, node_id, Doorbell(url, node_id, seen, catch_up_s), seen)
             lease = NodeLease(pool, node_id, address, lambda: len(registry._online))
             await lease.register()
         except BaseException:
@@ -148,7 +169,8 @@ class PostgresRegistry:
         )
         if row is None:
             return None
-        return Claim(int(row["epoch"]), row["previous_owner"])
+        previous = row["previous_owner"]  # this node itself: a device reconnecting here
+        return Claim(int(row["epoch"]), None if previous == self.node_id else previous)
 
     async def record_claimed_config_ack(
         self, device_id: str, epoch: int, version: int, ok: bool, error: str | None
@@ -242,11 +264,37 @@ class PostgresRegistry:
                 self._online.add(p.device_id)
             else:
                 self._online.discard(p.device_id)
+        await self._adopt([p for p in by_device if p.online], [p for p in rows if not p.online])
+
+    async def _adopt(self, unclaimed: Sequence[Presence], ended: Sequence[Presence]) -> None:
+        """Devices now this node's by a presence row of no claim: reported by the next feed
+        read once, as they are (the feed left out their changes before this flush); rung
+        now if it passed one since this node opened. Not on every flush: not a change."""
+        for p in ended:
+            self._unclaimed_online.discard(p.device_id)
+            self._adopted.discard(p.device_id)
+        new = sorted({p.device_id for p in unclaimed} - self._unclaimed_online)
+        if not new:
+            return
+        self._unclaimed_online.update(new)
+        self._adopted.update(new)
+        if self._fed_up_to <= self._opened_at_seq:
+            return
+        try:
+            missed = await self._pool.fetchval(
+                q.CHANGED_BETWEEN, new, self._opened_at_seq, self._fed_up_to
+            )
+        except Exception:  # the flush is committed; unsure whether one was missed: read
+            missed = True
+        if missed:
+            self._doorbell.ring()
 
     async def mark_all_offline(self) -> None:
         """See `PresenceStore.mark_all_offline`: this node's connections, no other's."""
         await self._pool.execute(q.RELEASE_NODE, self.node_id)
         self._online.clear()
+        self._unclaimed_online.clear()
+        self._adopted.clear()
 
     async def presence(self) -> dict[str, Presence]:
         """See `PresenceStore.presence`: online while a node with a live lease holds the
@@ -266,20 +314,48 @@ class PostgresRegistry:
         return seq
 
     async def changes_since(self, seq: int) -> tuple[int, list[DeviceChange]]:
-        """See `ChangeFeed.changes_since`."""
-        rows = await self._pool.fetch(q.CHANGED_DEVICES_SINCE, seq)
-        latest = int(rows[0]["latest"])
+        """See `ChangeFeed.changes_since`: the changes of the devices this node holds
+        (`CHANGES_SINCE`, a page at a time), one `DeviceChange` per device."""
+        found: dict[str, DeviceChange] = {}
+        position: tuple[int, str | None] = (seq, None)
+        while True:
+            rows = await self._pool.fetch(q.CHANGES_SINCE, self.node_id, *position, FEED_PAGE_ROWS)
+            # Each page's own snapshot: the last, not full, is caught up to its `latest`.
+            latest = int(rows[0]["latest"])
+            page = [row for row in rows if row["seq"] is not None]
+            for row in page:
+                _merge(found, row["device_id"], row["kind"], row["config_version"])
+            if len(page) < FEED_PAGE_ROWS:
+                break
+            position = (int(page[-1]["seq"]), page[-1]["device_id"])
+        if self._adopted:
+            adopted, self._adopted = self._adopted, set()
+            try:
+                for row in await self._pool.fetch(q.DEVICES_AS_CHANGED, sorted(adopted)):
+                    found[row["device_id"]] = DeviceChange(
+                        row["device_id"], int(row["config_version"]), bool(row["revoked"])
+                    )
+            except BaseException:
+                self._adopted |= adopted  # read again with the next call
+                raise
+        self._fed_up_to = max(self._fed_up_to, latest)
         self._doorbell.saw(latest)
-        changes = [
-            DeviceChange(row["device_id"], int(row["config_version"]), bool(row["revoked"]))
-            for row in rows
-            if row["device_id"] is not None
-        ]
-        return latest, changes
+        return latest, sorted(found.values(), key=lambda change: change.device_id)
 
     async def wait_for_change(self, timeout_s: float) -> bool:
         """See `ChangeFeed.wait_for_change`: the doorbell, or its catch-up."""
         return await self._doorbell.wait(timeout_s)
+
+
+def _merge(found: dict[str, DeviceChange], device_id: str, kind: str, version: int | None) -> None:
+    """Fold one `changes` row into the device's change: the newest config version, and
+    revoked once any row revokes (a rotation changes neither: its session re-checks)."""
+    before = found.get(device_id, DeviceChange(device_id, 0, False))
+    found[device_id] = DeviceChange(
+        device_id,
+        max(before.config_version, version or 0) if kind == "config" else before.config_version,
+        before.revoked or kind == "revoke",
+    )
 
 
 def _storable(error: str | None) -> str | None:

@@ -76,6 +76,10 @@ class Doorbell:
         """The feed handed out every change up to `seq`: nothing to ring for below it."""
         self._highest = max(self._highest, seq)
 
+    def ring(self) -> None:
+        """Ring now: something for the feed to read that no change sequence announces."""
+        self._rung.set()
+
     async def wait(self, timeout_s: float) -> bool:
         """True once it rang (the ring is then taken), False after `timeout_s` without."""
         if not self._rung.is_set():

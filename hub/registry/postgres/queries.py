@@ -299,7 +299,9 @@ $3 NULL means after all of sequence $2 (row comparison stops at the first unequa
 NULL one matches nothing): start from (0, NULL). Every row carries `latest`, the newest
 sequence committed in the same snapshot; with no change to report there is one row with
 `latest` and NULLs. A full page: ask again from its last (seq, device_id). Otherwise the hub
-is caught up to `latest` and asks from (`latest`, NULL) next time.
+is caught up to `latest` and asks from (`latest`, NULL) next time. The owner is the one
+recorded when this reads: a claim committed after a change still gets that change to its
+new owner (the claim's session reads its config and token after the claim).
 """
 
 
@@ -310,30 +312,32 @@ DELETE FROM changes WHERE created_at < now() - make_interval(secs => $1::float8)
 
 
 # --- Also used by the hub's ports (hub.registry.postgres.backend) --------------------------
-# The change feed reads every changed device, as on SQLite, and presence rows of no claim
-# (epoch 0: only tests write them) are recorded by device; claimed sessions use the epoch
-# statements above.
+# Presence rows of no claim (epoch 0: a session let in from memory during an outage, and
+# tests) are recorded by device; claimed sessions use the epoch statements above.
 
 CHANGE_SEQ = """
 SELECT value FROM change_seq
 """
 """The newest change sequence number."""
 
-CHANGED_DEVICES_SINCE = """
-SELECT s.value AS latest, d.device_id, d.config_version, d.revoked_at IS NOT NULL AS revoked
-FROM change_seq AS s
-LEFT JOIN LATERAL (
-    SELECT DISTINCT ch.device_id FROM changes AS ch WHERE ch.seq > $1 AND ch.seq <= s.value
-) AS changed ON true
-LEFT JOIN devices AS d ON d.device_id = changed.device_id
-ORDER BY d.device_id
+DEVICES_AS_CHANGED = """
+SELECT device_id, config_version, revoked_at IS NOT NULL AS revoked
+FROM devices
+WHERE device_id = ANY($1::text[])
+ORDER BY device_id
 """
-"""Every device changed after sequence $1, as it is now, with `latest` from the same snapshot.
+"""Devices $1 as the feed reports a change of them now: their config version, revoked or not.
 
-With no change to report there is one row with `latest` and NULLs. All hubs' devices, not
-only this node's: a device's ownership is recorded a presence flush after it connected, and a
-change in between must reach its session.
+For sessions this node serves without a claim, once its presence makes it their owner: a
+change of theirs committed before that was left out of `CHANGES_SINCE`.
 """
+
+CHANGED_BETWEEN = """
+SELECT EXISTS (
+    SELECT 1 FROM changes WHERE device_id = ANY($1::text[]) AND seq > $2 AND seq <= $3
+)
+"""
+"""Whether any of devices $1 changed after sequence $2, up to $3."""
 
 DEVICES_BY_ID = """
 SELECT device_id, created_at, revoked_at, labels FROM devices
