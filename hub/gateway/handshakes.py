@@ -205,7 +205,6 @@ class HandshakeGate:
             )
 
 
-
 def _blocked(blocked_s: float) -> HandshakeRefused:
     return HandshakeRefused(
         HTTPStatus.TOO_MANY_REQUESTS,

@@ -41,4 +41,12 @@ MIGRATIONS = [
     );
     CREATE INDEX retired_tokens_device ON retired_tokens (device_id);
     """,
+    # Claims (hub.registry.sqlite_claims): the node holding each device's connection and an
+    # epoch that only grows. Rows of an earlier run count as offline: nobody owns them.
+    """
+    ALTER TABLE presence ADD COLUMN owner_node TEXT;
+    ALTER TABLE presence ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+    UPDATE presence SET online = 0;
+    CREATE INDEX presence_owner ON presence (owner_node) WHERE owner_node IS NOT NULL;
+    """,
 ]

@@ -11,6 +11,9 @@ found hash is compared again with `hmac.compare_digest`.
 
 Rotating a token (`rotate`) keeps the old hash in `retired_tokens` until the grace period
 the operator chose is over; after that the old token fails like an unknown one.
+
+Who holds each device's connection (the claims of the hub processes of this host), presence
+and readings-stored counts are in `hub.registry.sqlite_claims`, run through `write`/`read`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hub.core.protocol import DEFAULT_MAX_DEPTH
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
+from hub.registry import sqlite_claims
 from hub.registry.records import (
     ConfigState,
     Credential,
@@ -55,10 +59,11 @@ __all__ = [
     "secure_state_dir",
 ]
 
+T = TypeVar("T")
+
 TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
 BUSY_TIMEOUT_S = 10.0
 """How long a write waits for another process's write lock (SQLite's busy timeout)."""
-_LOOKUP_CHUNK = 500  # ids per `IN (...)`, well below SQLite's limit on bound parameters
 
 
 def new_token() -> str:
@@ -333,8 +338,8 @@ class Registry:
         # and a scan of the whole table each time made a connect storm quadratic.
         wanted = list(dict.fromkeys(device_ids))
         rows: list[tuple[Any, ...]] = []
-        for start in range(0, len(wanted), _LOOKUP_CHUNK):
-            chunk = wanted[start : start + _LOOKUP_CHUNK]
+        for start in range(0, len(wanted), sqlite_claims.IDS_PER_STATEMENT):
+            chunk = wanted[start : start + sqlite_claims.IDS_PER_STATEMENT]
             placeholders = ", ".join("?" * len(chunk))  # only `?`s: the ids are bound
             query = (
                 "SELECT device_id, config, config_version, acked_version, ack_ok, ack_error,"  # noqa: S608
@@ -355,15 +360,28 @@ class Registry:
             for row in rows
         ]
 
-    def record_config_ack(self, device_id: str, version: int, ok: bool, error: str | None) -> bool:
-        """Store a device's answer to its latest version; a stale or repeated one is ignored."""
+    def record_config_ack(
+        self,
+        device_id: str,
+        version: int,
+        ok: bool,
+        error: str | None,
+        held_by: tuple[str, int] | None = None,
+    ) -> bool:
+        """Store a device's answer to its latest version; a stale or repeated one is ignored.
+        `held_by` (node id, epoch): only while that claim still holds the device."""
         if not 0 <= version < 2**63:  # never sent (SQLite's INTEGER could not even hold it)
             return False
+        query = (
+            "UPDATE devices SET acked_version = ?, ack_ok = ?, ack_error = ?, acked_at = ?"
+            " WHERE device_id = ? AND config_version = ?"
+            " AND (acked_version IS NULL OR acked_version < ?)"
+        )
+        if held_by is not None:
+            query += sqlite_claims.HELD_BY  # a fixed condition; its values are bound
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE devices SET acked_version = ?, ack_ok = ?, ack_error = ?, acked_at = ?"
-                " WHERE device_id = ? AND config_version = ?"
-                " AND (acked_version IS NULL OR acked_version < ?)",
+                query,
                 (
                     version,
                     ok,
@@ -372,6 +390,7 @@ class Registry:
                     device_id,
                     version,
                     version,
+                    *((device_id, *held_by) if held_by is not None else ()),
                 ),
             )
         return cursor.rowcount == 1
@@ -398,44 +417,20 @@ class Registry:
         ).fetchall()
         return latest, [DeviceChange(row[0], row[1], bool(row[2])) for row in rows]
 
-    # Presence, written by the hub
-
-    def record_presence(self, states: Iterable[Presence]) -> None:
-        """Store the hub's view of device connections, in one transaction."""
-        with self._transaction() as db:
-            db.executemany(
-                "INSERT INTO presence (device_id, online, remote_address, connected_since,"
-                " last_seen, readings_stored) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,"
-                " remote_address = excluded.remote_address,"
-                " connected_since = excluded.connected_since,"
-                " last_seen = excluded.last_seen,"
-                " readings_stored = excluded.readings_stored",
-                [
-                    (
-                        p.device_id,
-                        p.online,
-                        p.remote_address,
-                        p.connected_since,
-                        p.last_seen,
-                        p.readings_stored,
-                    )
-                    for p in states
-                ],
-            )
-
-    def mark_all_offline(self) -> None:
-        """Forget connections of a previous hub run (it may have died without saying)."""
-        with self._transaction() as db:
-            db.execute("UPDATE presence SET online = 0 WHERE online = 1")
+    # Presence, claims and counts: hub.registry.sqlite_claims holds their SQL
 
     def presence(self) -> dict[str, Presence]:
-        """What the hub last recorded, per device."""
-        rows = self._db.execute(
-            "SELECT device_id, online, remote_address, connected_since, last_seen,"
-            " readings_stored FROM presence"
-        ).fetchall()
-        return {row[0]: Presence(row[0], bool(row[1]), *row[2:]) for row in rows}
+        """What the hubs last recorded, per device (`sqlite_claims.presence`)."""
+        return sqlite_claims.presence(self._db)
+
+    def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(db)` in one write transaction (`BEGIN IMMEDIATE`): all of it or nothing."""
+        with self._transaction() as db:
+            return work(db)
+
+    def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(db)` outside a transaction: each statement sees the latest commit."""
+        return work(self._db)
 
 
 def _device(row: tuple[Any, ...]) -> Device:
