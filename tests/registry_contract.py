@@ -265,6 +265,13 @@ class RegistryContract:
         }
         await backend.ports.record_presence([])
 
+    async def test_presence_of_an_unknown_device_is_left_out(self, backend: Backend) -> None:
+        """A flush naming a device not registered (deleted meanwhile) records the others and
+        fails nothing."""
+        await backend.operator.add_many(["a"])
+        await backend.ports.record_presence([_presence("ghost", True, 2), _presence("a", True, 1)])
+        assert set(await backend.ports.presence()) == {"a"}
+
     async def test_mark_all_offline_keeps_the_counts(self, backend: Backend) -> None:
         """A new hub run starts with nobody online, and every count as it was."""
         await backend.operator.add_many(["a", "b"])

@@ -9,7 +9,7 @@ import pytest
 
 from hub.errors import RegistryError, UnknownDevice
 from hub.registry import sqlite_claims
-from hub.registry.sqlite import DeviceChange, Presence, Registry
+from hub.registry.sqlite import DeviceChange, Registry
 from schemas.messages import MAX_HUB_FRAME_BYTES
 
 pytestmark = pytest.mark.unit
@@ -205,9 +205,8 @@ def test_hub_writes_are_not_operator_changes(registry: Registry) -> None:
     seq = registry.change_seq()
     registry.set_labels("a", {"room": "hall"})
     registry.record_config_ack("a", 1, True, None)
-    registry.write(lambda db: sqlite_claims.claim(db, "a", "hub", "127.0.0.1:1", 1.0))
-    presence = Presence("a", True, "127.0.0.1:1", 1.0, 1.0, 0)
-    registry.write(lambda db: sqlite_claims.record_presence(db, "hub", [presence], {"a": 3}))
+    registry.write_connections(lambda db: sqlite_claims.claim(db, "a", "hub", "127.0.0.1:1", 1))
+    registry.write(lambda db: sqlite_claims.add_stored(db, {"a": 3}))
     assert registry.changes_since(seq) == (seq, [])
 
 

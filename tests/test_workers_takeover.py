@@ -64,8 +64,9 @@ async def hub(
 
 
 def holders(hub: WorkersHub) -> dict[str, str]:
-    """The worker holding each device, read-only from the registry file."""
-    db = sqlite3.connect(f"file:{hub.state_dir / 'registry.sqlite3'}?mode=ro", uri=True)
+    """The worker holding each device, read-only from the registry's connections file."""
+    path = hub.state_dir / sqlite_claims.CONNECTIONS_FILE
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return sqlite_claims.holders(db)
     finally:

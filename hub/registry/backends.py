@@ -62,7 +62,7 @@ def release_host_claims(
         return
     engine = Registry(sqlite_path)
     try:
-        engine.write(lambda db: sqlite_claims.release_nodes(db, node_ids))
+        engine.write_connections(lambda db: sqlite_claims.release_nodes(db, node_ids))
     finally:
         engine.close()
 

@@ -41,12 +41,20 @@ MIGRATIONS = [
     );
     CREATE INDEX retired_tokens_device ON retired_tokens (device_id);
     """,
-    # Claims (hub.registry.sqlite_claims): the node holding each device's connection and an
-    # epoch that only grows. Rows of an earlier run count as offline: nobody owns them.
+]
+
+CONNECTIONS_MIGRATIONS = [
     """
-    ALTER TABLE presence ADD COLUMN owner_node TEXT;
-    ALTER TABLE presence ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
-    UPDATE presence SET online = 0;
-    CREATE INDEX presence_owner ON presence (owner_node) WHERE owner_node IS NOT NULL;
+    CREATE TABLE connections (
+        device_id       TEXT PRIMARY KEY,
+        owner_node      TEXT,
+        epoch           INTEGER NOT NULL DEFAULT 0,
+        remote_address  TEXT,
+        connected_since REAL,
+        last_seen       REAL
+    );
+    CREATE INDEX connections_owner ON connections (owner_node) WHERE owner_node IS NOT NULL;
     """,
 ]
+"""`connections.sqlite3` (hub.registry.sqlite_claims): the node holding each device's
+connection and an epoch that only grows; written by hub processes only."""

@@ -12,8 +12,10 @@ found hash is compared again with `hmac.compare_digest`.
 Rotating a token (`rotate`) keeps the old hash in `retired_tokens` until the grace period
 the operator chose is over; after that the old token fails like an unknown one.
 
-Who holds each device's connection (the claims of the hub processes of this host), presence
-and readings-stored counts are in `hub.registry.sqlite_claims`, run through `write`/`read`.
+Who holds each device's connection (the claims of the hub processes of this host) is in a
+second file beside it, `connections.sqlite3`, that only hubs write (hub.registry.sqlite_files
+says why); its SQL, presence and the readings-stored counts are in `hub.registry.sqlite_claims`,
+run through `write_connections`, `read_connections` and `write`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +44,9 @@ from hub.registry.records import (
     config_text,
     hash_token,
 )
-from hub.registry.schema import MIGRATIONS
+from hub.registry.schema import CONNECTIONS_MIGRATIONS, MIGRATIONS
+from hub.registry.sqlite_claims import CONNECTIONS_FILE
+from hub.registry.sqlite_files import open_database, transaction
 
 __all__ = [
     "TOKEN_PREFIX",
@@ -94,40 +98,27 @@ class Registry:
         to `BUSY_TIMEOUT_S` for another process's write lock before raising."""
         secure_state_dir(path.parent)
         self.path = path
-        # Autocommit mode: every change goes through _transaction. WAL lets the CLI write
-        # while the hub reads.
-        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
-        path.chmod(0o600)
-
-    def _migrate(self) -> None:
-        with self._transaction() as db:
-            (version,) = db.execute("PRAGMA user_version").fetchone()
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {number}")
+        self._db = open_database(path, MIGRATIONS, BUSY_TIMEOUT_S)
+        try:
+            self._connections = open_database(
+                path.parent / CONNECTIONS_FILE, CONNECTIONS_MIGRATIONS, BUSY_TIMEOUT_S
+            )
+        except BaseException:
+            self._db.close()
+            raise
 
     def set_busy_timeout(self, seconds: float) -> None:
         """From now on, wait up to `seconds` for another process's lock before raising."""
-        self._db.execute(f"PRAGMA busy_timeout = {max(0, round(seconds * 1000))}")
+        for db in (self._db, self._connections):
+            db.execute(f"PRAGMA busy_timeout = {max(0, round(seconds * 1000))}")
 
     def close(self) -> None:
         """Close the database."""
         self._db.close()
+        self._connections.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     def _next_change(self, db: sqlite3.Connection) -> int:
         (seq,) = db.execute("UPDATE change_seq SET value = value + 1 RETURNING value").fetchone()
@@ -360,28 +351,15 @@ class Registry:
             for row in rows
         ]
 
-    def record_config_ack(
-        self,
-        device_id: str,
-        version: int,
-        ok: bool,
-        error: str | None,
-        held_by: tuple[str, int] | None = None,
-    ) -> bool:
-        """Store a device's answer to its latest version; a stale or repeated one is ignored.
-        `held_by` (node id, epoch): only while that claim still holds the device."""
+    def record_config_ack(self, device_id: str, version: int, ok: bool, error: str | None) -> bool:
+        """Store a device's answer to its latest version; a stale or repeated one is ignored."""
         if not 0 <= version < 2**63:  # never sent (SQLite's INTEGER could not even hold it)
             return False
-        query = (
-            "UPDATE devices SET acked_version = ?, ack_ok = ?, ack_error = ?, acked_at = ?"
-            " WHERE device_id = ? AND config_version = ?"
-            " AND (acked_version IS NULL OR acked_version < ?)"
-        )
-        if held_by is not None:
-            query += sqlite_claims.HELD_BY  # a fixed condition; its values are bound
         with self._transaction() as db:
             cursor = db.execute(
-                query,
+                "UPDATE devices SET acked_version = ?, ack_ok = ?, ack_error = ?, acked_at = ?"
+                " WHERE device_id = ? AND config_version = ?"
+                " AND (acked_version IS NULL OR acked_version < ?)",
                 (
                     version,
                     ok,
@@ -390,7 +368,6 @@ class Registry:
                     device_id,
                     version,
                     version,
-                    *((device_id, *held_by) if held_by is not None else ()),
                 ),
             )
         return cursor.rowcount == 1
@@ -421,16 +398,21 @@ class Registry:
 
     def presence(self) -> dict[str, Presence]:
         """What the hubs last recorded, per device (`sqlite_claims.presence`)."""
-        return sqlite_claims.presence(self._db)
+        return sqlite_claims.presence(self._db, self._connections)
 
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """`work(db)` in one write transaction (`BEGIN IMMEDIATE`): all of it or nothing."""
+        """`work(db)` in one write transaction of the registry file: all of it or nothing."""
         with self._transaction() as db:
             return work(db)
 
-    def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """`work(db)` outside a transaction: each statement sees the latest commit."""
-        return work(self._db)
+    def write_connections(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(db)` in one write transaction of the connections file (claims)."""
+        with transaction(self._connections) as db:
+            return work(db)
+
+    def read_connections(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(db)` on the connections file, outside a transaction."""
+        return work(self._connections)
 
 
 def _device(row: tuple[Any, ...]) -> Device:

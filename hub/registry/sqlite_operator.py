@@ -90,7 +90,7 @@ class SQLiteOperator:
 
     async def holders(self) -> dict[str, str]:
         """See `OperatorRegistry.holders`: the hub process (or worker) holding each."""
-        return self.engine.read(sqlite_claims.holders)
+        return self.engine.read_connections(sqlite_claims.holders)
 
     async def nodes(self) -> list[Node]:
         """See `OperatorRegistry.nodes`: a SQLite registry has no nodes."""

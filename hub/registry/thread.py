@@ -84,7 +84,9 @@ class ThreadedSQLiteRegistry:
             raise
         try:
             await registry._write(
-                lambda engine: engine.write(lambda db: sqlite_claims.release_nodes(db, [node_id]))
+                lambda engine: engine.write_connections(
+                    lambda db: sqlite_claims.release_nodes(db, [node_id])
+                )
             )
         except BaseException:
             await registry.close()
@@ -166,14 +168,20 @@ class ThreadedSQLiteRegistry:
     # doorbells (hub.registry.host_doorbell).
 
     async def claim(self, device_id: str, remote_address: str) -> Claim | None:
-        """See `OwnershipStore.claim`: one write transaction, then a ring of the node that
-        held the device, if another one."""
-        node_id = self.node_id
-        claimed = await self._write(
-            lambda engine: engine.write(
-                lambda db: sqlite_claims.claim(db, device_id, node_id, remote_address, time.time())
+        """See `OwnershipStore.claim`: one write transaction of the connections file (an
+        operator's transaction on the registry file never holds it up), then a ring of the
+        node that held the device, if another one."""
+        node_id, now = self.node_id, time.time()
+
+        def claim(engine: Registry) -> Claim | None:
+            device = engine.get(device_id)
+            if device is None or not device.active:
+                return None
+            return engine.write_connections(
+                lambda db: sqlite_claims.claim(db, device_id, node_id, remote_address, now)
             )
-        )
+
+        claimed = await self._write(claim)
         owner = None if claimed is None else claimed.previous_owner
         if claimed is not None and owner is not None and owner != node_id:
             self._doorbell.ring(owner, device_id, claimed.epoch)
@@ -182,17 +190,26 @@ class ThreadedSQLiteRegistry:
     async def record_claimed_config_ack(
         self, device_id: str, epoch: int, version: int, ok: bool, error: str | None
     ) -> bool:
-        """See `OwnershipStore.record_claimed_config_ack` (epoch 0, no claim: by device)."""
-        held_by = (self.node_id, epoch) if epoch else None
-        return await self._write(
-            lambda engine: engine.record_config_ack(device_id, version, ok, error, held_by)
-        )
+        """See `OwnershipStore.record_claimed_config_ack` (epoch 0, no claim: by device).
+        The claim is checked, then the answer stored, in one job of this thread: a claim
+        by another process can fall between the two (the answer, the device's own to that
+        version, is then stored all the same)."""
+        node_id = self.node_id
+
+        def record(engine: Registry) -> bool:
+            if epoch and not engine.read_connections(
+                lambda db: sqlite_claims.holds(db, device_id, node_id, epoch)
+            ):
+                return False
+            return engine.record_config_ack(device_id, version, ok, error)
+
+        return await self._write(record)
 
     async def release(self, device_id: str, epoch: int) -> None:
         """See `OwnershipStore.release`."""
         node_id, now = self.node_id, time.time()
         await self._write(
-            lambda engine: engine.write(
+            lambda engine: engine.write_connections(
                 lambda db: sqlite_claims.release(db, device_id, node_id, epoch, now)
             )
         )
@@ -210,33 +227,50 @@ class ThreadedSQLiteRegistry:
         the fleet watcher sees every other change of the file already)."""
         held, node_id = list(sessions), self.node_id
         return await self._run(
-            lambda engine: engine.read(lambda db: sqlite_claims.taken_over(db, node_id, held))
+            lambda engine: engine.read_connections(
+                lambda db: sqlite_claims.taken_over(db, node_id, held)
+            )
         )
 
     # PresenceStore
 
     async def record_presence(self, states: Sequence[Presence]) -> None:
-        """See `PresenceStore.record_presence`: claimed sessions by their epoch, and the
-        readings stored since the totals this process last recorded, as deltas, in one
-        transaction (so the counts of several processes add up)."""
+        """See `PresenceStore.record_presence`: claimed sessions by their epoch (the
+        connections file), and the readings stored since the totals this process last
+        recorded, as deltas (the registry file), so the counts of several processes add up."""
         rows = list(states)  # the caller may change its collections while the thread works
         if rows:
-            await self._write(lambda engine: self._flush(engine, rows))
+            # Two writes, each tried again on its own: the connections file's is never held
+            # up by an operator; the counts' may be. A failure of either has the whole flush
+            # sent again, which changes nothing the first time did.
+            await self._write(lambda engine: self._record_sessions(engine, rows))
+            await self._write(lambda engine: self._add_stored(engine, rows))
 
-    def _flush(self, engine: Registry, rows: list[Presence]) -> None:
+    def _record_sessions(self, engine: Registry, rows: list[Presence]) -> None:
+        unclaimed = [p.device_id for p in rows if p.epoch == 0]
+        known = {s.device_id for s in engine.config_states(unclaimed)} if unclaimed else set()
+        sessions = [p for p in rows if p.epoch or p.device_id in known]
+        engine.write_connections(
+            lambda db: sqlite_claims.record_sessions(db, self.node_id, sessions)
+        )
+
+    def _add_stored(self, engine: Registry, rows: list[Presence]) -> None:
         # On the registry's thread, like every use of `_recorded_stored`: flushes run one
         # after the other there, so two that overlap on the loop (the last one at a stop)
         # never count the same readings twice.
         totals = {p.device_id: p.readings_stored for p in rows}  # a device's last row counts
         deltas = {d: total - self._recorded_stored.get(d, 0) for d, total in totals.items()}
-        engine.write(lambda db: sqlite_claims.record_presence(db, self.node_id, rows, deltas))
-        self._recorded_stored.update(totals)  # only once committed: a failed flush comes again
+        if any(delta > 0 for delta in deltas.values()):
+            engine.write(lambda db: sqlite_claims.add_stored(db, deltas))
+        self._recorded_stored.update(totals)  # only once committed
 
     async def mark_all_offline(self) -> None:
         """See `PresenceStore.mark_all_offline`: every claim in the file (a hub of its own
         owns the whole file; workers leave it to their supervisor)."""
         await self._write(
-            lambda engine: engine.write(lambda db: sqlite_claims.release_nodes(db, None))
+            lambda engine: engine.write_connections(
+                lambda db: sqlite_claims.release_nodes(db, None)
+            )
         )
 
     async def presence(self) -> dict[str, Presence]:
