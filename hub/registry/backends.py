@@ -17,7 +17,9 @@ from hub.registry.operator import OperatorRegistry
 from hub.registry.ports import HubRegistry
 from hub.registry.postgres.backend import PostgresRegistry
 from hub.registry.postgres.operator import PostgresOperator
-from hub.registry.sqlite import Registry
+from hub.registry.schema import CONNECTIONS_MIGRATIONS
+from hub.registry.sqlite import BUSY_TIMEOUT_S
+from hub.registry.sqlite_files import open_database, transaction
 from hub.registry.sqlite_operator import SQLiteOperator
 from hub.registry.thread import ThreadedSQLiteRegistry
 
@@ -60,11 +62,15 @@ def release_host_claims(
     """
     if registry_url:
         return
-    engine = Registry(sqlite_path)
+    # The connections file alone: an operator's transaction on the registry file, however
+    # long, does not hold this up.
+    path = sqlite_path.parent / sqlite_claims.CONNECTIONS_FILE
+    db = open_database(path, CONNECTIONS_MIGRATIONS, BUSY_TIMEOUT_S)
     try:
-        engine.write_connections(lambda db: sqlite_claims.release_nodes(db, node_ids))
+        with transaction(db):
+            sqlite_claims.release_nodes(db, node_ids)
     finally:
-        engine.close()
+        db.close()
 
 
 def default_node_id(port: int) -> str:
