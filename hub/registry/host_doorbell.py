@@ -3,8 +3,8 @@
 On SQLite the processes sharing the registry file (the workers of `hub serve --workers N`)
 are on one host, so a claim rings the previous owner directly instead of through a database:
 each process binds `STATE_DIR/doorbells/<name>.sock`, named from its node id, and a claim of
-a device another node held sends that node's socket one datagram `EPOCH DEVICE_ID`. The
-listener closes its session of the device if it holds an older epoch. As on PostgreSQL the
+a device another node held sends that node's socket a line `EPOCH DEVICE_ID`. The listener
+closes its session of the device if it holds an older epoch. As on PostgreSQL the
 doorbell is only a hint: the registry's claim is the truth, and a datagram that is lost (the
 owner dead, its socket's queue full) is made up for by the safety net (`stale_sessions`).
 
@@ -20,9 +20,13 @@ owner dead, its socket's queue full) is made up for by the safety net (`stale_se
   slot's restarted worker) replaces the file; a second process with the same node id would
   be a misconfiguration the spool lock refuses first. Closing removes the file only while it
   is still this process's (its inode), never a successor's.
-* **Bounds.** A datagram is at most `MAX_DATAGRAM` bytes (a 20-digit epoch and a 128-character
-  device id fit in 150); longer, truncated or malformed ones are dropped. Sending never
-  blocks: a full queue drops the ring.
+* **Batches.** The rings of one turn of the event loop to one node go in one datagram (as
+  many lines as fit): Linux queues only `net.unix.max_dgram_qlen` (10) datagrams per socket,
+  so a storm of takeovers sent one datagram each lost most of them
+  (`python benchmarks/bench_claims.py`).
+* **Bounds.** A datagram is at most `MAX_DATAGRAM` bytes, a line at most `MAX_LINE` (a
+  20-digit epoch and a 128-character device id fit in 150); a truncated datagram is dropped
+  whole, a malformed line alone. Sending never blocks: a full queue drops the datagram.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from hub.registry.records import DEVICE_ID_PATTERN
 log = logging.getLogger("hub.registry")
 
 DOORBELL_DIR = "doorbells"
-MAX_DATAGRAM = 256
+MAX_DATAGRAM = 4096
+MAX_LINE = 160
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 _MAX_EPOCH_DIGITS = 20
 
@@ -54,17 +59,39 @@ def socket_name(node_id: str) -> str:
     return hashlib.sha256(node_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".sock"
 
 
-def takeover_datagram(device_id: str, epoch: int) -> bytes:
-    """What a claim of `epoch` sends the device's previous owner."""
-    return f"{epoch} {device_id}".encode("ascii")
+def takeover_line(device_id: str, epoch: int) -> bytes:
+    """What a claim of `epoch` tells the device's previous owner (one line of a datagram)."""
+    return f"{epoch} {device_id}\n".encode("ascii")
 
 
-def parse_takeover(datagram: bytes) -> tuple[str, int] | None:
-    """(device id, epoch) of a well-formed `EPOCH DEVICE_ID` datagram; None for any other."""
+def takeover_datagrams(lines: list[bytes]) -> list[bytes]:
+    """`lines` packed into as few datagrams of at most `MAX_DATAGRAM` bytes as they fit."""
+    datagrams: list[bytes] = []
+    current = b""
+    for line in lines:
+        if current and len(current) + len(line) > MAX_DATAGRAM:
+            datagrams.append(current)
+            current = b""
+        current += line
+    if current:
+        datagrams.append(current)
+    return datagrams
+
+
+def parse_takeovers(datagram: bytes) -> list[tuple[str, int]]:
+    """(device id, epoch) of each well-formed `EPOCH DEVICE_ID` line; others are left out."""
     if len(datagram) > MAX_DATAGRAM:
+        return []
+    found = [parse_takeover(line) for line in datagram.split(b"\n")]
+    return [takeover for takeover in found if takeover is not None]
+
+
+def parse_takeover(line: bytes) -> tuple[str, int] | None:
+    """(device id, epoch) of one well-formed `EPOCH DEVICE_ID` line; None for any other."""
+    if len(line) > MAX_LINE:
         return None
     try:
-        text = datagram.decode("ascii")
+        text = line.decode("ascii")
     except UnicodeDecodeError:
         return None
     epoch, sep, device_id = text.partition(" ")
@@ -89,6 +116,7 @@ class HostDoorbell:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_takeover: Callable[[str, int], None] | None = None
+        self._outbox: dict[str, list[bytes]] = {}
 
     @classmethod
     def open(cls, state_dir: Path, node_id: str) -> Self:
@@ -125,18 +153,27 @@ class HostDoorbell:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._listener.fileno(), self.read_pending)
 
-    def ring(self, node_id: str, device_id: str, epoch: int) -> bool:
-        """Tell node `node_id` that a claim of `epoch` took `device_id`; never blocks. False
-        if it could not be told (no such socket, nobody bound, its queue full)."""
-        try:
-            self._sender.sendto(
-                takeover_datagram(device_id, epoch),
-                _address(self._directory_fd, socket_name(node_id)),
-            )
-        except OSError as exc:  # the safety net covers it
-            log.debug("takeover of %s: node %r not rung: %s", device_id, node_id, exc)
-            return False
-        return True
+    def ring(self, node_id: str, device_id: str, epoch: int) -> None:
+        """Tell node `node_id` that a claim of `epoch` took `device_id`: sent with the other
+        rings of this turn of the running loop (`send_pending`), never blocking."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self.send_pending)
+        self._outbox.setdefault(node_id, []).append(takeover_line(device_id, epoch))
+
+    def send_pending(self) -> int:
+        """Send the rings asked for since the last time; how many could not be sent (no
+        such socket, nobody bound, its queue full: the safety net covers them)."""
+        outbox, self._outbox = self._outbox, {}
+        lost = 0
+        for node_id, lines in outbox.items():
+            address = _address(self._directory_fd, socket_name(node_id))
+            for datagram in takeover_datagrams(lines):
+                try:
+                    self._sender.sendto(datagram, address)
+                except OSError as exc:
+                    lost += datagram.count(b"\n")
+                    log.debug("node %r not rung: %s", node_id, exc)
+        return lost
 
     def read_pending(self) -> None:
         """Handle every datagram waiting (the loop calls this when the socket is readable)."""
@@ -152,12 +189,14 @@ class HostDoorbell:
                 return
             if flags & socket.MSG_TRUNC or _sender_uid(ancillary) != os.getuid():
                 continue
-            takeover = parse_takeover(data)
-            if takeover is not None and self._on_takeover is not None:
-                self._on_takeover(*takeover)
+            for takeover in parse_takeovers(data):
+                if self._on_takeover is not None:
+                    self._on_takeover(*takeover)
 
     def close(self) -> None:
-        """Stop listening, close both sockets, and remove the file if it is still ours."""
+        """Send what is pending, stop listening, close both sockets, and remove the file if
+        it is still ours."""
+        self.send_pending()
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed already
                 self._loop.remove_reader(self._listener.fileno())
