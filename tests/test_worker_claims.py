@@ -110,3 +110,13 @@ def test_on_sqlite_the_named_workers_claims_end_and_at_start_all(tmp_path: Path)
         assert registry.read_connections(sqlite_claims.holders) == {}
     finally:
         registry.close()
+
+
+def test_with_postgresql_the_supervisor_leaves_sqlite_alone(tmp_path: Path) -> None:
+    """A PostgreSQL `registry_url`: no SQLite file is made or opened in the state directory
+    (the supervisor used to mark a stray SQLite registry offline)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    release_host_claims("postgresql://hub@db.invalid/hub", state / "registry.sqlite3", None)
+    release_host_claims("postgresql://hub@db.invalid/hub", state / "registry.sqlite3", ["n/1"])
+    assert list(state.iterdir()) == []
