@@ -91,7 +91,8 @@ def secure_state_dir(directory: Path) -> Path:
 
 
 class Registry:
-    """Devices and token hashes in one SQLite file, shared by the hub and the CLI."""
+    """Devices and token hashes in one SQLite file, shared by the hub and the CLI, and the
+    connections file beside it (claims, written by hub processes only)."""
 
     def __init__(self, path: Path) -> None:
         """Open (creating and upgrading if needed) the registry at `path`; a write waits up
