@@ -2,6 +2,7 @@
 serve --workers 2` (supervisor and two workers on one port, SO_REUSEPORT), real devices over
 real sockets, a real InfluxDB. Which worker holds a device is read from the registry file
 itself (read-only, what `hub devices` reads) and checked once through `hub devices --json`.
+The last test runs the same workers on a real PostgreSQL registry.
 Waits are bounded, never timed; latencies are printed."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import sqlite3
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from hub.gateway.ownership import SAFETY_NET_S
 from hub.registry import sqlite_claims
 from hub.registry.host_doorbell import DOORBELL_DIR, socket_name
 from schemas.codes import CloseCode
+from tests.servers.postgres import PostgresDatabase
 from tests.test_postgres_hub import hub_command
 from tests.test_postgres_takeover import CLOSE_BOUND_S, percentile, record_time
 from tests.workers_support import WorkersHub
@@ -234,3 +236,61 @@ async def test_a_killed_workers_devices_show_offline_at_once_and_its_siblings_st
     finally:
         for client in clients:
             await asyncio.wait_for(client.close(), WAIT_S)
+
+
+async def test_on_postgresql_each_worker_is_a_node_and_a_move_closes_the_old_connection(
+    tmp_path: Path, influxdb: LocalServer, influx_db_name: str, postgres_db: PostgresDatabase
+) -> None:
+    """`--workers 2` on a PostgreSQL registry: `hub nodes` lists both workers as live nodes
+    (`edge-1/1`, `edge-1/2`: each registers its own id, not the hub's), and a device moving
+    to the other worker has its old connection closed with 4000 through PostgreSQL's
+    doorbell; `hub devices` names the worker holding it."""
+    dsn = ["--registry-url", postgres_db.dsn]
+    hub = WorkersHub(tmp_path / "state", influxdb, influx_db_name, 2, "--node-id", NODE, *dsn)
+    await hub.start()
+    try:
+        nodes = await hub_command("nodes", "--json", *dsn)
+        assert nodes.returncode == 0, nodes.stderr
+        assert {(n["node"], n["live"]) for n in json.loads(nodes.stdout)} == {
+            (w, True) for w in WORKERS
+        }
+        added = await hub_command("token", "add", "mover", *dsn)
+        assert added.returncode == 0, added.stderr
+        token = added.stdout.strip()
+
+        async def holder() -> str | None:
+            listed = await hub_command("devices", "--json", *dsn)
+            row: dict[str, Any] = {r["device"]: r for r in json.loads(listed.stdout)}["mover"]
+            return row["hub"] if row["online"] else None
+
+        current = DeviceClient(hub.url, token)
+        await asyncio.wait_for(current.connect(), WAIT_S)
+        try:
+            held = await until_held(holder)
+            for _ in range(MAX_TRIES):
+                moved = DeviceClient(hub.url, token)
+                await asyncio.wait_for(moved.connect(), WAIT_S)
+                code, _ = await asyncio.wait_for(current.wait_closed(), WAIT_S)
+                await asyncio.wait_for(current.close(), WAIT_S)
+                assert code == CloseCode.REPLACED
+                current = moved
+                now_held = await until_held(holder)
+                if now_held != held:
+                    break
+                held = now_held
+            else:
+                pytest.fail(f"{MAX_TRIES} connections, none landed on the other worker")
+        finally:
+            await asyncio.wait_for(current.close(), WAIT_S)
+    finally:
+        code = await hub.stop()
+    assert code == 0, hub.log[-4000:]
+
+
+async def until_held(holder: Callable[[], Awaitable[str | None]]) -> str:
+    """The worker `holder()` names once it names one (bounded)."""
+    deadline = time.monotonic() + WAIT_S
+    while (found := await holder()) is None:
+        assert time.monotonic() < deadline, "the device is held by no worker"
+        await asyncio.sleep(0.2)
+    return found
