@@ -10,7 +10,9 @@ In a temporary state directory with `--devices` devices, through the hub's ports
   worker (each a takeover, ringing the previous owner's doorbell): claims per second, and
   how many rings the two doorbells heard;
 - a registry write another connection holds meanwhile does not stop claims: their p99 with
-  the registry file locked.
+  the registry file locked;
+- the safety net's question (`stale_sessions`) over every session a worker holds, as it asks
+  every 5 s: how long it takes the registry's thread.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from hub.registry.records import HeldSession
 from hub.registry.sqlite import Registry
 from hub.registry.thread import ThreadedSQLiteRegistry
 
@@ -99,6 +102,16 @@ async def main() -> None:
                 f"claims with the registry file locked by another connection ({len(locked)}): "
                 f"p50 {statistics.median(locked) * 1000:.2f} ms, "
                 f"p99 {percentile(locked, 0.99) * 1000:.2f} ms"
+            )
+            # first's devices since the last storm, as sessions of an older epoch: every one
+            # is reported taken over, the most work the check can have.
+            held = [HeldSession(d, 0, 0, "h") for d in ids[1::2]]
+            started = time.perf_counter()
+            stale = await first.stale_sessions(held)
+            print(
+                f"safety net over {len(held)} held sessions: "
+                f"{(time.perf_counter() - started) * 1000:.1f} ms "
+                f"({len(stale)} reported taken over)"
             )
         finally:
             await first.close()
