@@ -31,6 +31,7 @@ from hub.options import HubOptions, live_changes
 from hub.registry.backends import default_node_id, open_hub_registry
 from hub.registry.sqlite import secure_state_dir
 from hub.settings import Settings, reload_changes
+from hub.workers.claims import NODE_ID_KEY
 from hub.workers.slots import HEALTH_PORT_KEY, WorkerSlot, adopt_orphan_spools
 
 log = logging.getLogger("hub")
@@ -88,7 +89,12 @@ class HubService:
         # SQLite: every registry query of the hub on one thread; PostgreSQL: a pool, the
         # schema migrated first. Neither blocks the loop.
         listen = options.gateway.listen
-        node_id = options.registry.node_id or default_node_id(listen.port)
+        # A worker is a node of its own, NODE_ID/K: its claims are its own.
+        node_id = (
+            self.worker.node_id
+            if self.worker is not None
+            else options.registry.node_id or default_node_id(listen.port)
+        )
         registry = await open_hub_registry(
             options.registry.url,
             storage.registry_path,
@@ -150,7 +156,9 @@ class HubService:
             log.info("health and metrics at %s/healthz and /metrics", self._health.url)
         # A worker tells its supervisor where its /healthz and /metrics are.
         health = () if self._health is None else (f"{HEALTH_PORT_KEY}={self._health.port}",)
-        self._notifier.ready(f"listening on {self._hub.host}:{self._hub.port}", *health)
+        # ... and the node id it claims devices as, released by the supervisor if it dies.
+        node = () if worker is None else (f"{NODE_ID_KEY}={worker.node_id}",)
+        self._notifier.ready(f"listening on {self._hub.host}:{self._hub.port}", *health, *node)
         if self._notifier.watchdog_s is not None:
             self._watchdog = asyncio.create_task(self._notifier.keep_alive(), name="watchdog")
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from hub.errors import UnknownDevice
 from hub.registry.operator import OperatorRegistry
 from hub.registry.ports import HubRegistry
-from hub.registry.records import Presence, hash_token
+from hub.registry.records import HeldSession, Presence, StaleReason, hash_token
 
 WAIT_S = 5.0
 """Bound for what should happen at once: a hang fails the test, a loaded machine does not."""
@@ -28,12 +29,14 @@ POLL_S = 0.01
 
 @dataclass
 class Backend:
-    """A backend under test: the hub's ports, an operator, and how to open the ports again
-    (a restarted hub)."""
+    """A backend under test: the hub's ports, an operator, how to open the ports again (a
+    restarted hub), and how to open those of another hub sharing the registry, as node
+    `node_id` (a peer: its doorbell listening; closed by the test)."""
 
     ports: HubRegistry
     operator: OperatorRegistry
     reopen: Callable[[], Awaitable[HubRegistry]]
+    open_peer: Callable[[str], Awaitable[HubRegistry]]
 
 
 async def eventually(probe: Callable[[], Awaitable[bool]], what: str) -> None:
@@ -47,6 +50,32 @@ async def eventually(probe: Callable[[], Awaitable[bool]], what: str) -> None:
 
 def _presence(device_id: str, online: bool, stored: int, seen: float = 100.0) -> Presence:
     return Presence(device_id, online, "10.0.0.1:4000", 50.0, seen, stored)
+
+
+def _session(device_id: str, online: bool, stored: int, epoch: int) -> Presence:
+    """A presence row of the session of claim `epoch`, as a hub's flush sends it."""
+    now = time.time()
+    return Presence(device_id, online, "10.0.0.1:4000", now, now, stored, epoch)
+
+
+@asynccontextmanager
+async def _peers(backend: Backend, *node_ids: str) -> AsyncIterator[list[HubRegistry]]:
+    """Hubs sharing the backend's registry as these nodes, closed at the end."""
+    opened: list[HubRegistry] = []
+    try:
+        for node_id in node_ids:
+            opened.append(await backend.open_peer(node_id))
+        yield opened
+    finally:
+        for peer in opened:
+            await peer.close()
+
+
+def _takeovers(hub: HubRegistry) -> asyncio.Queue[tuple[str, int]]:
+    """What `hub` hears of takeovers of its devices, from now on."""
+    heard: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    hub.watch_takeovers(lambda device_id, epoch: heard.put_nowait((device_id, epoch)), lambda: None)
+    return heard
 
 
 class RegistryContract:
@@ -236,6 +265,13 @@ class RegistryContract:
         }
         await backend.ports.record_presence([])
 
+    async def test_presence_of_an_unknown_device_is_left_out(self, backend: Backend) -> None:
+        """A flush naming a device not registered (deleted meanwhile) records the others and
+        fails nothing."""
+        await backend.operator.add_many(["a"])
+        await backend.ports.record_presence([_presence("ghost", True, 2), _presence("a", True, 1)])
+        assert set(await backend.ports.presence()) == {"a"}
+
     async def test_mark_all_offline_keeps_the_counts(self, backend: Backend) -> None:
         """A new hub run starts with nobody online, and every count as it was."""
         await backend.operator.add_many(["a", "b"])
@@ -246,6 +282,121 @@ class RegistryContract:
             "a": (False, 3),
             "b": (False, 1),
         }
+
+    async def test_readings_stored_add_up_across_hubs(self, backend: Backend) -> None:
+        """Each hub flushes its own totals (from the count it read at its start); the
+        registry adds what each stored since its last flush, overwriting nobody, and a
+        restarted hub continues from the sum."""
+        await backend.operator.add_many(["d"])
+        async with _peers(backend, "hub-a", "hub-b") as (first, second):
+            assert await first.presence() == {} and await second.presence() == {}
+            await first.record_presence([_presence("d", True, 5)])
+            await second.record_presence([_presence("d", True, 3)])
+            await first.record_presence([_presence("d", False, 7)])
+            assert (await backend.operator.presence())["d"].readings_stored == 10
+            await second.record_presence([_presence("d", False, 3)])  # nothing new
+            assert (await backend.operator.presence())["d"].readings_stored == 10
+        async with _peers(backend, "hub-a") as (restarted,):
+            base = (await restarted.presence())["d"].readings_stored
+            assert base == 10
+            await restarted.record_presence([_presence("d", True, base + 1)])
+            assert (await backend.operator.presence())["d"].readings_stored == 11
+
+    # --- Ownership across hubs ------------------------------------------------------------
+
+    async def test_each_claim_takes_the_device_with_a_higher_epoch(self, backend: Backend) -> None:
+        """A claim names the hub it took the device from; epochs only grow, across a
+        release too; the holder is what `holders` shows."""
+        await backend.operator.add_many(["d"])
+        async with _peers(backend, "hub-a", "hub-b") as (hub_a, hub_b):
+            first = await hub_a.claim("d", "192.0.2.1:1000")
+            second = await hub_b.claim("d", "192.0.2.2:2000")
+            assert first is not None and second is not None
+            assert (first.previous_owner, second.previous_owner) == (None, "hub-a")
+            assert await backend.operator.holders() == {"d": "hub-b"}
+            await hub_b.release("d", second.epoch)
+            assert await backend.operator.holders() == {}
+            third = await hub_a.claim("d", "192.0.2.1:1001")
+            again = await hub_a.claim("d", "192.0.2.1:1002")  # the same hub, once more
+            assert third is not None and again is not None
+            assert third.previous_owner is None and again.previous_owner == "hub-a"
+            assert 0 < first.epoch < second.epoch < third.epoch < again.epoch
+            assert await backend.operator.holders() == {"d": "hub-a"}
+            assert (await backend.operator.presence())["d"].online
+
+    async def test_unknown_and_revoked_devices_cannot_be_claimed(self, backend: Backend) -> None:
+        """No claim for a device that is not registered, or revoked."""
+        await backend.operator.add_many(["d"])
+        await backend.operator.revoke("d")
+        async with _peers(backend, "hub-a") as (hub,):
+            assert await hub.claim("d", "192.0.2.1:1000") is None
+            assert await hub.claim("ghost", "192.0.2.1:1000") is None
+            assert await backend.operator.holders() == {}
+
+    async def test_the_previous_owner_hears_the_takeover_with_the_new_epoch(
+        self, backend: Backend
+    ) -> None:
+        """Only the hub a claim took the device from hears of it, with the claim's epoch;
+        a hub claiming a device it holds already rings nobody."""
+        await backend.operator.add_many(["d"])
+        async with _peers(backend, "hub-a", "hub-b") as (hub_a, hub_b):
+            heard_a, heard_b = _takeovers(hub_a), _takeovers(hub_b)
+            assert await hub_a.claim("d", "192.0.2.1:1000") is not None
+            taken = await hub_b.claim("d", "192.0.2.2:2000")
+            assert taken is not None
+            assert await asyncio.wait_for(heard_a.get(), WAIT_S) == ("d", taken.epoch)
+            assert await hub_b.claim("d", "192.0.2.2:2001") is not None  # its own: no ring
+            back = await hub_a.claim("d", "192.0.2.1:1001")
+            assert back is not None
+            # b hears a's claim; had b's own claim rung, that would come first.
+            assert await asyncio.wait_for(heard_b.get(), WAIT_S) == ("d", back.epoch)
+            assert heard_a.empty() and heard_b.empty()
+
+    async def test_a_stale_owners_late_writes_lose_to_the_newer_claim(
+        self, backend: Backend
+    ) -> None:
+        """Hub A's session is taken over by hub B's claim: A's config answer is not stored,
+        its presence flush and release change nothing, and its safety net says it was taken
+        over; B's answer counts, and the net finds nothing wrong with B's session."""
+        (token,) = await backend.operator.add_many(["d"])
+        version = (await backend.operator.set_config(["d"], updates={"x": 1}))["d"]
+        async with _peers(backend, "hub-a", "hub-b") as (hub_a, hub_b):
+            first = await hub_a.claim("d", "192.0.2.1:1000")
+            second = await hub_b.claim("d", "192.0.2.2:2000")
+            assert first is not None and second is not None
+
+            assert not await hub_a.record_claimed_config_ack("d", first.epoch, version, True, None)
+            assert (await hub_a.config_state("d")).acked_version is None
+            await hub_a.record_presence([_session("d", True, 0, first.epoch)])
+            await hub_a.record_presence([_session("d", False, 0, first.epoch)])
+            await hub_a.release("d", first.epoch)
+            assert (await backend.operator.presence())["d"].online
+            assert await backend.operator.holders() == {"d": "hub-b"}
+            held_a = HeldSession("d", first.epoch, version, hash_token(token))
+            stale = await hub_a.stale_sessions([held_a])
+            assert [(s.device_id, s.epoch, s.reason) for s in stale] == [
+                ("d", first.epoch, StaleReason.TAKEN_OVER)
+            ]
+
+            assert await hub_b.record_claimed_config_ack("d", second.epoch, version, True, None)
+            assert (await hub_b.config_state("d")).acked_version == version
+            held_b = HeldSession("d", second.epoch, version, hash_token(token))
+            assert await hub_b.stale_sessions([held_b]) == []
+            await hub_b.record_presence([_session("d", False, 0, second.epoch)])
+            assert not (await backend.operator.presence())["d"].online  # B's release counted
+            assert await backend.operator.holders() == {}
+
+    async def test_a_hub_opened_again_holds_nothing_it_held_before(self, backend: Backend) -> None:
+        """A process opening the registry as a node id is a new one: the claims that node id
+        held (its last process died) are released; other hubs' are not."""
+        await backend.operator.add_many(["a", "b"])
+        async with _peers(backend, "hub-a", "hub-b") as (hub_a, hub_b):
+            assert await hub_a.claim("a", "192.0.2.1:1000") is not None
+            assert await hub_b.claim("b", "192.0.2.2:2000") is not None
+        async with _peers(backend, "hub-a"):
+            assert await backend.operator.holders() == {"b": "hub-b"}
+            seen = await backend.operator.presence()
+            assert (seen["a"].online, seen["b"].online) == (False, True)
 
     # --- Change feed ------------------------------------------------------------------------
 

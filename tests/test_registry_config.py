@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hub.errors import RegistryError, UnknownDevice
-from hub.registry.sqlite import DeviceChange, Presence, Registry
+from hub.registry import sqlite_claims
+from hub.registry.sqlite import DeviceChange, Registry
 from schemas.messages import MAX_HUB_FRAME_BYTES
 
 pytestmark = pytest.mark.unit
@@ -200,12 +200,13 @@ def test_changes_since_leaves_out_earlier_changes(registry: Registry) -> None:
 
 
 def test_hub_writes_are_not_operator_changes(registry: Registry) -> None:
-    """Labels, acks and presence do not appear in the change feed."""
+    """Labels, acks, claims and presence do not appear in the change feed."""
     registry.set_config(["a"], updates={"x": 1})
     seq = registry.change_seq()
     registry.set_labels("a", {"room": "hall"})
     registry.record_config_ack("a", 1, True, None)
-    registry.record_presence([Presence("a", True, "127.0.0.1:1", 1.0, 1.0, 0)])
+    registry.write_connections(lambda db: sqlite_claims.claim(db, "a", "hub", "127.0.0.1:1", 1))
+    registry.write(lambda db: sqlite_claims.add_stored(db, {"a": 3}))
     assert registry.changes_since(seq) == (seq, [])
 
 
@@ -315,43 +316,7 @@ def test_labels_of_an_unknown_device_fail(registry: Registry) -> None:
         registry.set_labels("ghost", {"room": "hall"})
 
 
-# --- Presence ----------------------------------------------------------------------------------
-
-
-def test_record_presence_inserts_then_updates(registry: Registry) -> None:
-    """Presence is one row per device, replaced by each newer record."""
-    registry.record_presence([Presence("a", True, "10.0.0.1:5000", 100.0, 101.0, 3)])
-    registry.record_presence(
-        [
-            Presence("a", False, "10.0.0.1:5000", 100.0, 150.0, 8),
-            Presence("b", True, "10.0.0.2:6000", 140.0, 140.0, 0),
-        ]
-    )
-    assert registry.presence() == {
-        "a": Presence("a", False, "10.0.0.1:5000", 100.0, 150.0, 8),
-        "b": Presence("b", True, "10.0.0.2:6000", 140.0, 140.0, 0),
-    }
-
-
-def test_mark_all_offline_keeps_the_rest(registry: Registry) -> None:
-    """After a hub restart everyone is offline, with last address and counts kept."""
-    registry.record_presence(
-        [
-            Presence("a", True, "10.0.0.1:5000", 100.0, 101.0, 3),
-            Presence("b", False, "10.0.0.2:6000", 90.0, 95.0, 7),
-        ]
-    )
-    registry.mark_all_offline()
-    assert registry.presence() == {
-        "a": Presence("a", False, "10.0.0.1:5000", 100.0, 101.0, 3),
-        "b": Presence("b", False, "10.0.0.2:6000", 90.0, 95.0, 7),
-    }
-
-
-def test_presence_of_an_unknown_device_is_refused(registry: Registry) -> None:
-    """Presence can only be recorded for registered devices."""
-    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
-        registry.record_presence([Presence("ghost", True, None, None, None, 0)])
+# Presence and claims: tests/test_sqlite_claims.py and the contract (tests/registry_contract.py)
 
 
 def test_config_states_of_many_devices_come_by_id(registry: Registry) -> None:

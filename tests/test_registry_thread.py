@@ -124,7 +124,7 @@ async def test_a_write_gives_up_after_the_busy_timeout(
     the engine would, and leaves the backend usable."""
     ports, _ = registry
     monkeypatch.setattr(thread_module, "BUSY_TIMEOUT_S", 0.3)
-    row = Presence("a", True, None, None, None, 0)
+    row = Presence("a", True, None, None, None, 1)  # a count to add: a registry write
     with write_lock(tmp_path / "state" / "registry.sqlite3"):
         started = time.monotonic()
         with pytest.raises(sqlite3.OperationalError, match="locked"):
@@ -388,7 +388,8 @@ async def test_presence_not_stored_under_a_long_lock_is_stored_at_the_next_flush
     tracker = PresenceTracker(ports, "hub-test")
     await tracker.load()
     tracker.connected("a", "10.0.0.1:5000")
-    with write_lock(tmp_path / "state" / "registry.sqlite3"), pytest.raises(sqlite3.Error):
+    # Who is connected goes to the connections file (hub.registry.sqlite_claims).
+    with write_lock(tmp_path / "state" / "connections.sqlite3"), pytest.raises(sqlite3.Error):
         await asyncio.wait_for(tracker.flush(), WAIT_S)
     await tracker.flush()
     stored = (await ports.presence())["a"]

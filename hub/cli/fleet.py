@@ -247,7 +247,8 @@ def devices_command(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    shared = bool(settings.registry_url)  # one hub on SQLite: no column to name it
+    # One hub on SQLite: no column to name it; several hubs, or workers: which holds it.
+    shared = bool(settings.registry_url) or settings.workers > 1
     header = f"{'DEVICE':<28} {'ONLINE':<7} {'REMOTE':<22} {'SINCE':<21} {'LAST SEEN':<21} "
     typer.echo(header + f"{'STORED':>10} {'CONFIG':>9}" + ("  HUB" if shared else ""))
     for row in rows:

@@ -180,8 +180,8 @@ class HandshakeGate:
 
     async def _claim_now(self, connection: ServerConnection, device_id: str) -> Claim:
         """The device's claim; 503 with Retry-After while the registry cannot give it (a
-        device admitted from memory during an outage holds epoch 0: no claim, as on
-        SQLite, until it reconnects)."""
+        device admitted from memory during an outage holds epoch 0: no claim until it
+        reconnects)."""
         try:
             return await self._claim(connection, device_id, address_of(connection))
         except RegistryUnavailable:

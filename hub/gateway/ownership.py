@@ -14,8 +14,8 @@ the registry about all its claimed sessions (`stale_sessions`): one taken over i
 with 4000, one revoked or on a token rotated out past its grace with 4001, and one behind
 on its config is sent the newest. That bounds how long a lost notification leaves two
 sessions of one device, or a revoked device connected, at `SAFETY_NET_S` plus one check.
-With SQLite (one process owns every connection) every epoch is 0 and the net has nothing
-to ask.
+On SQLite the same holds across the workers of one host (hub.registry.thread), where the
+net asks only about takeovers (the fleet watcher sees every other change of the file).
 """
 
 from __future__ import annotations

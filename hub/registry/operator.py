@@ -83,8 +83,8 @@ class OperatorRegistry(Protocol):
         ...
 
     async def holders(self) -> dict[str, str]:
-        """The node id holding each online device's connection (PostgreSQL; on SQLite, with
-        its one hub, none is named)."""
+        """The node id holding each online device's connection: a hub, or a worker of one
+        (`NODE_ID/K`)."""
         ...
 
     async def nodes(self) -> list[Node]:

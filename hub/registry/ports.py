@@ -108,8 +108,8 @@ class OwnershipStore(Protocol):
 
     A handshake `claim`s its device; the session's later writes name the claim's epoch
     (`record_claimed_config_ack`, and `Presence.epoch` for presence and the release at its
-    end) and lose to a newer one. With one process owning every connection (SQLite) a claim is a
-    no-op, epoch 0, and the hub's own session table is the whole story.
+    end) and lose to a newer one. Both backends claim: PostgreSQL across hubs, SQLite across
+    the processes of one host (the workers of `hub serve --workers N`).
     """
 
     async def claim(self, device_id: str, remote_address: str) -> Claim | None:

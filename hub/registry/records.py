@@ -85,7 +85,7 @@ class Presence:
     readings_stored: int
     epoch: int = 0
     """The epoch of the session this row is about (`Claim.epoch`); 0 for a device not
-    claimed (SQLite, where one process owns every connection): recorded by device then."""
+    claimed (admitted from memory while the registry was away): recorded by device then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +95,7 @@ class Claim:
     epoch: int
     """Only grows per device; every later action of the session names it (0: unclaimed)."""
     previous_owner: str | None = None
-    """The node it took the device from (None: nobody, this node itself, or a registry with
-    one owner)."""
+    """The node it took the device from (None: nobody held it, or this node itself)."""
 
 
 @dataclass(frozen=True, slots=True)

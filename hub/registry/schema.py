@@ -42,3 +42,19 @@ MIGRATIONS = [
     CREATE INDEX retired_tokens_device ON retired_tokens (device_id);
     """,
 ]
+
+CONNECTIONS_MIGRATIONS = [
+    """
+    CREATE TABLE connections (
+        device_id       TEXT PRIMARY KEY,
+        owner_node      TEXT,
+        epoch           INTEGER NOT NULL DEFAULT 0,
+        remote_address  TEXT,
+        connected_since REAL,
+        last_seen       REAL
+    );
+    CREATE INDEX connections_owner ON connections (owner_node) WHERE owner_node IS NOT NULL;
+    """,
+]
+"""`connections.sqlite3` (hub.registry.sqlite_claims): the node holding each device's
+connection and an epoch that only grows; written by hub processes only."""

@@ -11,6 +11,11 @@ found hash is compared again with `hmac.compare_digest`.
 
 Rotating a token (`rotate`) keeps the old hash in `retired_tokens` until the grace period
 the operator chose is over; after that the old token fails like an unknown one.
+
+Who holds each device's connection (the claims of the hub processes of this host) is in a
+second file beside it, `connections.sqlite3`, that only hubs write (hub.registry.sqlite_files
+says why); its SQL, presence and the readings-stored counts are in `hub.registry.sqlite_claims`,
+run through `write_connections`, `read_connections` and `write`.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hub.core.protocol import DEFAULT_MAX_DEPTH
 from hub.errors import DeviceExists, RegistryError, UnknownDevice
+from hub.registry import sqlite_claims
 from hub.registry.records import (
     ConfigState,
     Credential,
@@ -38,7 +44,9 @@ from hub.registry.records import (
     config_text,
     hash_token,
 )
-from hub.registry.schema import MIGRATIONS
+from hub.registry.schema import CONNECTIONS_MIGRATIONS, MIGRATIONS
+from hub.registry.sqlite_claims import CONNECTIONS_FILE
+from hub.registry.sqlite_files import open_database, transaction
 
 __all__ = [
     "TOKEN_PREFIX",
@@ -55,10 +63,11 @@ __all__ = [
     "secure_state_dir",
 ]
 
+T = TypeVar("T")
+
 TOKEN_PREFIX = "hubt_"  # noqa: S105 (a prefix, not a secret)
 BUSY_TIMEOUT_S = 10.0
 """How long a write waits for another process's write lock (SQLite's busy timeout)."""
-_LOOKUP_CHUNK = 500  # ids per `IN (...)`, well below SQLite's limit on bound parameters
 
 
 def new_token() -> str:
@@ -82,47 +91,35 @@ def secure_state_dir(directory: Path) -> Path:
 
 
 class Registry:
-    """Devices and token hashes in one SQLite file, shared by the hub and the CLI."""
+    """Devices and token hashes in one SQLite file, shared by the hub and the CLI, and the
+    connections file beside it (claims, written by hub processes only)."""
 
     def __init__(self, path: Path) -> None:
         """Open (creating and upgrading if needed) the registry at `path`; a write waits up
         to `BUSY_TIMEOUT_S` for another process's write lock before raising."""
         secure_state_dir(path.parent)
         self.path = path
-        # Autocommit mode: every change goes through _transaction. WAL lets the CLI write
-        # while the hub reads.
-        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
-        path.chmod(0o600)
-
-    def _migrate(self) -> None:
-        with self._transaction() as db:
-            (version,) = db.execute("PRAGMA user_version").fetchone()
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {number}")
+        self._db = open_database(path, MIGRATIONS, BUSY_TIMEOUT_S)
+        try:
+            self._connections = open_database(
+                path.parent / CONNECTIONS_FILE, CONNECTIONS_MIGRATIONS, BUSY_TIMEOUT_S
+            )
+        except BaseException:
+            self._db.close()
+            raise
 
     def set_busy_timeout(self, seconds: float) -> None:
         """From now on, wait up to `seconds` for another process's lock before raising."""
-        self._db.execute(f"PRAGMA busy_timeout = {max(0, round(seconds * 1000))}")
+        for db in (self._db, self._connections):
+            db.execute(f"PRAGMA busy_timeout = {max(0, round(seconds * 1000))}")
 
     def close(self) -> None:
         """Close the database."""
         self._db.close()
+        self._connections.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     def _next_change(self, db: sqlite3.Connection) -> int:
         (seq,) = db.execute("UPDATE change_seq SET value = value + 1 RETURNING value").fetchone()
@@ -333,8 +330,8 @@ class Registry:
         # and a scan of the whole table each time made a connect storm quadratic.
         wanted = list(dict.fromkeys(device_ids))
         rows: list[tuple[Any, ...]] = []
-        for start in range(0, len(wanted), _LOOKUP_CHUNK):
-            chunk = wanted[start : start + _LOOKUP_CHUNK]
+        for start in range(0, len(wanted), sqlite_claims.IDS_PER_STATEMENT):
+            chunk = wanted[start : start + sqlite_claims.IDS_PER_STATEMENT]
             placeholders = ", ".join("?" * len(chunk))  # only `?`s: the ids are bound
             query = (
                 "SELECT device_id, config, config_version, acked_version, ack_ok, ack_error,"  # noqa: S608
@@ -398,44 +395,25 @@ class Registry:
         ).fetchall()
         return latest, [DeviceChange(row[0], row[1], bool(row[2])) for row in rows]
 
-    # Presence, written by the hub
-
-    def record_presence(self, states: Iterable[Presence]) -> None:
-        """Store the hub's view of device connections, in one transaction."""
-        with self._transaction() as db:
-            db.executemany(
-                "INSERT INTO presence (device_id, online, remote_address, connected_since,"
-                " last_seen, readings_stored) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,"
-                " remote_address = excluded.remote_address,"
-                " connected_since = excluded.connected_since,"
-                " last_seen = excluded.last_seen,"
-                " readings_stored = excluded.readings_stored",
-                [
-                    (
-                        p.device_id,
-                        p.online,
-                        p.remote_address,
-                        p.connected_since,
-                        p.last_seen,
-                        p.readings_stored,
-                    )
-                    for p in states
-                ],
-            )
-
-    def mark_all_offline(self) -> None:
-        """Forget connections of a previous hub run (it may have died without saying)."""
-        with self._transaction() as db:
-            db.execute("UPDATE presence SET online = 0 WHERE online = 1")
+    # Presence, claims and counts: hub.registry.sqlite_claims holds their SQL
 
     def presence(self) -> dict[str, Presence]:
-        """What the hub last recorded, per device."""
-        rows = self._db.execute(
-            "SELECT device_id, online, remote_address, connected_since, last_seen,"
-            " readings_stored FROM presence"
-        ).fetchall()
-        return {row[0]: Presence(row[0], bool(row[1]), *row[2:]) for row in rows}
+        """What the hubs last recorded, per device (`sqlite_claims.presence`)."""
+        return sqlite_claims.presence(self._db, self._connections)
+
+    def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(db)` in one write transaction of the registry file: all of it or nothing."""
+        with self._transaction() as db:
+            return work(db)
+
+    def write_connections(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(db)` in one write transaction of the connections file (claims)."""
+        with transaction(self._connections) as db:
+            return work(db)
+
+    def read_connections(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(db)` on the connections file, outside a transaction."""
+        return work(self._connections)
 
 
 def _device(row: tuple[Any, ...]) -> Device:

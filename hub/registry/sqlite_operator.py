@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.core.protocol import DEFAULT_MAX_DEPTH
+from hub.registry import sqlite_claims
 from hub.registry.records import ConfigState, Device, Node, Presence
 from hub.registry.sqlite import Registry
 
@@ -88,8 +89,8 @@ class SQLiteOperator:
         return self.engine.presence()
 
     async def holders(self) -> dict[str, str]:
-        """See `OperatorRegistry.holders`: one hub, so none is named."""
-        return {}
+        """See `OperatorRegistry.holders`: the hub process (or worker) holding each."""
+        return self.engine.read_connections(sqlite_claims.holders)
 
     async def nodes(self) -> list[Node]:
         """See `OperatorRegistry.nodes`: a SQLite registry has no nodes."""

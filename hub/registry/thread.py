@@ -10,6 +10,11 @@ A write does not wait for the lock on the thread: the engine gives up after
 `WRITE_ATTEMPT_S` and the write is tried again from the event loop, so that the handshakes'
 credential lookups queued behind it still run (WAL readers need no lock) while a CLI holds
 the lock. A write gives up, as before, after the engine's `BUSY_TIMEOUT_S` in all.
+
+Several processes of one host may share the file (the workers of `hub serve --workers N`),
+each as a node of its own: claims, presence and counts follow PostgreSQL's rules
+(hub.registry.sqlite_claims), and a claim rings the previous owner's doorbell socket
+(hub.registry.host_doorbell).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Self, TypeVar
 
+from hub.registry import sqlite_claims
+from hub.registry.host_doorbell import HostDoorbell
 from hub.registry.records import (
     Claim,
     ConfigState,
@@ -31,7 +38,7 @@ from hub.registry.records import (
     Presence,
     StaleSession,
 )
-from hub.registry.sqlite import BUSY_TIMEOUT_S, Registry
+from hub.registry.sqlite import BUSY_TIMEOUT_S, Registry, secure_state_dir
 from hub.registry.worker import OwningThread
 
 T = TypeVar("T")
@@ -40,18 +47,23 @@ WRITE_ATTEMPT_S = 0.02
 """How long one write attempt waits on the thread for another process's write lock."""
 WRITE_RETRY_S = 0.02
 """The pause, on the event loop, between write attempts while the lock is held."""
+LOCAL_NODE_ID = "local"
+"""The node id of a registry opened without one (tests, benchmarks)."""
 
 
 class ThreadedSQLiteRegistry:
     """`HubRegistry` on a SQLite file: every query on the one thread owning the connection.
 
-    Open it with `await ThreadedSQLiteRegistry.open(path, poll_s)`. Between queries the
+    Open it with `await ThreadedSQLiteRegistry.open(path, poll_s, node_id)`. Between queries the
     thread looks at `PRAGMA data_version` every `poll_s` (it moves only when another
     connection commits) and wakes `wait_for_change` when it moved.
     """
 
-    def __init__(self, path: Path, poll_s: float) -> None:
+    def __init__(self, path: Path, poll_s: float, node_id: str, doorbell: HostDoorbell) -> None:
         """Use `open`: the thread is started there."""
+        self.node_id = node_id
+        self._doorbell = doorbell
+        self._recorded_stored: dict[str, int] = {}
         self._seen_version: int | None = None
         self._changed = asyncio.Event()
         self._thread = OwningThread(
@@ -59,15 +71,35 @@ class ThreadedSQLiteRegistry:
         )
 
     @classmethod
-    async def open(cls, path: Path, poll_s: float) -> Self:
-        """Open (creating if needed) the registry at `path` on a new thread of its own."""
-        registry = cls(path, poll_s)
-        await registry._thread.start()
+    async def open(cls, path: Path, poll_s: float, node_id: str = LOCAL_NODE_ID) -> Self:
+        """Open (creating if needed) the registry at `path` on a new thread of its own, as
+        node `node_id`: its doorbell bound, and whatever the node id held before released
+        (a process opening it is a new one: the last one's sessions are gone)."""
+        doorbell = HostDoorbell.open(secure_state_dir(path.parent), node_id)
+        registry = cls(path, poll_s, node_id, doorbell)
+        try:
+            await registry._thread.start()
+        except BaseException:
+            doorbell.close()
+            raise
+        try:
+            await registry._write(
+                lambda engine: engine.write_connections(
+                    lambda db: sqlite_claims.release_nodes(db, [node_id])
+                )
+            )
+        except BaseException:
+            await registry.close()
+            raise
         return registry
 
     async def close(self) -> None:
-        """Close the connection once the queries already asked for are done."""
-        await self._thread.stop(Registry.close)
+        """Close the connection once the queries already asked for are done, and the
+        doorbell."""
+        try:
+            await self._thread.stop(Registry.close)
+        finally:
+            self._doorbell.close()
 
     async def _run(self, query: Callable[[Registry], T]) -> T:
         """Run `query(engine)` on the registry's thread."""
@@ -131,45 +163,127 @@ class ThreadedSQLiteRegistry:
             lambda engine: engine.record_config_ack(device_id, version, ok, error)
         )
 
-    # OwnershipStore: one process owns every connection of a SQLite registry, so its own
-    # session table is the whole story (a second connection replaces the first there).
+    # OwnershipStore: the processes of this host sharing the file (the workers of `hub serve
+    # --workers N`) claim devices in it (hub.registry.sqlite_claims) and ring each other's
+    # doorbells (hub.registry.host_doorbell).
 
     async def claim(self, device_id: str, remote_address: str) -> Claim | None:
-        """See `OwnershipStore.claim`: nothing to claim from anyone, epoch 0."""
-        return Claim(0)
+        """See `OwnershipStore.claim`: one write transaction of the connections file (an
+        operator's transaction on the registry file never holds it up), then a ring of the
+        node that held the device, if another one."""
+        node_id, now = self.node_id, time.time()
+
+        def claim(engine: Registry) -> Claim | None:
+            device = engine.get(device_id)
+            if device is None or not device.active:
+                return None
+            return engine.write_connections(
+                lambda db: sqlite_claims.claim(db, device_id, node_id, remote_address, now)
+            )
+
+        claimed = await self._write(claim)
+        owner = None if claimed is None else claimed.previous_owner
+        if claimed is not None and owner is not None and owner != node_id:
+            self._doorbell.ring(owner, device_id, claimed.epoch)
+        return claimed
 
     async def record_claimed_config_ack(
         self, device_id: str, epoch: int, version: int, ok: bool, error: str | None
     ) -> bool:
-        """See `OwnershipStore.record_claimed_config_ack`: as `record_config_ack`."""
-        return await self.record_config_ack(device_id, version, ok, error)
+        """See `OwnershipStore.record_claimed_config_ack` (epoch 0, no claim: by device).
+        The claim is checked, then the answer stored, in one job of this thread: a claim
+        by another process can fall between the two (the answer, the device's own to that
+        version, is then stored all the same)."""
+        node_id = self.node_id
+
+        def record(engine: Registry) -> bool:
+            if epoch and not engine.read_connections(
+                lambda db: sqlite_claims.holds(db, device_id, node_id, epoch)
+            ):
+                return False
+            return engine.record_config_ack(device_id, version, ok, error)
+
+        return await self._write(record)
 
     async def release(self, device_id: str, epoch: int) -> None:
-        """See `OwnershipStore.release`: nothing was claimed."""
+        """See `OwnershipStore.release`."""
+        node_id, now = self.node_id, time.time()
+        await self._write(
+            lambda engine: engine.write_connections(
+                lambda db: sqlite_claims.release(db, device_id, node_id, epoch, now)
+            )
+        )
 
     def watch_takeovers(
         self, listener: Callable[[str, int], None], missed: Callable[[], None]
     ) -> None:
-        """See `OwnershipStore.watch_takeovers`: no other hub ever takes a device over."""
+        """See `OwnershipStore.watch_takeovers`: heard on this node's doorbell socket. Nothing
+        is ever `missed` in a way the listener could notice (a ring to a full queue is
+        dropped at its sender): the safety net, every few seconds, bounds that."""
+        self._doorbell.listen(listener)
 
     async def stale_sessions(self, sessions: Sequence[HeldSession]) -> list[StaleSession]:
-        """See `OwnershipStore.stale_sessions`: the watcher sees every change at once."""
-        return []
+        """See `OwnershipStore.stale_sessions`: those taken over (`sqlite_claims.taken_over`;
+        the fleet watcher sees every other change of the file already)."""
+        held, node_id = list(sessions), self.node_id
+        return await self._run(
+            lambda engine: engine.read_connections(
+                lambda db: sqlite_claims.taken_over(db, node_id, held)
+            )
+        )
 
     # PresenceStore
 
     async def record_presence(self, states: Sequence[Presence]) -> None:
-        """See `PresenceStore.record_presence`."""
+        """See `PresenceStore.record_presence`: claimed sessions by their epoch (the
+        connections file), and the readings stored since the totals this process last
+        recorded, as deltas (the registry file), so the counts of several processes add up."""
         rows = list(states)  # the caller may change its collections while the thread works
-        await self._write(lambda engine: engine.record_presence(rows))
+        if rows:
+            # Two writes, each tried again on its own: the connections file's is never held
+            # up by an operator; the counts' may be. A failure of either has the whole flush
+            # sent again, which changes nothing the first time did.
+            await self._write(lambda engine: self._record_sessions(engine, rows))
+            await self._write(lambda engine: self._add_stored(engine, rows))
+
+    def _record_sessions(self, engine: Registry, rows: list[Presence]) -> None:
+        unclaimed = [p.device_id for p in rows if p.epoch == 0]
+        known = {s.device_id for s in engine.config_states(unclaimed)} if unclaimed else set()
+        sessions = [p for p in rows if p.epoch or p.device_id in known]
+        engine.write_connections(
+            lambda db: sqlite_claims.record_sessions(db, self.node_id, sessions)
+        )
+
+    def _add_stored(self, engine: Registry, rows: list[Presence]) -> None:
+        # On the registry's thread, like every use of `_recorded_stored`: flushes run one
+        # after the other there, so two that overlap on the loop (the last one at a stop)
+        # never count the same readings twice.
+        totals = {p.device_id: p.readings_stored for p in rows}  # a device's last row counts
+        deltas = {d: total - self._recorded_stored.get(d, 0) for d, total in totals.items()}
+        if any(delta > 0 for delta in deltas.values()):
+            engine.write(lambda db: sqlite_claims.add_stored(db, deltas))
+        self._recorded_stored.update(totals)  # only once committed
 
     async def mark_all_offline(self) -> None:
-        """See `PresenceStore.mark_all_offline`."""
-        await self._write(Registry.mark_all_offline)
+        """See `PresenceStore.mark_all_offline`: every claim in the file (a hub of its own
+        owns the whole file; workers leave it to their supervisor)."""
+        await self._write(
+            lambda engine: engine.write_connections(
+                lambda db: sqlite_claims.release_nodes(db, None)
+            )
+        )
 
     async def presence(self) -> dict[str, Presence]:
-        """See `PresenceStore.presence`."""
-        return await self._run(Registry.presence)
+        """See `PresenceStore.presence`: counts summed over every process."""
+
+        def read(engine: Registry) -> dict[str, Presence]:
+            found = engine.presence()
+            for device_id, seen in found.items():
+                # The baseline of the deltas: what this process's totals start from.
+                self._recorded_stored.setdefault(device_id, seen.readings_stored)
+            return found
+
+        return await self._run(read)
 
     # ChangeFeed
 

@@ -5,6 +5,7 @@
 * `exposition`: the workers' /metrics merged with a `worker` label, their /healthz combined;
 * `relay`: the notification sockets the workers report READY=1 and WATCHDOG=1 on;
 * `ports`: the device port they share (systemd's sockets, or SO_REUSEPORT);
+* `claims`: the device claims of a worker that died, released as it is reaped;
 * `supervisor`: the processes, signals and systemd notifications;
 * `health`: the supervisor's /healthz and /metrics listener.
 """

@@ -1,8 +1,8 @@
 """The supervisor of `hub serve --workers N`: N worker processes on one port, kept running.
 
-It opens no device connection itself. At start it records every device offline in the
-registry (once, for all workers: a worker starting later must not mark its siblings'
-devices offline), then starts the workers:
+It opens no device connection itself. At start it releases every device claim of this
+host (on SQLite; once, for all workers: a worker starting later must not release its
+siblings' devices), then starts the workers:
 
 * **One port.** Under systemd with `hub.socket`, the socket systemd passed is handed on to
   every worker (`LISTEN_FDS`): they accept from its one queue, and a worker that stops
@@ -14,6 +14,7 @@ devices offline), then starts the workers:
   the new process takes the same slot and replays its spool. One that stops notifying
   (frozen, a hung loop) is killed first. A worker that fails before it ever listened at
   start-up (bad settings, its spool held by another hub) stops the whole hub with its error.
+  The devices a dead worker held are released as it is reaped (`hub.workers.claims`).
 * **Signals.** SIGHUP is forwarded to every worker (each reloads from the same sources);
   SIGUSR2 replaces the workers one at a time (a rolling restart: new code after an upgrade,
   settings that are not live), each only once the one before listens; SIGTERM and SIGINT
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -36,8 +38,10 @@ from subprocess import DEVNULL
 
 from hub.gateway.activation import SD_LISTEN_FDS_START
 from hub.ops.sdnotify import Notifier
-from hub.registry.sqlite import Registry, secure_state_dir
+from hub.registry.backends import release_host_claims
+from hub.registry.sqlite import secure_state_dir
 from hub.settings import Settings
+from hub.workers.claims import NODE_ID_KEY, SlotClaims
 from hub.workers.health import SupervisorHealth
 from hub.workers.policy import (
     START_TIMEOUT_S,
@@ -117,16 +121,15 @@ class Supervisor:
         self._reserved: socket.socket | None = None
         self.host, self.port = settings.host, settings.port
         self.health = SupervisorHealth(self) if settings.health_enabled else None
+        self.claims = SlotClaims(
+            functools.partial(release_host_claims, settings.registry_url, settings.registry_path)
+        )
 
     # --- Start -------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
         secure_state_dir(self.settings.state_dir)
-        registry = Registry(self.settings.registry_path)
-        try:
-            registry.mark_all_offline()  # once, here: never by a worker (its siblings' devices)
-        finally:
-            registry.close()
+        self.claims.release_all()  # once, here: never by a worker (its siblings' devices)
         first = WorkerSlot(1, self.count, self.settings.state_dir, "")
         adopt_orphan_spools(self.settings.state_dir, first.spool_dir, self.count)
         self._passed = take_passed_sockets(self.count)
@@ -169,6 +172,7 @@ class Supervisor:
     ) -> None:
         async def start_and_wait() -> None:
             try:
+                await self.claims.settled(slot.number)  # the last process's devices released
                 async with self._spawning:
                     pass_fds: tuple[int, ...] = ()
                     if listener is not None:
@@ -207,6 +211,7 @@ class Supervisor:
             if message.get("READY") == "1":
                 port = message.get(HEALTH_PORT_KEY, "")
                 slot.became_ready(now, int(port) if port.isdigit() else None)
+                self.claims.learned(slot.number, message.get(NODE_ID_KEY, ""))
                 if self._reloading is not None:
                     self._reloading.discard(slot.number)
                 if slot.number in self._reload_pending:  # started during a reload
@@ -221,6 +226,7 @@ class Supervisor:
     def _exited(self, slot: SlotState, pid: int, status: int) -> None:
         self._processes.pop(slot.number, None)
         self._relays[slot.number].expected_pid = None
+        self.claims.reaped(slot.number)
         expected = pid in self._expected_exits or self._stopping
         self._expected_exits.discard(pid)
         self._killed.discard(pid)
@@ -390,6 +396,7 @@ class Supervisor:
         await asyncio.gather(*(self._wait_exit(p) for p in processes))
         # Their waiters record the exits; a slot starting just now is waited for too.
         await asyncio.gather(*list(self._waiters), return_exceptions=True)
+        await self.claims.close()
         if self.health is not None:
             await self.health.stop()
         for relay in self._relays.values():
