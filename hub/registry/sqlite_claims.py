@@ -45,8 +45,9 @@ def claim(
     db: sqlite3.Connection, device_id: str, node_id: str, remote_address: str, now: float
 ) -> Claim:
     """Node `node_id` takes the device's connection from `remote_address`: its new epoch and
-    the node it took it from (None: nobody held it). Run in a write transaction: the read
-    of the previous owner and the update are one step for every other process."""
+    the node it took it from (None: nobody held it, or `node_id` itself). Run in a write
+    transaction: the read of the previous owner and the update are one step for every other
+    process."""
     previous = db.execute(
         "SELECT owner_node FROM connections WHERE device_id = ?", (device_id,)
     ).fetchone()
@@ -59,7 +60,8 @@ def claim(
         " RETURNING epoch",
         (device_id, node_id, remote_address[:MAX_ADDRESS_CHARS], now, now),
     ).fetchone()
-    return Claim(int(epoch), None if previous is None else previous[0])
+    taken_from = None if previous is None or previous[0] == node_id else previous[0]
+    return Claim(int(epoch), taken_from)
 
 
 def holds(db: sqlite3.Connection, device_id: str, node_id: str, epoch: int) -> bool:

@@ -183,7 +183,7 @@ class ThreadedSQLiteRegistry:
 
         claimed = await self._write(claim)
         owner = None if claimed is None else claimed.previous_owner
-        if claimed is not None and owner is not None and owner != node_id:
+        if claimed is not None and owner is not None:
             self._doorbell.ring(owner, device_id, claimed.epoch)
         return claimed
 
