@@ -95,6 +95,11 @@ class FleetView:
         """node id -> its live connections, as `hub nodes --json` shows them."""
         return {node: row["live_connections"] for node, row in (await self.nodes()).items()}
 
+    async def reopen(self) -> None:
+        """A new operator connection (after PostgreSQL was killed and started again)."""
+        await self.operator.close()
+        self.operator = await PostgresOperator.open(self.cluster.registry_url)
+
     async def wait_idle(self) -> None:
         """Wait until no hub holds a device (a test's devices all gone), so that HAProxy's
         leastconn starts the next test from equal hubs."""
@@ -112,14 +117,14 @@ async def running_cluster(
     """Three hubs behind HAProxy on `registry_url` and the InfluxDB `database`, stopped by
     pid at the end; every hub must exit 0 and none may have logged a traceback."""
     # Migrates the schema once, before three hubs race to (they may; this is only faster).
-    operator = await PostgresOperator.open(registry_url)
     cluster = HubCluster(work_dir, influx, database, registry_url, env=env)
+    view = FleetView(cluster, await PostgresOperator.open(registry_url))
     try:
         async with cluster:
-            yield FleetView(cluster, operator)
+            yield view
         codes = {hub.node_id: exit_status(hub.process.process) for hub in cluster.hubs}
     finally:
-        await operator.close()
+        await view.operator.close()
     assert set(codes.values()) == {0}, f"hub exit statuses {codes}\n{cluster.logs()[-6000:]}"
     assert "Traceback" not in cluster.logs(), cluster.logs()[-6000:]
 
