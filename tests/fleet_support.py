@@ -4,60 +4,28 @@
 PostgreSQL registry, HAProxy in front) and stops it by pid, failing unless every hub exits 0.
 `FleetView` reads the registry the operator's way (`hub devices --json`, `hub nodes --json`)
 and, where a test polls fast, through the operator's port in-process (`holders`).
-`assert_every_ack_stored` is the check of tests/test_faults.py: every reading a device saw
-acked is in InfluxDB, compared timestamp by timestamp.
+The check that every acked reading is in InfluxDB is tests/support.py's
+`assert_every_ack_stored`, as for the other fault tests.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from device_sim.cluster import HubCluster
-from device_sim.fleet import FleetReport
-from device_sim.local_servers import LocalServer, influxql, quote_string
+from device_sim.local_servers import LocalServer
 from hub.registry.postgres.operator import PostgresOperator
-from tests.test_postgres_hub import hub_command
+from tests.support import FAST_WRITES
+from tests.test_postgres_hub import eventually, hub_command
 
-T = TypeVar("T")
-POLL_S = 0.05
-CONVERGE_S = 60.0
-"""How long InfluxDB may take to hold every acked reading (spools replaying included)."""
-
-FAST_WRITES = {
-    "HUB_FLUSH_INTERVAL_S": "0.02",
-    "HUB_WRITE_DEADLINE_S": "1",
-    "HUB_RETRY_INITIAL_S": "0.1",
-    "HUB_RETRY_MAX_S": "1",
-    "HUB_SHUTDOWN_TIMEOUT_S": "5",
-    "HUB_REGISTRY_TIMEOUT_S": "1",
-}
-"""Hub settings for fault tests: batches flushed at once, a frozen InfluxDB given up on (and
-the batch spooled) after 1 s, a frozen PostgreSQL after 1 s, a bounded drain at the end."""
-
-
-async def wait_for(
-    probe: Callable[[], Awaitable[T]],
-    accept: Callable[[T], bool],
-    what: str,
-    timeout_s: float,
-) -> T:
-    """Probe until `accept` says yes; fail after `timeout_s` with the last value seen."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if accept(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still {value!r} after {timeout_s} s")
-        await asyncio.sleep(POLL_S)
+FLEET_SETTINGS = {**FAST_WRITES, "HUB_REGISTRY_TIMEOUT_S": "1"}
+"""The fault tests' hub variables, and a frozen PostgreSQL given up on after 1 s."""
 
 
 @dataclass
@@ -103,7 +71,7 @@ class FleetView:
     async def wait_idle(self) -> None:
         """Wait until no hub holds a device (a test's devices all gone), so that HAProxy's
         leastconn starts the next test from equal hubs."""
-        await wait_for(self.holders, lambda held: not held, "devices still held", 20.0)
+        await eventually(self.holders, lambda held: not held, "devices still held", 20.0)
 
 
 @asynccontextmanager
@@ -132,29 +100,3 @@ async def running_cluster(
 def exit_status(process: subprocess.Popen[bytes] | None) -> int | None:
     """A finished process's exit status (None: never started, or still running)."""
     return None if process is None else process.poll()
-
-
-def stored_times(influx: LocalServer, database: str, device_id: str) -> set[int]:
-    """Timestamps (ns) of the device's readings in InfluxDB (the simulator's measurement)."""
-    rows = influxql(
-        influx.url,
-        database,
-        f'SELECT "temperature" FROM "environment" WHERE "device" = {quote_string(device_id)}',
-    )
-    return {int(row["time"]) for row in rows}
-
-
-async def assert_every_ack_stored(influx: LocalServer, database: str, report: FleetReport) -> None:
-    """Wait (bounded) until InfluxDB holds every acked reading; fail naming what is missing."""
-    assert report.acked > 0, "nothing was acked: the test proves nothing"
-    deadline = time.monotonic() + CONVERGE_S
-    while True:
-        missing = {
-            device_id: set(device.acked_times_ns()) - stored_times(influx, database, device_id)
-            for device_id, device in report.devices.items()
-        }
-        lost = {d: len(m) for d, m in missing.items() if m}
-        if not lost:
-            return
-        assert time.monotonic() < deadline, f"acked readings missing from InfluxDB: {lost}"
-        await asyncio.sleep(0.5)

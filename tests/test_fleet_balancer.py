@@ -24,7 +24,8 @@ from device_sim.client import DeviceClient
 from device_sim.local_servers import LocalServer, create_database, drop_database
 from device_sim.servers.postgres import PostgresServer
 from schemas.codes import CloseCode
-from tests.fleet_support import FleetView, running_cluster, wait_for
+from tests.fleet_support import FleetView, running_cluster
+from tests.test_postgres_hub import eventually
 from tests.test_postgres_takeover import CLOSE_BOUND_S, percentile, record_time
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
@@ -96,7 +97,7 @@ async def test_devices_spread_over_the_hubs_and_each_hub_sees_the_devices_addres
             device_id: "{}:{}".format(*client.connection.local_address[:2])
             for device_id, client in clients.items()
         }
-        rows = await wait_for(
+        rows = await eventually(
             fleet.device_rows,
             lambda rows: all(rows[d]["online"] and rows[d]["hub"] for d in clients),
             "every device online with a hub",
@@ -110,7 +111,7 @@ async def test_devices_spread_over_the_hubs_and_each_hub_sees_the_devices_addres
         assert fleet.cluster.balancer is not None
         balancer_side = {f"127.0.0.1:{fleet.cluster.balancer.port}"}
         assert not balancer_side & set(expected.values())
-        await wait_for(
+        await eventually(
             fleet.live_connections, lambda live: live == dict(spread), "hub nodes", WAIT_S
         )
         nodes = await fleet.nodes()
@@ -179,7 +180,7 @@ async def test_pushes_by_label_and_to_all_reach_every_hub_and_a_revocation_its_h
     tokens |= await provision(fleet, "south", 4, site="south")
     clients = await connect_all(fleet, tokens)
     try:
-        held = await wait_for(
+        held = await eventually(
             fleet.holders, lambda held: set(clients) <= set(held), "all held", WAIT_S
         )
         north = {d for d in clients if d.startswith("north")}
@@ -192,13 +193,19 @@ async def test_pushes_by_label_and_to_all_reach_every_hub_and_a_revocation_its_h
             assert [(c.version, c.config) for c in client.configs] == expected, device_id
 
         began = time.perf_counter()
+        await fleet.cli("nodes", "--json")
+        command_s = time.perf_counter() - began  # what a command costs on this box
+        began = time.perf_counter()
         await fleet.cli("config", "set", "--all", "interval_s=30", "--wait", "10")
         pushed_s = time.perf_counter() - began
         for client in clients.values():
             assert client.configs[-1].config.get("interval_s") == 30
         rows = await fleet.device_rows()
         assert all(rows[d]["config_acknowledged"] == rows[d]["config_desired"] for d in clients)
-        print(f"\n`hub config set --all --wait` to 9 devices on 3 hubs: {pushed_s:.2f} s")
+        print(
+            f"\n`hub config set --all --wait` to 9 devices on 3 hubs: {pushed_s:.2f} s "
+            f"(a `hub nodes --json` run: {command_s:.2f} s)"
+        )
 
         victims = {hub: next(d for d in sorted(clients) if held[d] == hub) for hub in north_hubs}
         for victim in victims.values():

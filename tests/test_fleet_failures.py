@@ -26,13 +26,9 @@ from device_sim.servers.postgres import PostgresDatabase, PostgresServer
 from device_sim.stats import FleetStats
 from hub.ingest.spool import read_status
 from hub.registry.postgres.lease import LEASE_S
-from tests.fleet_support import (
-    FAST_WRITES,
-    FleetView,
-    assert_every_ack_stored,
-    running_cluster,
-    wait_for,
-)
+from tests.fleet_support import FLEET_SETTINGS, FleetView, running_cluster
+from tests.support import assert_every_ack_stored
+from tests.test_postgres_hub import eventually
 from tests.test_postgres_outage import status_of
 
 pytestmark = pytest.mark.e2e
@@ -64,7 +60,7 @@ async def killable(
 ) -> AsyncIterator[FleetView]:
     """Three hubs behind HAProxy on the test's own InfluxDB, writing fast."""
     async with running_cluster(
-        tmp_path / "cluster", private_influx, DB, postgres_db.dsn, FAST_WRITES
+        tmp_path / "cluster", private_influx, DB, postgres_db.dsn, FLEET_SETTINGS
     ) as view:
         yield view
 
@@ -93,7 +89,7 @@ class Streaming:
     async def all_held(self) -> dict[str, str]:
         """Wait until every device is connected and each hub holds some: who holds which."""
         hubs = {hub.node_id for hub in self.view.cluster.hubs}
-        return await wait_for(
+        return await eventually(
             self.view.holders,
             lambda held: self.ids <= set(held) and set(held.values()) == hubs,
             "every device held, on every hub",
@@ -105,7 +101,7 @@ class Streaming:
         began = time.monotonic()
         assert not self.task.done(), "the fleet ended early"
         target = self.stats.acked + readings
-        await wait_for(self.acked, lambda acked: acked >= target, "acks", WAIT_S)
+        await eventually(self.acked, lambda acked: acked >= target, "acks", WAIT_S)
         return time.monotonic() - began
 
     async def acks_throughout(self, span_s: float) -> float:
@@ -135,7 +131,7 @@ def biggest(held: dict[str, str], view: FleetView) -> ClusterHub:
 async def moved_off(view: FleetView, dead: str, orphans: set[str], since: float) -> float:
     """Wait until every device in `orphans` is held by a hub other than `dead`; the time,
     from `since`, by which the last one was."""
-    await wait_for(
+    await eventually(
         view.holders,
         lambda held: all(held.get(d) not in (None, dead) for d in orphans),
         f"{dead}'s devices held by the other hubs",
@@ -188,7 +184,9 @@ async def test_a_killed_hubs_spool_is_replayed_when_it_restarts(
 
     private_influx.pause()
     try:
-        await wait_for(spooled_by_all, lambda points: min(points) > 0, "every hub spooling", WAIT_S)
+        await eventually(
+            spooled_by_all, lambda points: min(points) > 0, "every hub spooling", WAIT_S
+        )
         victim = biggest(held, killable)
         orphans = {d for d, hub in held.items() if hub == victim.node_id}
         killed_at = time.monotonic()
@@ -208,7 +206,7 @@ async def test_a_killed_hubs_spool_is_replayed_when_it_restarts(
     async def victim_spool() -> int:
         return spooled(victim)
 
-    await wait_for(victim_spool, lambda points: points == 0, "the spool replayed", 60.0)
+    await eventually(victim_spool, lambda points: points == 0, "the spool replayed", 60.0)
     report = await fleet.finish()
     await assert_every_ack_stored(private_influx, DB, report)
 
@@ -237,7 +235,7 @@ async def test_postgres_frozen_then_killed_under_three_hubs(
     role, name = own_postgres.new_database()
     dsn = own_postgres.dsn(name, role)
     async with running_cluster(
-        tmp_path / "cluster", influxdb, influx_db_name, dsn, FAST_WRITES
+        tmp_path / "cluster", influxdb, influx_db_name, dsn, FLEET_SETTINGS
     ) as view:
         (stranger,) = await view.operator.add_many(["stranger"])
         fleet = Streaming(view, view.cluster.provision(6, "outage-"))
@@ -270,9 +268,9 @@ async def test_postgres_frozen_then_killed_under_three_hubs(
         async def config_acks() -> int:
             return fleet.stats.config_acks
 
-        await wait_for(config_acks, lambda n: n >= before + len(fleet.ids), "push acked", WAIT_S)
+        await eventually(config_acks, lambda n: n >= before + len(fleet.ids), "push acked", WAIT_S)
         pushed_s = time.monotonic() - returned_at
-        await wait_for(
+        await eventually(
             lambda: status_of(view.cluster.url, stranger),
             lambda answer: answer[0] == 101,
             "the new device let in",
@@ -281,7 +279,7 @@ async def test_postgres_frozen_then_killed_under_three_hubs(
         admitted_s = time.monotonic() - returned_at
         # The hubs' leases ran out during the outage: once they beat again, `hub devices`
         # shows every device online on the hub that held it all along.
-        rows = await wait_for(
+        rows = await eventually(
             view.device_rows,
             lambda rows: all(rows[d]["online"] for d in fleet.ids),
             "devices online again",
