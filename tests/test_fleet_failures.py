@@ -144,8 +144,10 @@ async def test_a_hub_killed_mid_stream_loses_no_acked_reading(
     killable: FleetView, private_influx: LocalServer
 ) -> None:
     """A hub SIGKILLed (by pid) while nine devices stream through HAProxy: its devices are
-    held by the other two within 10 s (printed), the fleet goes on being acked, the hub
-    restarts on its state dir, and every acked reading of every device is in InfluxDB."""
+    held by the other two within 10 s (printed), the fleet goes on being acked, `hub nodes`
+    shows the hub dead once its lease ran out and `hub devices` every device online on the
+    others; the hub restarts on its state dir, and every acked reading of every device is
+    in InfluxDB."""
     fleet = Streaming(killable, killable.cluster.provision(DEVICES, "kill-"))
     held = await fleet.all_held()
     await fleet.acks_go_on()
@@ -159,6 +161,18 @@ async def test_a_hub_killed_mid_stream_loses_no_acked_reading(
     )
     assert moved_s < RECONNECT_BOUND_S
     await fleet.acks_go_on()
+    # What the operator sees: the dead hub's lease runs out, its devices are on the others.
+    nodes = await eventually(
+        killable.nodes,
+        lambda nodes: not nodes[victim.node_id]["live"],
+        f"{victim.node_id} shown dead",
+        LEASE_S + WAIT_S,
+    )
+    assert [node for node, row in nodes.items() if row["live"]] == sorted(
+        hub.node_id for hub in killable.cluster.hubs if hub is not victim
+    ), nodes
+    rows = await killable.device_rows()
+    assert all(rows[d]["online"] and rows[d]["hub"] != victim.node_id for d in fleet.ids), rows
     await victim.process.start()
     report = await fleet.finish()
     assert sum(report.devices[d].reconnects for d in orphans) >= len(orphans)
