@@ -20,12 +20,14 @@ import pytest
 import pytest_asyncio
 
 from device_sim.cluster import ClusterHub
+from device_sim.device import DeviceState
 from device_sim.fleet import Credentials, FleetReport, run_fleet
 from device_sim.local_servers import LocalServer, create_database, start_influxdb
 from device_sim.servers.postgres import PostgresDatabase, PostgresServer
 from device_sim.stats import FleetStats
 from hub.ingest.spool import read_status
 from hub.registry.postgres.lease import LEASE_S
+from schemas.codes import CloseCode
 from tests.fleet_support import FLEET_SETTINGS, FleetView, running_cluster
 from tests.support import assert_every_ack_stored
 from tests.test_postgres_hub import eventually
@@ -244,8 +246,9 @@ async def test_postgres_frozen_then_killed_under_three_hubs(
     new device's handshake gets 503 with Retry-After through the balancer (every hub's
     /healthz stays 200 with a registry warning, so HAProxy keeps all three in and passes
     the hub's answer on); once PostgreSQL is back a push reaches the devices on every hub
-    within 2 s of its return and the new device gets in (both printed); nothing acked is
-    lost."""
+    within 2 s of its return, a revocation closes its device (4001) within 2 s, the new
+    device gets in (all printed), and `hub devices` shows the others online on the hubs
+    that held them all along; nothing acked is lost."""
     role, name = own_postgres.new_database()
     dsn = own_postgres.dsn(name, role)
     async with running_cluster(
@@ -284,6 +287,15 @@ async def test_postgres_frozen_then_killed_under_three_hubs(
 
         await eventually(config_acks, lambda n: n >= before + len(fleet.ids), "push acked", WAIT_S)
         pushed_s = time.monotonic() - returned_at
+        revoked = sorted(fleet.ids)[0]
+        revoked_at = time.monotonic()
+        await view.operator.revoke(revoked)
+
+        async def connected() -> int:
+            return fleet.stats.connected
+
+        await eventually(connected, lambda n: n == len(fleet.ids) - 1, "revoked closed", WAIT_S)
+        revoke_s = time.monotonic() - revoked_at
         await eventually(
             lambda: status_of(view.cluster.url, stranger),
             lambda answer: answer[0] == 101,
@@ -295,18 +307,23 @@ async def test_postgres_frozen_then_killed_under_three_hubs(
         # shows every device online on the hub that held it all along.
         rows = await eventually(
             view.device_rows,
-            lambda rows: all(rows[d]["online"] for d in fleet.ids),
+            lambda rows: all(rows[d]["online"] for d in fleet.ids - {revoked}),
             "devices online again",
             WAIT_S,
         )
-        assert {d: rows[d]["hub"] for d in fleet.ids} == held
+        kept = fleet.ids - {revoked}
+        assert {d: rows[d]["hub"] for d in kept} == {d: held[d] for d in kept}
         report = await fleet.finish()
     print(
         f"\nPostgreSQL frozen, then killed, {outage_s:.1f} s in all: 100 readings acked "
         f"within {frozen_s:.2f} s / {killed_s:.2f} s at worst; after its return a push "
         f"reached all {len(fleet.ids)} devices on 3 hubs in {pushed_s:.2f} s, "
+        f"a revocation closed its device {revoke_s:.2f} s after it was made, "
         f"a new device got in after {admitted_s:.2f} s"
     )
+    assert report.devices[revoked].state == DeviceState.REVOKED, report.devices[revoked]
+    assert report.devices[revoked].close_codes == [CloseCode.REVOKED]
     assert report.total("reconnects") == 0, report.summary()
     assert pushed_s < PUSH_AFTER_RETURN_S
+    assert revoke_s < PUSH_AFTER_RETURN_S
     await assert_every_ack_stored(influxdb, influx_db_name, report)
