@@ -41,13 +41,15 @@ WAIT_S = 20.0
 RECONNECT_BOUND_S = 10.0
 """The issue's bound on moving a dead hub's devices to the others (HAProxy marks a hub down
 after two failed checks 0.3 s apart; a device waits at most 0.5 s before reconnecting)."""
+STREAM_UNTIL_S = 600.0
+"""The fleet's own deadline, far past any test's: a test ends it with `finish`."""
 PUSH_AFTER_RETURN_S = 2.0
 """The issue's bound on a push reaching devices after PostgreSQL's return."""
 
 
 @pytest.fixture
 def private_influx(tmp_path: Path) -> Iterator[LocalServer]:
-    """An InfluxDB for this test alone, to freeze; stopped after it."""
+    """An InfluxDB for this test alone, to freeze and kill; stopped after it."""
     server = start_influxdb(tmp_path / "influxdb")
     create_database(server.url, DB)
     try:
@@ -81,7 +83,7 @@ class Streaming:
                 devices,
                 rate=5,
                 batch=10,
-                duration=100,
+                duration=STREAM_UNTIL_S,
                 stop=self.stop,
                 stats=self.stats,
                 final_wait_s=30,
