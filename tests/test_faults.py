@@ -19,28 +19,18 @@ from device_sim.fleet import Credentials, FleetReport, run_fleet
 from device_sim.local_servers import (
     LocalServer,
     create_database,
-    influxql,
-    quote_string,
     start_influxdb,
 )
 from device_sim.stats import FleetStats
 from hub.ingest.spool import SEGMENT_SUFFIX, read_status
 from hub.registry.sqlite import Registry
-from tests.support import HubProcess
+from tests.support import FAST_WRITES as FAST
+from tests.support import HubProcess, assert_every_ack_stored
 
 pytestmark = pytest.mark.e2e
 
 DB = "faults"
 DEVICES = 8
-FAST = {
-    "HUB_FLUSH_INTERVAL_S": "0.02",
-    "HUB_WRITE_DEADLINE_S": "1",
-    "HUB_RETRY_INITIAL_S": "0.1",
-    "HUB_RETRY_MAX_S": "1",
-    "HUB_SHUTDOWN_TIMEOUT_S": "5",
-    "HUB_LOG_LEVEL": "INFO",
-}
-CONVERGE_S = 60.0
 
 
 @pytest.fixture
@@ -89,33 +79,6 @@ def stream(
     )
 
 
-def stored_times(influx: LocalServer, device_id: str) -> set[int]:
-    """Timestamps (ns) of the device's readings in InfluxDB."""
-    rows = influxql(
-        influx.url,
-        DB,
-        f'SELECT "temperature" FROM "environment" WHERE "device" = {quote_string(device_id)}',
-    )
-    return {int(row["time"]) for row in rows}
-
-
-async def assert_every_ack_stored(influx: LocalServer, report: FleetReport) -> None:
-    """Wait (bounded) until InfluxDB holds every acked reading; fail naming what is missing."""
-    assert report.acked > 0, "nothing was acked: the test proves nothing"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + CONVERGE_S
-    while True:
-        missing = {
-            device_id: set(device.acked_times_ns()) - stored_times(influx, device_id)
-            for device_id, device in report.devices.items()
-        }
-        lost = {d: len(m) for d, m in missing.items() if m}
-        if not lost:
-            return
-        assert loop.time() < deadline, f"acked readings missing from InfluxDB: {lost}"
-        await asyncio.sleep(0.5)
-
-
 async def wait_for_acks(report_task: asyncio.Task[FleetReport], hub: HubProcess) -> None:
     """Let the stream run until the hub has acked something (bounded)."""
     for _ in range(200):
@@ -136,7 +99,7 @@ async def test_influxdb_killed_and_restarted(
     await asyncio.sleep(2)
     influx.restart()
     report = await fleet
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
     assert "batches go to the spool" in hub.log
 
 
@@ -157,7 +120,7 @@ async def test_influxdb_frozen_then_resumed(
     finally:
         influx.resume()
     report = await fleet
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
     assert "no answer within" in hub.log
 
 
@@ -176,7 +139,7 @@ async def test_hub_killed_and_restarted(
     await hub.start()
     report = await fleet
     assert sum(d.reconnects for d in report.devices.values()) >= DEVICES
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
 
 
 async def test_hub_killed_while_influxdb_is_down_replays_its_spool(
@@ -192,7 +155,7 @@ async def test_hub_killed_while_influxdb_is_down_replays_its_spool(
     influx.restart()
     await hub.start()
     report = await fleet
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
 
 
 async def test_sigterm_mid_stream_exits_cleanly_and_loses_nothing(
@@ -210,7 +173,7 @@ async def test_sigterm_mid_stream_exits_cleanly_and_loses_nothing(
     await hub.start()
     report = await fleet
     assert 1001 in {code for d in report.devices.values() for code in d.close_codes}
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
 
 
 async def test_full_spool_slows_devices_and_loses_nothing(
@@ -230,7 +193,7 @@ async def test_full_spool_slows_devices_and_loses_nothing(
         assert rss_kib(hub) < 300_000, "hub memory grew without bound"
         influx.restart()
         report = await fleet
-        await assert_every_ack_stored(influx, report)
+        await assert_every_ack_stored(influx, DB, report)
     finally:
         await hub.stop()
 
@@ -260,7 +223,7 @@ async def test_torn_spool_tail_is_skipped_and_the_rest_replayed(
         tail.write(b"HSP1\xff\xff\x00\x00torn")  # a header promising more than was written
     influx.restart()
     await hub.start()
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
     assert "damaged bytes" in hub.log
 
 

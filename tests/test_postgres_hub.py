@@ -69,16 +69,19 @@ async def hub_command(*args: str, env: dict[str, str] | None = None) -> Run:
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool], what: str
+    probe: Callable[[], Awaitable[T]],
+    accept: Callable[[T], bool],
+    what: str,
+    timeout_s: float = WAIT_S,
 ) -> T:
-    """Probe until `accept` says yes; fail after WAIT_S with the last value seen."""
-    deadline = time.monotonic() + WAIT_S
+    """Probe until `accept` says yes; fail after `timeout_s` with the last value seen."""
+    deadline = time.monotonic() + timeout_s
     while True:
         value = await probe()
         if accept(value):
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still {value!r} after {WAIT_S} s")
+            raise AssertionError(f"{what}: still {value!r} after {timeout_s} s")
         await asyncio.sleep(POLL_S)
 
 

@@ -10,18 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from device_sim.hub_process import HubProcess
-from device_sim.local_servers import LocalServer, free_port, http_request, influxql, quote_string
+from device_sim.local_servers import LocalServer, free_port, http_request
 from hub.workers.exposition import by_worker
+from tests.support import FAST_WRITES as FAST
+from tests.support import stored_times
+
+__all__ = ["FAST", "WorkersHub", "stored_times"]
 
 READY_S = 60.0
-FAST = {
-    "HUB_FLUSH_INTERVAL_S": "0.02",
-    "HUB_WRITE_DEADLINE_S": "1",
-    "HUB_RETRY_INITIAL_S": "0.1",
-    "HUB_RETRY_MAX_S": "1",
-    "HUB_SHUTDOWN_TIMEOUT_S": "5",
-    "HUB_LOG_LEVEL": "INFO",
-}
 
 
 class WorkersHub(HubProcess):
@@ -78,13 +74,3 @@ class WorkersHub(HubProcess):
         """Start, and wait until every worker listens."""
         await super().start()
         await self.until("every worker to listen", self.all_listening)
-
-
-def stored_times(influx: LocalServer, db: str, device_id: str) -> set[int]:
-    """Timestamps (ns) of a device's `environment` readings in InfluxDB."""
-    rows = influxql(
-        influx.url,
-        db,
-        f'SELECT "temperature" FROM "environment" WHERE "device" = {quote_string(device_id)}',
-    )
-    return {int(row["time"]) for row in rows}
