@@ -1,4 +1,7 @@
-"""A tiny run of `device-sim bench`: every scenario runs and reports numbers."""
+"""A tiny run of `device-sim bench`: every scenario runs and reports numbers.
+
+The run needs InfluxDB, PostgreSQL and HAProxy (Debian's packages), as the suite's other
+end-to-end tests do."""
 
 from __future__ import annotations
 
@@ -13,8 +16,22 @@ from device_sim.bench.report import TARGETS
 
 pytestmark = pytest.mark.e2e
 
-SMOKE_TIMEOUT_S = 110.0
-SCENARIOS = ("ceiling", "no_hub", "batched", "batched_half", "single", "idle", "storm", "config")
+SMOKE_TIMEOUT_S = 300.0
+"""About 100 s on a quiet 2-core box: three hubs and a PostgreSQL start several times."""
+SCENARIOS = (
+    "ceiling",
+    "no_hub",
+    "batched",
+    "batched_half",
+    "single",
+    "idle",
+    "storm",
+    "config",
+    "workers",
+    "postgres",
+    "takeover",
+    "cluster_push",
+)
 
 
 def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -> None:
@@ -42,6 +59,25 @@ def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -> None
     config = scenarios["config"]["metrics"]
     assert config["round_trip_p99_ms"] is not None
     assert config["fleet_push_acked"] == config["fleet_push_devices"]
+    workers = scenarios["workers"]["metrics"]
+    assert workers["stored"] == workers["acked"] > 0
+    assert workers["hub_cpu_s"] > 0
+    for way in ("reuseport", "shared"):
+        spread = workers[f"{way}_connections_per_worker"]
+        assert len(spread) == workers["workers"] == 2, spread
+        assert sum(spread.values()) == report["sizes"]["spread_connections"], spread
+    postgres = scenarios["postgres"]["metrics"]
+    assert postgres["all_stored"] and postgres["stored"] == postgres["acked"] > 0
+    for key in ("hub_cpu_us_per_reading", "sqlite_hub_cpu_us_per_reading"):
+        assert postgres[key] > 0, key
+    takeover = scenarios["takeover"]["metrics"]
+    assert takeover["moves_across_hubs"] + takeover["same_hub_moves"] == takeover["moves"]
+    assert takeover["moves_across_hubs"] > 0
+    push = scenarios["cluster_push"]["metrics"]
+    assert sum(push["devices_per_hub"].values()) == push["devices"]
+    assert len(push["devices_per_hub"]) == report["sizes"]["cluster_hubs"]
+    assert push["all_all_acked_s"] >= push["all_set_s"] > 0
+    assert push["label_all_acked_s"] >= push["label_set_s"] > 0
     assert [row for row in report["targets"] if row["value"] is None] == []
     assert len(report["targets"]) == len(TARGETS)
     assert all(value is not None for value in report["ratios"].values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 import tempfile
@@ -11,13 +12,29 @@ from typing import Any
 
 from rich.console import Console
 
-from device_sim.bench import report
-from device_sim.bench.scenarios import Bench, BenchSizes, Scenario
+from device_sim.bench import multihub, report
+from device_sim.bench.model import BenchSizes, Scenario
+from device_sim.bench.scenarios import Bench
+from device_sim.bench.workers import workers_scenario
 from device_sim.local_servers import start_influxdb
+from device_sim.servers.postgres import start_postgres
 
-SCENARIOS = ("ceiling", "no_hub", "batched", "single", "idle", "storm")
+SCENARIOS = (
+    "ceiling",
+    "no_hub",
+    "batched",
+    "single",
+    "idle",
+    "storm",
+    "workers",
+    "postgres",
+    "takeover",
+    "cluster_push",
+)
 """Scenario groups `--only` can pick; `batched` includes its half-rate latency run and
 `idle` the config push (scenario 7), which runs on the idle connections."""
+ON_POSTGRESQL = frozenset({"postgres", "takeover", "cluster_push"})
+"""The groups that need a PostgreSQL server (one for the run, a database each)."""
 
 
 async def run_bench(
@@ -31,10 +48,9 @@ async def run_bench(
     wanted = only or set(SCENARIOS)
     scenarios: dict[str, Scenario] = {}
     started = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="hub-bench-") as work,
-        start_influxdb(Path(work) / "influxdb") as influx,
-    ):
+    with contextlib.ExitStack() as servers:
+        work = servers.enter_context(tempfile.TemporaryDirectory(prefix="hub-bench-"))
+        influx = servers.enter_context(start_influxdb(Path(work) / "influxdb"))
         bench = Bench(influx, Path(work), sizes)
         provision_s = bench.provision()
         console.log(f"provisioned devices with `hub token add --count` in {provision_s:.2f} s")
@@ -91,11 +107,23 @@ async def run_bench(
             await step("idle", bench.idle_and_config())
         if "storm" in wanted:
             await step("storm", bench.connect_storm())
+        if "workers" in wanted:
+            await step("workers", workers_scenario(bench))
+        if wanted & ON_POSTGRESQL:
+            postgres = servers.enter_context(start_postgres(Path(work) / "postgres"))
+            cluster = multihub.ClusterBench(bench, postgres)
+            if "postgres" in wanted:
+                await step("postgres", multihub.postgres_vs_sqlite(cluster))
+            if "takeover" in wanted:
+                await step("takeover", multihub.takeover(cluster))
+            if "cluster_push" in wanted:
+                await step("cluster_push", multihub.cluster_push(cluster))
     command = shlex.join(["device-sim", *sys.argv[1:]])
     extra = {
         "provision_s": round(provision_s, 3),
         "total_s": round(time.monotonic() - started, 1),
         "influxdb": "1.6.7 (Debian package), same machine",
+        "postgresql": "15 (Debian package), same machine" if wanted & ON_POSTGRESQL else None,
     }
     result = report.build(scenarios, sizes, command, extra)
     out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at the end)

@@ -1,0 +1,386 @@
+"""Scenarios 9-11: `hub serve` three times on one PostgreSQL registry, behind HAProxy.
+
+The hubs run as `device_sim.cluster.HubCluster` starts them, the way docs/scale-out.md tells
+an operator to: HAProxy in TCP mode, `leastconn`, the PROXY header v2, health checks on each
+hub's /healthz. The devices connect to HAProxy, not to the hubs: each hub requires the PROXY
+header from 127.0.0.1 (`proxy_protocol_from`), as it must from its balancer in production, so
+a direct connection would be refused; and a device cannot pick its hub behind a balancer
+either. HAProxy's own CPU is reported beside the hubs' and is not counted as theirs.
+
+Each scenario gets a fresh PostgreSQL database (so `--all` means exactly its devices) and its
+own cluster; the devices are registered through the operator's port of the registry
+(`PostgresOperator.add_many`, what `hub token add --count` runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import statistics
+import sys
+import time
+from typing import Any
+
+import asyncpg
+
+from device_sim.bench.drive import (
+    Drive,
+    Meter,
+    drive,
+    make_jobs,
+    percentile,
+    rounded,
+    throughput_metrics,
+    until,
+)
+from device_sim.bench.harness import hub_arguments, hub_sample, start_hub
+from device_sim.bench.loadgen import start_worker
+from device_sim.bench.model import Scenario
+from device_sim.bench.procstat import ProcessSample, sample, sum_samples, tree_sample
+from device_sim.bench.scenarios import CONNECT_WAIT_S, Bench
+from device_sim.client import DeviceClient
+from device_sim.cluster import HubCluster
+from device_sim.device import Credentials
+from device_sim.hub_process import HubProcess
+from device_sim.local_servers import create_database
+from device_sim.servers.postgres import PostgresDatabase, PostgresServer
+from hub.registry.postgres.operator import PostgresOperator
+from schemas.codes import CloseCode
+
+MOVE_WAIT_S = 10.0
+PUSH_WAIT_S = 120.0
+"""`hub config set --wait` of scenario 11: far above the target, so a slow push is measured."""
+PUSH_LABEL = ("site", "bench")
+OWNER = "SELECT owner_node FROM connections WHERE device_id = $1"
+HOLDERS = (
+    "SELECT owner_node, count(*) AS devices FROM connections"
+    " WHERE owner_node IS NOT NULL GROUP BY owner_node ORDER BY owner_node"
+)
+
+
+class ClusterBench:
+    """What scenarios 9-11 share: the bench (InfluxDB, sizes, the SQLite hub of the
+    comparison) and one PostgreSQL server, a new database and cluster for each scenario."""
+
+    def __init__(self, bench: Bench, postgres: PostgresServer) -> None:
+        self.bench = bench
+        self.postgres = postgres
+        self._numbers = itertools.count(1)
+
+    def new_registry(self) -> str:
+        """The `registry_url` of a fresh database owned by a fresh non-superuser role."""
+        role, name = self.postgres.new_database()
+        return PostgresDatabase(self.postgres, role, name).dsn
+
+    def one_hub(self, registry_url: str) -> HubProcess:
+        """One `hub serve` (not yet started) on `registry_url`, connected to directly."""
+        work_dir = self.bench.work_dir / f"postgres-hub-{next(self._numbers)}"
+        work_dir.mkdir(parents=True)
+        return start_hub(
+            work_dir / "state",
+            self.bench.influx,
+            self.bench.database("compare_postgres_one"),
+            env={"HUB_REGISTRY_URL": registry_url, "HUB_NODE_ID": work_dir.name},
+        )
+
+    def cluster(self, registry_url: str, label: str) -> HubCluster:
+        """`cluster_hubs` hubs (not yet started) on `registry_url`, writing to a new database."""
+        work_dir = self.bench.work_dir / f"cluster-{next(self._numbers)}-{label}"
+        work_dir.mkdir(parents=True)
+        bucket = self.bench.database(label)
+        create_database(self.bench.influx.url, bucket)
+        return HubCluster(
+            work_dir,
+            self.bench.influx,
+            bucket,
+            registry_url,
+            count=self.bench.sizes.cluster_hubs,
+            hub_args=hub_arguments(work_dir),
+        )
+
+
+async def provision_registry(
+    registry_url: str, count: int, prefix: str, labels: dict[str, str] | None = None
+) -> list[Credentials]:
+    """Register `count` devices PREFIX00001 and on in the registry; their credentials."""
+    ids = [f"{prefix}{number:05d}" for number in range(1, count + 1)]
+    operator = await PostgresOperator.open(registry_url)
+    try:
+        tokens = await operator.add_many(ids, labels)
+    finally:
+        await operator.close()
+    return [Credentials(device_id, token) for device_id, token in zip(ids, tokens, strict=True)]
+
+
+def cluster_sample(cluster: HubCluster) -> ProcessSample:
+    """Every hub's CPU and memory together (HAProxy's not)."""
+    return sum_samples([tree_sample(hub.process.pid) for hub in cluster.hubs])
+
+
+# --- 9 -------------------------------------------------------------------------------------
+
+
+async def postgres_vs_sqlite(cb: ClusterBench) -> Scenario:
+    """The same fixed load through one SQLite hub, one hub on PostgreSQL and the cluster,
+    taking turns; the first against the last is the target, the one in between tells the
+    registry's share of a difference from that of splitting the load over several hubs."""
+    bench, sizes = cb.bench, cb.bench.sizes
+    registry_url = cb.new_registry()
+    devices = await provision_registry(registry_url, sizes.devices, "pgsim-")
+    runs: dict[str, list[dict[str, Any]]] = {"sqlite": [], "postgres_one": [], "cluster": []}
+    for _ in range(sizes.compare_rounds):
+        runs["sqlite"].append(await _one_hub(bench, bench.hub("compare_sqlite"), bench.sim))
+        alone = cb.one_hub(registry_url)
+        runs["postgres_one"].append(await _one_hub(bench, alone, devices))
+        async with cb.cluster(registry_url, "compare_postgres") as cluster:
+            assert cluster.balancer is not None
+            haproxy_before = sample(cluster.balancer.pid).cpu_s
+            load = await _fixed_load(
+                bench, cluster.url, devices, functools.partial(cluster_sample, cluster)
+            )
+            haproxy_cpu = sample(cluster.balancer.pid).cpu_s - haproxy_before
+        run = throughput_metrics(
+            load, bench.stored(cluster.hubs[0].process.bucket), sizes.devices, sizes.batch
+        )
+        run["haproxy_cpu_s"] = round(haproxy_cpu, 2)
+        runs["cluster"].append(run)
+    scenario = Scenario(
+        "postgres",
+        f"9. {sizes.cluster_hubs} hubs on PostgreSQL behind HAProxy vs one SQLite hub, same load",
+    )
+    scenario.metrics = _comparison(runs)
+    scenario.metrics["offered_per_s"] = round(sizes.devices * sizes.compare_rate * sizes.batch)
+    scenario.metrics["hubs"] = sizes.cluster_hubs
+    scenario.series = load.series
+    return scenario
+
+
+async def _one_hub(bench: Bench, hub: HubProcess, devices: list[Credentials]) -> dict[str, Any]:
+    """The fixed load through one hub process, connected to directly."""
+    sizes = bench.sizes
+    await hub.start()
+    try:
+        load = await _fixed_load(
+            bench, hub.url, devices[: sizes.devices], functools.partial(hub_sample, hub)
+        )
+    finally:
+        await hub.stop()
+    return throughput_metrics(load, bench.stored(hub.bucket), sizes.devices, sizes.batch)
+
+
+async def _fixed_load(bench: Bench, url: str, devices: list[Credentials], meter: Meter) -> Drive:
+    sizes = bench.sizes
+    jobs = make_jobs(
+        sizes.workers,
+        "fleet",
+        url,
+        devices,
+        rate=sizes.compare_rate,
+        batch=sizes.batch,
+        duration=sizes.duration_s,
+        options={"window": sizes.window, "final_wait_s": sizes.final_wait_s},
+    )
+    return await drive(jobs, meter, bench.influx.pid)
+
+
+def _comparison(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The cluster's figures (the means of its rounds) beside the single hubs'."""
+
+    def mean(name: str, key: str) -> float:
+        return statistics.fmean(run[key] for run in runs[name])
+
+    cluster, sqlite, alone = runs["cluster"], runs["sqlite"], runs["postgres_one"]
+    cluster_cpu = mean("cluster", "hub_cpu_us_per_reading")
+    sqlite_cpu = mean("sqlite", "hub_cpu_us_per_reading")
+    alone_cpu = mean("postgres_one", "hub_cpu_us_per_reading")
+    last = cluster[-1]
+    return {
+        "rounds": len(cluster),
+        "devices": last["devices"],
+        "batch": last["batch"],
+        "acked": sum(run["acked"] for run in cluster),
+        "stored": sum(run["stored"] for run in cluster),
+        "stored_per_s": round(mean("cluster", "stored_per_s")),
+        "sqlite_stored_per_s": round(mean("sqlite", "stored_per_s")),
+        "postgres_one_stored_per_s": round(mean("postgres_one", "stored_per_s")),
+        "hub_cpu_us_per_reading": round(cluster_cpu, 2),
+        "sqlite_hub_cpu_us_per_reading": round(sqlite_cpu, 2),
+        "postgres_one_hub_cpu_us_per_reading": round(alone_cpu, 2),
+        "cpu_ratio_to_sqlite": round(cluster_cpu / sqlite_cpu, 3),
+        "postgres_one_cpu_ratio_to_sqlite": round(alone_cpu / sqlite_cpu, 3),
+        "hub_cpu_us_per_reading_rounds": [run["hub_cpu_us_per_reading"] for run in cluster],
+        "sqlite_hub_cpu_us_per_reading_rounds": [run["hub_cpu_us_per_reading"] for run in sqlite],
+        "postgres_one_hub_cpu_us_per_reading_rounds": [
+            run["hub_cpu_us_per_reading"] for run in alone
+        ],
+        "all_stored": all(run["stored"] == run["acked"] for one in runs.values() for run in one),
+        "ack_latency_steady_p99_ms": last["ack_latency_steady_p99_ms"],
+        "sqlite_ack_latency_steady_p99_ms": sqlite[-1]["ack_latency_steady_p99_ms"],
+        "haproxy_cpu_s": round(mean("cluster", "haproxy_cpu_s"), 2),
+        "hub_cpu_s": round(mean("cluster", "hub_cpu_s"), 2),
+        "hub_peak_rss_mib": last["hub_peak_rss_mib"],
+        "loadgen_cpu_s": round(mean("cluster", "loadgen_cpu_s"), 2),
+        "influxdb_cpu_s": round(mean("cluster", "influxdb_cpu_s"), 2),
+        "machine_busy_pct": round(
+            statistics.fmean(run["machine_busy_pct"] for one in runs.values() for run in one)
+        ),
+        "other_cpu_s": round(mean("cluster", "other_cpu_s"), 2),
+    }
+
+
+# --- 10 ------------------------------------------------------------------------------------
+
+
+def _record_time(times: list[float]) -> None:
+    times.append(time.perf_counter())
+
+
+async def takeover(cb: ClusterBench) -> Scenario:
+    """One device connects again and again through HAProxy, each time landing on another hub
+    (leastconn: its old connection's hub has one more): the time from the new connect
+    returning to the old connection's close with 4000."""
+    moves = cb.bench.sizes.takeover_moves
+    registry_url = cb.new_registry()
+    (mover,) = await provision_registry(registry_url, 1, "mover-")
+    after_return: list[float] = []
+    after_begin: list[float] = []
+    connect_ms: list[float] = []
+    same_hub = 0
+    owners = await asyncpg.connect(registry_url)
+    try:
+        async with cb.cluster(registry_url, "takeover") as cluster:
+            current = DeviceClient(cluster.url, mover.token)
+            await asyncio.wait_for(current.connect(), MOVE_WAIT_S)
+            holder = await owners.fetchval(OWNER, mover.device_id)
+            try:
+                for _ in range(moves):
+                    closed_at: list[float] = []
+                    current.on_closed(functools.partial(_record_time, closed_at))
+                    moved = DeviceClient(cluster.url, mover.token)
+                    began = time.perf_counter()
+                    await asyncio.wait_for(moved.connect(), MOVE_WAIT_S)
+                    returned = time.perf_counter()
+                    code, _ = await asyncio.wait_for(current.wait_closed(), MOVE_WAIT_S)
+                    await asyncio.wait_for(current.close(), MOVE_WAIT_S)  # closed_at is set
+                    if code != CloseCode.REPLACED:
+                        raise RuntimeError(f"the old connection closed with {code}, not 4000")
+                    current = moved
+                    now_held_by = await owners.fetchval(OWNER, mover.device_id)
+                    if now_held_by == holder:
+                        same_hub += 1  # not a move across hubs: not counted
+                    else:
+                        # Negative when the old hub closed before the new handshake's answer.
+                        after_return.append((closed_at[0] - returned) * 1000)
+                        after_begin.append((closed_at[0] - began) * 1000)
+                        connect_ms.append((returned - began) * 1000)
+                    holder = now_held_by
+            finally:
+                await asyncio.wait_for(current.close(), MOVE_WAIT_S)
+    finally:
+        await owners.close()
+    scenario = Scenario("takeover", f"10. takeover across {cb.bench.sizes.cluster_hubs} hubs")
+    scenario.metrics = {
+        "moves": moves,
+        "moves_across_hubs": len(after_return),
+        "same_hub_moves": same_hub,
+        "takeover_p50_ms": rounded(percentile(after_return, 0.5)),
+        "takeover_p99_ms": rounded(percentile(after_return, 0.99)),
+        "takeover_max_ms": rounded(max(after_return, default=None)),
+        "from_connect_start_p50_ms": rounded(percentile(after_begin, 0.5)),
+        "from_connect_start_p99_ms": rounded(percentile(after_begin, 0.99)),
+        "connect_p50_ms": rounded(percentile(connect_ms, 0.5)),
+        "connect_p99_ms": rounded(percentile(connect_ms, 0.99)),
+    }
+    return scenario
+
+
+# --- 11 ------------------------------------------------------------------------------------
+
+
+async def cluster_push(cb: ClusterBench) -> Scenario:
+    """`push_devices` idle devices spread over the cluster; `hub config set --all`, then
+    `--label`, each timed from the command's start until it saw every device's answer."""
+    sizes = cb.bench.sizes
+    registry_url = cb.new_registry()
+    devices = await provision_registry(
+        registry_url, sizes.push_devices, "push-", {PUSH_LABEL[0]: PUSH_LABEL[1]}
+    )
+    metrics: dict[str, Any] = {"devices": len(devices), "hubs": sizes.cluster_hubs}
+    owners = await asyncpg.connect(registry_url)
+    try:
+        async with cb.cluster(registry_url, "push") as cluster:
+            jobs = make_jobs(
+                sizes.workers,
+                "fleet",
+                cluster.url,
+                devices,
+                rate=0,
+                batch=1,
+                duration=3600,
+                options={"start_spread_s": sizes.idle_connect_s, "final_wait_s": 1.0},
+            )
+            workers = [await start_worker(job) for job in jobs]
+            readers = [asyncio.create_task(w.read()) for w in workers]
+            try:
+                metrics["all_connected_s"] = round(
+                    await until(
+                        lambda: (
+                            sum(w.counters.get("connected", 0) for w in workers) >= len(devices)
+                        ),
+                        CONNECT_WAIT_S,
+                    ),
+                    2,
+                )
+                held = {row["owner_node"]: row["devices"] for row in await owners.fetch(HOLDERS)}
+                metrics["devices_per_hub"] = held
+                everyone = await timed_config_set(registry_url, "--all", "unit=F")
+                labelled = await timed_config_set(
+                    registry_url, "--label", "=".join(PUSH_LABEL), "unit=C"
+                )
+            finally:
+                for worker in workers:
+                    await worker.stop()
+                await asyncio.gather(*readers)
+            metrics["hub_peak_rss_mib"] = round(cluster_sample(cluster).peak_rss_bytes / 2**20, 1)
+    finally:
+        await owners.close()
+    metrics.update({f"all_{key}": value for key, value in everyone.items()})
+    metrics.update({f"label_{key}": value for key, value in labelled.items()})
+    scenario = Scenario(
+        "cluster_push",
+        f"11. config push to {len(devices):,} devices over {sizes.cluster_hubs} hubs",
+    )
+    scenario.metrics = metrics
+    return scenario
+
+
+async def timed_config_set(registry_url: str, *args: str) -> dict[str, Any]:
+    """Run `hub config set ARGS --wait`; seconds from its start until it wrote the configs
+    and until it saw every answer (its own "applied by all" line)."""
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub", "config", "set", *args,
+        "--wait", str(PUSH_WAIT_S), "--registry-url", registry_url,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    set_at = applied_at = None
+    tail: list[str] = []
+    async for line in process.stderr:
+        now = time.monotonic()
+        text = line.decode(errors="replace")
+        tail = [*tail[-20:], text]
+        if text.startswith("config set for"):
+            set_at = now
+        elif text.startswith("applied by all"):
+            applied_at = now
+    code = await process.wait()
+    if code != 0 or set_at is None or applied_at is None:
+        raise RuntimeError(f"hub config set {' '.join(args)} exited {code}:\n{''.join(tail)}")
+    return {
+        "set_s": round(set_at - started, 3),
+        "all_acked_s": round(applied_at - started, 3),
+        "acked_after_set_s": round(applied_at - set_at, 3),
+    }
