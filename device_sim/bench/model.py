@@ -39,10 +39,15 @@ class BenchSizes:
     compare_rate: float = 0.5
     """Messages/s per device (of `devices`, `batch` readings each) in scenario 9: the same
     fixed load, below what the box can take, for one SQLite hub and for the cluster."""
+    compare_connect_s: float = 5.0
+    """Scenario 9's devices connect over this many seconds (1000 at once time out on
+    PostgreSQL on a loaded box: docs/benchmarks.md)."""
     compare_rounds: int = 2
     """SQLite hub, cluster, SQLite hub, ...: alternating, so the machine's load is shared."""
     takeover_moves: int = 100
     push_devices: int = 10_000
+    push_connect_s: float = 60.0
+    """Scenario 11's devices connect over this many seconds, for the same reason."""
 
     @classmethod
     def smoke(cls) -> BenchSizes:
@@ -63,9 +68,11 @@ class BenchSizes:
             final_wait_s=5.0,
             spread_connections=20,
             compare_rate=5.0,
+            compare_connect_s=0.3,
             compare_rounds=1,
             takeover_moves=5,
             push_devices=20,
+            push_connect_s=0.5,
         )
 
 
