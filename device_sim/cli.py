@@ -179,3 +179,5 @@ def bench(
         raise typer.Exit(2) from None
     print_report(result, Console(width=max(Console().width, 120)))
     typer.echo(f"report: {out_dir / 'bench.json'}, chart: {out_dir / 'bench.png'}", err=True)
+    if result["failed"]:
+        raise typer.Exit(1)

@@ -45,6 +45,7 @@ def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["failed"] == {}, report["failed"]
     scenarios = report["scenarios"]
     assert set(scenarios) == set(SCENARIOS)
     for name in ("ceiling", "no_hub", "batched", "single"):
@@ -60,21 +61,22 @@ def test_smoke_bench_reports_every_scenario_with_numbers(tmp_path: Path) -> None
     assert config["round_trip_p99_ms"] is not None
     assert config["fleet_push_acked"] == config["fleet_push_devices"]
     workers = scenarios["workers"]["metrics"]
-    assert workers["stored"] == workers["acked"] > 0
+    assert workers["stored"] == workers["acked"] > 0, workers
     assert workers["hub_cpu_s"] > 0
     for way in ("reuseport", "shared"):
         spread = workers[f"{way}_connections_per_worker"]
         assert len(spread) == workers["workers"] == 2, spread
         assert sum(spread.values()) == report["sizes"]["spread_connections"], spread
     postgres = scenarios["postgres"]["metrics"]
-    assert postgres["all_stored"] and postgres["stored"] == postgres["acked"] > 0
+    assert postgres["all_stored"] and postgres["stored"] == postgres["acked"] > 0, postgres
     for key in ("hub_cpu_us_per_reading", "sqlite_hub_cpu_us_per_reading"):
         assert postgres[key] > 0, key
     takeover = scenarios["takeover"]["metrics"]
     assert takeover["moves_across_hubs"] + takeover["same_hub_moves"] == takeover["moves"]
-    assert takeover["moves_across_hubs"] > 0
+    assert takeover["moves_across_hubs"] > 0, takeover
     push = scenarios["cluster_push"]["metrics"]
-    assert sum(push["devices_per_hub"].values()) == push["devices"]
+    assert sum(push["devices_per_hub"].values()) == push["devices"], push
+    assert push["all_answered"] == push["label_answered"] == f"{push['devices']}/{push['devices']}"
     assert len(push["devices_per_hub"]) == report["sizes"]["cluster_hubs"]
     assert push["all_all_acked_s"] >= push["all_set_s"] > 0
     assert push["label_all_acked_s"] >= push["label_set_s"] > 0

@@ -153,6 +153,8 @@ def throughput_metrics(drive: Drive, stored: int, devices: int, batch: int) -> d
             hub_cpu_us_per_reading_whole_run=whole_run,
             # A run too short for a steady window (a smoke run) reports the whole run.
             hub_cpu_us_per_reading=whole_run if steady is None else steady,
+            # Which one that is: a device that reconnected leaves no window with all in.
+            hub_cpu_window="whole_run" if steady is None else "steady",
             hub_peak_rss_mib=round(drive.hub_peak_rss / 2**20, 1),
         )
     return metrics

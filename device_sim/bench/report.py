@@ -197,6 +197,8 @@ _DETAILS = (
     "devices_per_hub",
     "all_set_s",
     "label_all_acked_s",
+    "all_answered",
+    "label_answered",
 )
 
 
@@ -228,6 +230,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         met = {True: "yes", False: "NO", None: "not measured"}[row["met"]]
         targets.add_row(row["target"], f"{sign} {row['limit']:,}", str(row["value"]), met)
     console.print(targets)
+    for name, error in report.get("failed", {}).items():
+        console.print(f"[bold red]scenario {name} failed:[/] {error}")
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

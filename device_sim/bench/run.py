@@ -47,6 +47,8 @@ async def run_bench(
     console = console or Console(stderr=True)
     wanted = only or set(SCENARIOS)
     scenarios: dict[str, Scenario] = {}
+    failed: dict[str, str] = {}
+    """Scenario groups that raised, with the error: in the report, and the command fails."""
     started = time.monotonic()
     with contextlib.ExitStack() as servers:
         work = servers.enter_context(tempfile.TemporaryDirectory(prefix="hub-bench-"))
@@ -57,7 +59,12 @@ async def run_bench(
 
         async def step(name: str, run: Any) -> Any:
             console.log(f"scenario {name}...")
-            result = await run
+            try:
+                result = await run
+            except Exception as exc:  # reported; the other scenarios still run
+                failed[name] = f"{type(exc).__name__}: {exc}"[:4000]
+                console.log(f"  scenario {name} FAILED: {failed[name]}")
+                return None
             for scenario in result if isinstance(result, tuple) else (result,):
                 scenarios[scenario.name] = scenario
                 console.log(f"  {scenario.title}: {scenario.metrics}")
@@ -79,6 +86,7 @@ async def run_bench(
                     window=sizes.window,
                 ),
             )
+        if "batched" in wanted and batched is not None:
             half = batched.metrics["stored_per_s"] / 2 / (sizes.devices * sizes.batch)
             await step(
                 "batched_half",
@@ -124,6 +132,7 @@ async def run_bench(
         "total_s": round(time.monotonic() - started, 1),
         "influxdb": "1.6.7 (Debian package), same machine",
         "postgresql": "15 (Debian package), same machine" if wanted & ON_POSTGRESQL else None,
+        "failed": failed,
     }
     result = report.build(scenarios, sizes, command, extra)
     out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at the end)
