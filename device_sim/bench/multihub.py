@@ -162,7 +162,7 @@ async def postgres_vs_sqlite(cb: ClusterBench) -> Scenario:
         "postgres",
         f"9. {sizes.cluster_hubs} hubs on PostgreSQL vs one SQLite hub, same load",
     )
-    scenario.metrics = _comparison(runs)
+    scenario.metrics = compare_runs(runs)
     scenario.metrics["offered_per_s"] = round(sizes.devices * sizes.compare_rate * sizes.batch)
     scenario.metrics["hubs"] = sizes.cluster_hubs
     scenario.metrics["connect_spread_s"] = sizes.compare_connect_s
@@ -203,7 +203,7 @@ async def _fixed_load(
     return metrics
 
 
-def _comparison(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def compare_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The cluster's figures (the means of its rounds) beside the single hubs'."""
 
     def mean(name: str, key: str) -> float:
