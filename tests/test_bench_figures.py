@@ -57,6 +57,7 @@ def _run(cpu: float, stored: int = 100, window: str = "steady") -> dict[str, Any
         "stored": stored,
         "stored_per_s": stored / 2,
         "hub_cpu_us_per_reading": cpu,
+        "hub_cpu_us_per_reading_whole_run": cpu * 2,
         "hub_cpu_window": window,
         "ack_latency_steady_p99_ms": 1.0,
         "hub_cpu_s": cpu / 10,
@@ -80,6 +81,7 @@ def test_the_comparison_is_of_the_means_of_the_rounds() -> None:
     )
     assert figures["cpu_ratio_to_sqlite"] == 1.2
     assert figures["postgres_one_cpu_ratio_to_sqlite"] == 1.0
+    assert figures["cpu_ratio_to_sqlite_whole_run"] == 1.2
     assert figures["hub_cpu_us_per_reading_rounds"] == [11.0, 13.0]
     assert figures["hub_cpu_windows"] == ["steady", "whole_run"]
     assert figures["all_stored"] is True

@@ -228,6 +228,13 @@ def compare_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "postgres_one_hub_cpu_us_per_reading": round(alone_cpu, 2),
         "cpu_ratio_to_sqlite": round(cluster_cpu / sqlite_cpu, 3),
         "postgres_one_cpu_ratio_to_sqlite": round(alone_cpu / sqlite_cpu, 3),
+        # The same over each whole run, ramp and drain included: comparable even when a
+        # configuration had no sample with every device connected (`hub_cpu_windows`).
+        "cpu_ratio_to_sqlite_whole_run": round(
+            mean("cluster", "hub_cpu_us_per_reading_whole_run")
+            / mean("sqlite", "hub_cpu_us_per_reading_whole_run"),
+            3,
+        ),
         "hub_cpu_us_per_reading_rounds": [run["hub_cpu_us_per_reading"] for run in cluster],
         "sqlite_hub_cpu_us_per_reading_rounds": [run["hub_cpu_us_per_reading"] for run in sqlite],
         "postgres_one_hub_cpu_us_per_reading_rounds": [

@@ -190,6 +190,7 @@ _DETAILS = (
     "postgres_one_hub_cpu_us_per_reading",
     "cpu_ratio_to_sqlite",
     "postgres_one_cpu_ratio_to_sqlite",
+    "cpu_ratio_to_sqlite_whole_run",
     "haproxy_cpu_s",
     "moves_across_hubs",
     "takeover_p50_ms",
