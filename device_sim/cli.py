@@ -177,6 +177,9 @@ def bench(
     except ServerError as exc:  # a server not installed: say which package, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except asyncio.CancelledError:  # SIGTERM: what it started is stopped, nothing reported
+        typer.echo("stopped by SIGTERM; no report", err=True)
+        raise typer.Exit(143) from None
     print_report(result, Console(width=max(Console().width, 120)))
     typer.echo(f"report: {out_dir / 'bench.json'}, chart: {out_dir / 'bench.png'}", err=True)
     if result["failed"]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -50,6 +52,12 @@ async def run_bench(
     failed: dict[str, str] = {}
     """Scenario groups that raised, with the error: in the report, and the command fails."""
     started = time.monotonic()
+    # A SIGTERM (someone stopping the run) cancels it, so that the hubs, load generators,
+    # PostgreSQL and InfluxDB it started are stopped by their pids on the way out, not left
+    # running (the default action would end this process at once).
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     with contextlib.ExitStack() as servers:
         work = servers.enter_context(tempfile.TemporaryDirectory(prefix="hub-bench-"))
         influx = servers.enter_context(start_influxdb(Path(work) / "influxdb"))
