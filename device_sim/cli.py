@@ -124,7 +124,7 @@ def bench(
         list[str] | None,
         typer.Option(
             help="Scenario group to run (repeatable): ceiling, no_hub, batched, "
-            "single, idle (with config), storm."
+            "single, idle (with config), storm, workers, postgres, takeover, cluster_push."
         ),
     ] = None,
     duration: Annotated[float | None, typer.Option(help="Seconds per load scenario.")] = None,
@@ -139,13 +139,19 @@ def bench(
     ] = None,
     idle_devices: Annotated[int | None, typer.Option(help="Idle connections (5, 7).")] = None,
     storm_devices: Annotated[int | None, typer.Option(help="Devices in the storm (6).")] = None,
+    takeover_moves: Annotated[
+        int | None, typer.Option(min=1, help="Moves across hubs in scenario 10.")
+    ] = None,
+    push_devices: Annotated[
+        int | None, typer.Option(min=1, help="Devices over the hubs in scenario 11.")
+    ] = None,
 ) -> None:
     """Every scenario against a hub process and a local InfluxDB: table, JSON, PNG chart."""
     from dataclasses import replace
 
+    from device_sim.bench.model import BenchSizes
     from device_sim.bench.report import print_report
     from device_sim.bench.run import SCENARIOS, run_bench
-    from device_sim.bench.scenarios import BenchSizes
     from device_sim.local_servers import ServerError
 
     unknown = set(only or []) - set(SCENARIOS)
@@ -162,6 +168,8 @@ def bench(
         "single_rate": single_rate,
         "idle_devices": idle_devices,
         "storm_devices": storm_devices,
+        "takeover_moves": takeover_moves,
+        "push_devices": push_devices,
     }
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -169,5 +177,10 @@ def bench(
     except ServerError as exc:  # a server not installed: say which package, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except asyncio.CancelledError:  # SIGTERM: what it started is stopped, nothing reported
+        typer.echo("stopped by SIGTERM; no report", err=True)
+        raise typer.Exit(143) from None
     print_report(result, Console(width=max(Console().width, 120)))
     typer.echo(f"report: {out_dir / 'bench.json'}, chart: {out_dir / 'bench.png'}", err=True)
+    if result["failed"]:
+        raise typer.Exit(1)

@@ -230,7 +230,15 @@ async def _main() -> None:
 def main() -> None:
     """Read the job from stdin, run it, exit."""
     tune_garbage_collector()
-    run_event_loop(_main())
+    try:
+        run_event_loop(_main())
+    except BrokenPipeError:
+        # The benchmark stopped reading (it was stopped itself): nobody to report to. Point
+        # stdout at /dev/null so that the interpreter's last flush does not fail again
+        # (the recipe of Python's signal module documentation, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
 
 
 # --- The parent's side ---------------------------------------------------------------------

@@ -48,3 +48,47 @@ def machine_busy_s() -> tuple[float, float]:
         ticks = [int(value) for value in stat.readline().split()[1:]]
     idle = ticks[3] + ticks[4]  # idle + iowait
     return (sum(ticks) - idle) / CLOCK_TICKS, sum(ticks) / CLOCK_TICKS
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (of every one of its threads), from /proc."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as listed:
+                found += [int(child) for child in listed.read().split()]
+        except OSError:
+            continue  # the thread ended between the listing and the read
+    return found
+
+
+def tree_sample(pid: int) -> ProcessSample:
+    """`pid` and its live children together: `hub serve --workers N` is a supervisor and N
+    worker processes. CPU and RSS are summed; the peak RSS is the sum of each one's peak
+    (an upper bound of the tree's). A child that exits between the listing and its read is
+    left out; `pid` itself gone raises OSError."""
+    total = sample(pid)
+    for child in children(pid):
+        try:
+            one = sample(child)
+        except OSError:
+            continue
+        total = ProcessSample(
+            cpu_s=total.cpu_s + one.cpu_s,
+            rss_bytes=total.rss_bytes + one.rss_bytes,
+            peak_rss_bytes=total.peak_rss_bytes + one.peak_rss_bytes,
+        )
+    return total
+
+
+def sum_samples(samples: list[ProcessSample]) -> ProcessSample:
+    """Several processes (or trees) as one: CPU, RSS and peak RSS summed."""
+    return ProcessSample(
+        cpu_s=sum(s.cpu_s for s in samples),
+        rss_bytes=sum(s.rss_bytes for s in samples),
+        peak_rss_bytes=sum(s.peak_rss_bytes for s in samples),
+    )

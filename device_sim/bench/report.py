@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from device_sim.bench.scenarios import BenchSizes, Scenario, as_json
+from device_sim.bench.model import BenchSizes, Scenario, as_json
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,35 @@ TARGETS = [
     Target("connect storm: all connected, s", "storm", "all_connected_s", 10, False),
     Target("config round trip p99, ms", "config", "round_trip_p99_ms", 20, False),
     Target("config push to all: all acked, s", "config", "fleet_push_all_acked_s", 3, False),
+    Target(
+        "workers: connections max/mean (SO_REUSEPORT)",
+        "workers",
+        "reuseport_max_over_mean",
+        1.2,
+        False,
+    ),
+    Target(
+        "PostgreSQL hubs: CPU per reading / one SQLite hub's",
+        "postgres",
+        "cpu_ratio_to_sqlite",
+        1.05,
+        False,
+    ),
+    Target("takeover across hubs p99, ms", "takeover", "takeover_p99_ms", 100, False),
+    Target(
+        "hub config set --all over the hubs: all acked, s",
+        "cluster_push",
+        "all_all_acked_s",
+        3,
+        False,
+    ),
+    Target(
+        "hub config set --label over the hubs: all acked, s",
+        "cluster_push",
+        "label_all_acked_s",
+        3,
+        False,
+    ),
 ]
 
 
@@ -130,6 +159,10 @@ _HEADLINES = {
     "idle": ("rss_per_connection_kib", "KiB/connection"),
     "storm": ("all_connected_s", "s to connect all"),
     "config": ("round_trip_p99_ms", "ms round trip p99"),
+    "workers": ("stored_per_s", "readings/s"),
+    "postgres": ("stored_per_s", "readings/s"),
+    "takeover": ("takeover_p99_ms", "ms p99"),
+    "cluster_push": ("all_all_acked_s", "s until all acked (--all)"),
 }
 _DETAILS = (
     "hub_cpu_us_per_reading",
@@ -148,6 +181,25 @@ _DETAILS = (
     "all_acked_s",
     "fleet_push_all_acked_s",
     "push_p99_ms",
+    "reuseport_connections_per_worker",
+    "reuseport_max_over_mean",
+    "shared_connections_per_worker",
+    "shared_max_over_mean",
+    "sqlite_stored_per_s",
+    "sqlite_hub_cpu_us_per_reading",
+    "postgres_one_hub_cpu_us_per_reading",
+    "cpu_ratio_to_sqlite",
+    "postgres_one_cpu_ratio_to_sqlite",
+    "cpu_ratio_to_sqlite_whole_run",
+    "haproxy_cpu_s",
+    "moves_across_hubs",
+    "takeover_p50_ms",
+    "from_connect_start_p99_ms",
+    "devices_per_hub",
+    "all_set_s",
+    "label_all_acked_s",
+    "all_answered",
+    "label_answered",
 )
 
 
@@ -179,6 +231,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         met = {True: "yes", False: "NO", None: "not measured"}[row["met"]]
         targets.add_row(row["target"], f"{sign} {row['limit']:,}", str(row["value"]), met)
     console.print(targets)
+    for name, error in report.get("failed", {}).items():
+        console.print(f"[bold red]scenario {name} failed:[/] {error}")
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
