@@ -3,7 +3,7 @@ doorbell rings, and the operator's bulk commands.
 
     python -m benchmarks.bench_postgres_registry [--devices 10000] [--rounds 200] [--hubs 3]
 
-Starts a throwaway PostgreSQL 15 (tests/servers/postgres.py: Debian's package, initdb in a
+Starts a throwaway PostgreSQL 15 (device_sim/servers/postgres.py: Debian's package, initdb in a
 temporary directory, a free port; stopped at the end) and a fresh database owned by a
 non-superuser role, then prints:
 - `token add --count`: registering `--devices` devices in chunks, one transaction;

@@ -10,6 +10,7 @@ slot (hub.gateway.admission) until its TCP connection is lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -37,6 +38,13 @@ from hub.registry.records import Claim, Credential, hash_token
 
 RETRY_AFTER_S = 5
 """What a 503 asks a device to wait before trying again."""
+REGISTRY_TURNS = 16
+"""Handshakes asking the registry (token lookup, claim) at once; the rest of a connect storm
+waits for a turn. Without it, 1000 handshakes at once all queue inside the registry calls
+(PostgreSQL: 8 pooled connections per hub; a hub short of CPU: behind its own loop), whose
+`registry_timeout_s` then runs out although the registry is idle, and the hub takes that for
+an outage: 503s to everyone (`device-sim bench --only postgres`, docs/benchmarks.md). A
+turn's wait is not the registry's; it is bounded by the handshake's own timeout."""
 
 
 def worker_share(burst: int, per_min: float, workers: int) -> tuple[int, float]:
@@ -87,6 +95,7 @@ class HandshakeGate:
         self.verified_tokens = VerifiedTokens(
             options.registry_outage_admit_s, 2 * options.max_connections
         )
+        self.registry_turns = asyncio.Semaphore(REGISTRY_TURNS)
 
     async def process_request(
         self, connection: ServerConnection, request: Request
@@ -119,17 +128,18 @@ class HandshakeGate:
             self._check_room()
             if blocked_s and not limiter.may_check(source, now):
                 raise _blocked(blocked_s)
-            credential = await self._look_up(hash_token(token))
-            if credential is None:
-                raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
-            self._check_room()  # again: others may have been let in, or a drain begun, meanwhile
-            # Last: a claim rings the hub holding the device, which closes it. Its slot is
-            # reserved across the await, so that two handshakes cannot both take the last one.
-            self._admitting += 1
-            try:
-                claim = await self._claim_now(connection, credential.device_id)
-            finally:
-                self._admitting -= 1
+            async with self.registry_turns:
+                credential = await self._look_up(hash_token(token))
+                if credential is None:
+                    raise HandshakeRefused(HTTPStatus.UNAUTHORIZED, "invalid or missing token")
+                self._check_room()  # again: others may have come in, or a drain begun, meanwhile
+                # Last: a claim rings the hub holding the device, which closes it. Its slot is
+                # reserved across the await, so two handshakes cannot both take the last one.
+                self._admitting += 1
+                try:
+                    claim = await self._claim_now(connection, credential.device_id)
+                finally:
+                    self._admitting -= 1
         except HandshakeRefused as refused:
             refusal = refused
             if refusal.status == HTTPStatus.UNAUTHORIZED and blocked_s:
