@@ -88,14 +88,17 @@ class HubService:
         # SQLite: every registry query of the hub on one thread; PostgreSQL: a pool, the
         # schema migrated first. Neither blocks the loop.
         listen = options.gateway.listen
+        worker = self.worker
+        # Each worker is a peer of its own (NODE_ID/K): sharing the hub's id, a restarting
+        # worker's registration would release its siblings' devices.
+        node_id = options.registry.node_id or default_node_id(listen.port)
         registry = await open_hub_registry(
             options.registry.url,
             storage.registry_path,
             options.gateway.fleet.registry_poll_s,
-            options.registry.node_id or default_node_id(listen.port),
+            worker.node_id if worker is not None else node_id,
             f"{listen.host}:{listen.port}",
         )
-        worker = self.worker
         spool_dir = worker.spool_dir if worker is not None else storage.spool_dir
         if worker is None:  # a hub that had workers before: their spools replay here
             adopt_orphan_spools(storage.state_dir, spool_dir, workers=1)
