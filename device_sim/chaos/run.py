@@ -74,6 +74,16 @@ class _Progress:
     loads: list[float] = field(default_factory=list)
     slots: dict[int, str] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    started_pids: dict[int, str] = field(default_factory=dict)
+    """Every server process seen running (pid -> name), for the report: all must be gone."""
+
+    def note(self, env: Environment) -> None:
+        """Remember every process of `env` now running."""
+        for name, pid in env.processes().items():
+            self.started_pids.setdefault(pid, name)
+        if env.cluster is not None:
+            for pid in env.workers_hub.worker_pids():
+                self.started_pids.setdefault(pid, f"{env.workers_hub.node_id} worker")
 
 
 async def run_chaos(options: ChaosOptions, echo: Echo) -> tuple[bool, dict[str, Any]]:
@@ -90,9 +100,11 @@ async def run_chaos(options: ChaosOptions, echo: Echo) -> tuple[bool, dict[str, 
     echo(f"chaos: seed {options.seed}, {options.devices} devices, {options.duration_s:g} s; "
          f"repeat with --seed {options.seed}; files under {options.out_dir}")  # fmt: skip
     stop_problems: list[str] = []
+    partial: dict[str, Any] | None = None
     try:
         await env.start()
         echo(f"servers up: {env.processes()}")
+        progress.note(env)
         credentials = await asyncio.to_thread(env.provision, options.devices)
         device_options = DeviceOptions(
             rate=options.rate, batch=options.batch, backoff_cap_s=5.0, final_wait_s=30.0
@@ -119,14 +131,18 @@ async def run_chaos(options: ChaosOptions, echo: Echo) -> tuple[bool, dict[str, 
         # far goes to the report all the same, then the error goes on up.
         partial = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:3000],
                    "seed": options.seed, "faults": progress.faults}  # fmt: skip
-        (options.out_dir / "chaos.json").write_text(json.dumps(partial, indent=2) + "\n")
         raise
     finally:
         for task in background:
             task.cancel()
+        with contextlib.suppress(RuntimeError, ValueError, StopIteration):
+            progress.note(env)
         stop_problems = await env.close()
         if stop_problems:
             echo(f"stopping: {'; '.join(stop_problems)}")
+        if partial is not None:
+            partial["processes"] = _pids(progress)
+            (options.out_dir / "chaos.json").write_text(json.dumps(partial, indent=2) + "\n")
     progress.elapsed_s = loop.time() - progress.started
     report = _report(options, progress, memory, fleet, reports, missing, acked, logs, stop_problems)
     path = options.out_dir / "chaos.json"
@@ -185,6 +201,7 @@ async def _faults(
         record["took_s"] = round(loop.time() - began, 3)
         progress.faults.append(record)
         await wait_restored(env)
+        progress.note(env)
         await asyncio.sleep(fault.pause_s)
 
 
@@ -296,7 +313,13 @@ def _report(
         "pushes": push_figures(progress.faults),
         "memory": memory.summary(),
         "faults": progress.faults,
+        "processes": _pids(progress),
     }
+
+
+def _pids(progress: _Progress) -> list[dict[str, Any]]:
+    """Every server process the run saw, each stopped by now."""
+    return [{"pid": pid, "name": name} for pid, name in sorted(progress.started_pids.items())]
 
 
 def _close_codes(reports: list[DeviceReport]) -> dict[str, int]:
