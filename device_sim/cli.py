@@ -219,4 +219,7 @@ def chaos(
     except ServerError as exc:  # a server not installed or not starting: no traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: cleaned up
+        typer.echo(f"interrupted: every process stopped; partial report in {out}", err=True)
+        raise typer.Exit(130) from None
     raise typer.Exit(0 if ok else 1)

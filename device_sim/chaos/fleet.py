@@ -136,7 +136,10 @@ class ChaosFleet:
 
     async def push(self, registry_url: str, interval_s: float) -> dict[str, object]:
         """`hub config set --all interval_s=...`; wait (bounded) until every running device
-        applied its new version. What happened, JSON-friendly."""
+        applied its new version. What happened, JSON-friendly; `applied_in_s` counts from
+        the command's start (a loaded box takes seconds to start Python)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hub", "config", "set", "--all", f"interval_s={interval_s:g}",
             "--registry-url", registry_url,
@@ -146,8 +149,7 @@ class ChaosFleet:
         if process.returncode != 0:
             raise RuntimeError(f"hub config set exited {process.returncode}: {err.decode()}")
         versions = parse_versions(out.decode())
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        command_s = loop.time() - started
         by_id = {d.credentials.device_id: d for d in self.devices}
         while True:
             waiting = [
@@ -163,6 +165,7 @@ class ChaosFleet:
             "unknown": sorted(set(versions) - set(by_id)),
             "all_applied": not waiting,
             "not_applied": sorted(d.credentials.device_id for d in waiting),
+            "command_s": round(command_s, 3),
             "applied_in_s": round(loop.time() - started, 3),
         }
 

@@ -223,7 +223,9 @@ async def _sample(env: Environment, memory: MemoryLog, progress: _Progress) -> N
                 pids += [(progress.slots.get(pid, f"{hub.node_id}/w?"), pid) for pid in workers]
             for name, pid in pids:
                 with contextlib.suppress(OSError):
-                    memory.add(at, name, pid, sample(pid).rss_bytes)
+                    rss = sample(pid).rss_bytes
+                    if rss > 0:  # 0: killed, not yet reaped (a zombie has no memory)
+                        memory.add(at, name, pid, rss)
         await asyncio.sleep(SAMPLE_S)
 
 
