@@ -6,5 +6,7 @@
 * `faults`: doing one fault to the real servers and undoing it.
 * `environment`: starting every server and stopping each by its process id.
 * `verify`: whether InfluxDB holds every acked reading.
+* `watch`: RSS and load sampled while it runs, and the progress line.
+* `report`: the checks and figures of a finished run.
 * `run`: the whole run, its progress lines and its JSON report.
 """

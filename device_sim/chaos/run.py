@@ -11,18 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_sim.bench.procstat import sample
 from device_sim.chaos.environment import DB, Environment
 from device_sim.chaos.faults import apply, restore, wait_restored
 from device_sim.chaos.fleet import ChaosFleet
-from device_sim.chaos.memory import MemoryLog, format_rss
+from device_sim.chaos.memory import MemoryLog
 from device_sim.chaos.plan import FaultKind, FaultPlan, Targets, Timing
 from device_sim.chaos.report import (
     checks,
@@ -32,15 +29,13 @@ from device_sim.chaos.report import (
     traceback_logs,
 )
 from device_sim.chaos.verify import loss_summary, missing_readings
+from device_sim.chaos.watch import Echo, Progress, sample_memory, show_progress
 from device_sim.device import DeviceOptions, DeviceReport
 from device_sim.local_servers import ServerError
 
 FAULT_TIMEOUT_S = 240.0
 """A fault (do, hold, undo, wait for the devices) taking longer than this failed."""
 CONNECT_WAIT_S = 60.0
-SAMPLE_S = 1.0
-
-Echo = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -65,27 +60,6 @@ class ChaosOptions:
         return min(300.0, max(20.0, self.duration_s / 2))
 
 
-@dataclass
-class _Progress:
-    """What the progress line and the report read while the run goes on."""
-
-    started: float
-    faults: list[dict[str, Any]] = field(default_factory=list)
-    loads: list[float] = field(default_factory=list)
-    slots: dict[int, str] = field(default_factory=dict)
-    elapsed_s: float = 0.0
-    started_pids: dict[int, str] = field(default_factory=dict)
-    """Every server process seen running (pid -> name), for the report: all must be gone."""
-
-    def note(self, env: Environment) -> None:
-        """Remember every process of `env` now running."""
-        for name, pid in env.processes().items():
-            self.started_pids.setdefault(pid, name)
-        if env.cluster is not None:
-            for pid in env.workers_hub.worker_pids():
-                self.started_pids.setdefault(pid, f"{env.workers_hub.node_id} worker")
-
-
 async def run_chaos(options: ChaosOptions, echo: Echo) -> tuple[bool, dict[str, Any]]:
     """Run it; whether every check held, and the report (also written to `out_dir`)."""
     loop = asyncio.get_running_loop()
@@ -95,7 +69,7 @@ async def run_chaos(options: ChaosOptions, echo: Echo) -> tuple[bool, dict[str, 
     options.out_dir.mkdir(parents=True, exist_ok=True)
     env = Environment(options.out_dir / "servers")
     memory = MemoryLog(options.rss_min_life_s)
-    progress = _Progress(loop.time())
+    progress = Progress(loop.time())
     background: list[asyncio.Task[None]] = []
     echo(f"chaos: seed {options.seed}, {options.devices} devices, {options.duration_s:g} s; "
          f"repeat with --seed {options.seed}; files under {options.out_dir}")  # fmt: skip
@@ -112,8 +86,12 @@ async def run_chaos(options: ChaosOptions, echo: Echo) -> tuple[bool, dict[str, 
         assert env.cluster is not None
         fleet = ChaosFleet(env.cluster.url, credentials, device_options)
         fleet.start(loop.time() + 10 * options.duration_s + 3600)
-        background.append(asyncio.create_task(_sample(env, memory, progress)))
-        background.append(asyncio.create_task(_show(env, fleet, memory, progress, options, echo)))
+        background.append(asyncio.create_task(sample_memory(env, memory, progress)))
+        background.append(
+            asyncio.create_task(
+                show_progress(fleet, memory, progress, options.devices, options.progress_s, echo)
+            )
+        )
         await _until_connected(fleet, options.devices)
         await _faults(options, env, fleet, progress, echo)
         await restore(env)
@@ -163,7 +141,7 @@ async def _until_connected(fleet: ChaosFleet, count: int) -> None:
 
 
 async def _faults(
-    options: ChaosOptions, env: Environment, fleet: ChaosFleet, progress: _Progress, echo: Echo
+    options: ChaosOptions, env: Environment, fleet: ChaosFleet, progress: Progress, echo: Echo
 ) -> None:
     """Fault after fault, each with its pause after it, until the duration passed (and every
     kind happened once)."""
@@ -205,65 +183,9 @@ async def _faults(
         await asyncio.sleep(fault.pause_s)
 
 
-async def _sample(env: Environment, memory: MemoryLog, progress: _Progress) -> None:
-    """Every second: each hub process's RSS (each worker under its slot), and the load."""
-    loop = asyncio.get_running_loop()
-    while True:
-        at = loop.time() - progress.started
-        progress.loads.append(os.getloadavg()[0])
-        for hub in env.hubs:
-            process = hub.process.process
-            if process is None or process.poll() is not None:
-                continue
-            pids = [(hub.node_id if hub.workers == 1 else f"{hub.node_id}/sup", process.pid)]
-            if hub.workers > 1:
-                workers = hub.worker_pids()
-                if any(pid not in progress.slots for pid in workers):
-                    await _learn_slots(hub, progress)
-                pids += [(progress.slots.get(pid, f"{hub.node_id}/w?"), pid) for pid in workers]
-            for name, pid in pids:
-                with contextlib.suppress(OSError):
-                    rss = sample(pid).rss_bytes
-                    if rss > 0:  # 0: killed, not yet reaped (a zombie has no memory)
-                        memory.add(at, name, pid, rss)
-        await asyncio.sleep(SAMPLE_S)
-
-
-async def _learn_slots(hub: Any, progress: _Progress) -> None:
-    """Which worker slot each worker pid holds, from the supervisor's /healthz."""
-    try:
-        _, body = await asyncio.to_thread(hub.healthz)
-    except (OSError, ValueError):
-        return
-    for slot, worker in body.get("workers", {}).items():
-        if worker.get("pid"):
-            progress.slots[int(worker["pid"])] = f"{hub.node_id}/w{slot}"
-
-
-async def _show(
-    env: Environment,
-    fleet: ChaosFleet,
-    memory: MemoryLog,
-    progress: _Progress,
-    options: ChaosOptions,
-    echo: Echo,
-) -> None:
-    """A progress line every `progress_s`."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(options.progress_s)
-        stats = fleet.stats
-        latest = sorted(memory.latest().items())
-        echo(
-            f"[{loop.time() - progress.started:7.1f} s] faults {len(progress.faults)} "
-            f"acked {stats.acked} connected {stats.connected}/{options.devices} "
-            f"load {os.getloadavg()[0]:.1f} rss {format_rss(latest)}"
-        )
-
-
 def _report(
     options: ChaosOptions,
-    progress: _Progress,
+    progress: Progress,
     memory: MemoryLog,
     fleet: ChaosFleet,
     reports: list[DeviceReport],
@@ -319,7 +241,7 @@ def _report(
     }
 
 
-def _pids(progress: _Progress) -> list[dict[str, Any]]:
+def _pids(progress: Progress) -> list[dict[str, Any]]:
     """Every server process the run saw, each stopped by now."""
     return [{"pid": pid, "name": name} for pid, name in sorted(progress.started_pids.items())]
 
