@@ -134,6 +134,7 @@ def _checks(faults: list[dict[str, Any]], lost: int = 0, **kwargs: Any) -> dict[
         reconnect_bound_s=10.0,
         stop_problems=kwargs.pop("stop_problems", []),
         tracebacks=kwargs.pop("tracebacks", []),
+        crashed=kwargs.pop("crashed", {}),
     )
     return {c.name: c.ok for c in found}
 
@@ -158,6 +159,7 @@ def test_checks_fail_on_loss_missing_kinds_slow_reconnects_and_leftovers() -> No
     unreplaced = [*every, _fault(FaultKind.TAKEOVER, was_connected=True, replaced=False)]
     assert _checks(unreplaced)["takeover_replaced"] is False
     assert _checks(every, devices=[_device(DeviceState.REVOKED)])["devices_done"] is False
+    assert _checks(every, crashed={"d": "EOFError: stream ends"})["devices_done"] is False
     assert _checks(every, stop_problems=["hub-2 exited 1"])["clean_stop"] is False
     assert _checks(every, tracebacks=["hub-3: 1"])["no_tracebacks"] is False
 

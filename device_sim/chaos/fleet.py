@@ -9,6 +9,7 @@ readings can never be mistaken for, or hide, one of the device's own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import sys
 import time
@@ -76,6 +77,8 @@ class ChaosFleet:
     stats: FleetStats = field(default_factory=FleetStats)
     extra_acked_ns: dict[str, list[int]] = field(default_factory=dict)
     """Readings acked on takeover connections, per device (ns)."""
+    crashed: dict[str, str] = field(default_factory=dict)
+    """Devices whose run raised: device id -> the exception."""
 
     def __post_init__(self) -> None:
         self.devices = [
@@ -87,16 +90,27 @@ class ChaosFleet:
     def start(self, deadline: float) -> None:
         """Start every device, to stream until loop time `deadline` or `stop()`."""
         self._runs = [asyncio.create_task(d.run(deadline)) for d in self.devices]
+        for device, run in zip(self.devices, self._runs, strict=True):
+            run.add_done_callback(functools.partial(self._ended, device))
+
+    def _ended(self, device: ChaosDevice, run: asyncio.Task[DeviceReport]) -> None:
+        # A device whose run raised is a finding (the simulator or the hub did something
+        # no device should see): kept, with what it had acked, for the report.
+        if not run.cancelled() and run.exception() is not None:
+            error = run.exception()
+            self.crashed[device.credentials.device_id] = f"{type(error).__name__}: {error}"
 
     async def stop(self) -> list[DeviceReport]:
-        """Tell every device to stop; wait for each (they finish their bounded final wait)."""
+        """Tell every device to stop; wait for each (they finish their bounded final wait).
+        Every device's report, also of one whose run raised (see `crashed`)."""
         for device in self.devices:
             device.stop()
         try:
-            return list(await asyncio.gather(*self._runs))
+            await asyncio.gather(*self._runs, return_exceptions=True)
         finally:
             for run in self._runs:
                 run.cancel()
+        return [device.report() for device in self.devices]
 
     @property
     def running(self) -> list[ChaosDevice]:

@@ -9,7 +9,7 @@ load while it ran.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,7 @@ def checks(
     reconnect_bound_s: float,
     stop_problems: Sequence[str],
     tracebacks: Sequence[str],
+    crashed: Mapping[str, str],
 ) -> list[Check]:
     """Every check of a finished run."""
     failed = [
@@ -121,8 +122,9 @@ def checks(
         ),
         Check(
             "devices_done",
-            states.get(str(DeviceState.DONE), 0) == len(devices),
-            ", ".join(f"{state} {count}" for state, count in sorted(states.items())),
+            states.get(str(DeviceState.DONE), 0) == len(devices) and not crashed,
+            ", ".join(f"{state} {count}" for state, count in sorted(states.items()))
+            + "".join(f"; {device} raised {error}" for device, error in sorted(crashed.items())),
         ),
         Check("clean_stop", not stop_problems, "; ".join(stop_problems) or "every process stopped"),
         Check(

@@ -205,6 +205,7 @@ def _report(
         reconnect_bound_s=options.reconnect_bound_s,
         stop_problems=stop_problems,
         tracebacks=traceback_logs(logs),
+        crashed=fleet.crashed,
     )
     loads = progress.loads or [0.0]
     configs = sum(len(r.configs_applied) for r in reports)
@@ -231,6 +232,7 @@ def _report(
             "failed_connects": sum(r.failed_connects for r in reports),
             "configs_applied": configs,
             "close_codes": _close_codes(reports),
+            "crashed": fleet.crashed,
         },
         "faults_by_kind": faults_by_kind(progress.faults),
         "reconnect_after_kills": reconnect_figures(progress.faults),

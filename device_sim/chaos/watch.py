@@ -95,5 +95,6 @@ async def show_progress(
         echo(
             f"[{loop.time() - progress.started:7.1f} s] faults {len(progress.faults)} "
             f"acked {stats.acked} connected {stats.connected}/{devices} "
+            f"{f'crashed {len(fleet.crashed)} ' if fleet.crashed else ''}"
             f"load {os.getloadavg()[0]:.1f} rss {format_rss(latest)}"
         )
