@@ -72,3 +72,21 @@ async def test_the_streaming_client_retries_after_a_close_during_the_handshake(
     assert await asyncio.wait_for(run, 30) is None
     assert client.stopped is None
     assert client.stats.failed_connects >= 3
+
+
+class ClosedConnection:
+    """A connection whose every send finds it closed."""
+
+    async def send(self, frame: bytes) -> None:
+        raise ConnectionClosedError(None, None)
+
+
+async def test_a_frame_that_could_not_be_sent_leaves_no_ack_waiting() -> None:
+    """`send_raw` on a closed connection raises, and its ack future is not left for the
+    reader to fail later (which logged "Future exception was never retrieved" in the
+    chaos run, once for every message in flight at a hub kill)."""
+    client = DeviceClient("ws://127.0.0.1:9", "t")
+    client._connection = ClosedConnection()  # type: ignore[assignment]
+    with pytest.raises(ConnectionClosedError):
+        await client.send_raw(b"frame", seq=1)
+    assert not client._awaiting
