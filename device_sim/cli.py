@@ -184,3 +184,55 @@ def bench(
     typer.echo(f"report: {out_dir / 'bench.json'}, chart: {out_dir / 'bench.png'}", err=True)
     if result["failed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def chaos(
+    duration: Annotated[
+        float,
+        typer.Option(min=1, help="Seconds of faults (the first round of every kind runs whole)."),
+    ],
+    devices: Annotated[int, typer.Option(min=1, help="Simulated devices.")] = 100,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the fault plan (default: random, printed).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where chaos.json, logs and state go.")] = Path(
+        "chaos-results"
+    ),
+    rate: Annotated[float, typer.Option(min=0.1, help="Messages per second per device.")] = 1.0,
+    batch: Annotated[int, typer.Option(min=1, help="Readings per message.")] = 10,
+    hold: Annotated[float, typer.Option(min=0.1, help="Mean seconds a fault lasts.")] = 4.0,
+    pause: Annotated[float, typer.Option(min=0, help="Mean seconds between faults.")] = 10.0,
+    reconnect_bound: Annotated[
+        float, typer.Option(min=0, help="Seconds devices cut by a hub kill may take to return.")
+    ] = 10.0,
+) -> None:
+    """Three hubs and a 2-worker hub on PostgreSQL behind HAProxy, devices streaming, while
+    hubs, PostgreSQL and InfluxDB are killed and frozen at random; then every acked reading
+    is looked for in InfluxDB. Exit 1 if anything acked was lost or a check failed."""
+    import secrets
+
+    from device_sim.chaos.plan import Timing
+    from device_sim.chaos.run import ChaosOptions, run_chaos
+    from device_sim.local_servers import ServerError
+
+    options = ChaosOptions(
+        duration_s=duration,
+        out_dir=out,
+        seed=seed if seed is not None else secrets.randbelow(2**31),
+        devices=devices,
+        rate=rate,
+        batch=batch,
+        timing=Timing(hold_s=hold, pause_s=pause),
+        reconnect_bound_s=reconnect_bound,
+    )
+    tune_garbage_collector()
+    try:
+        ok, _ = run_event_loop(run_chaos(options, lambda line: typer.echo(line, err=True)))
+    except ServerError as exc:  # a server not installed or not starting: no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: cleaned up
+        typer.echo(f"interrupted: every process stopped; partial report in {out}", err=True)
+        raise typer.Exit(130) from None
+    raise typer.Exit(0 if ok else 1)

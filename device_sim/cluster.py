@@ -7,6 +7,10 @@ and one InfluxDB database; HAProxy in TCP mode in front, `leastconn`, the PROXY 
 every connection (so each hub sees the device's address, `proxy_protocol_from`), health checks
 on each hub's `/healthz`, and a dead hub's connections redispatched to the others.
 
+A hub may run `--workers N` (`worker_counts`): its supervisor is the hub's process, its
+workers are the supervisor's children (`worker_pids`), and it counts as ready once its
+/healthz says every worker listens (`wait_ready`).
+
 Every process is started and stopped by its process id: the hubs by `HubProcess`, HAProxy by
 `HAProxyServer`, PostgreSQL by its caller (a cluster never owns the database server: the chaos
 run and the tests kill and freeze it on their own).
@@ -15,20 +19,25 @@ run and the tests kill and freeze it on their own).
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from device_sim.device import Credentials
 from device_sim.fleet import read_tokens
 from device_sim.hub_process import HubProcess
-from device_sim.local_servers import LocalServer, free_port
+from device_sim.local_servers import LocalServer, free_port, http_request
 from device_sim.servers.haproxy import HAProxyServer, start_haproxy
 
 HEALTH_CHECK_INTERVAL_MS = 300
 """How often HAProxy asks each hub's /healthz (two failures mark it down)."""
+READY_TIMEOUT_S = 60.0
+"""How long `wait_ready` waits for every worker of a hub to listen."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +47,60 @@ class ClusterHub:
     node_id: str
     process: HubProcess
     health_port: int
+    workers: int = 1
+    """Its `--workers`: 1 is a plain hub; more, a supervisor and that many worker processes."""
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        """The hub's /healthz status and body; raises OSError when nothing answers."""
+        status, body = http_request(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2)
+        answer: dict[str, Any] = json.loads(body)
+        return status, answer
+
+    def worker_pids(self) -> list[int]:
+        """The live worker processes of a `--workers` hub (its supervisor's children)."""
+        if self.process.process is None or self.process.process.poll() is not None:
+            return []
+        return child_pids(self.process.pid)
+
+    def all_listening(self) -> bool:
+        """Whether the hub answers /healthz healthy, with every worker listening."""
+        try:
+            status, body = self.healthz()
+        except (OSError, ValueError):
+            return False
+        if self.workers == 1:
+            return status == 200
+        return status == 200 and int(body.get("workers_healthy", 0)) == self.workers
+
+    async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Wait (bounded) until the hub is healthy with every worker listening."""
+        deadline = time.monotonic() + timeout_s
+        while not await asyncio.to_thread(self.all_listening):
+            process = self.process.process
+            if process is None or process.poll() is not None:
+                raise RuntimeError(f"{self.node_id} exited:\n{self.process.log[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{self.node_id} not ready after {timeout_s:.0f} s:\n{self.process.log[-4000:]}"
+                )
+            await asyncio.sleep(0.1)
+
+
+def child_pids(parent: int) -> list[int]:
+    """The live (not zombie) processes whose parent is `parent`, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces: split after the last.
+        state, ppid = text.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == parent and state != "Z":
+            children.append(int(entry.name))
+    return sorted(children)
 
 
 def balancer_config(port: int, hubs: Sequence[tuple[int, int]]) -> str:
@@ -77,7 +140,8 @@ backend hubs
 
 class HubCluster:
     """`count` hubs on the PostgreSQL database at `registry_url`, and HAProxy in front of
-    them once `start` ran. `hub_args` go to every `hub serve`; `env` adds to its variables."""
+    them once `start` ran. `hub_args` go to every `hub serve`; `env` adds to its variables.
+    `worker_counts` gives each hub's `--workers` (default: 1 for every hub)."""
 
     def __init__(
         self,
@@ -88,7 +152,11 @@ class HubCluster:
         count: int = 3,
         hub_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        worker_counts: Sequence[int] | None = None,
     ) -> None:
+        workers = list(worker_counts) if worker_counts is not None else [1] * count
+        if len(workers) != count or min(workers, default=1) < 1:
+            raise ValueError(f"worker_counts must give {count} counts of at least 1: {workers}")
         self.work_dir = work_dir
         self.registry_url = registry_url
         self.env = {**(env or {}), "HUB_REGISTRY_URL": registry_url}
@@ -104,13 +172,14 @@ class HubCluster:
                 bucket,
                 *hub_args,
                 "--health-port", str(health_port),
+                *(("--workers", str(workers[index])) if workers[index] > 1 else ()),
                 env={
                     **self.env,
                     "HUB_NODE_ID": node_id,
                     "HUB_PROXY_PROTOCOL_FROM": '["127.0.0.1"]',
                 },
             )  # fmt: skip
-            self.hubs.append(ClusterHub(node_id, process, health_port))
+            self.hubs.append(ClusterHub(node_id, process, health_port, workers[index]))
         self.balancer: HAProxyServer | None = None
 
     @property
@@ -128,8 +197,10 @@ class HubCluster:
         raise KeyError(node_id)
 
     async def start(self) -> None:
-        """Start every hub (in parallel, each waited for until it listens), then HAProxy."""
+        """Start every hub (in parallel, each waited for until it listens, a `--workers` hub
+        until every worker does), then HAProxy."""
         await asyncio.gather(*(hub.process.start() for hub in self.hubs))
+        await asyncio.gather(*(hub.wait_ready() for hub in self.hubs if hub.workers > 1))
         pairs = [(hub.process.port, hub.health_port) for hub in self.hubs]
         self.balancer = await asyncio.to_thread(
             start_haproxy, self.work_dir / "haproxy", lambda port: balancer_config(port, pairs)

@@ -249,7 +249,9 @@ class SimulatedDevice:
                     self.state = _STOP_ON_STATUS[HTTPStatus(status)]
                     break
                 retry_after = retry_after_seconds(exc.response.headers.get("Retry-After"))
-            except (OSError, TimeoutError, InvalidHandshake) as exc:
+            # ConnectionClosed: a balancer closed the connection before the request went
+            # out (its backend had just died); a connect failure like the others.
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 self._connect_failed(type(exc).__name__)
             else:
                 code = await self._stream(connection, deadline)

@@ -89,10 +89,11 @@ class HubService:
         # SQLite: every registry query of the hub on one thread; PostgreSQL: a pool, the
         # schema migrated first. Neither blocks the loop.
         listen = options.gateway.listen
+        worker = self.worker
         # A worker is a node of its own, NODE_ID/K: its claims are its own.
         node_id = (
-            self.worker.node_id
-            if self.worker is not None
+            worker.node_id
+            if worker is not None
             else options.registry.node_id or default_node_id(listen.port)
         )
         registry = await open_hub_registry(
@@ -102,7 +103,6 @@ class HubService:
             node_id,
             f"{listen.host}:{listen.port}",
         )
-        worker = self.worker
         spool_dir = worker.spool_dir if worker is not None else storage.spool_dir
         if worker is None:  # a hub that had workers before: their spools replay here
             adopt_orphan_spools(storage.state_dir, spool_dir, workers=1)

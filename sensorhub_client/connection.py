@@ -151,7 +151,18 @@ class DeviceClient:
             self._awaiting.append((seq, acked))
         else:
             acked.cancel()
-        await self.connection.send(frame)
+        try:
+            await self.connection.send(frame)
+        except BaseException:
+            # Never sent, so the caller never gets the future: its failure (the reader
+            # fails every waiting ack once closed) must not be logged as never retrieved.
+            if seq is not None:
+                with contextlib.suppress(ValueError):  # the reader may have cleared it
+                    self._awaiting.remove((seq, acked))
+            if acked.done() and not acked.cancelled():
+                acked.exception()
+            acked.cancel()
+            raise
         return acked
 
     async def store(self, readings: list[dict[str, Any]]) -> Ack:

@@ -180,7 +180,9 @@ class StreamingClient:
                 if action is Action.STOP:
                     self.stopped = "unauthorized" if status == 401 else "refused"
                     return self.stopped
-            except (OSError, TimeoutError, InvalidHandshake) as exc:
+            # ConnectionClosed: a balancer closed the connection before the request went
+            # out (its backend had just died); a connect failure like the others.
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 self.stats.failed_connects += 1
                 log.info("cannot connect: %s", exc)
             else:

@@ -84,14 +84,20 @@ class NodeLease:
                 with contextlib.suppress(*CONNECTION_ERRORS):  # the heartbeat says so
                     await self._pool.execute(q.PRUNE_CHANGES, CHANGE_RETENTION_S)
             try:
-                row = await self._pool.fetchrow(
-                    q.HEARTBEAT,
-                    self.node_id,
-                    self._incarnation,
-                    self._lease_s,
-                    self._live_connections(),
-                )
-            except CONNECTION_ERRORS as exc:
+                # Bounded: asyncpg (0.32) can wait without end to hand back a connection
+                # whose cancelled query the server never acknowledged (the server died), and
+                # a lease that stops renewing takes the node's devices offline for good.
+                async with asyncio.timeout(self._lease_s):
+                    row = await self._pool.fetchrow(
+                        q.HEARTBEAT,
+                        self.node_id,
+                        self._incarnation,
+                        self._lease_s,
+                        self._live_connections(),
+                    )
+            except Exception as exc:  # CONNECTION_ERRORS, the timeout, and asyncpg's own
+                # Anything but our own cancel retries: a heartbeat task that ended on an
+                # unexpected error would leave the node's lease to run out silently.
                 if not failing:  # once per outage
                     log.warning(
                         "registry heartbeat of node %s failed (%s); its devices show offline "
