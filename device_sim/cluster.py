@@ -134,6 +134,7 @@ backend hubs
     balance leastconn
     option httpchk GET /healthz
     http-check expect status 200
+    timeout check 2s
     default-server inter {inter}ms fall 2 rise 1 send-proxy-v2 on-marked-down shutdown-sessions
 {servers}"""
 

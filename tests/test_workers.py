@@ -23,20 +23,19 @@ from typing import Any
 import pytest
 
 from device_sim.client import DeviceClient
-from device_sim.fleet import Credentials, FleetReport, run_fleet
+from device_sim.fleet import Credentials, run_fleet
 from device_sim.hub_process import provision
 from device_sim.local_servers import LocalServer, create_database, free_port, start_influxdb
 from device_sim.stats import FleetStats
 from hub.ingest.spool import read_status
 from hub.workers.relay import parse_notification
 from tests.nspawn import ensure_host_tools
-from tests.support import HubProcess
-from tests.workers_support import WorkersHub, stored_times
+from tests.support import HubProcess, assert_every_ack_stored
+from tests.workers_support import WorkersHub
 
 pytestmark = pytest.mark.e2e
 
 DB = "workers"
-CONVERGE_S = 60.0
 LOOSE = "accept_unknown_measurements = true\n"  # what the simulated devices send
 STRICT = LOOSE + '[measurements.environment.fields]\ntemperature = { type = "float", max = 50 }\n'
 
@@ -76,22 +75,6 @@ def devices(hub: HubProcess, count: int, prefix: str = "w-") -> list[Credentials
 def reading(value: float, at_ms: int) -> list[dict[str, object]]:
     """One `environment` reading."""
     return [{"name": "environment", "time": at_ms, "fields": {"temperature": value}}]
-
-
-async def assert_every_ack_stored(influx: LocalServer, report: FleetReport) -> None:
-    """Wait (bounded) until InfluxDB holds every acked reading; fail naming what is missing."""
-    assert report.acked > 0, "nothing was acked: the test proves nothing"
-    deadline = time.monotonic() + CONVERGE_S
-    while True:
-        missing = {
-            device_id: set(device.acked_times_ns()) - stored_times(influx, DB, device_id)
-            for device_id, device in report.devices.items()
-        }
-        lost = {d: len(m) for d, m in missing.items() if m}
-        if not lost:
-            return
-        assert time.monotonic() < deadline, f"acked readings missing from InfluxDB: {lost}"
-        await asyncio.sleep(0.5)
 
 
 def busy_workers(hub: WorkersHub) -> list[str]:
@@ -171,7 +154,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_acked_is_lost(
     restarts = {str(n): float(n == victim) for n in (1, 2)}
     assert hub.metrics()["hub_worker_restarts_total"] == restarts
     assert "killed by signal 9; starting it again" in hub.log[hub_log_before:]
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
 
 
 async def test_a_restarted_worker_replays_its_own_spool(
@@ -199,7 +182,7 @@ async def test_a_restarted_worker_replays_its_own_spool(
     finally:
         influx.resume()
     report = await fleet
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
     await hub.until("slot 1's spool written out", lambda: read_status(spool).batches == 0)
     print(f"slot 1 held {spooled} readings in its spool when it was killed; all replayed")
 
@@ -293,7 +276,7 @@ async def test_rolling_restart_replaces_one_worker_at_a_time_and_loses_nothing(
     assert all(new[k] not in (None, old[k]) for k in (1, 2)), (old, new)
     assert hub.metrics()["hub_worker_restarts_total"] == {"1": 0.0, "2": 0.0}
     report = await fleet
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
     errors: dict[str, int] = {}
     for device in report.devices.values():
         for cause, count in device.connect_errors.items():
@@ -364,7 +347,7 @@ async def test_spool_replay_writes_a_dead_hubs_spools_from_another_process(
     print(replayed.stderr)
     for name in ("worker 1", "worker 2"):
         assert f"{name}: done: " in replayed.stderr
-    await assert_every_ack_stored(influx, report)
+    await assert_every_ack_stored(influx, DB, report)
     after = json.loads(
         (
             await asyncio.to_thread(hub_command, "spool", "status", "--json", "--state-dir", state)
