@@ -302,6 +302,17 @@ class RegistryContract:
             await restarted.record_presence([_presence("d", True, base + 1)])
             assert (await backend.operator.presence())["d"].readings_stored == 11
 
+    async def test_overlapping_flushes_count_each_reading_once(self, backend: Backend) -> None:
+        """Two flushes of one hub under way at once (the periodic one and the last one, at a
+        stop): each reading is added once, whichever commits first."""
+        await backend.operator.add_many(["d"])
+        async with _peers(backend, "hub-a") as (hub,):
+            await asyncio.gather(
+                hub.record_presence([_presence("d", True, 4)]),
+                hub.record_presence([_presence("d", True, 9)]),
+            )
+            assert (await backend.operator.presence())["d"].readings_stored == 9
+
     # --- Ownership across hubs ------------------------------------------------------------
 
     async def test_each_claim_takes_the_device_with_a_higher_epoch(self, backend: Backend) -> None:

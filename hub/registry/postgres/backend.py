@@ -76,6 +76,9 @@ class PostgresRegistry:
         self._lease: NodeLease | None = None
         self._online: set[str] = set()
         self._recorded_stored: dict[str, int] = {}
+        self._presence_flush = asyncio.Lock()
+        """One presence flush at a time: each one's deltas are taken from what the one before
+        it committed (two at once, the periodic and the last at a stop, counted twice)."""
         self._unclaimed_online: set[str] = set()
         """Devices served without a claim (epoch 0) that presence recorded online here."""
         self._adopted: set[str] = set()
@@ -223,6 +226,10 @@ class PostgresRegistry:
     async def record_presence(self, states: Sequence[Presence]) -> None:
         """See `PresenceStore.record_presence`: connections owned by this node, and the
         readings stored since the totals last recorded, in one transaction."""
+        async with self._presence_flush:
+            await self._record_presence(states)
+
+    async def _record_presence(self, states: Sequence[Presence]) -> None:
         rows = sorted(states, key=lambda p: p.device_id)  # one lock order across hubs
         if not rows:
             return
