@@ -284,3 +284,28 @@ async def test_a_claim_whose_connection_is_lost_before_its_session_is_released()
     await asyncio.sleep(0)  # the futures' callbacks run at the next turn of the loop
     await spawn.settle()
     assert store.released == [("a", 1)]
+
+
+async def test_a_ring_that_beats_its_session_into_the_table_closes_it_as_it_starts() -> None:
+    """Claimed here (epoch 1), then claimed elsewhere (2) and rung while the upgrade was still
+    being answered: the session is closed with 4000 as it starts, and counted as lost; a
+    ring for a newer claim made here (none unstarted older) is remembered for nobody."""
+    store, spawn = FakeStore(), Spawned()
+    lost: list[str] = []
+    ownership = Ownership(
+        cast(ClaimStore, store), Disconnects(), spawn, lost=lambda: lost.append("lost")
+    )
+    early = LosableConnection()
+    assert await ownership.claim(cast(ServerConnection, early), "d", "192.0.2.1:1") == Claim(1)
+    assert store.listener is not None
+    store.listener("d", 2)  # before the session exists
+    store.listener("other", 5)  # nothing of it here
+    ownership.started(cast(ServerConnection, early))
+    late = session("d")
+    assert ownership.hold(real(late), ownership.configs(1)) is False
+    await spawn.settle()
+    assert late.connection.closed == (CloseCode.REPLACED, "replaced by a newer connection")
+    assert lost == ["lost"] and "d" not in ownership.sessions
+    again = session("d")  # the device's next connection, claimed anew, is held
+    assert ownership.hold(real(again), ownership.configs(3))
+    assert ownership._overtaken == {}

@@ -179,6 +179,9 @@ class Ownership:
         self._safety_net_s = safety_net_s
         self._lost = lost
         self._unstarted: dict[ServerConnection, tuple[str, int]] = {}
+        self._overtaken: dict[str, int] = {}
+        """Devices of unstarted connections here that another node claimed since, with the
+        newest epoch heard: a ring can beat its session into the table (see `taken_over`)."""
         self._check_now = asyncio.Event()
         store.watch_takeovers(self.taken_over, self._check_now.set)
 
@@ -212,6 +215,11 @@ class Ownership:
     def hold(self, session: DeviceSession, configs: ClaimedConfigs) -> bool:
         """Make `session` its device's live one, closing the one it replaces with 4000.
         False: a session of a newer claim holds the device; `session` is closed instead."""
+        overtaken = self._overtaken.pop(session.device_id, 0)
+        if configs.epoch and overtaken > configs.epoch:  # claimed elsewhere before it started
+            self._lost()
+            self._spawn(session.connection.close(CloseCode.REPLACED, REPLACED_REASON))
+            return False
         replaced = self.sessions.take(session, configs)
         if replaced is session:
             self._spawn(session.connection.close(CloseCode.REPLACED, REPLACED_REASON))
@@ -227,7 +235,13 @@ class Ownership:
     def taken_over(self, device_id: str, epoch: int) -> None:
         """Another hub claimed the device with `epoch`: close an older session of it."""
         session = self.sessions.taken_over(device_id, epoch)
-        if session is not None:
+        if session is None:
+            # Two connections of one device milliseconds apart: the ring can arrive while
+            # the older one's upgrade is still being answered, before its session is in the
+            # table; remembered, that session is closed as it starts, not 5 s later.
+            if any(d == device_id and e < epoch for d, e in self._unstarted.values()):
+                self._overtaken[device_id] = max(epoch, self._overtaken.get(device_id, 0))
+        else:
             self._lost()
             log.info(
                 "device %s: taken over by a connection to another hub",
@@ -272,6 +286,7 @@ class Ownership:
     def _lost_before_start(self, connection: ServerConnection) -> None:
         unstarted = self._unstarted.pop(connection, None)
         if unstarted is not None:
+            self._overtaken.pop(unstarted[0], None)
             self._spawn(self._release(*unstarted))
 
     async def _release(self, device_id: str, epoch: int) -> None:
