@@ -6,6 +6,7 @@ import importlib
 import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +37,17 @@ def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     """A real InfluxDB 1.6.7 for the whole session."""
     ensure_database_servers()
     server = start_influxdb(tmp_path_factory.mktemp("influxdb"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_influxdb(tmp_path: Path) -> Iterator[LocalServer]:
+    """An InfluxDB 1.6.7 for this test alone, to freeze, kill and restart; stopped after it."""
+    ensure_database_servers()
+    server = start_influxdb(tmp_path / "own-influxdb")
     try:
         yield server
     finally:

@@ -25,7 +25,7 @@ import pytest
 
 LAYERS = frozenset({"unit", "integration", "e2e"})
 SERVER_FIXTURES = frozenset(
-    {"influxdb", "victoria_metrics", "influx_db_name"}
+    {"influxdb", "own_influxdb", "victoria_metrics", "influx_db_name"}
     | {"postgres", "postgres_db", "pg", "own_postgres", "haproxy"}  # tests/servers/fixtures.py
 )
 """Session fixtures that start a real server: never for a unit test."""

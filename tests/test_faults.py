@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,6 @@ from device_sim.fleet import Credentials, FleetReport, run_fleet
 from device_sim.local_servers import (
     LocalServer,
     create_database,
-    start_influxdb,
 )
 from device_sim.stats import FleetStats
 from hub.ingest.spool import SEGMENT_SUFFIX, read_status
@@ -34,14 +33,10 @@ DEVICES = 8
 
 
 @pytest.fixture
-def influx(tmp_path: Path) -> Iterator[LocalServer]:
-    """A private InfluxDB that the test may kill, freeze and restart."""
-    server = start_influxdb(tmp_path / "influxdb")
-    create_database(server.url, DB)
-    try:
-        yield server
-    finally:
-        server.stop()
+def influx(own_influxdb: LocalServer) -> LocalServer:
+    """A private InfluxDB that the test may kill, freeze and restart. (with database DB)."""
+    create_database(own_influxdb.url, DB)
+    return own_influxdb
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +22,7 @@ import pytest_asyncio
 from device_sim.cluster import ClusterHub
 from device_sim.device import DeviceState
 from device_sim.fleet import Credentials, FleetReport, run_fleet
-from device_sim.local_servers import LocalServer, create_database, start_influxdb
+from device_sim.local_servers import LocalServer, create_database
 from device_sim.servers.postgres import PostgresDatabase, PostgresServer
 from device_sim.stats import FleetStats
 from hub.ingest.spool import read_status
@@ -48,14 +48,10 @@ PUSH_AFTER_RETURN_S = 2.0
 
 
 @pytest.fixture
-def private_influx(tmp_path: Path) -> Iterator[LocalServer]:
-    """An InfluxDB for this test alone, to freeze and kill; stopped after it."""
-    server = start_influxdb(tmp_path / "influxdb")
-    create_database(server.url, DB)
-    try:
-        yield server
-    finally:
-        server.stop()
+def private_influx(own_influxdb: LocalServer) -> LocalServer:
+    """An InfluxDB for this test alone, to freeze and kill; stopped after it. (with database DB)."""
+    create_database(own_influxdb.url, DB)
+    return own_influxdb
 
 
 @pytest_asyncio.fixture

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import pytest
 from device_sim.client import DeviceClient
 from device_sim.fleet import Credentials, run_fleet
 from device_sim.hub_process import provision
-from device_sim.local_servers import LocalServer, create_database, free_port, start_influxdb
+from device_sim.local_servers import LocalServer, create_database, free_port
 from device_sim.stats import FleetStats
 from hub.ingest.spool import read_status
 from hub.workers.relay import parse_notification
@@ -41,14 +41,10 @@ STRICT = LOOSE + '[measurements.environment.fields]\ntemperature = { type = "flo
 
 
 @pytest.fixture
-def influx(tmp_path: Path) -> Iterator[LocalServer]:
-    """A private InfluxDB that a test may freeze."""
-    server = start_influxdb(tmp_path / "influxdb")
-    create_database(server.url, DB)
-    try:
-        yield server
-    finally:
-        server.stop()
+def influx(own_influxdb: LocalServer) -> LocalServer:
+    """A private InfluxDB that a test may freeze. (with database DB)."""
+    create_database(own_influxdb.url, DB)
+    return own_influxdb
 
 
 @pytest.fixture
