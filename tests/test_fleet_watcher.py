@@ -56,15 +56,17 @@ class Registry:
     fail_next_read: bool = False
     config_state_calls: int = 0
     config_states_calls: list[int] = field(default_factory=list)
+    token_lookups: int = 0
     _new_batch: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def change(self, device_ids: Sequence[str], version: int) -> None:
-        """An operator sets a new config `version` for these devices."""
+    def change(self, device_ids: Sequence[str], version: int, token_changed: bool = True) -> None:
+        """An operator sets a new config `version` for these devices (`token_changed`:
+        the feed cannot tell a config push alone from a change that may touch tokens)."""
         for device_id in device_ids:
             self.configs[device_id] = ConfigState(
                 device_id, {"for": device_id, "v": version}, version, None, None, None, None
             )
-        self.batches.append([DeviceChange(d, version, False) for d in device_ids])
+        self.batches.append([DeviceChange(d, version, False, token_changed) for d in device_ids])
         self._new_batch.set()
 
     async def change_seq(self) -> int:
@@ -106,6 +108,7 @@ class Registry:
 
     async def credential(self, token_hash: str) -> Credential | None:
         """Every token still works."""
+        self.token_lookups += 1
         return Credential(token_hash, token_hash)
 
     async def device(self, device_id: str) -> None:
@@ -213,3 +216,19 @@ async def test_a_push_the_registry_could_not_read_is_retried_until_it_can(fleet:
     await fleet.until_each_has(1, ids)
     assert fleet.registry.config_states_calls[:2] == [5, 5]
     assert {c["version"] for d in ids for c in fleet.connections[d].configs} == {VERSION}
+
+
+async def test_a_config_push_alone_checks_no_token_and_any_other_change_does(fleet: Fleet) -> None:
+    """A change the feed knows is a config push alone (PostgreSQL's change kinds) pushes
+    without a token lookup per device; one that may touch tokens looks each up again."""
+    ids = list(fleet.sessions)[:20]
+    fleet.registry.change(ids, VERSION, token_changed=False)
+    await fleet.until_each_has(1, ids)
+    await asyncio.sleep(0)  # a recheck would have been spawned with the push
+    assert fleet.registry.token_lookups == 0
+    fleet.registry.change(ids, VERSION + 1)
+    await fleet.until_each_has(2, ids)
+    async with asyncio.timeout(WAIT_S):
+        while fleet.registry.token_lookups < len(ids):
+            await asyncio.sleep(0.01)
+    assert fleet.registry.token_lookups == len(ids)

@@ -165,6 +165,30 @@ async def test_each_hubs_feed_reads_only_the_devices_it_holds(
             await hub.close()
 
 
+async def test_the_feed_says_which_changes_may_have_touched_tokens(
+    postgres_db: PostgresDatabase, operator: PostgresOperator
+) -> None:
+    """A config push alone needs no token check on the device's session; a rotation, or a
+    push folded with one, does (the watcher re-checks only then)."""
+    await operator.add_many(["pushed", "rotated", "both"])
+    hub = await open_node(postgres_db, "hub-1")
+    try:
+        for device_id in ("pushed", "rotated", "both"):
+            assert await hub.claim(device_id, "192.0.2.1:1") is not None
+        seen = await hub.change_seq()
+        await operator.set_config(["pushed", "both"], updates={"x": 1})
+        await operator.rotate("rotated", 60.0)
+        await operator.rotate("both", 60.0)
+        _, changes = await hub.changes_since(seen)
+        assert {c.device_id: (c.config_version, c.token_changed) for c in changes} == {
+            "pushed": (1, False),
+            "rotated": (0, True),
+            "both": (1, True),
+        }
+    finally:
+        await hub.close()
+
+
 async def test_a_device_served_without_a_claim_gets_the_changes_it_missed(
     postgres_db: PostgresDatabase, operator: PostgresOperator
 ) -> None:

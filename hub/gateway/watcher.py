@@ -21,6 +21,7 @@ from hub.gateway.rotation import RotationWatch
 from hub.gateway.session import DeviceSession
 from hub.ops.logs import device_extra
 from hub.registry.ports import ChangeFeed, ConfigStore
+from hub.registry.records import DeviceChange
 
 OUTAGE_RETRY_S = 0.2
 """How soon the watcher asks again after the registry failed (it may be polled every 10 ms;
@@ -78,7 +79,7 @@ class FleetWatcher:
                 log.exception("reading operator changes from the registry failed")
                 await asyncio.sleep(max(self.retry_s, OUTAGE_RETRY_S))
                 continue
-            changed: list[tuple[DeviceSession, int]] = []
+            changed: list[tuple[DeviceSession, DeviceChange]] = []
             for change in changes:
                 session = self.sessions.get(change.device_id)
                 if session is None:
@@ -86,14 +87,16 @@ class FleetWatcher:
                 if change.revoked:
                     self.spawn(session.revoke())
                     continue
-                changed.append((session, change.config_version))
-            to_push = [session for session, version in changed if version > session.config_sent]
+                changed.append((session, change))
+            to_push = [s for s, change in changed if change.config_version > s.config_sent]
             if to_push:  # first: its one lookup goes ahead of the token lookups on the thread
                 self.spawn(self._push_configs(to_push))
-            for session, _ in changed:
+            for session, change in changed:
                 # Not awaited one by one: a change of 10,000 devices queues its lookups at
-                # once on the registry's thread.
-                self.spawn(self._recheck_token(session))
+                # once on the registry's thread. A config push alone (PostgreSQL knows) needs
+                # none: 10,000 token lookups off a fleet-wide push.
+                if change.token_changed:
+                    self.spawn(self._recheck_token(session))
 
     async def _push_configs(self, sessions: list[DeviceSession]) -> None:
         """Read the configs of `sessions` in one call, then push each in a task of its own

@@ -71,6 +71,9 @@ class DeviceChange:
     device_id: str
     config_version: int
     revoked: bool
+    token_changed: bool = True
+    """Whether its tokens may have changed (rotated): its session checks its token again.
+    False only when the backend knows the change was a config push alone."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -355,13 +355,15 @@ class PostgresRegistry:
 
 
 def _merge(found: dict[str, DeviceChange], device_id: str, kind: str, version: int | None) -> None:
-    """Fold one `changes` row into the device's change: the newest config version, and
-    revoked once any row revokes (a rotation changes neither: its session re-checks)."""
-    before = found.get(device_id, DeviceChange(device_id, 0, False))
+    """Fold one `changes` row into the device's change: the newest config version, revoked
+    once any row revokes, its token to be checked again once any row is not a config push
+    (a rotation changes neither version nor revocation: its session re-checks)."""
+    before = found.get(device_id, DeviceChange(device_id, 0, False, False))
     found[device_id] = DeviceChange(
         device_id,
         max(before.config_version, version or 0) if kind == "config" else before.config_version,
         before.revoked or kind == "revoke",
+        before.token_changed or kind != "config",
     )
 
 
