@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import pytest
@@ -18,6 +19,7 @@ from hub.cli.top import read_presence
 from hub.errors import DeviceExists, RegistryError, RegistryUnavailable
 from hub.registry.postgres import backend as backend_module
 from hub.registry.postgres import operator as operator_module
+from hub.registry.postgres.answers import ConfigAnswers
 from hub.registry.postgres.backend import PostgresRegistry
 from hub.registry.postgres.doorbell import LISTENER_NAME
 from hub.registry.postgres.lease import LEASE_S
@@ -377,5 +379,54 @@ async def test_hub_top_reads_presence_from_postgresql(
         )
         assert await asyncio.to_thread(read_presence, gone) == {}
         assert not (tmp_path / "state").exists()  # SQLite was never opened
+    finally:
+        await hub.close()
+
+
+class CountedPool:
+    """A real pool, counting the statements `fetch` sends."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.fetches = 0
+
+    async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        self.fetches += 1
+        rows: list[asyncpg.Record] = await self.pool.fetch(query, *args)
+        return rows
+
+
+async def test_config_answers_of_one_loop_turn_are_recorded_in_one_statement(
+    postgres_db: PostgresDatabase, operator: PostgresOperator
+) -> None:
+    """50 answers at once: one statement, each caller told its own outcome; a stale epoch's
+    and a version not current are not recorded; the same device answering twice in one turn
+    waits for the next statement (and, a repeat, does not count)."""
+    ids = [f"d{n:02d}" for n in range(50)]
+    await operator.add_many(ids)
+    hub = await open_node(postgres_db, "hub-1")
+    try:
+        epochs = {}
+        for device_id in ids:
+            claim = await hub.claim(device_id, "192.0.2.1:1")
+            assert claim is not None
+            epochs[device_id] = claim.epoch
+        await operator.set_config(ids, updates={"x": 1})
+        pool = await asyncpg.create_pool(postgres_db.dsn, min_size=1, max_size=2)
+        try:
+            counted = CountedPool(pool)
+            answers = ConfigAnswers(cast(asyncpg.Pool, counted), "hub-1")
+            outcomes = await asyncio.gather(
+                *(answers.record(d, epochs[d], 1, True, None) for d in ids[2:]),
+                answers.record(ids[0], epochs[ids[0]] - 1, 1, True, None),  # stale epoch
+                answers.record(ids[1], epochs[ids[1]], 2, True, None),  # not the current version
+                answers.record(ids[2], epochs[ids[2]], 1, True, None),  # twice in one turn
+            )
+        finally:
+            await pool.close()
+        assert outcomes == [True] * 48 + [False, False, False]
+        assert counted.fetches == 2  # the 50 first, then the repeat
+        states = {s.device_id: s.acked_version for s in await operator.config_states(ids)}
+        assert states == {d: (None if d in ids[:2] else 1) for d in ids}
     finally:
         await hub.close()

@@ -315,7 +315,8 @@ async def test_config_states_report_the_desired_version_and_the_last_answer(
     """CONFIG_STATES gives config, version and answer per device, unknown ids left out."""
     await db.fetch(oq.PUSH_CONFIG, ["d1", "d2"], '{"a": 1}', None)
     epoch = await db.fetchval("SELECT epoch FROM connections WHERE device_id = 'd1'")
-    assert await db.fetchrow(q.RECORD_CONFIG_ACK, "d1", 1, False, None, "hub-a", epoch)
+    recorded = await db.fetch(q.RECORD_CONFIG_ACKS, "hub-a", ["d1"], [epoch], [1], [False], [None])
+    assert [row["device_id"] for row in recorded] == ["d1"]
     rows = await db.fetch(q.CONFIG_STATES, ["d2", "ghost", "d1"])
     states = [
         (

@@ -151,6 +151,22 @@ async def test_claims_are_refused_for_revoked_unknown_devices_and_expired_nodes(
     assert await db.fetchval("SELECT epoch FROM connections WHERE device_id = 'd1'") == 0
 
 
+async def answer(
+    db: asyncpg.Connection,
+    device_id: str,
+    version: int,
+    ok: bool,
+    error: str | None,
+    node: str,
+    epoch: int,
+) -> asyncpg.Record | None:
+    """One config answer through RECORD_CONFIG_ACKS (the hub sends many at once)."""
+    row: asyncpg.Record | None = await db.fetchrow(
+        q.RECORD_CONFIG_ACKS, node, [device_id], [epoch], [version], [ok], [error]
+    )
+    return row
+
+
 async def test_a_stale_owners_late_writes_lose_to_the_newer_epoch(db: asyncpg.Connection) -> None:
     """After a takeover, the old session's config answer, presence and release match nothing."""
     await add_devices(db, "d1")
@@ -161,7 +177,7 @@ async def test_a_stale_owners_late_writes_lose_to_the_newer_epoch(db: asyncpg.Co
     (pushed,) = await db.fetch(oq.PUSH_CONFIG, ["d1"], '{"interval_s": 5}', None)
     version = pushed["config_version"]
     ack = (version, False, "from the old session")
-    assert await db.fetchrow(q.RECORD_CONFIG_ACK, "d1", *ack, "hub-a", old) is None
+    assert await answer(db, "d1", *ack, "hub-a", old) is None
     assert await db.fetch(q.TOUCH_CONNECTIONS, "hub-a", ["d1"], [old]) == []
     assert await db.fetchrow(q.RELEASE_CONNECTION, "d1", "hub-a", old) is None
     token = [hash_token("token-d1")]
@@ -173,8 +189,8 @@ async def test_a_stale_owners_late_writes_lose_to_the_newer_epoch(db: asyncpg.Co
     )
     assert (state["acked_version"], state["owner_node"]) == (None, "hub-b")
     # The current owner's writes go through, each once.
-    assert await db.fetchrow(q.RECORD_CONFIG_ACK, "d1", version, True, None, "hub-b", new)
-    assert await db.fetchrow(q.RECORD_CONFIG_ACK, "d1", version, True, None, "hub-b", new) is None
+    assert await answer(db, "d1", version, True, None, "hub-b", new)
+    assert await answer(db, "d1", version, True, None, "hub-b", new) is None
     assert [r["device_id"] for r in await db.fetch(q.TOUCH_CONNECTIONS, "hub-b", ["d1"], [new])]
     assert await db.fetch(q.STALE_SESSIONS, "hub-b", ["d1"], [new], [version], token) == []
     assert await db.fetchrow(q.RELEASE_CONNECTION, "d1", "hub-b", new) is not None
@@ -194,10 +210,8 @@ async def test_an_answer_racing_a_takeover_is_ordered_by_the_row_lock(
     try:
         async with taker.transaction():
             await claim(taker, "d1", "hub-b")
-            answer = asyncio.ensure_future(
-                answerer.fetchrow(
-                    q.RECORD_CONFIG_ACK, "d1", pushed["config_version"], True, None, "hub-a", old
-                )
+            late = asyncio.ensure_future(
+                answer(answerer, "d1", pushed["config_version"], True, None, "hub-a", old)
             )
             # The answer must be waiting on the claim's row lock before the claim commits.
             await until(
@@ -205,7 +219,7 @@ async def test_an_answer_racing_a_takeover_is_ordered_by_the_row_lock(
                 "SELECT count(*) > 0 FROM pg_stat_activity"
                 " WHERE wait_event_type = 'Lock' AND datname = current_database()",
             )
-        assert await asyncio.wait_for(answer, WAIT_S) is None
+        assert await asyncio.wait_for(late, WAIT_S) is None
     finally:
         await taker.close()
         await answerer.close()

@@ -36,6 +36,7 @@ import asyncpg
 
 from hub.errors import UnknownDevice
 from hub.registry.postgres import queries as q
+from hub.registry.postgres.answers import ConfigAnswers
 from hub.registry.postgres.connect import open_pool, seconds
 from hub.registry.postgres.doorbell import CATCH_UP_S, Doorbell
 from hub.registry.postgres.lease import NodeLease
@@ -72,6 +73,7 @@ class PostgresRegistry:
         self._fed_up_to = seen
         """The newest sequence the feed has handed out."""
         self._pool = pool
+        self._answers = ConfigAnswers(pool, node_id)
         self._doorbell = doorbell
         self._lease: NodeLease | None = None
         self._online: set[str] = set()
@@ -178,13 +180,11 @@ class PostgresRegistry:
     async def record_claimed_config_ack(
         self, device_id: str, epoch: int, version: int, ok: bool, error: str | None
     ) -> bool:
-        """See `OwnershipStore.record_claimed_config_ack`."""
+        """See `OwnershipStore.record_claimed_config_ack`: recorded with the other
+        answers of this loop turn, in one statement (hub.registry.postgres.answers)."""
         if not 0 <= version < _MAX_VERSION:
             return False
-        row = await self._pool.fetchrow(
-            q.RECORD_CONFIG_ACK, device_id, version, ok, _storable(error), self.node_id, epoch
-        )
-        return row is not None
+        return await self._answers.record(device_id, epoch, version, ok, _storable(error))
 
     async def release(self, device_id: str, epoch: int) -> None:
         """See `OwnershipStore.release`."""

@@ -7,7 +7,7 @@ trip, and takes its row locks in one place:
 
 * Ownership. Every device has one `connections` row. A handshake claims it with
   `CLAIM_CONNECTION`, which raises the epoch by one and returns it; every later action of
-  that session (`TOUCH_CONNECTIONS`, `RECORD_CONFIG_ACK`, `RELEASE_CONNECTION`) names the
+  that session (`TOUCH_CONNECTIONS`, `RECORD_CONFIG_ACKS`, `RELEASE_CONNECTION`) names the
   epoch and matches no row once another handshake took the device: a stale owner's late
   write loses. `STALE_SESSIONS` is the periodic safety net a hub runs over its own sessions
   (revoked, taken over, token rotated out, or behind on its config).
@@ -258,23 +258,27 @@ ORDER BY device_id
 """
 """Desired config, version and last answer of devices $1 (unknown ids are left out)."""
 
-RECORD_CONFIG_ACK = """
+RECORD_CONFIG_ACKS = """
 UPDATE devices AS d SET
-    acked_version = $2,
-    ack_ok = $3,
-    ack_error = CASE WHEN $3 THEN NULL ELSE coalesce($4, '') END,
+    acked_version = a.version,
+    ack_ok = a.ok,
+    ack_error = CASE WHEN a.ok THEN NULL ELSE coalesce(a.error, '') END,
     acked_at = now()
--- FOR SHARE: a claim of the device (FOR UPDATE) waits for this answer, or this answer waits
--- for the claim and then finds the epoch gone.
-FROM (SELECT device_id FROM connections
-      WHERE device_id = $1 AND owner_node = $5 AND epoch = $6 FOR SHARE) AS c
-WHERE d.device_id = c.device_id AND d.config_version = $2
-  AND (d.acked_version IS NULL OR d.acked_version < $2)
+FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::boolean[], $6::text[])
+     AS a(device_id, epoch, version, ok, error)
+-- FOR SHARE, in one order: a claim of a device (FOR UPDATE) waits for this answer, or this
+-- answer waits for the claim and then finds the epoch gone.
+JOIN (SELECT device_id, epoch FROM connections
+      WHERE device_id = ANY($2::text[]) AND owner_node = $1
+      ORDER BY device_id FOR SHARE) AS c
+  ON c.device_id = a.device_id AND c.epoch = a.epoch
+WHERE d.device_id = a.device_id AND d.config_version = a.version
+  AND (d.acked_version IS NULL OR d.acked_version < a.version)
 RETURNING d.device_id
 """
-"""Device $1 answered version $2 (ok $3, error $4) on node $5's session of epoch $6.
-
-No row: a stale or repeated answer, or a session that no longer holds the device.
+"""Devices $2 answered versions $4 (ok $5, errors $6) on node $1's sessions of epochs $3,
+one row per device (hub.registry.postgres.answers). The ids returned are the answers that
+counted; none for a stale or repeated answer, or a session that no longer holds the device.
 """
 
 # --- Change feed --------------------------------------------------------------------------
@@ -357,7 +361,7 @@ RETURNING device_id
 """
 """Device $1 answered version $2 (ok $3, error $4); no row for a stale or repeated answer.
 
-`RECORD_CONFIG_ACK` is the same answer from a session that names its epoch.
+`RECORD_CONFIG_ACKS` is the same answer from sessions that name their epochs.
 """
 
 RECORD_PRESENCE = """
