@@ -52,6 +52,19 @@ class ConfigAnswers:
             self._flushing = asyncio.create_task(self._flush(), name="config-answers")
         return await recorded
 
+    async def close(self, timeout_s: float) -> None:
+        """Let the answers already given be recorded, for up to `timeout_s` (then they fail
+        with the cancellation, and their devices answer again on their next connection)."""
+        flushing = self._flushing
+        if flushing is None or flushing.done():
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(flushing)
+        except TimeoutError:
+            flushing.cancel()
+            await asyncio.gather(flushing, return_exceptions=True)
+
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # the answers of this turn of the loop join
         while self._waiting:

@@ -112,7 +112,9 @@ class PostgresRegistry:
         await self._doorbell.listening()
 
     async def close(self) -> None:
-        """Stop the heartbeat and the doorbell, then close the pool (bounded)."""
+        """Record the config answers under way, stop the heartbeat and the doorbell, then
+        close the pool (each bounded)."""
+        await self._answers.close(CLOSE_TIMEOUT_S)
         await self._doorbell.close()
         if self._lease is not None:
             await self._lease.close()
