@@ -25,8 +25,7 @@ from pathlib import Path
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from device_sim.client import DeviceClient
-from device_sim.cluster import HubCluster
-from device_sim.hub_process import HubProcess
+from device_sim.hub_process import HubProcess, provision
 from device_sim.local_servers import create_database, start_influxdb
 from device_sim.servers.postgres import start_postgres
 
@@ -60,12 +59,9 @@ async def storm(devices: int) -> None:
             role, db = pg.new_database()
             create_database(influx.url, "storm")
             url = pg.dsn(db, role)
-            # One hub of a cluster, without the balancer (so with no PROXY header to expect).
-            (tmp / "hubs").mkdir()
-            cluster = HubCluster(tmp / "hubs", influx, "storm", url, 0)
-            credentials = cluster.provision(devices, "storm-")
             state_dir = tmp / "hub" / "state"
             state_dir.mkdir(parents=True)
+            credentials = provision(state_dir, devices, "storm-", registry_url=url)
             hub = HubProcess(state_dir, influx, "storm", env={"HUB_REGISTRY_URL": url})
             await hub.start()
             refusals: collections.Counter[str] = collections.Counter()

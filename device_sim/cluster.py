@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from device_sim.device import Credentials
-from device_sim.fleet import read_tokens
-from device_sim.hub_process import HubProcess
+from device_sim.hub_process import HubProcess, provision
 from device_sim.local_servers import LocalServer, free_port, http_request
 from device_sim.servers.haproxy import HAProxyServer, start_haproxy
 
@@ -216,16 +213,7 @@ class HubCluster:
     def provision(self, count: int, prefix: str) -> list[Credentials]:
         """Register `count` devices in the cluster's registry (`hub token add --count`)."""
         out = self.work_dir / f"tokens-{prefix.rstrip('-')}.csv"
-        subprocess.run(
-            [
-                sys.executable, "-m", "hub", "token", "add",
-                "--count", str(count), "--prefix", prefix, "--out", str(out),
-                "--registry-url", self.registry_url,
-            ],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
-        return read_tokens(out)
+        return provision(self.work_dir, count, prefix, out, registry_url=self.registry_url)
 
     def logs(self) -> str:
         """Every hub's output so far, each under its node id (for a failing test's message)."""

@@ -24,15 +24,21 @@ PROCESS_STOP_S = 20.0
 
 
 def provision(
-    state_dir: Path, count: int, prefix: str, out: Path | None = None
+    state_dir: Path,
+    count: int,
+    prefix: str,
+    out: Path | None = None,
+    registry_url: str = "",
 ) -> list[Credentials]:
-    """Register `count` devices with `hub token add --count`; their credentials from the CSV."""
+    """Register `count` devices with `hub token add --count`; their credentials from the CSV.
+    In the SQLite registry of `state_dir`, or, given `registry_url`, in that one (then
+    `state_dir` only places the CSV)."""
     out = out or state_dir.parent / f"tokens-{prefix.rstrip('-')}.csv"
+    registry = ["--registry-url", registry_url] if registry_url else ["--state-dir", str(state_dir)]
     subprocess.run(
         [
             sys.executable, "-m", "hub", "token", "add",
-            "--count", str(count), "--prefix", prefix,
-            "--out", str(out), "--state-dir", str(state_dir),
+            "--count", str(count), "--prefix", prefix, "--out", str(out), *registry,
         ],
         check=True,
         capture_output=True,
