@@ -10,6 +10,7 @@ claim in the second.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ def open_database(
     # while the hub reads.
     db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(db, busy_timeout_s)
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         with transaction(db):
@@ -38,6 +39,26 @@ def open_database(
         db.close()
         raise
     return db
+
+
+def _switch_to_wal(db: sqlite3.Connection, busy_timeout_s: float) -> None:
+    """Put the file in WAL mode (a no-op once it is: the mode is kept in the file).
+
+    Switching takes the file's exclusive lock, and SQLite answers "database is locked" at
+    once, without its busy handler, when another connection is switching the same new file
+    (workers starting together, a CLI beside a starting hub): so wait here, as the busy
+    timeout would, up to `busy_timeout_s`."""
+    deadline = time.monotonic() + busy_timeout_s
+    pause_s = 0.001
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause_s)
+        pause_s = min(pause_s * 2, 0.05)
 
 
 @contextmanager
