@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from device_sim.bench.costs import compare_runs
 from device_sim.bench.drive import percentile
-from device_sim.bench.multihub import compare_runs
 from device_sim.bench.procstat import ProcessSample, sample, sum_samples, tree_sample
 from device_sim.bench.workers import spread_metrics
 
@@ -70,15 +70,19 @@ def _run(cpu: float, stored: int = 100, window: str = "steady") -> dict[str, Any
 
 
 def test_the_comparison_is_of_the_means_of_the_rounds() -> None:
-    """Three hubs at 11 and 13 µs against SQLite at 9 and 11: 12 / 10 = 1.2; a round whose
-    stored count differs from its acks is reported, and so is each run's CPU window."""
+    """Three hubs at 11 and 13 µs against SQLite at 9 and 11: 12 / 10 = 1.2; against three
+    SQLite hubs at 11 and 14: 12 / 12.5 = 0.96; a round whose stored count differs from its
+    acks is reported, and so is each run's CPU window."""
     figures = compare_runs(
         {
             "sqlite": [_run(9.0), _run(11.0)],
             "postgres_one": [_run(10.0), _run(10.0)],
+            "sqlite_three": [_run(11.0), _run(14.0)],
             "cluster": [_run(11.0), _run(13.0, window="whole_run")],
         }
     )
+    assert figures["cpu_ratio_to_sqlite_three"] == 0.96
+    assert figures["sqlite_three_cpu_ratio_to_sqlite"] == 1.25
     assert figures["cpu_ratio_to_sqlite"] == 1.2
     assert figures["postgres_one_cpu_ratio_to_sqlite"] == 1.0
     assert figures["cpu_ratio_to_sqlite_whole_run"] == 1.2
@@ -87,5 +91,12 @@ def test_the_comparison_is_of_the_means_of_the_rounds() -> None:
     assert figures["all_stored"] is True
     lost = _run(10.0)
     lost["stored"] = 99
-    mixed = compare_runs({"sqlite": [_run(9.0)], "postgres_one": [lost], "cluster": [_run(9.0)]})
+    mixed = compare_runs(
+        {
+            "sqlite": [_run(9.0)],
+            "postgres_one": [lost],
+            "sqlite_three": [_run(9.0)],
+            "cluster": [_run(9.0)],
+        }
+    )
     assert mixed["all_stored"] is False

@@ -1,11 +1,11 @@
-"""Scenarios 9-11: `hub serve` three times on one PostgreSQL registry.
+"""Scenarios 9-11: `hub serve` three times on one PostgreSQL registry (9 in `costs`).
 
 In 10 (takeover) the hubs run as `device_sim.cluster.HubCluster` starts them, the way
 docs/scale-out.md tells an operator to: HAProxy in TCP mode, `leastconn`, the PROXY header
 v2, health checks on each hub's /healthz; the device connects to HAProxy, which sends each
 new connection to a hub holding fewer than the device's current one. In 9 (cost per
 reading) and 11 (push to 10,000) the devices are dealt over the hubs and connect to them
-directly: why in `postgres_vs_sqlite` and `cluster_push`.
+directly: why in `costs.postgres_vs_sqlite` and `cluster_push`.
 
 Each scenario gets a fresh PostgreSQL database (so `--all` means exactly its devices) and its
 own hubs; the devices are registered through the operator's port of the registry
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import statistics
 import sys
 import time
 from typing import Any
@@ -26,12 +25,10 @@ import asyncpg
 
 from device_sim.bench.drive import (
     WORKER_START_S,
-    drive,
     make_jobs,
     merged,
     percentile,
     rounded,
-    throughput_metrics,
     until,
 )
 from device_sim.bench.harness import hub_arguments, start_hub
@@ -131,128 +128,6 @@ def dealt_jobs(urls: list[str], devices: list[Credentials], **load: Any) -> list
     for job in jobs:
         job.start_at = start_at
     return jobs
-
-
-# --- 9 -------------------------------------------------------------------------------------
-
-
-async def postgres_vs_sqlite(cb: ClusterBench) -> Scenario:
-    """The same fixed load through one SQLite hub, one hub on PostgreSQL and `cluster_hubs`
-    hubs on PostgreSQL, taking turns; the first against the last is the target, the one in
-    between tells the registry's share of a difference from that of splitting the load.
-
-    The devices connect to the hubs directly, dealt over them, not through the cluster's
-    HAProxy: its checks (every 300 ms, a check that takes longer fails, two failures mark a
-    hub down and shut its sessions down) mark hubs at full load on a shared 2-core box down
-    and cut every session of theirs, and the run measures reconnections instead of the cost
-    of a reading. The connections open over `compare_connect_s`, not at once, for the same
-    reason: see docs/benchmarks.md on 1000 handshakes at once on PostgreSQL."""
-    bench, sizes = cb.bench, cb.bench.sizes
-    registry_url = cb.new_registry()
-    devices = await provision_registry(registry_url, sizes.devices, "pgsim-")
-    runs: dict[str, list[dict[str, Any]]] = {"sqlite": [], "postgres_one": [], "cluster": []}
-    for _ in range(sizes.compare_rounds):
-        sqlite = bench.hub("compare_sqlite")
-        runs["sqlite"].append(await _fixed_load(bench, [sqlite], bench.sim[: sizes.devices]))
-        alone = cb.one_hub(registry_url)
-        runs["postgres_one"].append(await _fixed_load(bench, [alone], devices))
-        hubs = [cb.one_hub(registry_url, f"hub-{n + 1}") for n in range(sizes.cluster_hubs)]
-        runs["cluster"].append(await _fixed_load(bench, hubs, devices))
-    scenario = Scenario(
-        "postgres",
-        f"9. {sizes.cluster_hubs} hubs on PostgreSQL vs one SQLite hub, same load",
-    )
-    scenario.metrics = compare_runs(runs)
-    scenario.metrics["offered_per_s"] = round(sizes.devices * sizes.compare_rate * sizes.batch)
-    scenario.metrics["hubs"] = sizes.cluster_hubs
-    scenario.metrics["connect_spread_s"] = sizes.compare_connect_s
-    scenario.series = runs["cluster"][-1].pop("series")
-    for one in runs.values():
-        for run in one:
-            run.pop("series", None)
-    return scenario
-
-
-async def _fixed_load(
-    bench: Bench, hubs: list[HubProcess], devices: list[Credentials]
-) -> dict[str, Any]:
-    """Start the hubs, run the scenario's fixed load through them (`cluster_hubs` load
-    generators, whatever the number of hubs), stop them; the figures, with the series."""
-    sizes = bench.sizes
-    urls = [hubs[n % len(hubs)].url for n in range(sizes.cluster_hubs)]
-    try:
-        await asyncio.gather(*(hub.start() for hub in hubs))
-        jobs = dealt_jobs(
-            urls,
-            devices[: sizes.devices],
-            rate=sizes.compare_rate,
-            batch=sizes.batch,
-            duration=sizes.duration_s,
-            options={
-                "window": sizes.window,
-                "final_wait_s": sizes.final_wait_s,
-                "start_spread_s": sizes.compare_connect_s,
-            },
-        )
-        load = await drive(jobs, functools.partial(hubs_sample, hubs), bench.influx.pid)
-    finally:
-        await asyncio.gather(*(hub.stop() for hub in hubs))
-    stored = sum(bench.stored(hub.bucket) for hub in hubs)
-    metrics = throughput_metrics(load, stored, sizes.devices, sizes.batch)
-    metrics["series"] = load.series
-    return metrics
-
-
-def compare_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """The cluster's figures (the means of its rounds) beside the single hubs'."""
-
-    def mean(name: str, key: str) -> float:
-        return statistics.fmean(run[key] for run in runs[name])
-
-    cluster, sqlite, alone = runs["cluster"], runs["sqlite"], runs["postgres_one"]
-    cluster_cpu = mean("cluster", "hub_cpu_us_per_reading")
-    sqlite_cpu = mean("sqlite", "hub_cpu_us_per_reading")
-    alone_cpu = mean("postgres_one", "hub_cpu_us_per_reading")
-    last = cluster[-1]
-    return {
-        "rounds": len(cluster),
-        "devices": last["devices"],
-        "batch": last["batch"],
-        "acked": sum(run["acked"] for run in cluster),
-        "stored": sum(run["stored"] for run in cluster),
-        "stored_per_s": round(mean("cluster", "stored_per_s")),
-        "sqlite_stored_per_s": round(mean("sqlite", "stored_per_s")),
-        "postgres_one_stored_per_s": round(mean("postgres_one", "stored_per_s")),
-        "hub_cpu_us_per_reading": round(cluster_cpu, 2),
-        "sqlite_hub_cpu_us_per_reading": round(sqlite_cpu, 2),
-        "postgres_one_hub_cpu_us_per_reading": round(alone_cpu, 2),
-        "cpu_ratio_to_sqlite": round(cluster_cpu / sqlite_cpu, 3),
-        "postgres_one_cpu_ratio_to_sqlite": round(alone_cpu / sqlite_cpu, 3),
-        # The same over each whole run, ramp and drain included: comparable even when a
-        # configuration had no sample with every device connected (`hub_cpu_windows`).
-        "cpu_ratio_to_sqlite_whole_run": round(
-            mean("cluster", "hub_cpu_us_per_reading_whole_run")
-            / mean("sqlite", "hub_cpu_us_per_reading_whole_run"),
-            3,
-        ),
-        "hub_cpu_us_per_reading_rounds": [run["hub_cpu_us_per_reading"] for run in cluster],
-        "sqlite_hub_cpu_us_per_reading_rounds": [run["hub_cpu_us_per_reading"] for run in sqlite],
-        "postgres_one_hub_cpu_us_per_reading_rounds": [
-            run["hub_cpu_us_per_reading"] for run in alone
-        ],
-        "hub_cpu_windows": sorted({run["hub_cpu_window"] for one in runs.values() for run in one}),
-        "all_stored": all(run["stored"] == run["acked"] for one in runs.values() for run in one),
-        "ack_latency_steady_p99_ms": last["ack_latency_steady_p99_ms"],
-        "sqlite_ack_latency_steady_p99_ms": sqlite[-1]["ack_latency_steady_p99_ms"],
-        "hub_cpu_s": round(mean("cluster", "hub_cpu_s"), 2),
-        "hub_peak_rss_mib": last["hub_peak_rss_mib"],
-        "loadgen_cpu_s": round(mean("cluster", "loadgen_cpu_s"), 2),
-        "influxdb_cpu_s": round(mean("cluster", "influxdb_cpu_s"), 2),
-        "machine_busy_pct": round(
-            statistics.fmean(run["machine_busy_pct"] for one in runs.values() for run in one)
-        ),
-        "other_cpu_s": round(mean("cluster", "other_cpu_s"), 2),
-    }
 
 
 # --- 10 ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from device_sim.bench import multihub, report
+from device_sim.bench import costs, multihub, report
 from device_sim.bench.model import BenchSizes, Scenario
 from device_sim.bench.scenarios import Bench
 from device_sim.bench.workers import workers_scenario
@@ -129,7 +129,7 @@ async def run_bench(
             postgres = servers.enter_context(start_postgres(Path(work) / "postgres"))
             cluster = multihub.ClusterBench(bench, postgres)
             if "postgres" in wanted:
-                await step("postgres", multihub.postgres_vs_sqlite(cluster))
+                await step("postgres", costs.postgres_vs_sqlite(cluster))
             if "takeover" in wanted:
                 await step("takeover", multihub.takeover(cluster))
             if "cluster_push" in wanted:

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,9 +21,11 @@ from hub.cli.common import ConfigOption, StateDirOption, fail, settings_from, wh
 from hub.errors import HubError, SpoolInUse
 from hub.ingest.spool import SpoolStatus, read_status
 from hub.ingest.spoollock import holder_of
-from hub.ingest.spoolreplay import ReplayProgress, replay_spool
 from hub.options import InfluxOptions
 from hub.workers.slots import spool_directories
+
+if TYPE_CHECKING:
+    from hub.ingest.spoolreplay import ReplayProgress
 
 spool_app = typer.Typer(
     help="The disk spools of batches waiting for InfluxDB.", no_args_is_help=True
@@ -118,7 +120,10 @@ def spool_replay(
     spools = spool_directories(settings.state_dir)
     if not spools:
         fail(f"no spool in {settings.state_dir} (looked for spool/ and workers/*/spool/)")
+    # Imported here: the replay's InfluxDB client and pipeline cost a few hundred ms of
+    # start-up that every other `hub` command would pay.
     from hub.ingest.sinks import open_sink
+    from hub.ingest.spoolreplay import replay_spool
     from hub.ops.runtime import run_event_loop
 
     async def replay_all() -> list[str]:
