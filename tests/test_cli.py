@@ -68,6 +68,29 @@ def add_device(state_dir: Path, device_id: str) -> str:
         registry.close()
 
 
+HEAVY_FOR_THE_CLI = ("influxdb_client", "aiohttp", "numpy", "websockets", "uvloop")
+"""What only `hub serve` and `hub spool replay` need: imported inside them, not by every
+`hub` command (the InfluxDB client alone is ~0.4 s of start-up, paid on every `hub config
+set`)."""
+
+
+@pytest.mark.integration
+def test_the_command_starts_without_what_only_serving_needs(env: dict[str, str]) -> None:
+    probe = (
+        "import sys, hub.cli.app; "
+        f"print(' '.join(m for m in {HEAVY_FOR_THE_CLI!r} if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=True,
+    )
+    assert result.stdout.split() == []
+
+
 # --- hub token --------------------------------------------------------------------------------
 
 
