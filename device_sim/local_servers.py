@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -86,12 +87,58 @@ def require_installed(binary: Path) -> None:
     )
 
 
+PORTS_ENV = "DEVICE_SIM_PORTS"
+"""`LOW-HIGH`: `free_port` takes ports from that range only, else any the kernel offers.
+
+The test suite gives each of its parallel runners a range of its own below Linux's
+ephemeral range (tests/ports.py): then no two runners pick one port between choosing it and
+their server binding it, and no outgoing connection (whose local port comes from the
+ephemeral range) can hold it. Processes the suite starts inherit the range."""
+
+_next_port: dict[tuple[int, int], int] = {}
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (from `DEVICE_SIM_PORTS`
+    when set: each call the next free one after the last, starting at a random one)."""
+    span = _port_range()
+    if span is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+            return port
+    low, high = span
+    size = high - low + 1
+    start = _next_port.get(span)
+    if start is None:
+        start = low + random.randrange(size)
+    for step in range(size):
+        port = low + (start - low + step) % size
+        if _bindable(port):
+            _next_port[span] = low + (port - low + 1) % size
+            return port
+    raise ServerError(f"no free port in {PORTS_ENV}={low}-{high}")
+
+
+def _port_range() -> tuple[int, int] | None:
+    text = os.environ.get(PORTS_ENV, "")
+    if not text:
+        return None
+    low, sep, high = text.partition("-")
+    if not (sep and low.isdigit() and high.isdigit() and 0 < int(low) <= int(high) < 65536):
+        raise ServerError(f"{PORTS_ENV} must be LOW-HIGH (ports), not {text!r}")
+    return int(low), int(high)
+
+
+def _bindable(port: int) -> bool:
+    # Without SO_REUSEADDR: a port still in TIME_WAIT is passed over, as a server that does
+    # not set it would have to.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass

@@ -34,5 +34,14 @@ else
          "refuses inet sockets and processes in unit tests" >&2
     run_pytest .venv/bin/python -m pytest -m unit "$@"
 fi
-echo "== pytest: integration and e2e layers"
-run_pytest .venv/bin/python -m pytest -m "not unit" "$@"
+# The integration and e2e layers in parallel runners (pytest-xdist; a file's tests stay in
+# one runner, `--dist loadfile`): most of their time goes to waiting on servers, devices and
+# timeouts, not to the cores. Each runner has its own servers and its own port range
+# (tests/ports.py). HUB_TEST_RUNNERS=1 runs them in this one process.
+runners=${HUB_TEST_RUNNERS:-2}
+echo "== pytest: integration and e2e layers, $runners runners"
+if [ "$runners" -gt 1 ]; then
+    run_pytest .venv/bin/python -m pytest -m "not unit" -n "$runners" --dist loadfile "$@"
+else
+    run_pytest .venv/bin/python -m pytest -m "not unit" "$@"
+fi

@@ -21,7 +21,11 @@ from device_sim.local_servers import (
 from hub.registry import sqlite as registry_module
 from tests.layers import UNIT_GUARD, LayerRecorder, check_unit_item
 from tests.packages import ensure_database_servers
+from tests.ports import claim_runner_ports
 from tests.token_leaks import LeakWatch
+
+# Before any fixture picks a port: this runner's own range (tests/ports.py).
+claim_runner_ports()
 
 # PostgreSQL and HAProxy fixtures (tests/servers/fixtures.py), for every test module.
 pytest_plugins = ["tests.servers.fixtures"]
@@ -122,12 +126,31 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Fail the run if a token reached a log."""
-    factory = getattr(session.config, "_tmp_path_factory", None)
-    if factory is not None:
+    """Fail the run if a token reached a log. Under pytest-xdist each runner checks its own
+    records and files (it knows the tokens it issued) and hands what it found to the
+    controller, whose exit status is the run's (`pytest_testnodedown`)."""
+    config = session.config
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is not None and not _is_xdist_controller(config):
         _leak_watch.check_files(sorted(factory.getbasetemp().glob("**/hub-*.log")))
+    output = getattr(config, "workeroutput", None)
+    if output is not None:
+        output["token_leaks"] = list(_leak_watch.leaks)
+        output["log_records"] = _leak_watch.records
     if _leak_watch.leaks:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """On the xdist controller: what a runner's leak watch found."""
+    output = getattr(node, "workeroutput", {})
+    _leak_watch.leaks.extend(output.get("token_leaks", []))
+    _leak_watch.records += output.get("log_records", 0)
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

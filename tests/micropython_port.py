@@ -9,6 +9,7 @@ InfluxDB.
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 from pathlib import Path
 
@@ -35,10 +36,14 @@ def ensure_micropython() -> Path:
         return ENTRY
     install_missing({"node": "nodejs", "npm": "npm"})
     CACHE.mkdir(parents=True, exist_ok=True)
-    result = _run(
-        ["npm", "install", "--prefix", str(CACHE), "--no-audit", "--no-fund",
-         f"{PACKAGE}@{VERSION}"]
-    )  # fmt: skip
+    with (CACHE.parent / f"{CACHE.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another of the suite's runners may be installing
+        if ENTRY.exists():
+            return ENTRY
+        result = _run(
+            ["npm", "install", "--prefix", str(CACHE), "--no-audit", "--no-fund",
+             f"{PACKAGE}@{VERSION}"]
+        )  # fmt: skip
     if result.returncode != 0 or not ENTRY.exists():
         raise RuntimeError(f"could not install {PACKAGE}@{VERSION}:\n{result.stderr[-2000:]}")
     return ENTRY

@@ -8,15 +8,19 @@ and networked, runs only when an install fails without it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from device_sim.local_servers import HAPROXY, INFLUXD, PACKAGES, PG_BIN, VICTORIA_METRICS
 
 INSTALL_TIMEOUT_S = 900.0
+INSTALL_LOCK = Path(tempfile.gettempdir()) / "sensor-hub-tests-apt.lock"
 
 
 class InstallError(RuntimeError):
@@ -38,6 +42,25 @@ def install_missing(packages: Mapping[str, str], present: Callable[[str], bool] 
     `present` defaults to "on PATH"; pass `exists`-like checks for absolute paths. Raises
     `InstallError` naming what is still missing and the command that failed.
     """
+    if all(present(tool) for tool in packages):
+        return
+    # The suite's parallel runners may all find a package missing: one apt-get at a time
+    # (dpkg's own lock would fail the others), and each looks again once it has the lock.
+    with _install_lock():
+        _install(packages, present)
+
+
+@contextmanager
+def _install_lock() -> Iterator[None]:
+    with INSTALL_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _install(packages: Mapping[str, str], present: Callable[[str], bool]) -> None:
     missing = sorted({pkg for tool, pkg in packages.items() if not present(tool)})
     if not missing:
         return
