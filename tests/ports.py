@@ -5,7 +5,7 @@ scripts/test.sh runs the integration layer in parallel runners (pytest-xdist wor
 by `device_sim.local_servers.free_port`), below Linux's ephemeral range: no two runners can
 pick the same port between choosing it and their server binding it, and no outgoing
 connection of the thousands the tests open holds one of them. A run without xdist is runner
-0. An operator's `DEVICE_SIM_PORTS` is kept.
+0. An operator's own `DEVICE_SIM_PORTS` is kept (and shared by the runners).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from device_sim.local_servers import PORTS_ENV
 
 FIRST_PORT = 12_000
 PORTS_PER_RUNNER = 2_000
+SET_BY_SUITE = "SENSOR_HUB_TEST_PORTS"
+"""Set beside `DEVICE_SIM_PORTS` when the suite chose the range (not the operator)."""
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
@@ -47,10 +49,15 @@ def ephemeral_low() -> int:
 
 
 def claim_runner_ports() -> None:
-    """Set `DEVICE_SIM_PORTS` for this runner (and the processes it starts)."""
-    if os.environ.get(PORTS_ENV):
+    """Set `DEVICE_SIM_PORTS` for this runner (and the processes it starts).
+
+    The xdist controller sets it too (it imports the conftest before it knows of runners)
+    and its runners inherit its environment: so a value the suite set is replaced in each
+    runner, marked by `SET_BY_SUITE`; only an operator's own is kept."""
+    if os.environ.get(PORTS_ENV) and not os.environ.get(SET_BY_SUITE):
         return
     low, high = runner_port_range(
         runner_index(os.environ.get("PYTEST_XDIST_WORKER")), ephemeral_low()
     )
     os.environ[PORTS_ENV] = f"{low}-{high}"
+    os.environ[SET_BY_SUITE] = "1"
