@@ -98,8 +98,8 @@ def config_set(
             targets, updates=updates, replace=replace, max_depth=settings.max_nesting_depth
         )
         typer.echo(f"config set for {len(versions)} device(s)", err=True)
-        for target, version in sorted(versions.items()):
-            typer.echo(f"{target}\tversion {version}")
+        # One write: 10,000 echo calls cost the push ~70 ms before it starts waiting.
+        typer.echo("".join(f"{t}\tversion {v}\n" for t, v in sorted(versions.items())), nl=False)
         if wait is not None:
             await _wait_for_answers(registry, versions, wait)
 

@@ -109,10 +109,18 @@ class FleetWatcher:
             self._owed_pushes.update(sessions)
             return
         by_device = {state.device_id: state for state in states}
-        for session in sessions:
-            state = by_device.get(session.device_id)
-            if state is not None:  # None: deleted since the change was read
-                self.spawn(session.push_config(state))
+        pushing = [s for s in sessions if s.device_id in by_device]  # else deleted since
+        if len(pushing) == 1:
+            log.info(
+                "device %s: pushing config version %d",
+                pushing[0].device_id,
+                by_device[pushing[0].device_id].version,
+                extra=device_extra(pushing[0].device_id),
+            )
+        elif pushing:
+            log.info("pushing a new config to %d devices connected here", len(pushing))
+        for session in pushing:
+            self.spawn(session.push_config(by_device[session.device_id]))
 
     async def _recheck_token(self, session: DeviceSession) -> None:
         try:
