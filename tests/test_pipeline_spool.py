@@ -61,6 +61,32 @@ async def test_unreachable_influxdb_spools_then_replays(tmp_path: Path) -> None:
         influx.stop()
 
 
+async def test_a_second_outage_replays_its_own_batches_not_the_first_ones(
+    tmp_path: Path,
+) -> None:
+    """Found by `device-sim chaos` (10 acked readings missing): after the spool emptied, the
+    next outage's first batch lay where the last one had, segment 1 at offset 0, and the
+    replayer took it for the batch it had checked before and wrote that one again."""
+    influx = start_influxdb(tmp_path / "influx")
+    try:
+        create_database(influx.url, DB)
+        settings = hub_settings(tmp_path / "state", influx.url, influx_bucket=DB)
+        async with spooling_pipeline(settings) as pipeline:
+            for outage in (1, 2):
+                influx.kill()
+                lines = reading_lines(20, measurement=f"outage{outage}")
+                await all_durable([await pipeline.submit("\n".join(lines), 20)])
+                assert read_status(settings.spool_dir).points == 20
+                influx.restart()
+                await eventually(lambda: read_status(settings.spool_dir).points == 0, "replay")
+                await eventually(
+                    lambda m=f"outage{outage}": count_points(influx, DB, m) == 20,  # type: ignore[misc]
+                    f"outage {outage}'s readings in InfluxDB",
+                )
+    finally:
+        influx.stop()
+
+
 async def test_batch_too_big_for_the_spool_is_written_when_influxdb_returns(
     tmp_path: Path,
 ) -> None:

@@ -57,6 +57,26 @@ def test_segment_is_deleted_only_when_fully_written(directory: Path) -> None:
     assert not files[0].exists() and files[1].exists()
 
 
+def test_a_batch_after_the_spool_emptied_is_not_where_the_last_one_was(directory: Path) -> None:
+    """Segment numbers are not reused while the spool is open: the replayer knows a batch by
+    its segment and offset, and took a new batch at a reused (1, 0) for the one before."""
+    spool = Spool(directory, max_bytes=2**20)
+    spool.append(b"m f=1 1", 1)
+    first = spool.oldest()
+    assert first is not None
+    spool.written(first)
+    assert spool.empty and not list(directory.glob("*" + SEGMENT_SUFFIX))
+    spool.append(b"m f=2 2", 1)
+    second = spool.oldest()
+    assert second is not None and second.body == b"m f=2 2"
+    assert (second.segment, second.offset) != (first.segment, first.offset)
+    spool.close()
+    reopened = Spool(directory, max_bytes=2**20)
+    reopened.append(b"m f=3 3", 1)
+    assert [b.segment for b in (reopened.oldest(),) if b] == [second.segment]
+    assert drain(reopened) == [b"m f=2 2", b"m f=3 3"]
+
+
 def test_partially_replayed_segment_replays_again_after_restart(directory: Path) -> None:
     """A crash mid-segment replays that whole segment: nothing acked is skipped."""
     spool = Spool(directory, max_bytes=2**20)

@@ -73,6 +73,9 @@ class Replayer:
             else:
                 self.counters.points_replayed += points
             attempt = 0
+            # Done with: the check is kept only while this batch is retried. (A later batch
+            # can lie where this one lay: the same segment and offset.)
+            checked = None
             try:
                 await self.buffer.written(batch)
             except OSError as exc:  # the batch is in the server; only its file lingers

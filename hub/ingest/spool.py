@@ -135,10 +135,12 @@ class Spool:
         self._segments: list[_Segment] = []
         self._active: _Segment | None = None
         self._fd: int | None = None
+        self._last_number = 0  # the highest segment number used: see _writable
         self._load()
 
     def _load(self) -> None:
         for number, path, size, records, damaged in _segments_in(self.directory):
+            self._last_number = max(self._last_number, number)
             if damaged:
                 self.skipped_bytes += damaged
                 log.error(
@@ -179,7 +181,9 @@ class Spool:
         active = self._active
         if active is None or (active.size and active.size + record_size > self.segment_bytes):
             self._close_active()
-            number = self._segments[-1].number + 1 if self._segments else 1
+            # Numbers are never reused while the spool is open, even once every segment
+            # was replayed and deleted: a batch is known by its segment and offset.
+            number = self._last_number = self._last_number + 1
             path = self.directory / f"{number:012d}{SEGMENT_SUFFIX}"
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             _fsync_directory(self.directory)
