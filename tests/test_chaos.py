@@ -27,6 +27,10 @@ pytestmark = pytest.mark.e2e
 RUN_TIMEOUT_S = 900.0
 """Far above a run's ~2 minutes on a loaded box: only a hang reaches it."""
 STOP_S = 120.0
+TEST_TIMEOUT_S = RUN_TIMEOUT_S + STOP_S + 60
+"""Over the suite's 120 s per test: a run that finds readings missing waits up to its 120 s
+`converge_s` for them before it reports, and must get to say so (and be stopped by
+`finish`), not be cut off by pytest-timeout with its processes left running."""
 
 
 def start_chaos(out: Path, *args: str) -> subprocess.Popen[str]:
@@ -70,6 +74,7 @@ def still_running(report: dict[str, Any]) -> list[dict[str, Any]]:
     return alive
 
 
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_a_short_chaos_run_loses_nothing_acked_and_does_every_kind_of_fault(
     tmp_path: Path,
 ) -> None:
@@ -99,6 +104,7 @@ def test_a_short_chaos_run_loses_nothing_acked_and_does_every_kind_of_fault(
     assert still_running(report) == []
 
 
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_ctrl_c_stops_every_process_it_started(tmp_path: Path) -> None:
     """SIGINT once faults began: the run ends with a status other than 0, its partial report
     names the processes it started, and none of them is left running."""
