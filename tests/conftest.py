@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,9 @@ from tests.token_leaks import LeakWatch
 
 # Before any fixture picks a port: this runner's own range (tests/ports.py).
 claim_runner_ports()
+
+# A test that leaks a token on purpose, for tests/test_leak_watch_run.py alone.
+collect_ignore = [] if os.environ.get("SENSOR_HUB_LEAK_PROBE") else ["leak_probe"]
 
 # PostgreSQL and HAProxy fixtures (tests/servers/fixtures.py), for every test module.
 pytest_plugins = ["tests.servers.fixtures"]
