@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from device_sim.chaos.environment import Environment
 from device_sim.chaos.fleet import ChaosFleet
@@ -144,42 +144,40 @@ async def _hub_drain(fault: Fault, env: Environment, fleet: ChaosFleet) -> Detai
     return {"hub": hub.node_id, "exit_status": status, "drain_s": round(drained_s, 3)}
 
 
-async def _postgres_freeze(fault: Fault, env: Environment, fleet: ChaosFleet) -> Details:
-    assert env.postgres is not None
-    await asyncio.to_thread(env.postgres.pause)
+class _Server(Protocol):
+    """What a freeze and a kill need of PostgreSQL's and InfluxDB's launchers."""
+
+    def kill(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def restart(self) -> None: ...
+
+
+async def _freeze(server: _Server, hold_s: float) -> Details:
+    await asyncio.to_thread(server.pause)
     try:
-        await asyncio.sleep(fault.hold_s)
+        await asyncio.sleep(hold_s)
     finally:
-        await asyncio.to_thread(env.postgres.resume)
+        await asyncio.to_thread(server.resume)
     return {}
 
 
-async def _postgres_kill(fault: Fault, env: Environment, fleet: ChaosFleet) -> Details:
+async def _kill(server: _Server, hold_s: float) -> Details:
+    await asyncio.to_thread(server.kill)
+    await asyncio.sleep(hold_s)
+    started = time.monotonic()
+    await asyncio.to_thread(server.restart)  # on the same port and data
+    return {"restart_s": round(time.monotonic() - started, 3)}
+
+
+def _postgres(env: Environment) -> _Server:
     assert env.postgres is not None
-    await asyncio.to_thread(env.postgres.kill)
-    await asyncio.sleep(fault.hold_s)
-    started = time.monotonic()
-    await asyncio.to_thread(env.postgres.start)
-    return {"restart_s": round(time.monotonic() - started, 3)}
+    return env.postgres
 
 
-async def _influx_kill(fault: Fault, env: Environment, fleet: ChaosFleet) -> Details:
+def _influx(env: Environment) -> _Server:
     assert env.influx is not None
-    await asyncio.to_thread(env.influx.kill)
-    await asyncio.sleep(fault.hold_s)
-    started = time.monotonic()
-    await asyncio.to_thread(env.influx.restart)
-    return {"restart_s": round(time.monotonic() - started, 3)}
-
-
-async def _influx_freeze(fault: Fault, env: Environment, fleet: ChaosFleet) -> Details:
-    assert env.influx is not None
-    await asyncio.to_thread(env.influx.pause)
-    try:
-        await asyncio.sleep(fault.hold_s)
-    finally:
-        await asyncio.to_thread(env.influx.resume)
-    return {}
+    return env.influx
 
 
 async def _takeover(fault: Fault, fleet: ChaosFleet) -> Details:
@@ -203,8 +201,8 @@ _ACTIONS: dict[FaultKind, Callable[[Fault, Environment, ChaosFleet], Awaitable[D
     FaultKind.HUB_KILL: _hub_kill,
     FaultKind.WORKER_KILL: _worker_kill,
     FaultKind.HUB_DRAIN: _hub_drain,
-    FaultKind.POSTGRES_FREEZE: _postgres_freeze,
-    FaultKind.POSTGRES_KILL: _postgres_kill,
-    FaultKind.INFLUX_KILL: _influx_kill,
-    FaultKind.INFLUX_FREEZE: _influx_freeze,
+    FaultKind.POSTGRES_FREEZE: lambda fault, env, _: _freeze(_postgres(env), fault.hold_s),
+    FaultKind.POSTGRES_KILL: lambda fault, env, _: _kill(_postgres(env), fault.hold_s),
+    FaultKind.INFLUX_KILL: lambda fault, env, _: _kill(_influx(env), fault.hold_s),
+    FaultKind.INFLUX_FREEZE: lambda fault, env, _: _freeze(_influx(env), fault.hold_s),
 }
